@@ -1,0 +1,85 @@
+"""Errors and warnings raised by curvlib.
+
+Every exception descends from :class:`CurvlibError` *and* from the matching
+built-in exception, so ``except ValueError`` keeps working for callers that do
+not know about curvlib (STYLE.md, rule 6).  Messages state what was expected
+and what came.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CurvlibError",
+    "ShapeError",
+    "DTypeDeviceError",
+    "ConfigError",
+    "UnknownKindError",
+    "PluginError",
+    "PluginLoadError",
+    "PluginCollisionError",
+    "UnsupportedLayerError",
+    "UnsupportedLossError",
+    "NotPSDError",
+    "NumericalError",
+    "NumericalWarning",
+    "PerformanceWarning",
+]
+
+
+class CurvlibError(Exception):
+    """Root of every error raised by curvlib."""
+
+
+class ShapeError(CurvlibError, ValueError):
+    """A tensor or operator has a shape other than the one required."""
+
+
+class DTypeDeviceError(CurvlibError, TypeError):
+    """Operands live on different devices or have different dtypes."""
+
+
+class ConfigError(CurvlibError, ValueError):
+    """A configuration is invalid (wraps pydantic's ``ValidationError`` text)."""
+
+
+class UnknownKindError(ConfigError, KeyError):
+    """A ``kind`` is not registered in the family it was looked up in."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PluginError(CurvlibError, RuntimeError):
+    """A plugin misbehaves (bad hook, bad registration)."""
+
+
+class PluginLoadError(PluginError, ImportError):
+    """A plugin's entry point could not be imported or registered."""
+
+
+class PluginCollisionError(PluginError, ValueError):
+    """Two plugins registered the same kind in the same family."""
+
+
+class UnsupportedLayerError(CurvlibError, TypeError):
+    """A module type has no layer adapter."""
+
+
+class UnsupportedLossError(CurvlibError, ValueError):
+    """A loss function or output shape is not supported by a curvature kind."""
+
+
+class NotPSDError(CurvlibError, ValueError):
+    """A matrix that must be positive (semi-)definite is not."""
+
+
+class NumericalError(CurvlibError, ArithmeticError):
+    """A computation produced non-finite values or failed to converge where it must."""
+
+
+class NumericalWarning(UserWarning):
+    """A numerical fallback was taken (float64 retry, clamped eigenvalues, kept factors)."""
+
+
+class PerformanceWarning(UserWarning):
+    """An operation forms something large (a dense p × p matrix, say)."""

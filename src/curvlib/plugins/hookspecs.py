@@ -1,0 +1,91 @@
+"""Hook specifications of curvlib's plugin system (one module, one hook per family).
+
+A plugin is any importable object (usually a module) named by an entry point in the
+``curvlib`` group.  It implements one or more of the hooks below, decorated with
+:data:`hookimpl`.  Each hook receives a typed *registrar* for its family and calls
+``registry.add(kind, factory, options=OptionsModel)`` once per kind it provides.
+Nothing is returned; curvlib's own built-ins go through exactly the same path.
+
+Example (a third-party ``my_plugin.py``)::
+
+    from curvlib.plugins import hookimpl
+
+    @hookimpl
+    def curvlib_register_dampings(registry):
+        registry.add("my_damping", MyDamping, options=MyDampingOptions)
+
+and in that distribution's ``pyproject.toml``::
+
+    [project.entry-points.curvlib]
+    my_plugin = "my_plugin"
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from curvlib.plugins.registry import FamilyRegistrar
+
+PROJECT_NAME = "curvlib"
+ENTRY_POINT_GROUP = "curvlib"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def curvlib_register_approximators(registry: FamilyRegistrar) -> None:
+    """Register block approximators: objects that fit a Kronecker sum Σ_k A_k ⊗ B_k
+    to one layer block of a curvature operator (KFAC, KPSVD, …).
+
+    Call ``registry.add(kind, approximator_class, options=OptionsModel)``.
+    """
+
+
+@hookspec
+def curvlib_register_dampings(registry: FamilyRegistrar) -> None:
+    """Register dampings: objects that turn a Kronecker sum into an applied,
+    regularized inverse (Tikhonov, the π-split heuristic, Levenberg–Marquardt, …).
+
+    Call ``registry.add(kind, damping_class, options=OptionsModel)``.
+    """
+
+
+@hookspec
+def curvlib_register_coarse_spaces(registry: FamilyRegistrar) -> None:
+    """Register coarse spaces of two-level preconditioners (Nicolaides, spectral,
+    Krylov, residual, Taylor, …).
+
+    Call ``registry.add(kind, coarse_space_class, options=OptionsModel)``.
+    """
+
+
+@hookspec
+def curvlib_register_curvatures(registry: FamilyRegistrar) -> None:
+    """Register curvature kinds (``fisher``, ``empirical_fisher``, ``ggn``, ``hessian``, …):
+    factories that build a curvature operator from a model, a loss and a batch.
+
+    Call ``registry.add(kind, curvature_factory, options=OptionsModel)``.
+    """
+
+
+@hookspec
+def curvlib_register_layers(registry: FamilyRegistrar) -> None:
+    """Register layer adapters: map a ``torch.nn`` module type to the layer matrix
+    W̄ = [W, b] and capture its per-sample statistics.
+
+    Call ``registry.add(kind, adapter_class, options=OptionsModel, module_types=(nn.Linear,))``.
+    """
+
+
+HOOK_FAMILIES: dict[str, str] = {
+    "curvlib_register_approximators": "approximators",
+    "curvlib_register_dampings": "dampings",
+    "curvlib_register_coarse_spaces": "coarse_spaces",
+    "curvlib_register_curvatures": "curvatures",
+    "curvlib_register_layers": "layers",
+}
+"""Hook name -> family name, in the order families are registered."""
