@@ -38,7 +38,13 @@ __all__ = [
 
 #: Entry-point name -> module of curvlib's own plugins.  Must equal the
 #: ``[project.entry-points.curvlib]`` table of pyproject.toml (a test checks it).
-BUILTIN_PLUGIN_MODULES: dict[str, str] = {}
+BUILTIN_PLUGIN_MODULES: dict[str, str] = {
+    "builtin_layers": "curvlib.capture.plugin",
+    "builtin_curvatures": "curvlib.curvatures.plugin",
+    "builtin_approximators": "curvlib.approximators.plugin",
+    "builtin_dampings": "curvlib.damping.plugin",
+    "builtin_coarse_spaces": "curvlib.coarse.plugin",
+}
 
 
 def load_registry(*, external: bool | None = None, strict: bool = False) -> Registry:

@@ -1,0 +1,4 @@
+"""curvlib's built-in capture plugin, registered through the ``curvlib`` entry-point group
+exactly like a third-party plugin (see pyproject.toml)."""
+
+from __future__ import annotations
