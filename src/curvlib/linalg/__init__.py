@@ -1,7 +1,81 @@
-"""Pure tensor kernels of curvlib (no ``torch.nn``): Kronecker algebra, the
-rearrangement Z, matrix-free Z-products, power SVD, Lanczos bidiagonalization,
-inverses of Kronecker sums, PCG and Woodbury solves."""
+"""Pure tensor kernels of curvlib (no ``torch.nn``).
 
+- Kronecker algebra in the column-major ``vec`` convention (§3.1.1): :func:`vec`,
+  :func:`unvec`, :func:`kron`, :func:`kron_matvec`, :class:`KroneckerSum`;
+- the zigzag rearrangement Z (Def. 3.3) and best Kronecker-sum fits (Thm 3.14):
+  :func:`rearrange`, :func:`unrearrange`, :func:`nearest_kronecker`,
+  :func:`factors_from_singular`;
+- matrix-free Z-products from per-sample statistics (Prop. 3.1, (3.31)–(3.36)):
+  :class:`LinearZOperator`, :class:`ConvZOperator`, :class:`AffineZOperator`
+  (:func:`deflated`, :func:`ema_combined`);
+- top singular triplets of matrix-free operators: :func:`power_svd` (Algorithm 1),
+  :func:`lanczos_svd` (Algorithm 2, restarted);
+- inverses: :func:`kron_solve`, :class:`KroneckerEigen` (exact Tikhonov),
+  :func:`pi_split` ((2.95)–(2.96)), :class:`TwoTermKroneckerInverse` (§3.2.5),
+  :func:`pcg`, :class:`WoodburySolver` ((4.50)), :func:`eigh_safe`.
+
+Dense references (:func:`kron`, :func:`rearrange`, :meth:`KroneckerSum.to_dense`,
+:meth:`ZOperator.to_dense`, :func:`nearest_kronecker`) form matrices larger than
+O(d²) and are documented as such; nothing else does.
+"""
+
+from curvlib.linalg.inverse import (
+    KroneckerEigen,
+    PCGInfo,
+    TwoTermKroneckerInverse,
+    WoodburySolver,
+    eigh_safe,
+    kron_solve,
+    pcg,
+    pi_split,
+    woodbury_solve,
+)
+from curvlib.linalg.kron import KroneckerSum, kron, kron_matvec, unvec, vec
 from curvlib.linalg.operator import DenseZOperator, ZOperator
+from curvlib.linalg.rearrange import (
+    NearestKronecker,
+    factors_from_singular,
+    nearest_kronecker,
+    rearrange,
+    unrearrange,
+)
+from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
+from curvlib.linalg.zproducts import (
+    AffineZOperator,
+    ConvZOperator,
+    LinearZOperator,
+    deflated,
+    ema_combined,
+)
 
-__all__ = ["DenseZOperator", "ZOperator"]
+__all__ = [
+    "AffineZOperator",
+    "ConvZOperator",
+    "DenseZOperator",
+    "KroneckerEigen",
+    "KroneckerSum",
+    "LinearZOperator",
+    "NearestKronecker",
+    "PCGInfo",
+    "SVDResult",
+    "TwoTermKroneckerInverse",
+    "WoodburySolver",
+    "ZOperator",
+    "deflated",
+    "eigh_safe",
+    "ema_combined",
+    "factors_from_singular",
+    "kron",
+    "kron_matvec",
+    "kron_solve",
+    "lanczos_svd",
+    "nearest_kronecker",
+    "pcg",
+    "pi_split",
+    "power_svd",
+    "rearrange",
+    "unrearrange",
+    "unvec",
+    "vec",
+    "woodbury_solve",
+]
