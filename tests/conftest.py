@@ -25,9 +25,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip ``cuda`` tests without a CUDA device, and ``slow`` tests unless asked for
+    (``-m slow`` or ``CURVLIB_RUN_SLOW=1``)."""
+    run_slow = "slow" in (config.getoption("-m") or "") or bool(os.environ.get("CURVLIB_RUN_SLOW"))
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow check: run with -m slow or CURVLIB_RUN_SLOW=1")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)

@@ -9,8 +9,30 @@ Subpackages follow the layering of DESIGN.md §2 (imports point downward only):
 """
 
 from curvlib import errors, linalg, plugins
+from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter, LayerBlock
+from curvlib.curvatures.api import curvature
+from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
+from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import CurvlibError, NumericalWarning, PerformanceWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvlibError", "NumericalWarning", "PerformanceWarning", "errors", "linalg", "plugins", "__version__"]
+__all__ = [
+    "BatchCouplingWarning",
+    "CurvatureBlock",
+    "CurvatureOperator",
+    "CurvlibError",
+    "ExcludedParametersWarning",
+    "HessianOperator",
+    "LayerAdapter",
+    "LayerBlock",
+    "LayerStatistics",
+    "NoStatisticsError",
+    "NumericalWarning",
+    "PerformanceWarning",
+    "__version__",
+    "curvature",
+    "errors",
+    "linalg",
+    "plugins",
+]

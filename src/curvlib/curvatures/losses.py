@@ -1,0 +1,312 @@
+"""Supported losses and curvlib's per-sample loss convention.
+
+Supported: ``nn.CrossEntropyLoss`` (logits ``[m, C]``, class-index targets ``[m]``),
+``nn.MSELoss`` (outputs ``[m, *out]``, targets of the same shape), ``nn.BCEWithLogitsLoss``
+(logits ``[m, *out]``, targets in [0, 1] of the same shape) and ``nn.BCELoss`` applied to
+probabilities ``[m, *out]`` (sigmoid outputs); ``reduction`` "mean" or "sum".  Class
+weights, ``pos_weight``, ``label_smoothing`` and ``ignore_index`` targets are rejected.
+
+**The convention (the library's, once).**  Let c be the number of output entries per
+sample (``prod(out)``; C classes for cross-entropy).  The loss L of a batch of m samples is
+split into per-sample terms ℓ_b with
+
+    L = (1/m) Σ_b ℓ_b   (reduction "mean"),        L = Σ_b ℓ_b   (reduction "sum"),
+
+so for ``MSELoss``/``BCE*`` with "mean", ℓ_b keeps the 1/c of the average over the output
+entries; the batch factor 1/m is undone exactly once, by this definition.  Each ℓ_b is
+k · NLL_b for a probabilistic model of the targets:
+
+===================  ==========================  ===========================
+loss                 model p(y | f)              k ("sum" / "mean")
+===================  ==========================  ===========================
+CrossEntropyLoss     categorical(softmax f)      1 / 1
+MSELoss              Gaussian N(f, I)            2 / 2/c   (NLL = ½‖y − f‖²)
+BCEWithLogitsLoss    Bernoulli(sigmoid f)        1 / 1/c
+BCELoss              Bernoulli(f)                1 / 1/c
+===================  ==========================  ===========================
+
+Every curvature is a per-sample mean C = (1/m) Σ_b C_b of matrices built from "columns"
+r ∈ R^{c} back-propagated from the output f (§2.2.4; ``J_b`` = ∂f_b/∂θ):
+
+- ``ggn``: C_b = J_bᵀ (∇²_f ℓ_b) J_b with the columns of a square root of ∇²_f ℓ_b
+  (:meth:`LossModel.ggn_columns`);
+- ``fisher`` (2.84): r_{b,s} = ∇_f ℓ_b(ŷ_{b,s}) / √k with ŷ_{b,s} ~ p(· | f_b), S draws
+  (:meth:`LossModel.sample_targets`), so E[r rᵀ] = k·E[∇NLL ∇NLLᵀ] = ∇²_f ℓ_b and
+  E[fisher] = ggn exactly (Thm 2.1);
+- ``empirical_fisher`` (2.85): r_b = ∇_f ℓ_b(y_b) / √k with the data targets.
+
+``fisher``/``empirical_fisher`` columns are the exact gradients of the user's loss module
+(autograd on the output, times m for "mean"), divided by √k.
+
+For ``BCELoss`` the ``ggn`` kind returns J_pᵀ diag(k / (p(1−p))) J_p (columns
+√k/√(p_j(1−p_j)) e_j back-propagated from the probabilities p): the Fisher of the Bernoulli
+model, which is E[fisher] and, when p = sigmoid(z), exactly the GGN with respect to the
+logits z (the natural parameters, Thm 2.1).  It is *not* J_pᵀ ∇²_p ℓ J_p (which depends on
+the targets).  p(1−p) is floored at the dtype's smallest normal number so saturated
+outputs give zero columns, not NaN.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvlib.errors import UnsupportedLossError
+
+__all__ = [
+    "BCELossModel",
+    "BCEWithLogitsLossModel",
+    "Columns",
+    "CrossEntropyLossModel",
+    "LossModel",
+    "MSELossModel",
+    "SUPPORTED_LOSSES",
+    "loss_model_for",
+]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """c columns r_j ``[m, *out]`` (one per back-propagation), produced lazily by ``get(j)``."""
+
+    count: int
+    get: Callable[[int], torch.Tensor]
+
+
+class LossModel(abc.ABC):
+    """A supported loss module seen through the per-sample convention of this module."""
+
+    #: the ``torch.nn`` loss class handled
+    loss_type: type[nn.Module]
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.loss_fn = loss_fn
+        self.reduction = getattr(loss_fn, "reduction", None)
+        if self.reduction not in ("mean", "sum"):
+            raise UnsupportedLossError(
+                f"{type(loss_fn).__name__}(reduction={self.reduction!r}): expected reduction 'mean' or 'sum'"
+            )
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Reject loss options that break the per-sample convention."""
+
+    def _reject(self, attr: str, ok: Callable[[object], bool], what: str) -> None:
+        val = getattr(self.loss_fn, attr, None)
+        if not ok(val):
+            raise UnsupportedLossError(
+                f"{type(self.loss_fn).__name__} with {attr}={val!r} is not supported (expected {what})"
+            )
+
+    @property
+    def name(self) -> str:
+        return type(self.loss_fn).__name__
+
+    # -- shapes --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def check(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Raise :class:`UnsupportedLossError` for an unsupported output or target shape/dtype."""
+
+    @staticmethod
+    def num_outputs(output: torch.Tensor) -> int:
+        """c: output entries per sample."""
+        return math.prod(output.shape[1:])
+
+    @abc.abstractmethod
+    def k(self, output: torch.Tensor) -> float:
+        """ℓ_b = k · NLL_b (see the module docstring)."""
+
+    # -- losses --------------------------------------------------------------------------
+    def mean_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(1/m) Σ_b ℓ_b (a scalar in the graph): the user's loss for "mean", loss/m for "sum"."""
+        L = self.loss_fn(output, target)
+        return L if self.reduction == "mean" else L / output.shape[0]
+
+    def per_sample_gradients(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """∇_{f_b} ℓ_b(y_b) for every sample: ``[m, *out]`` (exact, from the user's loss module)."""
+        f = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.loss_fn(f, target), f)
+        return grad * output.shape[0] if self.reduction == "mean" else grad
+
+    def gradient_columns(self, output: torch.Tensor, targets: list[torch.Tensor]) -> Columns:
+        """Columns r_j = ∇_f ℓ(targets[j]) / √k (``fisher`` and ``empirical_fisher``)."""
+        root_k = math.sqrt(self.k(output))
+        return Columns(len(targets), lambda j: self.per_sample_gradients(output, targets[j]) / root_k)
+
+    @abc.abstractmethod
+    def ggn_columns(self, output: torch.Tensor) -> Columns:
+        """Columns of a square root of ∇²_f ℓ_b (``ggn``): Σ_j r_j[b] r_j[b]ᵀ = ∇²_f ℓ_b."""
+
+    @abc.abstractmethod
+    def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """S draws ŷ ~ p(· | f) per sample: CE ``[m, S]`` (class indices), others ``[m, S, *out]``.
+
+        Drawn on ``generator``'s device, returned on ``output``'s device.
+        """
+
+    def target_column(self, samples: torch.Tensor, s: int) -> torch.Tensor:
+        """The s-th draw, shaped like a target: ``samples[:, s]``."""
+        return samples[:, s]
+
+
+class CrossEntropyLossModel(LossModel):
+    """``nn.CrossEntropyLoss``: logits ``[m, C]``, class indices ``[m]``; k = 1.
+
+    GGN columns: ∇²_f ℓ = diag(p) − ppᵀ = Σ_j r_j r_jᵀ with r_j = √p_j (e_j − p), j = 1..C
+    (c = C columns); r_j is √p_j times the Fisher column of class j, so Σ_j p_j-weighted
+    MC columns reproduce it exactly.
+    """
+
+    loss_type = nn.CrossEntropyLoss
+
+    def _check_options(self) -> None:
+        self._reject("weight", lambda v: v is None, "weight=None")
+        self._reject("label_smoothing", lambda v: not v, "label_smoothing=0")
+
+    def check(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if output.ndim != 2:
+            raise UnsupportedLossError(f"CrossEntropyLoss: expected logits [m, C], got {list(output.shape)}")
+        if target.shape != output.shape[:1] or target.is_floating_point() or target.is_complex():
+            raise UnsupportedLossError(
+                f"CrossEntropyLoss: expected integer class-index targets [{output.shape[0]}], got "
+                f"{target.dtype} {list(target.shape)} (probability targets are not supported)"
+            )
+        C = output.shape[1]
+        bad = (target < 0) | (target >= C)
+        if bool(bad.any()):
+            raise UnsupportedLossError(
+                f"CrossEntropyLoss: expected targets in [0, {C}), got {target[bad][:5].tolist()} "
+                f"(ignore_index={self.loss_fn.ignore_index} targets are not supported)"
+            )
+
+    def k(self, output: torch.Tensor) -> float:
+        return 1.0
+
+    def ggn_columns(self, output: torch.Tensor) -> Columns:
+        p = torch.softmax(output.detach(), dim=1)
+        root_p = p.sqrt()
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        return Columns(p.shape[1], lambda j: root_p[:, j : j + 1] * (eye[j] - p))
+
+    def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        p = torch.softmax(output.detach(), dim=1).to(generator.device)
+        return torch.multinomial(p, num_samples, replacement=True, generator=generator).to(output.device)
+
+
+class _ElementwiseLossModel(LossModel):
+    """Losses with targets shaped like the outputs (MSE, BCE)."""
+
+    def check(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if output.ndim < 2:
+            raise UnsupportedLossError(f"{self.name}: expected outputs [m, *out], got {list(output.shape)}")
+        if target.shape != output.shape:
+            raise UnsupportedLossError(
+                f"{self.name}: expected targets of the output's shape {list(output.shape)}, got {list(target.shape)}"
+            )
+        if not target.is_floating_point():
+            raise UnsupportedLossError(f"{self.name}: expected floating-point targets, got {target.dtype}")
+
+    def _diagonal_columns(self, output: torch.Tensor, diag: torch.Tensor) -> Columns:
+        """Columns d_j e_j of diag(d) (d ``[m, c]``), reshaped like the output."""
+        m, c = diag.shape
+
+        def get(j: int) -> torch.Tensor:
+            r = torch.zeros_like(diag)
+            r[:, j] = diag[:, j]
+            return r.reshape(output.shape)
+
+        return Columns(c, get)
+
+
+class MSELossModel(_ElementwiseLossModel):
+    """``nn.MSELoss``: Gaussian N(f, I), k = 2 ("sum") or 2/c ("mean"); ∇²_f ℓ = k·I."""
+
+    loss_type = nn.MSELoss
+
+    def k(self, output: torch.Tensor) -> float:
+        return 2.0 if self.reduction == "sum" else 2.0 / self.num_outputs(output)
+
+    def ggn_columns(self, output: torch.Tensor) -> Columns:
+        f = output.detach().reshape(output.shape[0], -1)
+        return self._diagonal_columns(output, torch.full_like(f, math.sqrt(self.k(output))))
+
+    def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        f = output.detach()
+        shape = (f.shape[0], num_samples, *f.shape[1:])
+        eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=generator.device).to(f.device)
+        return f.unsqueeze(1) + eps
+
+
+class BCEWithLogitsLossModel(_ElementwiseLossModel):
+    """``nn.BCEWithLogitsLoss``: Bernoulli(sigmoid f), k = 1 or 1/c; ∇²_f ℓ = k·diag(p(1−p))."""
+
+    loss_type = nn.BCEWithLogitsLoss
+
+    def _check_options(self) -> None:
+        self._reject("weight", lambda v: v is None, "weight=None")
+        self._reject("pos_weight", lambda v: v is None, "pos_weight=None")
+
+    def k(self, output: torch.Tensor) -> float:
+        return 1.0 if self.reduction == "sum" else 1.0 / self.num_outputs(output)
+
+    def ggn_columns(self, output: torch.Tensor) -> Columns:
+        p = torch.sigmoid(output.detach().reshape(output.shape[0], -1))
+        return self._diagonal_columns(output, (self.k(output) * p * (1 - p)).sqrt())
+
+    def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        p = torch.sigmoid(output.detach()).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
+        return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
+
+
+class BCELossModel(_ElementwiseLossModel):
+    """``nn.BCELoss`` on probabilities p: Bernoulli(p), k = 1 or 1/c; ``ggn`` = J_pᵀ diag(k/(p(1−p))) J_p."""
+
+    loss_type = nn.BCELoss
+
+    def _check_options(self) -> None:
+        self._reject("weight", lambda v: v is None, "weight=None")
+
+    def check(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        super().check(output, target)
+        p = output.detach()
+        if bool(((p < 0) | (p > 1)).any()):
+            raise UnsupportedLossError("BCELoss: expected outputs in [0, 1] (sigmoid outputs), got values outside")
+
+    def k(self, output: torch.Tensor) -> float:
+        return 1.0 if self.reduction == "sum" else 1.0 / self.num_outputs(output)
+
+    def ggn_columns(self, output: torch.Tensor) -> Columns:
+        p = output.detach().reshape(output.shape[0], -1)
+        var = (p * (1 - p)).clamp_min(torch.finfo(p.dtype).tiny)
+        return self._diagonal_columns(output, (self.k(output) / var).sqrt())
+
+    def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        p = output.detach().unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
+        return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
+
+
+SUPPORTED_LOSSES: tuple[type[LossModel], ...] = (
+    CrossEntropyLossModel,
+    MSELossModel,
+    BCEWithLogitsLossModel,
+    BCELossModel,
+)
+
+
+def loss_model_for(loss_fn: object) -> LossModel:
+    """The :class:`LossModel` of a loss module; :class:`UnsupportedLossError` names the supported ones."""
+    for cls in SUPPORTED_LOSSES:
+        if type(loss_fn) is cls.loss_type:
+            return cls(loss_fn)  # type: ignore[arg-type]
+    names = ", ".join(f"nn.{c.loss_type.__name__}" for c in SUPPORTED_LOSSES)
+    got = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else repr(loss_fn)
+    raise UnsupportedLossError(
+        f"unsupported loss {got}; supported losses: {names} (reduction 'mean' or 'sum'; "
+        "pass the loss module instance, not a function)"
+    )

@@ -1,0 +1,500 @@
+"""Curvature operators: exact matrix-free products with a p × p curvature matrix C.
+
+The flat curvlib vector (DESIGN.md §1) is the concatenation over layers i of vec(W̄_i)
+(``vec`` stacks columns); ``F.layers[i].slice`` gives layer i's rows.  It is *not* torch's
+parameter order: :meth:`params_to_vector` / :meth:`vector_to_params` convert, through the
+layer adapters (the only place that knows the mapping).
+
+:class:`CurvatureOperator` (``fisher``, ``empirical_fisher``, ``ggn``) is built from
+captured per-sample statistics and never re-runs the model.  With n = m·c the number of
+(sample b, column j) pairs — ordered b-major, n = b·c + j — and
+
+    J = [vec(DW̄_1) … vec(DW̄_n)] ∈ R^{p × n},   DW̄_{i,n} = Σ_t g_{i,n,t} ā_{i,b,t}ᵀ   (3.27),
+
+the operator is C = scale · J Jᵀ (4.56)–(4.57), its blocks C_ij = scale · J_i J_jᵀ (4.75),
+where J_i holds layer i's rows of J.  The products follow appendix 4.A/4.B:
+
+- (J_iᵀ u)_n = Σ_t g_{n,t}ᵀ U ā_{b,t} with U = MAT(u_i) ``[g_dim, a_dim]`` (4.59), (4.62);
+- MAT(J_i w) = Σ_{n,t} w_n g_{n,t} ā_{b,t}ᵀ (4.68), (4.71) — w_n multiplies all positions t
+  of its own (sample, column) pair (the transposed-index trap of DESIGN.md §10);
+- (J_iᵀ J_i)_{nn'} = Σ_{t,t'} (g_{n,t}ᵀ g_{n',t'})(ā_{b,t}ᵀ ā_{b',t'}) (4.78), (4.79).
+
+``J``/``Jt``/``JtJ`` exclude ``scale``.  Cost of one product C·v: two batched GEMM
+passes over each layer's statistics, O(m·T·c·a_dim·g_dim) (c back-propagated columns, T
+positions); memory O(m·T·g_dim·k) for k right-hand sides.  J or a p × p matrix is never
+formed (``to_dense`` excepted).
+
+:class:`HessianOperator` gives exact Hessian-vector products of (1/m)Σ_b ℓ_b by double
+back-propagation, re-running the model once per product call.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvlib.capture.adapters import LayerBlock
+from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.errors import CurvlibError, DTypeDeviceError, PerformanceWarning, ShapeError
+
+__all__ = ["CurvatureBlock", "CurvatureOperator", "HessianOperator", "LayerBlock", "NoStatisticsError"]
+
+Vector = torch.Tensor | Sequence[torch.Tensor]
+
+
+class NoStatisticsError(CurvlibError, NotImplementedError):
+    """The operator has no Kronecker statistics (e.g. the Hessian, available through products only)."""
+
+
+def _vec_batch(M: torch.Tensor) -> torch.Tensor:
+    """k matrices ``[k, g, a]`` -> their vec's as columns ``[a·g, k]``."""
+    return M.transpose(1, 2).reshape(M.shape[0], -1).T
+
+
+def _matT_batch(U: torch.Tensor, g_dim: int, a_dim: int) -> torch.Tensor:
+    """Columns ``[a·g, k]`` -> MAT(u)ᵀ for each column ``[k, a, g]``."""
+    return U.T.reshape(U.shape[1], a_dim, g_dim)
+
+
+class CurvatureBlock:
+    """The (i, j) block C_ij ``[p_i, p_j]`` of a curvature operator, as an operator."""
+
+    def __init__(self, parent: _BlockOperator, i: int, j: int) -> None:
+        self.parent, self.i, self.j = parent, i, j
+        self.shape = (parent.layers[i].p_i, parent.layers[j].p_i)
+        self.dtype, self.device = parent.dtype, parent.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """C_ij·v: ``[p_j]`` -> ``[p_i]``, or ``[p_j, k]`` -> ``[p_i, k]``."""
+        V, squeeze = self.parent._as_columns(v, self.shape[1], f"block({self.i}, {self.j})")
+        out = self.parent._block_matmat(self.i, self.j, V)
+        return out.squeeze(1) if squeeze else out
+
+    __matmul__ = matvec
+
+    def to_dense(self) -> torch.Tensor:
+        """C_ij as a dense ``[p_i, p_j]`` matrix."""
+        return self.parent._dense_block(self.i, self.j)
+
+    def __repr__(self) -> str:
+        return f"CurvatureBlock({self.parent.layers[self.i].name!r}, {self.parent.layers[self.j].name!r}, shape={self.shape})"
+
+
+class _BlockOperator(abc.ABC):
+    """Shared interface: shapes, vector <-> parameter conversions, products, blocks, exports.
+
+    Attributes:
+        layers: the :class:`LayerBlock` s, in flat-vector order.
+        excluded: qualified names of trainable parameters left out (see
+            :func:`curvlib.capture.adapters.find_layers`).
+        dtype, device: of the model's adapted parameters; every vector must match.
+        num_samples: m, the batch size.
+        loss: the batch loss L as the user's loss module computes it (detached scalar).
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerBlock],
+        excluded: Sequence[str],
+        *,
+        num_samples: int,
+        loss: torch.Tensor,
+        gradient: Sequence[torch.Tensor],
+    ) -> None:
+        self.layers: list[LayerBlock] = list(layers)
+        self.excluded: list[str] = list(excluded)
+        w = self.layers[0].adapter.weight
+        self.dtype: torch.dtype = w.dtype
+        self.device: torch.device = w.device
+        self.num_samples = int(num_samples)
+        self.loss = loss
+        self._gradient = list(gradient)
+
+    # -- shapes and conversions ------------------------------------------------------
+    @property
+    def p(self) -> int:
+        """Total number of parameters in the operator."""
+        return self.layers[-1].slice.stop
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    def params(self) -> list[torch.Tensor]:
+        """The adapted parameters (weight, then bias when trainable, layer by layer): the order
+        of list-shaped vectors accepted and returned by the products."""
+        return [t for L in self.layers for t in L.adapter.params()]
+
+    def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]``."""
+        shapes = [t.shape for L in self.layers for t in L.adapter.params()]
+        if len(tensors) != len(shapes) or any(tuple(t.shape) != tuple(s) for t, s in zip(tensors, shapes)):
+            raise ShapeError(
+                f"{type(self).__name__}: expected tensors shaped like the parameters {[list(s) for s in shapes]}, "
+                f"got {[list(getattr(t, 'shape', ())) for t in tensors]}"
+            )
+        out, k = [], 0
+        for L in self.layers:
+            n = len(L.param_shapes)
+            out.append(L.adapter.params_to_vector(list(tensors[k : k + n])))
+            k += n
+        return torch.cat(out)
+
+    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
+        if v.shape != (self.p,):
+            raise ShapeError(f"{type(self).__name__}: expected a vector [{self.p}], got {list(v.shape)}")
+        return [t for L in self.layers for t in L.adapter.vector_to_params(v[L.slice])]
+
+    def gradient_vector(self) -> torch.Tensor:
+        """∇_θ L of the captured batch (the user's loss and reduction) in curvlib order ``[p]``."""
+        return torch.cat([G.T.reshape(-1) for G in self._gradient])
+
+    def _as_columns(self, v: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, bool]:
+        """Check dtype/device/shape: ``[n]`` or ``[n, k]`` -> (``[n, k]``, was-a-vector)."""
+        if not isinstance(v, torch.Tensor):
+            raise ShapeError(f"{type(self).__name__}.{what}: expected a tensor, got {type(v).__name__}")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise DTypeDeviceError(
+                f"{type(self).__name__}.{what}: operator is {self.dtype} on {self.device}, vector is {v.dtype} on {v.device}"
+            )
+        if v.ndim == 1 and v.shape[0] == n:
+            return v.unsqueeze(1), True
+        if v.ndim == 2 and v.shape[0] == n:
+            return v, False
+        raise ShapeError(f"{type(self).__name__}.{what}: expected [{n}] or [{n}, k], got {list(v.shape)}")
+
+    # -- products ----------------------------------------------------------------------
+    def matvec(self, v: Vector) -> Vector:
+        """C·v, exact.
+
+        Args:
+            v: the flat curvlib vector ``[p]``, a matrix of k vectors ``[p, k]``, or a list of
+                tensors shaped like :meth:`params`.
+
+        Returns:
+            the product in the same form as ``v``.
+        """
+        if isinstance(v, (list, tuple)):
+            out = self._matmat(self.params_to_vector(v).unsqueeze(1)).squeeze(1)
+            return self.vector_to_params(out)
+        V, squeeze = self._as_columns(v, self.p, "matvec")
+        out = self._matmat(V)
+        return out.squeeze(1) if squeeze else out
+
+    def __matmul__(self, v: Vector) -> Vector:
+        return self.matvec(v)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """C·V for ``V [p, k]`` -> ``[p, k]``."""
+        V, _ = self._as_columns(V, self.p, "matmat")
+        return self._matmat(V)
+
+    def block(self, i: int, j: int) -> CurvatureBlock:
+        """The (i, j) layer block C_ij ``[p_i, p_j]`` as an operator (``matvec``, ``shape``, ``to_dense``)."""
+        n = len(self.layers)
+        if not (-n <= i < n and -n <= j < n):
+            raise IndexError(f"{type(self).__name__}.block: expected layer indices in [0, {n}), got ({i}, {j})")
+        return CurvatureBlock(self, i % n, j % n)
+
+    @abc.abstractmethod
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """V ``[p, k]`` -> C·V ``[p, k]``."""
+
+    def _block_matmat(self, i: int, j: int, V: torch.Tensor) -> torch.Tensor:
+        """V ``[p_j, k]`` -> C_ij·V ``[p_i, k]`` (default: a full product of the padded vector)."""
+        full = V.new_zeros(self.p, V.shape[1])
+        full[self.layers[j].slice] = V
+        return self._matmat(full)[self.layers[i].slice]
+
+    def _dense_block(self, i: int, j: int) -> torch.Tensor:
+        pj = self.layers[j].p_i
+        return self._block_matmat(i, j, torch.eye(pj, dtype=self.dtype, device=self.device))
+
+    def _dense(self) -> torch.Tensor:
+        return self._matmat(torch.eye(self.p, dtype=self.dtype, device=self.device))
+
+    def to_dense(self) -> torch.Tensor:
+        """C as a dense ``[p, p]`` matrix (small models and tests; emits :class:`PerformanceWarning`)."""
+        warnings.warn(
+            f"{type(self).__name__}.to_dense() forms a dense {self.p} × {self.p} matrix", PerformanceWarning, stacklevel=2
+        )
+        return self._dense()
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` ``(p, p)``: float64 numpy in and out
+        (converted to the operator's dtype/device for the product); symmetric."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x)
+            X = torch.as_tensor(x.reshape(self.p, -1), dtype=self.dtype, device=self.device)
+            out = self._matmat(X).detach().to(torch.float64).cpu().numpy()
+            return out.reshape(x.shape)
+
+        return LinearOperator((self.p, self.p), matvec=mm, rmatvec=mm, matmat=mm, rmatmat=mm, dtype=np.float64)
+
+    def statistics(self, i: int) -> LayerStatistics:
+        """:class:`LayerStatistics` of layer i."""
+        raise NoStatisticsError(f"{type(self).__name__} ({self.kind!r}) has no per-layer statistics")
+
+    def __repr__(self) -> str:
+        names = ", ".join(L.name or L.kind for L in self.layers)
+        return f"{type(self).__name__}(kind={self.kind!r}, p={self.p}, m={self.num_samples}, layers=[{names}], dtype={self.dtype})"
+
+
+class CurvatureOperator(_BlockOperator):
+    """C = scale · J Jᵀ from captured per-sample statistics (``fisher``, ``empirical_fisher``, ``ggn``).
+
+    Attributes (beyond the shared ones: ``layers``, ``excluded``, ``shape``, ``dtype``,
+    ``device``, ``num_samples``, ``loss``):
+        kind: the curvature kind.
+        scale: 1/(m·S) for ``fisher`` with S samples, 1/m otherwise.
+        num_columns: c, the back-propagated columns per sample.
+        num_pairs: n = m·c, the columns of J.
+        sampled_targets: the targets drawn for ``fisher`` (CE ``[m, S]`` class indices,
+            otherwise ``[m, S, *out]``); ``None`` for the other kinds.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerBlock],
+        excluded: Sequence[str],
+        activations: Sequence[torch.Tensor],
+        pre_activation_grads: Sequence[torch.Tensor],
+        scale: float,
+        *,
+        kind: str,
+        loss: torch.Tensor,
+        gradient: Sequence[torch.Tensor],
+        sampled_targets: torch.Tensor | None = None,
+    ) -> None:
+        m = activations[0].shape[0]
+        super().__init__(layers, excluded, num_samples=m, loss=loss, gradient=gradient)
+        self.kind = kind
+        self.scale = float(scale)
+        self.sampled_targets = sampled_targets
+        self._a = list(activations)
+        self._g = list(pre_activation_grads)
+        self.num_columns = int(self._g[0].shape[1])
+        self.num_pairs = m * self.num_columns
+        for L, a, g in zip(self.layers, self._a, self._g):
+            conv = L.spatial_shape is not None
+            if a.shape[-1] != L.a_dim or g.shape[-1] != L.g_dim or a.ndim != 2 + conv or g.ndim != 3 + conv:
+                raise ShapeError(
+                    f"layer {L.name!r}: statistics a {list(a.shape)} and g {list(g.shape)} do not match "
+                    f"a_dim={L.a_dim}, g_dim={L.g_dim}"
+                )
+
+    # uniform views: a3 [m, T, a_dim], g4 [m, c, T, g_dim] (T = 1 for Linear)
+    def _a3(self, i: int) -> torch.Tensor:
+        a = self._a[i]
+        return a if a.ndim == 3 else a.unsqueeze(1)
+
+    def _g4(self, i: int) -> torch.Tensor:
+        g = self._g[i]
+        return g if g.ndim == 4 else g.unsqueeze(2)
+
+    def statistics(self, i: int) -> LayerStatistics:
+        """Per-sample statistics of layer i (see :class:`LayerStatistics`; the block is
+        C_ii = scale · Σ_{b,c} Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ, (3.28))."""
+        L = self.layers[i]
+        return LayerStatistics(
+            a=self._a[i],
+            g=self._g[i],
+            scale=self.scale,
+            spatial_shape=L.spatial_shape,
+            kernel_size=L.kernel_size,
+            has_bias=L.has_bias,
+        )
+
+    # -- Jacobian pieces (appendix 4.A.2, 4.B) -------------------------------------------
+    def _Jt_i(self, i: int, U: torch.Tensor) -> torch.Tensor:
+        """U ``[p_i, k]`` -> J_iᵀ U ``[n, k]``; (J_iᵀu)_n = Σ_t g_{n,t}ᵀ MAT(u) ā_{b,t} (4.62)."""
+        L, a3, g4 = self.layers[i], self._a3(i), self._g4(i)
+        m, c, T, gd = g4.shape
+        k = U.shape[1]
+        UT = _matT_batch(U, L.g_dim, L.a_dim)  # [k, a, g]
+        # one GEMM per right-hand side over all (sample, position) rows: (U ā_{b,t}) ``[k, m·T, g]``
+        UA = torch.matmul(a3.reshape(1, m * T, -1), UT)
+        G = g4.reshape(m, c, T * gd)
+        if k == 1:  # a product and a sum beat m tiny batched GEMMs
+            return (G * UA.reshape(m, 1, T * gd)).sum(-1).reshape(m * c, 1)
+        return torch.bmm(G, UA.reshape(k, m, T * gd).permute(1, 2, 0)).reshape(m * c, k)
+
+    def _J_i(self, i: int, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W ``[n, k]`` -> J_i W ``[p_i, k]`` (written into ``out`` if given);
+        MAT(J_i w) = Σ_{b,c,t} w_{b,c} g_{b,c,t} ā_{b,t}ᵀ (4.71)."""
+        L, a3, g4 = self.layers[i], self._a3(i), self._g4(i)
+        m, c, T, gd = g4.shape
+        k = W.shape[1]
+        G = g4.reshape(m, c, T * gd)
+        # weight every (sample, column) pair by its own w_{b,c} and sum the columns of each
+        # sample; the weight is shared by all positions t of that pair
+        if k == 1:
+            Gw = (G * W.reshape(m, c, 1)).sum(1)  # [m, T·g]
+        else:
+            Gw = torch.bmm(G.transpose(1, 2), W.reshape(m, c, k))  # [m, T·g, k]
+        Gw = Gw.reshape(m * T, gd * k)
+        # vec(M) for each column: the rows of [p_i, k] are (α, γ) pairs, so
+        # out.view(a, g·k) = Āᵀ Gw with Ā = [m·T, a] — one GEMM, no transpose copy
+        res = W.new_empty(L.p_i, k) if out is None else out
+        A = a3.reshape(m * T, -1).T
+        if W.requires_grad or A.requires_grad:
+            res = (A @ Gw).reshape(L.p_i, k)
+        else:
+            torch.mm(A, Gw, out=res.view(L.a_dim, gd * k))
+        return res
+
+    def Jt_i(self, i: int, u: torch.Tensor) -> torch.Tensor:
+        """J_iᵀ u: ``[p_i]`` -> ``[n]`` or ``[p_i, k]`` -> ``[n, k]`` (no ``scale``)."""
+        U, squeeze = self._as_columns(u, self.layers[i].p_i, f"Jt_i({i})")
+        out = self._Jt_i(i, U)
+        return out.squeeze(1) if squeeze else out
+
+    def J_i(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """J_i w: ``[n]`` -> ``[p_i]`` or ``[n, k]`` -> ``[p_i, k]`` (no ``scale``)."""
+        W, squeeze = self._as_columns(w, self.num_pairs, f"J_i({i})")
+        out = self._J_i(i, W)
+        return out.squeeze(1) if squeeze else out
+
+    def Jt(self, u: torch.Tensor) -> torch.Tensor:
+        """Jᵀ u = Σ_i J_iᵀ u_[i]: ``[p]`` -> ``[n]`` or ``[p, k]`` -> ``[n, k]`` (4.58)."""
+        U, squeeze = self._as_columns(u, self.p, "Jt")
+        out = self._Jt(U)
+        return out.squeeze(1) if squeeze else out
+
+    def J(self, w: torch.Tensor) -> torch.Tensor:
+        """J w = Σ_n w_n vec(DW̄_n): ``[n]`` -> ``[p]`` or ``[n, k]`` -> ``[p, k]`` (4.65)."""
+        W, squeeze = self._as_columns(w, self.num_pairs, "J")
+        out = self._J(W)
+        return out.squeeze(1) if squeeze else out
+
+    def _Jt(self, U: torch.Tensor) -> torch.Tensor:
+        out = None
+        for i, L in enumerate(self.layers):
+            t = self._Jt_i(i, U[L.slice])
+            out = t if out is None else out + t
+        return out
+
+    def _J(self, W: torch.Tensor) -> torch.Tensor:
+        out = W.new_empty(self.p, W.shape[1])
+        parts = [self._J_i(i, W, out[L.slice]) for i, L in enumerate(self.layers)]
+        return out if not W.requires_grad else torch.cat(parts, dim=0)
+
+    def JtJ_i(self, i: int) -> torch.Tensor:
+        """J_iᵀ J_i ``[n, n]`` (4.78)/(4.79), without forming J_i."""
+        a3, g4 = self._a3(i), self._g4(i)
+        m, c, T, gd = g4.shape
+        if T == 1:
+            A, G = a3[:, 0], g4[:, :, 0].reshape(m * c, gd)
+            Ka = (A @ A.T).repeat_interleave(c, 0).repeat_interleave(c, 1)
+            return (G @ G.T) * Ka
+        Ka = torch.einsum("bta,dua->btdu", a3, a3)  # [m, T, m, T]: ā_{b,t}ᵀ ā_{d,u}
+        H = torch.einsum("btdu,dfug->btdfg", Ka, g4)  # Σ_u (ā_{b,t}ᵀ ā_{d,u}) g_{d,f,u}
+        return torch.einsum("bctg,btdfg->bcdf", g4, H).reshape(m * c, m * c)
+
+    def JtJ(self) -> torch.Tensor:
+        """Jᵀ J = Σ_i J_iᵀ J_i ``[n, n]`` (4.78)/(4.79); C's nonzero spectrum is scale × its spectrum."""
+        out = self.JtJ_i(0)
+        for i in range(1, len(self.layers)):
+            out = out + self.JtJ_i(i)
+        return out
+
+    # -- products ----------------------------------------------------------------------
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        # scale the small [n, k] intermediate, not the [p, k] result
+        return self._J(self.scale * self._Jt(V))
+
+    def _block_matmat(self, i: int, j: int, V: torch.Tensor) -> torch.Tensor:
+        return self._J_i(i, self.scale * self._Jt_i(j, V))
+
+    def _dw_rows(self, i: int, b0: int, b1: int) -> torch.Tensor:
+        """vec(DW̄_{i,n})ᵀ for the pairs n of samples b0..b1−1: ``[(b1−b0)·c, p_i]`` (dense export only)."""
+        a3, g4 = self._a3(i)[b0:b1], self._g4(i)[b0:b1]
+        return torch.einsum("bctg,bta->bcag", g4, a3).reshape(-1, self.layers[i].p_i)
+
+    def _sample_chunks(self, width: int) -> list[tuple[int, int]]:
+        """Sample ranges whose ``[chunk·c, width]`` row blocks hold at most ~4M entries."""
+        step = max(1, (1 << 22) // max(1, self.num_columns * width))
+        return [(b, min(b + step, self.num_samples)) for b in range(0, self.num_samples, step)]
+
+    def _dense_block(self, i: int, j: int) -> torch.Tensor:
+        out = torch.zeros(self.layers[i].p_i, self.layers[j].p_i, dtype=self.dtype, device=self.device)
+        for b0, b1 in self._sample_chunks(self.layers[i].p_i + self.layers[j].p_i):
+            out += self._dw_rows(i, b0, b1).T @ self._dw_rows(j, b0, b1)
+        return self.scale * out
+
+    def _dense(self) -> torch.Tensor:
+        out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
+        for b0, b1 in self._sample_chunks(self.p):
+            rows = torch.cat([self._dw_rows(i, b0, b1) for i in range(len(self.layers))], dim=1)  # [n_chunk, p]
+            out += rows.T @ rows
+        return self.scale * out
+
+
+class HessianOperator(_BlockOperator):
+    """Exact Hessian of (1/m) Σ_b ℓ_b (= L for reduction "mean", L/m for "sum") with respect
+    to the adapted parameters (excluded ones held fixed), by double back-propagation.
+
+    Each product call re-runs the forward pass on the stored batch (so a model with dropout
+    should be in eval mode, and BatchNorm in training mode updates its running statistics
+    each call); the k columns of a ``[p, k]`` input share that forward pass.  There are no
+    Kronecker statistics: :meth:`statistics` raises :class:`NoStatisticsError`.
+    """
+
+    kind = "hessian"
+
+    def __init__(
+        self,
+        layers: Sequence[LayerBlock],
+        excluded: Sequence[str],
+        *,
+        model: torch.nn.Module,
+        loss_model: Any,
+        inputs: tuple[torch.Tensor, ...],
+        target: torch.Tensor,
+        num_samples: int,
+        loss: torch.Tensor,
+        gradient: Sequence[torch.Tensor],
+    ) -> None:
+        super().__init__(layers, excluded, num_samples=num_samples, loss=loss, gradient=gradient)
+        self.model = model
+        self.loss_model = loss_model
+        self._inputs = inputs
+        self._target = target
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        params = self.params()
+        out = torch.empty_like(V)
+        with torch.enable_grad():
+            L = self.loss_model.mean_loss(self.model(*self._inputs), self._target)
+            grads = torch.autograd.grad(L, params, create_graph=True, allow_unused=True)
+            live = [(gr, p) for gr, p in zip(grads, params) if gr is not None and gr.requires_grad]
+            for j in range(V.shape[1]):
+                vs = self.vector_to_params(V[:, j])
+                vmap = {id(p): v for p, v in zip(params, vs)}
+                hv = torch.autograd.grad(
+                    [gr for gr, _ in live],
+                    params,
+                    grad_outputs=[vmap[id(p)] for _, p in live],
+                    retain_graph=j + 1 < V.shape[1],
+                    allow_unused=True,
+                ) if live else [None] * len(params)
+                out[:, j] = self.params_to_vector([torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)])
+        return out.detach()
+
+    def _no_jacobian(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NoStatisticsError(
+            "HessianOperator has no per-sample Jacobian factorization (the Hessian is not of the form "
+            "scale·J Jᵀ); use the 'ggn' or 'fisher' kinds for J/Jt/JtJ"
+        )
+
+    J = Jt = JtJ = J_i = Jt_i = JtJ_i = _no_jacobian
