@@ -35,3 +35,12 @@ def test_readme_commands_pin_torch_with_the_constraints_file():
     for cmd in commands:
         assert "-c constraints.txt" in cmd, cmd
     assert (ROOT / "constraints.txt").read_text().split() == ["torch==2.13.0"]
+
+
+def test_docs_python_examples_run():
+    """Every ```python block of docs/*.md runs as written; the blocks of one page share a
+    namespace, like cells of a notebook."""
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        namespace: dict = {"__name__": "__docs__"}
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            exec(compile(block, str(page), "exec"), namespace)
