@@ -1,4 +1,38 @@
 """curvlib's built-in damping plugin, registered through the ``curvlib`` entry-point group
-exactly like a third-party plugin (see pyproject.toml)."""
+exactly like a third-party plugin (see pyproject.toml).
+
+Damping kinds (λ means one thing per kind, stated with its formula):
+
+- ``tikhonov``: M = Σ_k A_k⊗B_k + λI ("normal damping", (2.94), (4.54));
+- ``heuristic``: M = (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) [+ A_2⊗B_2] (π-split (2.95)–(2.96), §3.2.5);
+- ``levenberg_marquardt``: either, with λ adapted by Martens & Grosse's reduction-ratio rule.
+"""
 
 from __future__ import annotations
+
+from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
+from curvlib.damping.levenberg_marquardt import LevenbergMarquardtDamping, LevenbergMarquardtOptions
+from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
+from curvlib.plugins import hookimpl
+
+
+@hookimpl
+def curvlib_register_dampings(registry):
+    registry.add(
+        "tikhonov",
+        TikhonovDamping,
+        options=TikhonovOptions,
+        description="(Σ_k A_k⊗B_k + λI)⁻¹, normal damping (4.54): joint eigenbasis for one term, PCG for more",
+    )
+    registry.add(
+        "heuristic",
+        HeuristicDamping,
+        options=HeuristicOptions,
+        description="KFAC's π-split (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) (2.95)–(2.96); two terms by §3.2.5 with a floor on μ",
+    )
+    registry.add(
+        "levenberg_marquardt",
+        LevenbergMarquardtDamping,
+        options=LevenbergMarquardtOptions,
+        description="tikhonov or heuristic with λ adapted from the reduction ratio (Martens & Grosse's rule)",
+    )

@@ -1,0 +1,419 @@
+"""The two abstractions of the damping family: :class:`Damping` and :class:`BlockInverse`.
+
+A :class:`Damping` turns one layer block of a curvature approximation into an applied,
+regularized inverse, a :class:`BlockInverse`.  What λ means is fixed per damping kind
+and stated with its formula in that kind's docstring (DESIGN.md §10, "Damping means a
+different thing in every optimizer"):
+
+- ``tikhonov``: (Σ_k A_k⊗B_k + λI)⁻¹, "normal damping" (2.94), (4.54);
+- ``heuristic``: [(A_1 + π√λ I) ⊗ (B_1 + π⁻¹√λ I) (+ A_2⊗B_2)]⁻¹, the π-split (2.95)–(2.96);
+- ``levenberg_marquardt``: either of the two, with λ adapted from the reduction ratio.
+
+Blocks are duck-typed (the approximators' result types are not imported here):
+
+- *Kronecker-sum blocks* have ``terms``, a sequence of pairs ``(A_k [d_a, d_a],
+  B_k [d_g, d_g])`` meaning Σ_k A_k ⊗ B_k (:class:`curvlib.linalg.KroneckerSum`);
+- *exact blocks* have ``tikhonov_solve(X [..., d_g, d_a], lam)`` returning the already
+  damped (F_ii + λI)⁻¹ vec(X) in matrix form, plus ``a_dim``, ``b_dim``, ``dtype``, ``device``.
+
+Orientation (DESIGN.md §1): a layer's gradient in matrix form is X ``[d_g, d_a]``
+(= W̄'s shape ``[d_out, d_in+1]``), its flat form is the column-major vec(X) ``[p_i]``,
+p_i = d_a·d_g, and (A⊗B) vec(X) = vec(B X Aᵀ).
+
+Factor eigendecompositions are computed in :meth:`Damping.invert` (once per refresh, T2)
+and reused by every :meth:`BlockInverse.solve` until the next refresh.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from curvlib.config import StrictModel, validate_options
+from curvlib.errors import (
+    ConfigError,
+    DTypeDeviceError,
+    NotPSDError,
+    NumericalError,
+    NumericalWarning,
+    ShapeError,
+)
+from curvlib.linalg import unvec, vec
+
+__all__ = [
+    "BlockInverse",
+    "Damping",
+    "InverseInfo",
+    "block_terms",
+    "is_exact_block",
+    "psd_part_terms",
+]
+
+
+# --------------------------------------------------------------------------- block typing
+
+
+def block_terms(block: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+    """The Kronecker terms ``((A_k [d_a, d_a], B_k [d_g, d_g]), ...)`` of a Kronecker-sum
+    block, or ``None`` for a block without ``terms`` (an exact block)."""
+    terms = getattr(block, "terms", None)
+    if terms is None:
+        return None
+    return tuple((A, B) for A, B in terms)
+
+
+def is_exact_block(block: Any) -> bool:
+    """True for an exact-block-like object: no ``terms``, a callable ``tikhonov_solve``."""
+    return getattr(block, "terms", None) is None and callable(getattr(block, "tikhonov_solve", None))
+
+
+def _check_block(block: Any, caller: str) -> None:
+    if block_terms(block) is None and not is_exact_block(block):
+        raise ConfigError(
+            f"{caller}: expected a Kronecker-sum block (with .terms, e.g. a KroneckerSum) or an "
+            f"exact block (with .tikhonov_solve(X, lam)); got {type(block).__name__}"
+        )
+
+
+def _check_finite_terms(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], caller: str) -> None:
+    for k, (A, B) in enumerate(terms):
+        for name, M in (("A", A), ("B", B)):
+            if not bool(torch.isfinite(M).all()):
+                n_bad = int((~torch.isfinite(M)).sum())
+                raise NumericalError(
+                    f"{caller}: term {k} factor {name}_{k} {list(M.shape)} has {n_bad} non-finite entries "
+                    "(expected finite factors)"
+                )
+
+
+def psd_part_terms(
+    eigs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The positive semi-definite part of Σ_k A_k⊗B_k, term by term, as a Kronecker sum.
+
+    With A = A⁺ − A⁻ and B = B⁺ − B⁻ split by the signs of their eigenvalues
+    (A⁺ = Q_a max(e_a, 0) Q_aᵀ, A⁻ = Q_a max(−e_a, 0) Q_aᵀ, both PSD), the eigenvalues of
+    A⊗B are the products e_a,i·e_b,j on the eigenvectors q_a,i⊗q_b,j, so its PSD part
+    (negative eigenvalues set to 0) is exactly
+
+        psd(A⊗B) = A⁺⊗B⁺ + A⁻⊗B⁻.
+
+    Terms whose factors are zero are left out (at least one term is always returned).
+
+    Args:
+        eigs: per term ``(e_a [d_a], Q_a [d_a, d_a], e_b [d_g], Q_b [d_g, d_g])``.
+
+    Returns:
+        pairs ``(A [d_a, d_a], B [d_g, d_g])``, every one PSD⊗PSD.
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for e_a, Q_a, e_b, Q_b in eigs:
+        for sign in (1.0, -1.0):
+            pa = (sign * e_a).clamp_min(0)
+            pb = (sign * e_b).clamp_min(0)
+            if bool((pa > 0).any()) and bool((pb > 0).any()):
+                out.append(((Q_a * pa) @ Q_a.T, (Q_b * pb) @ Q_b.T))
+    if not out:
+        e_a, Q_a, e_b, Q_b = eigs[0]
+        out.append((torch.zeros_like(Q_a), torch.zeros_like(Q_b)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- BlockInverse
+
+
+@dataclass(frozen=True)
+class InverseInfo:
+    """What a damping did to build (and, for iterative methods, last apply) an inverse.
+
+    Attributes:
+        kind: the damping kind (``"tikhonov"``, ``"heuristic"``, ...).
+        method: ``"eigen"`` (joint eigenbasis), ``"pcg"``, ``"dense"``, ``"two_term"``
+            (§3.2.5) or ``"exact_block"``.
+        lam: the λ used, with the meaning of ``kind``.
+        pi: π of (2.96) (heuristic only).
+        n_clamped: how many joint eigenvalues (two-term heuristic: μ of §3.2.5) or factor
+            eigenvalues (one-term heuristic) were raised to their floor.
+        iterations: PCG steps of the last solve (``None`` for direct methods).
+        converged: whether the last PCG solve reached its tolerance.
+        relative_residual: the largest ‖b − Mx‖/‖b‖ over the columns of the last PCG solve.
+        fallback: ``None``, or the documented fallback taken (``"psd_part"``: the
+            negative part of each Kronecker term dropped; ``"psd_leading_factors"``:
+            the leading factors' negative eigenvalues clamped at 0).
+        certified_definite: PCG only: True when Weyl's bound λ + Σ_k λ_min(A_k⊗B_k) > 0
+            proves the damped sum positive definite before any solve; False when it
+            could not (PCG's own curvature check then decides).
+    """
+
+    kind: str
+    method: str
+    lam: float
+    pi: float | None = None
+    n_clamped: int = 0
+    iterations: int | None = None
+    converged: bool | None = None
+    relative_residual: float | None = None
+    fallback: str | None = None
+    certified_definite: bool | None = None
+
+
+class BlockInverse(abc.ABC):
+    """An applied damped inverse M⁻¹ of one layer block, M ``[p_i, p_i]``, p_i = d_a·d_g.
+
+    Public methods check and normalize shapes, dtype and device; subclasses implement
+    :meth:`_solve` on matrices ``[..., d_g, d_a]`` only.  Every result is checked to be
+    finite: a non-finite result raises :class:`NumericalError` (never a silent NaN).
+
+    Args:
+        a_dim: d_a (activation side, ``d_in + 1`` for a Linear layer with bias).
+        b_dim: d_g (gradient side, ``d_out``).
+        dtype, device: those of the block's factors; operands must match.
+        info: :class:`InverseInfo`.
+    """
+
+    def __init__(self, *, a_dim: int, b_dim: int, dtype: torch.dtype, device: torch.device, info: InverseInfo) -> None:
+        self._a_dim = int(a_dim)
+        self._b_dim = int(b_dim)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self._info = info
+
+    # ---- description -------------------------------------------------------------
+    @property
+    def a_dim(self) -> int:
+        """d_a, the size of the activation-side factors."""
+        return self._a_dim
+
+    @property
+    def b_dim(self) -> int:
+        """d_g, the size of the gradient-side factors."""
+        return self._b_dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(p_i, p_i)`` with p_i = d_a·d_g."""
+        p = self._a_dim * self._b_dim
+        return (p, p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def info(self) -> InverseInfo:
+        """What was done (method, iterations of the last solve, clamps, fallback)."""
+        return self._info
+
+    def __repr__(self) -> str:
+        i = self._info
+        return (
+            f"{type(self).__name__}(kind={i.kind!r}, method={i.method!r}, lam={i.lam:.3e}, "
+            f"a_dim={self.a_dim}, b_dim={self.b_dim}, dtype={self.dtype}, device={self.device})"
+        )
+
+    # ---- products ------------------------------------------------------------------
+    def _check_operand(self, x: torch.Tensor, caller: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ShapeError(f"{caller}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self._dtype or x.device != self._device:
+            raise DTypeDeviceError(
+                f"{caller}: the inverse is {self._dtype} on {self._device}, the operand is {x.dtype} on {x.device}"
+            )
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ vec(X) in matrix form.
+
+        Args:
+            X: ``[..., d_g, d_a]``.
+
+        Returns:
+            ``[..., d_g, d_a]``.
+
+        Raises:
+            ShapeError, DTypeDeviceError: X does not fit.
+            NumericalError: the result is not finite.
+        """
+        caller = f"{type(self).__name__}.solve"
+        self._check_operand(X, caller)
+        if X.ndim < 2 or tuple(X.shape[-2:]) != (self._b_dim, self._a_dim):
+            raise ShapeError(
+                f"{caller}: expected X [..., d_g, d_a] = [..., {self._b_dim}, {self._a_dim}], got {list(X.shape)}"
+            )
+        Y = self._solve(X)
+        if not bool(torch.isfinite(Y).all()):
+            why = (
+                "the right-hand side already has non-finite entries"
+                if not bool(torch.isfinite(X).all())
+                else "the inverse produced them from a finite right-hand side"
+            )
+            raise NumericalError(f"{caller}: the result {list(Y.shape)} has non-finite entries: {why}")
+        return Y
+
+    @abc.abstractmethod
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ vec(X) in matrix form for a checked X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``."""
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ x on flat vectors in the column-major vec convention.
+
+        Args:
+            x: ``[p_i]`` or ``[p_i, k]``.
+
+        Returns:
+            ``[p_i]`` or ``[p_i, k]``.
+        """
+        caller = f"{type(self).__name__}.matvec"
+        self._check_operand(x, caller)
+        p = self.shape[0]
+        if x.ndim == 1 and x.shape[0] == p:
+            return vec(self.solve(unvec(x, self._b_dim, self._a_dim)))
+        if x.ndim == 2 and x.shape[0] == p:
+            # columns -> a batch [k, d_g, d_a] of matrices, solved at once
+            return vec(self.solve(unvec(x.T, self._b_dim, self._a_dim))).T
+        raise ShapeError(f"{caller}: expected x [{p}] or [{p}, k] (p_i = d_a·d_g), got {list(x.shape)}")
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return self.matvec(x)
+        return NotImplemented
+
+    def to_dense(self) -> torch.Tensor:
+        """M⁻¹ as a dense ``[p_i, p_i]`` matrix, column j = M⁻¹ e_j (a reference for tests
+        and small blocks: it solves p_i right-hand sides)."""
+        p = self.shape[0]
+        return self.matvec(torch.eye(p, dtype=self._dtype, device=self._device))
+
+
+# --------------------------------------------------------------------------- Damping
+
+
+class Damping(abc.ABC):
+    """A regularization that turns one layer block into a :class:`BlockInverse`.
+
+    Subclasses set the class attributes :attr:`kind` and :attr:`options_model` (a
+    :class:`~curvlib.config.StrictModel` with a ``value`` field, the λ of the kind) and
+    implement :meth:`_invert`.  :meth:`invert` is the public entry point: it checks the
+    block, rejects non-finite factors and, when the inversion fails numerically, keeps
+    the ``previous`` inverse with a :class:`NumericalWarning` (or raises without one).
+
+    Args:
+        options: an instance of :attr:`options_model`, a mapping of its fields (a
+            ``"kind"`` key, if present, must name this kind), or ``None``.
+        **overrides: fields merged on top of ``options``.
+
+    Raises:
+        ConfigError: the options do not validate (e.g. λ ≤ 0, an unknown field).
+    """
+
+    kind: ClassVar[str] = ""
+    options_model: ClassVar[type[StrictModel]]
+
+    def __init__(self, options: BaseModel | Mapping[str, Any] | None = None, /, **overrides: Any) -> None:
+        self._options = self._validate_options(options, overrides)
+
+    @classmethod
+    def _validate_options(cls, options: BaseModel | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Any:
+        model = cls.options_model
+        if isinstance(options, model) and not overrides:
+            return options
+        if options is None:
+            data: dict[str, Any] = {}
+        elif isinstance(options, BaseModel):
+            data = options.model_dump()
+        elif isinstance(options, Mapping):
+            data = dict(options)
+        else:
+            raise ConfigError(
+                f"damping '{cls.kind}': options must be a {model.__name__}, a mapping or None; "
+                f"got {type(options).__name__}"
+            )
+        data.update(overrides)
+        kind = data.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ConfigError(f"damping '{cls.kind}': options name kind {kind!r}, expected {cls.kind!r}")
+        return validate_options(model, data, where=f"damping '{cls.kind}'")
+
+    @property
+    def options(self) -> Any:
+        """The validated, frozen options model."""
+        return self._options
+
+    @property
+    def value(self) -> float:
+        """The current λ (its meaning is stated by the kind)."""
+        return float(self._options.value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(value={self.value:.3e})"
+
+    def invert(self, block: Any, *, previous: BlockInverse | None = None) -> BlockInverse:
+        """The damped inverse of ``block``; factor decompositions happen here, once.
+
+        Args:
+            block: a Kronecker-sum block (``terms``: pairs ``(A_k [d_a, d_a], B_k [d_g, d_g])``)
+                or an exact block (``tikhonov_solve``), see the module docstring.
+            previous: the inverse of the same layer from the previous refresh.
+
+        Returns:
+            a :class:`BlockInverse`; ``previous`` itself (with a :class:`NumericalWarning`
+            saying why) when the factors are non-finite or a decomposition fails even
+            after :func:`~curvlib.linalg.eigh_safe`'s float64 retry.
+
+        Raises:
+            NumericalError, NotPSDError: the inversion failed and no ``previous`` was given.
+            ShapeError, DTypeDeviceError: ``previous`` does not fit ``block``.
+            ConfigError: the block type is not supported by this kind.
+        """
+        caller = f"{type(self).__name__}.invert"
+        _check_block(block, caller)
+        if previous is not None:
+            self._check_previous(block, previous, caller)
+        try:
+            terms = block_terms(block)
+            if terms is not None:
+                _check_finite_terms(terms, caller)
+            return self._invert(block)
+        except (NumericalError, NotPSDError) as exc:
+            if previous is None:
+                raise
+            warnings.warn(
+                f"{caller}: could not build the damped inverse ({type(exc).__name__}: {exc}); "
+                "keeping the previous inverse",
+                NumericalWarning,
+                stacklevel=2,
+            )
+            return previous
+
+    @staticmethod
+    def _check_previous(block: Any, previous: BlockInverse, caller: str) -> None:
+        if not isinstance(previous, BlockInverse):
+            raise ConfigError(f"{caller}: previous must be a BlockInverse or None, got {type(previous).__name__}")
+        if (previous.a_dim, previous.b_dim) != (int(block.a_dim), int(block.b_dim)):
+            raise ShapeError(
+                f"{caller}: previous inverse has (d_a, d_g) = {(previous.a_dim, previous.b_dim)}, "
+                f"the block has {(int(block.a_dim), int(block.b_dim))}"
+            )
+        if previous.dtype != block.dtype or previous.device != torch.device(block.device):
+            raise DTypeDeviceError(
+                f"{caller}: previous inverse is {previous.dtype} on {previous.device}, "
+                f"the block is {block.dtype} on {block.device}"
+            )
+
+    @abc.abstractmethod
+    def _invert(self, block: Any) -> BlockInverse:
+        """Build the inverse of a checked block with finite factors (raise
+        :class:`NumericalError` / :class:`NotPSDError` on numerical failure)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": ..., "value": λ}``; adaptive kinds add their state."""
+        return {"kind": self.kind, "value": self.value}

@@ -1,0 +1,213 @@
+"""``heuristic``: KFAC's factored ("π-split") damping, (2.95)–(2.96) and end of §3.1.2.
+
+λ enters through the leading Kronecker term only, split between its two factors:
+
+    one term:   M = (A_1 + π√λ I) ⊗ (B_1 + π⁻¹√λ I)
+                  = A_1⊗B_1 + π√λ I⊗B_1 + π⁻¹√λ A_1⊗I + λI,
+    two terms:  M = (A_1 + π√λ I) ⊗ (B_1 + π⁻¹√λ I) + A_2⊗B_2        (§3.2.5),
+
+    π = sqrt( (tr A_1 / d_a) / (tr B_1 / d_g) )                        (2.96)
+
+(d_a = d_in + 1 and d_g = d_out for a Linear layer); the inverse applied is M⁻¹.  So λ is
+the coefficient of I in the expansion, as in ``tikhonov``, but M also carries the two
+cross terms that §4.4.2 credits for KFAC's success over block-diagonal natural gradient.
+
+- One term: both damped factors are eigendecomposed once per refresh and inverted
+  exactly, X ↦ Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ.  A_1 and B_1 are PSD in exact
+  arithmetic; an eigenvalue of a damped factor below its shift (a negative eigenvalue of
+  the undamped factor) is raised to the shift, i.e. the undamped factors' eigenvalues
+  are clamped at 0 (``info.n_clamped`` counts those below by more than rounding).
+- Two terms: :class:`curvlib.linalg.TwoTermKroneckerInverse` on
+  (A_1 + π√λI, B_1 + π⁻¹√λI, A_2, B_2).  Its rule for an indefinite correction: with
+  μ_ji = 1 + s2_j s1_i the joint eigenvalues of M relative to the damped leading term,
+  every μ_ji is raised to max(μ_ji, ``floor``), so the operator inverted is symmetric
+  positive definite, ⪰ floor·(A_1 + π√λI)⊗(B_1 + π⁻¹√λI) ⪰ floor·λI, and equal to M on
+  every joint eigendirection with μ ≥ floor; ``info.n_clamped`` counts the clamps.
+  If a damped leading factor is not numerically positive definite (a leading factor with
+  eigenvalues below −shift), its eigenvalues are clamped at the shift as in the one-term
+  case, with a :class:`NumericalWarning` (``info.fallback = "psd_leading_factors"``).
+- More than two terms: refused (:class:`ConfigError`), use ``tikhonov``.
+- Exact blocks: refused (:class:`ConfigError`), the π-split needs Kronecker factors; use
+  ``tikhonov``.
+
+Sign convention: A⊗B = (−A)⊗(−B); a leading term with tr A_1 < 0 and tr B_1 < 0 is
+flipped to positive traces before the split.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from curvlib.config import StrictModel
+from curvlib.damping.base import BlockInverse, Damping, InverseInfo, block_terms, is_exact_block
+from curvlib.errors import ConfigError, NotPSDError, NumericalWarning
+from curvlib.linalg import TwoTermKroneckerInverse, eigh_safe, pi_split
+
+__all__ = ["HeuristicOptions", "HeuristicDamping", "PiSplitInverse", "TwoTermHeuristicInverse"]
+
+
+class HeuristicOptions(StrictModel):
+    """Options of the ``heuristic`` damping: M = (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) [+ A_2⊗B_2].
+
+    Attributes:
+        value: λ > 0 of the π-split (2.95); π from (2.96).
+        floor: the floor on the joint eigenvalues μ of §3.2.5 for two-term sums, > 0
+            (scale-free: μ is measured in units of the damped leading term).
+    """
+
+    value: float = Field(gt=0, allow_inf_nan=False, description="λ > 0 of the π-split (2.95)")
+    floor: float = Field(1e-2, gt=0, allow_inf_nan=False, description="floor on μ = 1 + s2 s1ᵀ (§3.2.5)")
+
+
+def _sign_normalized(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if float(torch.diagonal(A).sum()) < 0 and float(torch.diagonal(B).sum()) < 0:
+        return -A, -B
+    return A, B
+
+
+class HeuristicDamping(Damping):
+    """``heuristic``: M = (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) [+ A_2⊗B_2], π-split (2.95)–(2.96); applies M⁻¹."""
+
+    kind = "heuristic"
+    options_model = HeuristicOptions
+
+    def _invert(self, block: Any) -> BlockInverse:
+        if is_exact_block(block):
+            raise ConfigError(
+                f"damping 'heuristic': the π-split (2.95) needs Kronecker factors, but {type(block).__name__} "
+                "is an exact block; use the 'tikhonov' damping for exact blocks"
+            )
+        terms = block_terms(block)
+        assert terms is not None
+        lam = self.value
+        if len(terms) == 1:
+            A, B = _sign_normalized(*terms[0])
+            return PiSplitInverse(A, B, lam, kind=self.kind)
+        if len(terms) == 2:
+            A, B = _sign_normalized(*terms[0])
+            C, D = terms[1]
+            return TwoTermHeuristicInverse(A, B, C, D, lam, floor=self.options.floor, kind=self.kind)
+        raise ConfigError(
+            f"damping 'heuristic' handles Kronecker sums of one or two terms (§3.2.5); got {len(terms)} terms: "
+            "use the 'tikhonov' damping (PCG) for longer sums"
+        )
+
+
+def _shifts(lam: float, pi: float) -> tuple[float, float]:
+    root = math.sqrt(lam)
+    return pi * root, root / pi
+
+
+class PiSplitInverse(BlockInverse):
+    """[(A + π√λI) ⊗ (B + π⁻¹√λI)]⁻¹, exact, from eigendecompositions of the damped factors.
+
+    Args:
+        A: ``[d_a, d_a]`` symmetric PSD (sign-normalized).
+        B: ``[d_g, d_g]`` symmetric PSD.
+        lam: λ > 0.
+
+    Attributes:
+        pi: π of (2.96).
+        damped_factors: ``(A + π√λI [d_a, d_a], B + π⁻¹√λI [d_g, d_g])``.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, lam: float, *, kind: str = "heuristic") -> None:
+        Ad, Bd, pi = pi_split(A, B, lam)
+        shift_a, shift_b = _shifts(lam, pi)
+        # decompose the damped factors: better conditioned than A and B (DESIGN.md §10)
+        e_a, Q_a = eigh_safe(Ad)
+        e_b, Q_b = eigh_safe(Bd)
+        n_clamped = _count_below(e_a, shift_a) + _count_below(e_b, shift_b)
+        self._e_a, self._Q_a = e_a.clamp_min(shift_a), Q_a
+        self._e_b, self._Q_b = e_b.clamp_min(shift_b), Q_b
+        self.pi = float(pi)
+        self.damped_factors = (Ad, Bd)
+        super().__init__(
+            a_dim=A.shape[0],
+            b_dim=B.shape[0],
+            dtype=A.dtype,
+            device=A.device,
+            info=InverseInfo(kind=kind, method="eigen", lam=float(lam), pi=self.pi, n_clamped=n_clamped),
+        )
+
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        Q_a, Q_b = self._Q_a, self._Q_b
+        Y = Q_b.T @ X @ Q_a
+        Y = Y / (self._e_b[:, None] * self._e_a[None, :])
+        return Q_b @ Y @ Q_a.T
+
+
+def _count_below(e: torch.Tensor, shift: float) -> int:
+    # below the shift by more than the rounding of an eigensolver (eps·‖·‖ per entry)
+    tol = 64 * torch.finfo(e.dtype).eps * max(float(e.abs().max()), shift)
+    return int((e < shift - tol).sum())
+
+
+def _clamped_factor(M: torch.Tensor, shift: float) -> torch.Tensor:
+    e, Q = eigh_safe(M)
+    return (Q * e.clamp_min(shift)) @ Q.T
+
+
+class TwoTermHeuristicInverse(BlockInverse):
+    """[(A + π√λI)⊗(B + π⁻¹√λI) + C⊗D]⁻¹ by §3.2.5 with the floor rule of the module docstring.
+
+    Args:
+        A: ``[d_a, d_a]`` symmetric PSD (sign-normalized), the leading term's first factor.
+        B: ``[d_g, d_g]`` symmetric PSD.
+        C: ``[d_a, d_a]`` symmetric, possibly indefinite.
+        D: ``[d_g, d_g]`` symmetric, possibly indefinite.
+        lam: λ > 0.
+        floor: > 0, the floor on μ.
+
+    Attributes:
+        pi: π of (2.96).
+        damped_factors: ``(A + π√λI, B + π⁻¹√λI)`` (after the fallback clamp, if taken).
+        inverse: the :class:`~curvlib.linalg.TwoTermKroneckerInverse` applied.
+    """
+
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor,
+        lam: float,
+        *,
+        floor: float,
+        kind: str = "heuristic",
+    ) -> None:
+        Ad, Bd, pi = pi_split(A, B, lam)
+        shift_a, shift_b = _shifts(lam, pi)
+        fallback = None
+        try:
+            inv = TwoTermKroneckerInverse(Ad, Bd, C, D, floor=floor)
+        except NotPSDError as exc:
+            warnings.warn(
+                f"TwoTermHeuristicInverse: a damped leading factor is not positive definite ({exc}); clamping "
+                f"the leading factors' eigenvalues at 0 before the π-split shifts ({shift_a:.3e}, {shift_b:.3e})",
+                NumericalWarning,
+                stacklevel=4,
+            )
+            Ad, Bd = _clamped_factor(Ad, shift_a), _clamped_factor(Bd, shift_b)
+            inv = TwoTermKroneckerInverse(Ad, Bd, C, D, floor=floor)
+            fallback = "psd_leading_factors"
+        self.inverse = inv
+        self.pi = float(pi)
+        self.damped_factors = (Ad, Bd)
+        super().__init__(
+            a_dim=A.shape[0],
+            b_dim=B.shape[0],
+            dtype=A.dtype,
+            device=A.device,
+            info=InverseInfo(
+                kind=kind, method="two_term", lam=float(lam), pi=self.pi, n_clamped=inv.n_clamped, fallback=fallback
+            ),
+        )
+
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        return self.inverse.solve(X)
