@@ -8,16 +8,25 @@ Subpackages follow the layering of DESIGN.md §2 (imports point downward only):
 ``config``, ``errors``.
 """
 
-from curvlib import errors, linalg, plugins
+from curvlib import approximators, damping, errors, linalg, plugins
+from curvlib.approximators import BlockDiagonalApproximation, approximate, approximation_error
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter, LayerBlock
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
 from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.damping import BlockDiagonalInverse, damped_inverse
 from curvlib.errors import CurvlibError, NumericalWarning, PerformanceWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockDiagonalApproximation",
+    "BlockDiagonalInverse",
+    "approximate",
+    "approximation_error",
+    "approximators",
+    "damped_inverse",
+    "damping",
     "BatchCouplingWarning",
     "CurvatureBlock",
     "CurvatureOperator",

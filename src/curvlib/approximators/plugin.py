@@ -1,4 +1,39 @@
 """curvlib's built-in approximators plugin, registered through the ``curvlib`` entry-point group
-exactly like a third-party plugin (see pyproject.toml)."""
+exactly like a third-party plugin (see pyproject.toml).
+
+Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected`` and
+``exact_block``; each factory is a :class:`~curvlib.approximators.base.BlockApproximator`
+class called with its validated options model.
+"""
 
 from __future__ import annotations
+
+from curvlib.approximators.exact import ExactBlockApproximator, ExactBlockOptions
+from curvlib.approximators.kfac import KFACApproximator, KFACOptions
+from curvlib.approximators.svd_based import (
+    DeflationApproximator,
+    DeflationOptions,
+    KFACCorrectedApproximator,
+    KFACCorrectedOptions,
+    KPSVDApproximator,
+    KPSVDOptions,
+    LanczosApproximator,
+    LanczosOptions,
+)
+from curvlib.plugins import hookimpl
+
+BUILTIN_APPROXIMATORS = (
+    ("kfac", KFACApproximator, KFACOptions, "KFAC A⊗G (3.19); KFC for Conv2d/ConvTranspose2d (3.29), §5.2.3"),
+    ("kpsvd", KPSVDApproximator, KPSVDOptions, "best single Kronecker product (3.22) by power SVD of Z(F)"),
+    ("deflation", DeflationApproximator, DeflationOptions, "Kronecker rank-r by successive deflated power SVDs (§3.2.3.1)"),
+    ("lanczos", LanczosApproximator, LanczosOptions, "Kronecker rank-r by restarted Lanczos bidiagonalization (§3.2.3.2)"),
+    ("kfac_corrected", KFACCorrectedApproximator, KFACCorrectedOptions, "KFAC plus the best rank-1 correction of F − A⊗G (3.26)"),
+    ("exact_block", ExactBlockApproximator, ExactBlockOptions, "the exact sampled block scale·J_i J_iᵀ; (F_ii + λI)⁻¹ by (4.52)"),
+)
+"""(kind, approximator class, options model, description) of every built-in approximator."""
+
+
+@hookimpl
+def curvlib_register_approximators(registry):
+    for kind, factory, options, description in BUILTIN_APPROXIMATORS:
+        registry.add(kind, factory, options=options, description=description)

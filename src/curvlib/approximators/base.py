@@ -1,0 +1,348 @@
+"""The block-approximator interface: what one layer's fit is, and what fits it.
+
+A :class:`BlockApproximator` turns the per-sample statistics of one layer
+(:class:`~curvlib.curvatures.statistics.LayerStatistics`) into a :class:`LayerFit`:
+
+* ``block`` — the approximation of the layer block F_ii ``[p_i, p_i]``, p_i = d_a·d_g:
+  a :class:`~curvlib.linalg.KroneckerSum` Σ_k A_k ⊗ B_k with A_k ``[d_a, d_a]``
+  (activation side) and B_k ``[d_g, d_g]`` (gradient side), (3.18)–(3.19); or, for the
+  ``exact_block`` kind, an :class:`~curvlib.approximators.exact.ExactBlock`;
+* ``info`` — a :class:`FitInfo` (method, iterations, residuals, singular values, …);
+* ``state`` — a ``dict`` of tensors and ints the next refresh needs (refresh counter k,
+  warm-start vectors).  The averaged terms themselves are ``block.terms``.
+
+A fit must round-trip exactly through ``copy.deepcopy`` and ``torch.save``/``torch.load``
+(the whole object with ``weights_only=False``, or :meth:`LayerFit.state_dict` with the
+default ``weights_only=True``), because optimizers keep it in their ``state_dict``.
+
+Exponential moving average (§3.1.2).  At the k-th refresh of a layer (k = 1 for the
+first), the weight of the past is
+
+    ρ = min(1 − 1/k, γ),          γ = the ``ema`` option (``None``: ρ = 0, no average),
+
+so the first refresh is the batch estimate itself and the average never trusts the past
+more than γ.  :func:`ema_rho` computes it; :func:`ema_terms` averages Kronecker terms
+factor by factor, after aligning their signs (:func:`align_signs`): singular vectors come
+with arbitrary signs, and an average of (A, B) with (−A, −B) — the same Kronecker
+product — would cancel (DESIGN.md §10, "Sign ambiguity").
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, Field
+
+from curvlib.config import StrictModel, validate_options
+from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError
+from curvlib.linalg import KroneckerSum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from curvlib.approximators.exact import ExactBlock
+
+__all__ = [
+    "ApproximatorOptions",
+    "BlockApproximator",
+    "FitInfo",
+    "LayerFit",
+    "align_signs",
+    "ema_rho",
+    "ema_terms",
+]
+
+
+# --------------------------------------------------------------------------- options
+
+
+class ApproximatorOptions(StrictModel):
+    """Options shared by the Kronecker approximators.
+
+    Attributes:
+        ema: γ ∈ [0, 1] of the exponential moving average of §3.1.2, ρ = min(1 − 1/k, γ)
+            at the k-th refresh; ``None`` (default) fits each batch on its own (ρ = 0).
+    """
+
+    ema: float | None = Field(None, ge=0.0, le=1.0, description="EMA decay γ (ρ = min(1 − 1/k, γ)); None: no average")
+
+
+# --------------------------------------------------------------------------- fit records
+
+
+@dataclass(frozen=True)
+class FitInfo:
+    """What a fit reports.
+
+    Attributes:
+        method: the approximator kind (``"kpsvd"``, …).
+        iterations: operator work of the iterative solver: power iterations summed over
+            the power SVDs, or Lanczos steps summed over restarts; each costs one product
+            with Z(F) and one with Z(F)ᵀ (Prop. 3.1).  0 for ``kfac`` and ``exact_block``.
+        residuals: relative residual max(‖Zv − σu‖, ‖Zᵀu − σv‖)/σ of each singular
+            triplet found (see :mod:`curvlib.linalg.svd`); ``()`` when none was computed.
+        singular_values: σ of each triplet found, of the operator the solver saw (the
+            deflated one for the second power SVD of a deflation, Z(F − A⊗G) for the
+            correction of ``kfac_corrected``, the EMA-combined one in ``"fisher"`` mode).
+        converged: every triplet met the tolerance within the iteration cap.
+        refresh: k, the number of refreshes of this layer so far (1 for the first).
+        rho: the EMA weight of the past used at this refresh, min(1 − 1/k, γ) (0 without EMA).
+    """
+
+    method: str
+    iterations: int = 0
+    residuals: tuple[float, ...] = ()
+    singular_values: tuple[float, ...] = ()
+    converged: bool = True
+    refresh: int = 1
+    rho: float = 0.0
+
+    @property
+    def residual(self) -> float:
+        """The largest relative residual over the triplets (0.0 when none was computed)."""
+        return max(self.residuals, default=0.0)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One layer's fitted block, with what the fit reports and what the next refresh needs.
+
+    Attributes:
+        block: a :class:`~curvlib.linalg.KroneckerSum` Σ_k A_k ⊗ B_k (A_k ``[d_a, d_a]``,
+            B_k ``[d_g, d_g]``), or an :class:`~curvlib.approximators.exact.ExactBlock`.
+        info: a :class:`FitInfo`.
+        state: ``{"refresh": k}`` plus, for the iterative methods, ``"v0"``: the right
+            singular vectors ``[d_g², K]`` of the last solve (warm start of the next one).
+            Only tensors and ints.
+    """
+
+    block: KroneckerSum | ExactBlock
+    info: FitInfo
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terms(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``block.terms``: the pairs (A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]``).
+
+        Raises:
+            TypeError: the block is an ``ExactBlock`` (it has no Kronecker terms).
+        """
+        if not isinstance(self.block, KroneckerSum):
+            raise TypeError(f"LayerFit.terms: the block is a {type(self.block).__name__}, not a KroneckerSum")
+        return self.block.terms
+
+    @property
+    def refresh(self) -> int:
+        """k, the number of refreshes so far."""
+        return int(self.state.get("refresh", self.info.refresh))
+
+    @property
+    def a_dim(self) -> int:
+        return self.block.a_dim
+
+    @property
+    def b_dim(self) -> int:
+        return self.block.b_dim
+
+    # -- serialization with plain containers (torch.load(weights_only=True) compatible)
+    def state_dict(self) -> dict[str, Any]:
+        """The fit as nested dicts of tensors, strings, numbers, tuples and ``None``.
+
+        Loadable by ``torch.load`` with its default ``weights_only=True``; rebuild with
+        :meth:`from_state_dict`.
+        """
+        if isinstance(self.block, KroneckerSum):
+            block: dict[str, Any] = {
+                "type": "kronecker_sum",
+                "A": torch.stack([A for A, _ in self.block.terms]),
+                "B": torch.stack([B for _, B in self.block.terms]),
+            }
+        else:
+            block = {"type": "exact_block", **self.block.state_dict()}
+        return {"block": block, "info": dataclasses.asdict(self.info), "state": dict(self.state)}
+
+    @classmethod
+    def from_state_dict(cls, data: Mapping[str, Any]) -> LayerFit:
+        """Inverse of :meth:`state_dict`."""
+        block_data = dict(data["block"])
+        kind = block_data.pop("type")
+        if kind == "kronecker_sum":
+            block: Any = KroneckerSum(zip(block_data["A"].unbind(0), block_data["B"].unbind(0)))
+        elif kind == "exact_block":
+            from curvlib.approximators.exact import ExactBlock
+
+            block = ExactBlock.from_state_dict(block_data)
+        else:
+            raise ConfigError(f"LayerFit.from_state_dict: unknown block type {kind!r}; expected 'kronecker_sum' or 'exact_block'")
+        info = dict(data["info"])
+        for key in ("residuals", "singular_values"):
+            info[key] = tuple(float(x) for x in info.get(key, ()))
+        return cls(block=block, info=FitInfo(**info), state=dict(data["state"]))
+
+
+# --------------------------------------------------------------------------- EMA helpers
+
+
+def ema_rho(refresh: int, gamma: float | None) -> float:
+    """ρ = min(1 − 1/k, γ) at the k-th refresh (§3.1.2); 0 when ``gamma`` is ``None``."""
+    if refresh < 1:
+        raise ConfigError(f"ema_rho: the refresh count k must be ≥ 1, got {refresh}")
+    if gamma is None:
+        return 0.0
+    return min(1.0 - 1.0 / refresh, float(gamma))
+
+
+def align_signs(
+    new_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    old_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Flip (A_k, B_k) → (−A_k, −B_k) where that agrees better with the previous term k.
+
+    A_k ⊗ B_k is unchanged by the flip.  Term k of ``new_terms`` is flipped when the sum
+    of the cosines ⟨A_new, A_old⟩/(‖A_new‖‖A_old‖) + ⟨B_new, B_old⟩/(‖B_new‖‖B_old‖) is
+    negative; on a tie (0, e.g. an all-zero term) it is kept.  Terms are matched by
+    position (descending singular value).
+
+    Args:
+        new_terms, old_terms: pairs (A ``[d_a, d_a]``, B ``[d_g, d_g]``), the same number.
+
+    Returns:
+        the aligned new terms.
+    """
+    if len(new_terms) != len(old_terms):
+        raise ShapeError(f"align_signs: expected as many new terms as old ones, got {len(new_terms)} and {len(old_terms)}")
+    out = []
+    for (A, B), (A0, B0) in zip(new_terms, old_terms):
+        agreement = _cosine(A, A0) + _cosine(B, B0)
+        out.append((-A, -B) if agreement < 0 else (A, B))
+    return out
+
+
+def _cosine(X: torch.Tensor, Y: torch.Tensor) -> float:
+    nx, ny = torch.linalg.matrix_norm(X), torch.linalg.matrix_norm(Y)
+    if float(nx) == 0.0 or float(ny) == 0.0:
+        return 0.0
+    return float((X * Y).sum() / (nx * ny))
+
+
+def ema_terms(
+    old_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    new_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rho: float,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The factor-wise EMA of §3.1.2, term by term after :func:`align_signs`:
+
+        A_k = ρ A_k^old + (1 − ρ) A_k^new,    B_k = ρ B_k^old + (1 − ρ) B_k^new.
+
+    Returns:
+        pairs (A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]``).
+    """
+    aligned = align_signs(new_terms, old_terms)
+    return [(rho * A0 + (1.0 - rho) * A, rho * B0 + (1.0 - rho) * B) for (A0, B0), (A, B) in zip(old_terms, aligned)]
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class BlockApproximator(abc.ABC):
+    """Fits one layer block from its statistics (and the previous fit, for EMA and warm starts).
+
+    Subclasses set :attr:`options_model` (a pydantic model deriving from
+    :class:`~curvlib.config.StrictModel`) and :attr:`kind`, and implement :meth:`fit`.
+    Instances are stateless between calls: everything a refresh carries over lives in
+    the :class:`LayerFit` it returns, so one approximator serves every layer.
+
+    Args:
+        options: an instance of :attr:`options_model`, a mapping validated against it,
+            or ``None`` for the defaults.
+    """
+
+    options_model: ClassVar[type[BaseModel]] = ApproximatorOptions
+    kind: ClassVar[str] = ""
+
+    def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
+        model = type(self).options_model
+        if options is None:
+            options = model()
+        elif isinstance(options, Mapping):
+            options = validate_options(model, dict(options), where=f"approximator {self.kind!r}")
+        elif not isinstance(options, model):
+            raise ConfigError(
+                f"{type(self).__name__}: expected options of type {model.__name__} (or a mapping), "
+                f"got {type(options).__name__}"
+            )
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+    @abc.abstractmethod
+    def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
+        """Fit the block F_ii = scale·Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ.
+
+        Args:
+            stats: the layer's statistics (``a [m, d_a]`` / ``[m, T, d_a]``,
+                ``g [m, c, d_g]`` / ``[m, c, T, d_g]``).
+            previous: the previous fit of the same layer by the same kind (EMA, warm
+                start), or ``None``.
+
+        Returns:
+            a :class:`LayerFit` in the statistics' dtype and device.
+
+        Raises:
+            NumericalError: the statistics are not finite and there is no previous fit
+                (with one, it is returned unchanged with a :class:`NumericalWarning`).
+        """
+
+    # -- helpers for implementations ---------------------------------------------------
+    def _check_previous(self, stats: LayerStatistics, previous: LayerFit | None) -> None:
+        """Raise if ``previous`` cannot continue into a fit of ``stats`` by this kind."""
+        if previous is None:
+            return
+        if not isinstance(previous, LayerFit):
+            raise ConfigError(f"{self.kind}: previous must be a LayerFit or None, got {type(previous).__name__}")
+        if previous.info.method != self.kind:
+            raise ConfigError(
+                f"{self.kind}: the previous fit was made by {previous.info.method!r}; expected {self.kind!r} "
+                "(EMA and warm starts continue one kind's fits)"
+            )
+        if (previous.a_dim, previous.b_dim) != (stats.a_dim, stats.g_dim):
+            raise ShapeError(
+                f"{self.kind}: the previous fit has (d_a, d_g) = {(previous.a_dim, previous.b_dim)}, the statistics "
+                f"{(stats.a_dim, stats.g_dim)}"
+            )
+        if previous.block.dtype != stats.a.dtype or previous.block.device != stats.a.device:
+            raise DTypeDeviceError(
+                f"{self.kind}: the previous fit is {previous.block.dtype} on {previous.block.device}, the statistics "
+                f"are {stats.a.dtype} on {stats.a.device}"
+            )
+
+    def _keep_previous_if_nonfinite(self, stats: LayerStatistics, previous: LayerFit | None) -> LayerFit | None:
+        """``previous`` (with a :class:`NumericalWarning`) if ``stats`` hold non-finite values,
+        :class:`NumericalError` if they do and there is no previous fit, else ``None``."""
+        bad_a = int((~torch.isfinite(stats.a)).sum())
+        bad_g = int((~torch.isfinite(stats.g)).sum())
+        bad_scale = not math.isfinite(float(stats.scale))
+        if not (bad_a or bad_g or bad_scale):
+            return None
+        why = (
+            f"non-finite statistics (a {list(stats.a.shape)}: {bad_a} entries, g {list(stats.g.shape)}: {bad_g} "
+            f"entries, scale {stats.scale})"
+        )
+        return self._fallback(why, previous)
+
+    def _fallback(self, why: str, previous: LayerFit | None) -> LayerFit:
+        if previous is None:
+            raise NumericalError(f"{self.kind}: {why}; expected finite values, and there is no previous fit to keep")
+        warnings.warn(
+            f"{self.kind}: {why}; keeping the previous fit (refresh {previous.refresh}) unchanged",
+            NumericalWarning,
+            stacklevel=3,
+        )
+        return previous

@@ -1,0 +1,84 @@
+"""``kfac``: the Kronecker-factored approximation F_ii ≈ A ⊗ G (3.19), KFC for convolutions (3.29)–(3.30).
+
+With the scaling of :class:`~curvlib.curvatures.statistics.LayerStatistics`
+(F_ii = scale·Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ):
+
+* Linear (3.19):  A = (1/m) Σ_b ā_b ā_bᵀ,   G = scale · Σ_{b,c} g_{b,c} g_{b,c}ᵀ,
+  so A ⊗ G = F_ii exactly for one sample with one column (m = c = 1);
+* Conv2d, KFC (3.29)–(3.30):  A = (1/m) Σ_b Σ_t ā_{b,t} ā_{b,t}ᵀ,
+  G = (scale/T) · Σ_{b,c,t} g_{b,c,t} g_{b,c,t}ᵀ — under the IAD, SH and SUD hypotheses
+  of §3.4.1 A ⊗ G estimates the same F_ii (no 1/T in F_ii: the 1/T of G cancels the T
+  diagonal pairs (t, t) of A's sum);
+* ConvTranspose2d, §5.2.3: the layer adapter presents the transposed convolution as the
+  stride-1 convolution of Relationship 1 on the fractionally strided, padded input A',
+  with the kernel rotation R moved onto the patches (ā_t = Π ā'_t, Π reversing both
+  kernel axes inside each input channel and fixing the bias entry) and W = the
+  channel-swapped weight, so that W' = W Π is the weight of the equivalent convolution.
+  KFC on the adapter's statistics therefore gives A = Π Ā' Πᵀ and G = G' with Ā', G' the
+  factors (5.37) of the equivalent convolution (the same positions T' = the output grid,
+  since S' = S), and
+
+      (A ⊗ G)⁻¹ vec(∇W) = vec(G'⁻¹ ∇W (Π Ā' Πᵀ)⁻¹) = vec(G'⁻¹ (∇W Π) Ā'⁻¹ Πᵀ),
+
+  which is exactly the update (5.41): V(R(V⁻¹(·))) is X ↦ X Π and V(R⁻¹(V⁻¹(·))) is
+  X ↦ X Πᵀ.  This is the thesis's construction itself, written in the original
+  parameters (not an approximation of it); the adapter also honours dilation and
+  output_padding, which Relationship 1 does not cover.
+
+EMA (§3.1.2): A and G are averaged with ρ = min(1 − 1/k, γ) (:func:`ema_rho`).
+Cost per refresh: two GEMMs, O(m·T·(d_a² + c·d_g²)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvlib.approximators.base import ApproximatorOptions, BlockApproximator, FitInfo, LayerFit, ema_rho
+from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.linalg import KroneckerSum
+
+__all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
+
+
+def kfac_factors(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KFAC / KFC factors of one batch (module docstring, (3.19), (3.30)).
+
+    Args:
+        stats: Linear (``a [m, d_a]``, ``g [m, c, d_g]``) or conv (``a [m, T, d_a]``,
+            ``g [m, c, T, d_g]``) statistics.
+
+    Returns:
+        ``(A [d_a, d_a], G [d_g, d_g])``, symmetric PSD, in the statistics' dtype and device.
+    """
+    m = stats.m
+    a = stats.a.reshape(-1, stats.a_dim)  # [m·T, d_a]
+    g = stats.g.reshape(-1, stats.g_dim)  # [m·c·T, d_g]
+    A = (a.T @ a) / m
+    G = (float(stats.scale) / stats.T) * (g.T @ g)
+    return 0.5 * (A + A.T), 0.5 * (G + G.T)
+
+
+class KFACOptions(ApproximatorOptions):
+    """Options of ``kfac``: only ``ema`` (γ of §3.1.2)."""
+
+
+class KFACApproximator(BlockApproximator):
+    """``kfac``: A ⊗ G with A = E[ā āᵀ], G = E[g gᵀ] (3.19); KFC (3.29)–(3.30) for convolutions."""
+
+    options_model = KFACOptions
+    kind = "kfac"
+
+    def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
+        """A one-term :class:`~curvlib.linalg.KroneckerSum` (A, G) (see :meth:`BlockApproximator.fit`)."""
+        kept = self._keep_previous_if_nonfinite(stats, previous)
+        if kept is not None:
+            return kept
+        self._check_previous(stats, previous)
+        k = 1 if previous is None else previous.refresh + 1
+        rho = ema_rho(k, self.options.ema)
+        A, G = kfac_factors(stats)
+        if rho > 0:
+            (A0, G0), = previous.terms
+            A, G = rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G
+        info = FitInfo(method=self.kind, refresh=k, rho=rho)
+        return LayerFit(block=KroneckerSum([(A, G)]), info=info, state={"refresh": k})

@@ -1,0 +1,502 @@
+"""Kronecker approximators fitted by singular value decompositions of Z(F_ii) (§3.2, §3.4.2).
+
+By Thm 3.14, ‖F_ii − Σ_k R_k ⊗ S_k‖_F = ‖Z(F_ii) − Σ_k vec(R_k) vec(S_k)ᵀ‖_F (3.37), so
+the best Kronecker sums come from the top singular triplets (σ, u, v) of the
+rearranged block Z(F_ii) ``[d_a², d_g²]`` (Def. 3.3), each giving a term
+R = √σ MAT(u), S = √σ MAT(v) (:func:`~curvlib.linalg.factors_from_singular`,
+symmetrized, with its sign convention tr R > 0).  Z(F_ii) is only applied, matrix-free,
+from the layer statistics (Prop. 3.1; (3.31)–(3.36) for convolutions), at O(m·d²) per
+product.
+
+=================  =============================================================  =========
+kind               fit                                                            terms
+=================  =============================================================  =========
+``kpsvd``          power SVD of Z(F) (3.22), Prop. 3.2: both factors PSD           1
+``deflation``      power SVD of Z(F), then of Z(F − R₁⊗S₁), … (§3.2.3.1)            ``rank``
+``lanczos``        restarted Lanczos bidiagonalization of Z(F) (§3.2.3.2)          ``rank``
+``kfac_corrected`` KFAC (A, G), then the power SVD of Z(F − A⊗G) (3.26)            2
+=================  =============================================================  =========
+
+The terms after the first are usually indefinite (a term of a deflation is orthogonal
+to the previous ones in the Frobenius inner product; the correction of
+``kfac_corrected`` fits F − A⊗G, which has both signs); their sign is the deterministic
+convention of :func:`~curvlib.linalg.factors_from_singular` (tr R > 0, or the largest
+entry of R positive when tr R ≈ 0), and R ⊗ S does not depend on it.
+
+Symmetry of the factors.  F_ii is symmetric, so Z(F_ii) commutes with transposing R and
+S (Z(F)[(μ,ν),(i,j)] = Z(F)[(ν,μ),(j,i)]): it maps symmetric MAT(v) to symmetric
+MAT(u) and antisymmetric to antisymmetric, and every singular pair is a symmetric pair
+or an antisymmetric pair — R ⊗ S is a symmetric matrix either way.  For a Linear layer
+the antisymmetric part is 0 (MAT(Z(F)v) = scale·Σ_b (Σ_c g_bcᵀ V g_bc) ā_b ā_bᵀ vanishes
+for antisymmetric V), but a convolution block, a sum of ā_t ā_t'ᵀ ⊗ g_t g_t'ᵀ over pairs
+t ≠ t', has antisymmetric pairs too, sometimes among its leading triplets.  With
+``symmetric_factors=True`` (default) the solvers run on Z(F) restricted to symmetric
+matrices, so the fit is the best Kronecker sum with symmetric factors — what the
+inversion of §3.2.5 and the Tikhonov damping need — and for a PSD block the leading
+factors are PSD (Prop. 3.2).  ``symmetric_factors=False`` gives the unconstrained best
+fit (3.25), each term projected on the symmetric or antisymmetric pairs, whichever holds
+it (a singular vector is one or the other up to rounding).
+
+Convolutions: Z(F) uses the band ‖t − t'‖∞ ≤ r on 2-D positions (3.35)–(3.36) with
+``band_radius`` r — ``"kernel"`` (default) the layer's kernel size max(k_h, k_w) as in
+§3.4.3, an int, or ``None`` for every pair (the exact block (3.28)).  The same ``scale``
+(no 1/T) as the exact block, which KFC's factors estimate too.
+
+Refreshes (§3.1.2): ρ = min(1 − 1/k, γ) with γ the ``ema`` option.  ``ema_mode``:
+
+* ``"factors"`` (the thesis): fit the batch, then average the terms factor by factor,
+  A_k = ρ A_k^old + (1 − ρ) A_k^new (same for B_k), after aligning the signs of the new
+  terms with the old ones (:func:`~curvlib.approximators.base.align_signs`; DESIGN.md §10);
+* ``"fisher"``: fit the EMA of the block itself, ρ F̂_prev + (1 − ρ) F_batch, through
+  Z(ρ F̂_prev + (1 − ρ) F_batch) v = ρ Σ_k vec(A_k)⟨vec(B_k), v⟩ + (1 − ρ) Z(F_batch) v
+  (:func:`~curvlib.linalg.ema_combined`), with F̂_prev the previous fit's Kronecker sum.
+  For ``kfac_corrected`` the KFAC pair is averaged factor-wise in both modes and the
+  correction fits [ρ F̂_prev + (1 − ρ) F_batch] − A⊗G.
+
+With ``warm_start`` the solvers start from the previous refresh's right singular vectors
+(``LayerFit.state["v0"]``), which the thesis found to speed up convergence (§3.3).
+Random starts come from a ``torch.Generator`` seeded with the ``seed`` option.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from curvlib.approximators.base import (
+    ApproximatorOptions,
+    BlockApproximator,
+    FitInfo,
+    LayerFit,
+    ema_rho,
+    ema_terms,
+)
+from curvlib.approximators.kfac import kfac_factors
+from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.errors import ConfigError, NumericalError
+from curvlib.linalg import (
+    ConvZOperator,
+    KroneckerSum,
+    LinearZOperator,
+    SVDResult,
+    ZOperator,
+    deflated,
+    ema_combined,
+    factors_from_singular,
+    lanczos_svd,
+    power_svd,
+    unvec,
+    vec,
+)
+
+__all__ = [
+    "DeflationApproximator",
+    "DeflationOptions",
+    "IterativeOptions",
+    "KFACCorrectedApproximator",
+    "KFACCorrectedOptions",
+    "KPSVDApproximator",
+    "KPSVDOptions",
+    "LanczosApproximator",
+    "LanczosOptions",
+    "z_operator",
+]
+
+Term = tuple[torch.Tensor, torch.Tensor]
+BandRadius = Annotated[int, Field(ge=0)] | Literal["kernel"] | None
+
+
+def z_operator(stats: LayerStatistics, band_radius: int | str | None = "kernel") -> ZOperator:
+    """The matrix-free Z(F_ii) of a layer's statistics (Prop. 3.1; (3.31)–(3.36) for conv).
+
+    Args:
+        stats: Linear or conv statistics.
+        band_radius: conv only: ``"kernel"`` (r = max(k_h, k_w), §3.4.3), an int r ≥ 0,
+            or ``None`` (every position pair, the exact block).
+
+    Returns:
+        a :class:`~curvlib.linalg.LinearZOperator` or :class:`~curvlib.linalg.ConvZOperator`
+        ``[d_a², d_g²]``.
+    """
+    if not stats.is_conv:
+        return LinearZOperator(stats.a, stats.g, stats.scale)
+    if band_radius == "kernel":
+        if stats.kernel_size is None:
+            raise ConfigError("band_radius='kernel' needs the conv statistics' kernel_size; got kernel_size=None")
+        radius: int | None = int(max(stats.kernel_size))
+    else:
+        radius = band_radius
+    return ConvZOperator(stats.a, stats.g, stats.spatial_shape, radius, stats.scale)
+
+
+# --------------------------------------------------------------------------- options
+
+
+class IterativeOptions(ApproximatorOptions):
+    """Options shared by the SVD-based approximators.
+
+    Attributes:
+        power_tol: relative tolerance on the residual of each singular triplet,
+            max(‖Zv − σu‖, ‖Zᵀu − σv‖) ≤ power_tol·σ (the thesis's ε = 1e-6, made
+            relative; DESIGN.md §10).
+        max_iters: cap on the solver's iterations: power iterations per singular triplet
+            (power SVD methods), or bidiagonalization cycles, each of at most
+            ``krylov_dim`` steps (``lanczos``: max_iters − 1 restarts).
+        warm_start: start from the previous refresh's singular vectors.
+        ema_mode: ``"factors"`` (average the terms factor-wise, §3.1.2) or ``"fisher"``
+            (fit the EMA of the block itself); used when ``ema`` is set.
+        band_radius: conv layers: ``"kernel"`` (r = kernel size, §3.4.3), an int r ≥ 0,
+            or ``None`` (all position pairs, exact).
+        seed: seed of the generator of random starts.
+        symmetric_factors: fit with symmetric factors (the best such Kronecker sum);
+            ``False``: the unconstrained best fit, which may contain antisymmetric pairs
+            for convolution blocks (module docstring).
+    """
+
+    power_tol: float = Field(1e-6, ge=0.0, allow_inf_nan=False, description="relative residual tolerance of the triplets")
+    max_iters: int = Field(100, ge=1, description="cap on power iterations per triplet / Lanczos cycles")
+    warm_start: bool = Field(True, description="start from the previous refresh's singular vectors")
+    ema_mode: Literal["factors", "fisher"] = Field("factors", description="average the factors, or the Fisher block")
+    band_radius: BandRadius = Field("kernel", description="conv band radius r of (3.35); None: exact double sum")
+    seed: int = Field(0, ge=0, description="seed of the random start vectors")
+    symmetric_factors: bool = Field(True, description="best fit with symmetric factors (else unconstrained, (3.25))")
+
+
+class KPSVDOptions(IterativeOptions):
+    """Options of ``kpsvd`` (Kronecker rank 1)."""
+
+
+class DeflationOptions(IterativeOptions):
+    """Options of ``deflation``: ``rank`` ≥ 1 Kronecker terms (default 2)."""
+
+    rank: int = Field(2, ge=1, description="number of Kronecker terms")
+
+
+class KFACCorrectedOptions(IterativeOptions):
+    """Options of ``kfac_corrected`` (KFAC plus one correction term)."""
+
+
+class LanczosOptions(IterativeOptions):
+    """Options of ``lanczos``.
+
+    Attributes:
+        rank: number of Kronecker terms (default 2).
+        krylov_dim: K, the Krylov basis size per cycle (> rank); ``None``: the solver's
+            default min(max(2·rank + 8, 10), min(d_a², d_g²)).
+
+    ``max_iters`` caps the restarted cycles (§3.2.3.2).
+    """
+
+    rank: int = Field(2, ge=1, description="number of Kronecker terms")
+    krylov_dim: int | None = Field(None, ge=2, description="Krylov basis size K per cycle (> rank)")
+
+    @model_validator(mode="after")
+    def _krylov_exceeds_rank(self) -> LanczosOptions:
+        if self.krylov_dim is not None and self.krylov_dim <= self.rank:
+            raise ValueError(f"krylov_dim must be > rank; got krylov_dim={self.krylov_dim}, rank={self.rank}")
+        return self
+
+
+# --------------------------------------------------------------------------- shared machinery
+
+
+def _term(res: SVDResult, j: int, d_a: int, d_b: int, symmetric: bool) -> Term:
+    """Term j of an SVD: R = √σ MAT(u), S = √σ MAT(v) (after (3.24)), sign-normalised.
+
+    ``symmetric``: symmetrized (the solver ran on symmetric matrices, so this only removes
+    rounding).  Otherwise projected on the symmetric or on the antisymmetric pairs,
+    whichever holds more of R ⊗ S, then sign-normalised again.
+    """
+    if symmetric:
+        return factors_from_singular(res.sigma[j], res.U[:, j], res.V[:, j], d_a, d_b, symmetrize=True)
+    R, S = factors_from_singular(res.sigma[j], res.U[:, j], res.V[:, j], d_a, d_b, symmetrize=False)
+    norm = torch.linalg.matrix_norm
+    sym = float(norm(R + R.T) * norm(S + S.T))
+    anti = float(norm(R - R.T) * norm(S - S.T))
+    sign = 1.0 if sym >= anti else -1.0
+    R, S = 0.5 * (R + sign * R.T), 0.5 * (S + sign * S.T)
+    return factors_from_singular(1.0, vec(R), vec(S), d_a, d_b, symmetrize=False)
+
+
+def _sym_columns(X: torch.Tensor, n: int) -> torch.Tensor:
+    """Columns ``[n², k]`` -> vec((MAT(x) + MAT(x)ᵀ)/2) for each column, ``[n², k]``."""
+    M = unvec(X.T, n, n)
+    return vec(0.5 * (M + M.transpose(-1, -2))).T
+
+
+class _SymmetricZ(ZOperator):
+    """Z(F) restricted to symmetric matrices: P_a Z(F) P_b, with P the orthogonal projector
+    vec(X) ↦ vec((X + Xᵀ)/2) (see the module docstring).  O(k·d²) on top of each product."""
+
+    def __init__(self, op: ZOperator) -> None:
+        super().__init__(op.a_dim, op.b_dim, dtype=op.dtype, device=op.device)
+        self.op = op
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return _sym_columns(self.op.matvec(_sym_columns(V, self.b_dim)), self.a_dim)
+
+    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+        return _sym_columns(self.op.rmatvec(_sym_columns(U, self.a_dim)), self.b_dim)
+
+
+def _zero_term(stats: LayerStatistics) -> Term:
+    z = stats.a.new_zeros
+    return z(stats.a_dim, stats.a_dim), z(stats.g_dim, stats.g_dim)
+
+
+def _deflation_vanishes(base: ZOperator, terms: list[Term], generator: torch.Generator) -> bool:
+    """Whether Z(M − Σ_k R_k ⊗ S_k) = Z(M) − Σ_k vec(R_k)vec(S_k)ᵀ is zero up to rounding.
+
+    Tested on one random unit vector v (a nonzero operator vanishes on it with probability
+    0): the deflated product is compared with the rounding level of the two products it
+    subtracts *on the same v*,
+
+        ‖Z(M)v − Σ_k vec(R_k)⟨vec(S_k), v⟩‖ ≤ 10·eps·√max(n_a, n_b)·(‖Z(M)v‖ + Σ_k ‖R_k‖_F |⟨vec(S_k), v⟩|),
+
+    so the test does not depend on how much of v the leading directions hold (a random v
+    of a low-rank operator sees only ~1/√n_b of its norm).  Catches a block that is
+    (numerically) of Kronecker rank < the number of terms asked for — e.g. KFAC is exact
+    for one sample with one column — where a power iteration would divide 0 by 0.
+    """
+    n_a, n_b = base.shape
+    v = torch.randn(n_b, generator=generator, dtype=base.dtype, device=base.device)
+    v = v / torch.linalg.vector_norm(v)
+    w = base.matvec(v)
+    out, size = w, float(torch.linalg.vector_norm(w))
+    for R, S in terms:
+        c = (vec(S) * v).sum()
+        out = out - c * vec(R)
+        size += float(torch.linalg.matrix_norm(R) * c.abs())
+    level = 10.0 * torch.finfo(base.dtype).eps * max(n_a, n_b) ** 0.5 * size
+    return float(torch.linalg.vector_norm(out)) <= level
+
+
+class _Solve:
+    """Accumulates what the solver runs report (iterations, σ, residuals, vectors)."""
+
+    def __init__(self) -> None:
+        self.iterations = 0
+        self.sigmas: list[float] = []
+        self.residuals: list[float] = []
+        self.converged = True
+        self.V: list[torch.Tensor] = []
+
+    def add(self, res: SVDResult, columns: int | None = None) -> None:
+        cols = res.sigma.shape[0] if columns is None else columns
+        self.iterations += int(res.iterations)
+        self.sigmas += [float(s) for s in res.sigma[:cols]]
+        self.residuals += [float(r) for r in res.residuals[:cols]]
+        self.converged = self.converged and bool(res.converged)
+        self.V += list(res.V[:, :cols].unbind(1))
+
+
+class _SVDApproximator(BlockApproximator):
+    """The refresh logic shared by the SVD-based kinds; subclasses implement :meth:`_fit_batch`."""
+
+    options_model = IterativeOptions
+
+    def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
+        """A :class:`~curvlib.linalg.KroneckerSum` fit (see :meth:`BlockApproximator.fit` and the
+        module docstring for EMA and warm starts)."""
+        kept = self._keep_previous_if_nonfinite(stats, previous)
+        if kept is not None:
+            return kept
+        self._check_previous(stats, previous)
+        opts = self.options
+        k = 1 if previous is None else previous.refresh + 1
+        rho = ema_rho(k, opts.ema)
+        v0 = previous.state.get("v0") if (opts.warm_start and previous is not None) else None
+        generator = torch.Generator(device=stats.a.device).manual_seed(opts.seed)
+        op = z_operator(stats, opts.band_radius)
+        past = previous.terms if rho > 0 else None
+        try:
+            terms, solve = self._fit_batch(stats, op, past, rho, v0, generator)
+        except NumericalError as exc:
+            return self._fallback(f"the singular value solver failed ({exc})", previous)
+        if any(not bool(torch.isfinite(A).all() and torch.isfinite(B).all()) for A, B in terms):
+            return self._fallback("the fitted factors are not finite", previous)
+        info = FitInfo(
+            method=self.kind,
+            iterations=solve.iterations,
+            residuals=tuple(solve.residuals),
+            singular_values=tuple(solve.sigmas),
+            converged=solve.converged,
+            refresh=k,
+            rho=rho,
+        )
+        state: dict = {"refresh": k}
+        if solve.V:
+            state["v0"] = torch.stack(solve.V, dim=1)  # [d_g², K]
+        return LayerFit(block=KroneckerSum(terms), info=info, state=state)
+
+    def _base(self, op: ZOperator, past: tuple[Term, ...] | None, rho: float) -> ZOperator:
+        """Z of the matrix the batch terms are fitted to, F_batch or ρF̂_prev + (1−ρ)F_batch,
+        restricted to symmetric matrices with ``symmetric_factors``."""
+        if past is not None and self.options.ema_mode == "fisher":
+            op = ema_combined(op, past, rho)
+        return _SymmetricZ(op) if self.options.symmetric_factors else op
+
+    def _term(self, res: SVDResult, j: int, stats: LayerStatistics) -> Term:
+        return _term(res, j, stats.a_dim, stats.g_dim, self.options.symmetric_factors)
+
+    def _finish(self, terms: list[Term], past: tuple[Term, ...] | None, rho: float) -> list[Term]:
+        """Factor-wise EMA of §3.1.2 in ``"factors"`` mode; the terms as they are otherwise."""
+        if past is not None and self.options.ema_mode == "factors":
+            return ema_terms(past, terms, rho)
+        return terms
+
+    @abc.abstractmethod
+    def _fit_batch(
+        self,
+        stats: LayerStatistics,
+        op: ZOperator,
+        past: tuple[Term, ...] | None,
+        rho: float,
+        v0: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> tuple[list[Term], _Solve]:
+        """The refreshed terms (EMA applied) and the solver report.
+
+        Args:
+            stats: the batch statistics.
+            op: Z(F_batch) ``[d_a², d_g²]``.
+            past: the previous fit's terms when ρ > 0, else ``None``.
+            rho: the EMA weight of the past.
+            v0: warm-start right vectors ``[d_g², K]`` or ``None``.
+            generator: source of random starts.
+        """
+
+
+# --------------------------------------------------------------------------- the kinds
+
+
+class _PowerDeflationApproximator(_SVDApproximator):
+    """Successive power SVDs on the deflated operator (§3.2.3.1); :meth:`_rank` terms."""
+
+    @abc.abstractmethod
+    def _rank(self) -> int:
+        """The number of Kronecker terms."""
+
+    def _fit_batch(self, stats, op, past, rho, v0, generator):
+        base = self._base(op, past, rho)
+        solve = _Solve()
+        terms: list[Term] = []
+        for j in range(self._rank()):
+            if terms and _deflation_vanishes(base, terms, generator):
+                terms.append(_zero_term(stats))  # the block has Kronecker rank j (numerically)
+                solve.sigmas.append(0.0)
+                solve.residuals.append(0.0)
+                continue
+            res = self._power(deflated(base, terms) if terms else base, v0, j, generator)
+            solve.add(res)
+            terms.append(self._term(res, 0, stats))
+        return self._finish(terms, past, rho), solve
+
+    def _power(self, op: ZOperator, v0: torch.Tensor | None, j: int, generator: torch.Generator) -> SVDResult:
+        """The leading triplet of ``op``, started from column j of ``v0`` when there is one."""
+        start = v0[:, j] if v0 is not None and j < v0.shape[1] else None
+        opts = self.options
+        return power_svd(op, 1, tol=opts.power_tol, max_iters=opts.max_iters, v0=start, generator=generator)
+
+
+class DeflationApproximator(_PowerDeflationApproximator):
+    """``deflation``: Kronecker rank ``rank`` by successive power SVDs on the deflated block (§3.2.3.1).
+
+    Term j is the leading triplet of Z(F − Σ_{i<j} R_i ⊗ S_i) = Z(F) − Σ_{i<j} vec(R_i)vec(S_i)ᵀ,
+    one power SVD each on the deflated operator applied matrix-free
+    (:func:`~curvlib.linalg.deflated`): the operator is really deflated, so the second
+    power SVD cannot return the first pair again (DESIGN.md §10).  A deflated operator
+    that is zero up to rounding (a block of Kronecker rank < ``rank``) gives zero terms
+    (:func:`_deflation_vanishes`).  Cost per refresh: Σ_j (iterations of triplet j)·2
+    products with Z(F), O(m·d²) each, plus O(j·d²) per product for the deflation (Table 3.1).
+    """
+
+    options_model = DeflationOptions
+    kind = "deflation"
+
+    def _rank(self) -> int:
+        return self.options.rank
+
+
+class KPSVDApproximator(_PowerDeflationApproximator):
+    """``kpsvd``: the best single Kronecker product (3.22), by power SVD of Z(F_ii) (Thm 3.14).
+
+    With ``symmetric_factors`` both factors are symmetric, and PSD for a PSD block
+    (Prop. 3.2; the sign convention tr A > 0 selects the PSD pair).  Cost per refresh:
+    iterations × 2 products with Z(F), O(m·d²) each (Table 3.1).
+    """
+
+    options_model = KPSVDOptions
+    kind = "kpsvd"
+
+    def _rank(self) -> int:
+        return 1
+
+
+class LanczosApproximator(_SVDApproximator):
+    """``lanczos``: Kronecker rank ``rank`` from the top triplets of Z(F_ii) by restarted
+    Lanczos bidiagonalization (§3.2.3.2, Algorithm 2; :func:`~curvlib.linalg.lanczos_svd`).
+
+    When min(d_a², d_g²) < ``rank`` the missing terms are zero.  Cost per refresh:
+    steps × 2 products with Z(F), plus O(K³ + K·d²) per cycle (Table 3.1).
+    """
+
+    options_model = LanczosOptions
+    kind = "lanczos"
+
+    def _fit_batch(self, stats, op, past, rho, v0, generator):
+        base = self._base(op, past, rho)
+        opts = self.options
+        k = min(opts.rank, *base.shape)
+        res = lanczos_svd(
+            base,
+            k,
+            krylov_dim=opts.krylov_dim,
+            tol=opts.power_tol,
+            max_restarts=opts.max_iters - 1,
+            v0=v0,
+            generator=generator,
+        )
+        solve = _Solve()
+        solve.add(res)
+        terms = [self._term(res, j, stats) for j in range(k)]
+        terms += [_zero_term(stats) for _ in range(opts.rank - k)]
+        return self._finish(terms, past, rho), solve
+
+
+class KFACCorrectedApproximator(_SVDApproximator):
+    """``kfac_corrected``: A⊗G + P⊗Q, KFAC plus the best rank-1 correction of F_ii − A⊗G (3.26).
+
+    (A, G) are the KFAC/KFC factors (:func:`~curvlib.approximators.kfac.kfac_factors`);
+    (P, Q) come from the power SVD of Z(F − A⊗G) = Z(F) − vec(A)vec(G)ᵀ
+    (:func:`~curvlib.linalg.deflated`).  The correction is usually indefinite; its sign
+    follows :func:`~curvlib.linalg.factors_from_singular` (tr P > 0, else the largest
+    entry of P positive).  Cost per refresh: KFAC's two GEMMs plus the power SVD (Table 3.1).
+    """
+
+    options_model = KFACCorrectedOptions
+    kind = "kfac_corrected"
+
+    def _fit_batch(self, stats, op, past, rho, v0, generator):
+        A, G = kfac_factors(stats)
+        if past is not None:  # KFAC's own factor EMA, in both modes
+            (A0, G0) = past[0]
+            A, G = rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G
+        base = self._base(op, past, rho)
+        solve = _Solve()
+        if _deflation_vanishes(base, [(A, G)], generator):
+            # F = A⊗G up to rounding (e.g. one sample, one column): no correction to fit
+            P, Q = _zero_term(stats)
+            solve.sigmas, solve.residuals = [0.0], [0.0]
+        else:
+            opts = self.options
+            start = v0[:, 0] if v0 is not None else None
+            res = power_svd(deflated(base, [(A, G)]), 1, tol=opts.power_tol, max_iters=opts.max_iters, v0=start, generator=generator)
+            solve.add(res)
+            P, Q = self._term(res, 0, stats)
+        if past is not None and self.options.ema_mode == "factors":
+            (P, Q), = ema_terms(past[1:], [(P, Q)], rho)
+        return [(A, G), (P, Q)], solve
