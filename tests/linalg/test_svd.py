@@ -303,3 +303,25 @@ def test_invalid_arguments():
         lanczos_svd(random_operator(3, 3, seed=0), 3, krylov_dim=3)
     with pytest.raises(ConfigError, match="max_iters"):
         power_svd(op, 1, max_iters=0)
+
+
+def test_power_svd_float32_finds_a_small_second_triplet_of_a_wide_low_rank_operator():
+    """A random start sees a small σ₂ only as σ₂·√(rank/n_b); the zero test must not
+    mistake that for a vanished deflated operator (σ₂/σ₁ = 1.6e-3, n_b = 10⁴, float32)."""
+    g = torch.Generator().manual_seed(3)
+    n_a, n_b = 25, 10_000
+    Ua = torch.linalg.qr(torch.randn(n_a, 2, generator=g, dtype=torch.float64))[0]
+    Vb = torch.linalg.qr(torch.randn(n_b, 2, generator=g, dtype=torch.float64))[0]
+    sig = torch.tensor([112.0, 0.18], dtype=torch.float64)
+    Z = (Ua * sig) @ Vb.T
+    res = power_svd(DenseZOperator(Z.float(), 5, 100), k=2, tol=1e-5, max_iters=200)
+    assert abs(res.sigma[1].item() - 0.18) <= 1e-3 * 112.0, res.sigma
+    assert abs(float(res.U[:, 1].double() @ Ua[:, 1])) > 0.99
+
+
+def test_power_svd_exactly_zero_operator_gives_finite_zero_triplets():
+    Z = torch.zeros(9, 4, dtype=torch.float64)
+    for k in (1, 2):
+        res = power_svd(DenseZOperator(Z, 3, 2), k=k)
+        assert torch.equal(res.sigma, torch.zeros(k, dtype=torch.float64))
+        assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()

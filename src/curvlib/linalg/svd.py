@@ -189,8 +189,8 @@ def power_svd(
         :class:`SVDResult` (``iterations`` = power iterations summed over triplets; each
         is one product with Z and one with Zᵀ).  A warm start in the null space of the
         (deflated) operator is replaced by a random one.  If the deflated operator is
-        numerically zero (‖Zv‖ ≤ 10·eps·√max(n_a, n_b)·σ_1 on a random v; exactly zero
-        for the first triplet), the triplet is σ = 0 with unit vectors orthogonal to the
+        numerically zero (its σ estimate stays ≤ 10·eps·√max(n_a, n_b)·σ_1 after three power
+        steps, or a product is exactly zero), the triplet is σ = 0 with unit vectors orthogonal to the
         previous ones, so asking for more triplets than the rank is safe.
     """
     caller = "power_svd"
@@ -239,20 +239,20 @@ def power_svd(
             w = deflated_matvec(v)
 
         converged = False
-        for _ in range(max_iters):
+        vanished = float(torch.linalg.vector_norm(w)) == 0.0
+        sigma = torch.zeros((), dtype=op.dtype, device=op.device)
+        res = torch.zeros((), dtype=op.dtype, device=op.device)
+        for it in range(max_iters if not vanished else 0):
             alpha = torch.linalg.vector_norm(w)
-            if float(alpha) <= zero_tol:
-                # the deflated operator vanishes on a random vector: it is zero (a.s.);
-                # unit vectors orthogonal to the previous ones keep U and V orthonormal
-                u = _random_unit(n_a, U_prev, like=like, generator=generator)
-                v = _random_unit(n_b, V_prev, like=like, generator=generator)
-                sigma = torch.zeros((), dtype=op.dtype, device=op.device)
-                res = torch.zeros((), dtype=op.dtype, device=op.device)
-                converged = True
+            if float(alpha) == 0.0:
+                vanished = True
                 break
             u = w / alpha
             z = deflated_rmatvec(u)
             sigma = torch.linalg.vector_norm(z)
+            if float(sigma) == 0.0:
+                vanished = True
+                break
             v = z / sigma
             w = deflated_matvec(v)
             total_iters += 1
@@ -261,6 +261,20 @@ def power_svd(
             if float(res) <= max(tol * s, eps_round * max(sigma_1, s)):
                 converged = True
                 break
+            # σ_it = ‖Zᵀu‖ never decreases along power iterations, and after one step it
+            # already sees the deflated operator's leading σ (a random start only sees
+            # σ·√(rank/n_b), far below it): still at rounding-noise level after a few
+            # steps means the deflated operator is numerically zero.
+            if it >= 2 and s <= zero_tol:
+                vanished = True
+                break
+        if vanished or float(sigma) <= zero_tol:
+            # unit vectors orthogonal to the previous ones keep U and V orthonormal
+            u = _random_unit(n_a, U_prev, like=like, generator=generator)
+            v = _random_unit(n_b, V_prev, like=like, generator=generator)
+            sigma = torch.zeros((), dtype=op.dtype, device=op.device)
+            res = torch.zeros((), dtype=op.dtype, device=op.device)
+            converged = True
         sigmas[j], U[:, j], V[:, j], abs_res[j] = sigma, u, v, res
         sigma_1 = max(sigma_1, float(sigma))
         all_converged = all_converged and converged
