@@ -46,7 +46,7 @@ from pydantic import Field
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, Damping, InverseInfo, block_terms, is_exact_block
 from curvlib.errors import ConfigError, NotPSDError, NumericalWarning
-from curvlib.linalg import TwoTermKroneckerInverse, eigh_safe, pi_split
+from curvlib.linalg import KroneckerEigen, TwoTermKroneckerInverse, eigh_safe, pi_split
 
 __all__ = ["HeuristicOptions", "HeuristicDamping", "PiSplitInverse", "TwoTermHeuristicInverse"]
 
@@ -114,6 +114,8 @@ class PiSplitInverse(BlockInverse):
     Attributes:
         pi: π of (2.96).
         damped_factors: ``(A + π√λI [d_a, d_a], B + π⁻¹√λI [d_g, d_g])``.
+        eigen: the :class:`~curvlib.linalg.KroneckerEigen` of the damped factors (computed
+            once here; reused e.g. by the spectral coarse space (4.28)–(4.30)).
     """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, lam: float, *, kind: str = "heuristic") -> None:
@@ -127,6 +129,7 @@ class PiSplitInverse(BlockInverse):
         self._e_b, self._Q_b = e_b.clamp_min(shift_b), Q_b
         self.pi = float(pi)
         self.damped_factors = (Ad, Bd)
+        self.eigen = KroneckerEigen(eval_a=self._e_a, evec_a=Q_a, eval_b=self._e_b, evec_b=Q_b)
         super().__init__(
             a_dim=A.shape[0],
             b_dim=B.shape[0],

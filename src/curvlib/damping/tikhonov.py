@@ -130,6 +130,7 @@ class EigenTikhonovInverse(BlockInverse):
             info=InverseInfo(kind=kind, method="eigen", lam=float(lam)),
         )
         self._eig = eig
+        self.eigen = eig  # public: reused by the spectral coarse space (4.28)–(4.30)
         self._lam = float(lam)
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:

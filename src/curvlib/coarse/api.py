@@ -1,0 +1,102 @@
+"""``curvlib.two_level``, ``curvlib.exact_natural_gradient``, ``curvlib.block_natural_gradient``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from curvlib.coarse.base import CoarseSpace, Partition
+from curvlib.coarse.natural_gradient import BlockNaturalGradient, ExactNaturalGradient
+from curvlib.coarse.two_level import Mode, TwoLevelPreconditioner
+from curvlib.errors import ConfigError
+
+__all__ = ["block_natural_gradient", "exact_natural_gradient", "two_level"]
+
+
+def two_level(
+    first_level: Any,
+    curvature: Any,
+    coarse_space: str | Mapping[str, Any] | BaseModel | CoarseSpace = "residual",
+    damping: float = 1e-3,
+    mode: Mode = "multiplicative",
+    registry: Any = None,
+    *,
+    partition: Partition | None = None,
+    rcond: float | None = None,
+    tko_diagonal: Literal["heuristic", "tikhonov"] = "heuristic",
+    **options: Any,
+) -> TwoLevelPreconditioner:
+    """A two-level preconditioner ζ ≈ (F + λI)⁻¹u: a first level plus a coarse correction (§4.2).
+
+    Example::
+
+        F = curvlib.curvature("fisher", model, loss_fn, (X, y), mc_samples=1, generator=g)
+        pre = curvlib.two_level(first_level=inv, curvature=F, coarse_space="residual", damping=1e-3)
+        zeta = pre @ F.gradient_vector()             # [p]
+        pre.error_reduction(F.gradient_vector())     # 𝔈(β*) − 𝔈(0) ≤ 0, (4.46)
+        pre.info                                     # N, dropped columns, rank, condition number
+        curvlib.two_level(inv, F, {"kind": "krylov", "seed": "residual"}, damping=1e-3)
+        curvlib.two_level(inv, F, "taylor", damping=1e-3, order=3)
+
+    Args:
+        first_level: M ≈ F•⁻¹ (a KFAC inverse from ``damped_inverse``, a
+            :class:`~curvlib.coarse.natural_gradient.BlockNaturalGradient`, a dense
+            ``[p, p]`` tensor, anything with ``@`` on ``[p]``), or ``None`` for zero.
+        curvature: the exact curvature operator F of the same batch (``curvlib.curvature``).
+        coarse_space: a registered kind (``"nicolaides"``, ``"spectral"``, ``"krylov"``,
+            ``"residual"``, ``"taylor"``, or a plugin's), a mapping ``{"kind": ..., **options}``,
+            an options model with a ``kind`` field, or a :class:`~curvlib.coarse.base.CoarseSpace`.
+        damping: λ > 0 of F• = F + λI (4.2).
+        mode: ``"multiplicative"`` (4.17, default), ``"additive"`` (4.19) or ``"previous"``
+            (Tselepidis et al., (4.20) with (4.47)).
+        registry: a :class:`curvlib.plugins.Registry` (default: ``load_registry()``).
+        partition: the groups of R₀ᵀ (default: one per layer; see
+            :meth:`~curvlib.coarse.base.Partition.parameter_tensors`).
+        rcond: relative eigenvalue cut-off of the coarse solve (default 10·N·eps).
+        tko_diagonal: diagonal blocks of F̄• in ``"previous"`` mode (``"heuristic"`` π-split
+            or ``"tikhonov"``).
+        **options: the coarse space's options (validated by its pydantic model).
+
+    Raises:
+        UnknownKindError: unknown coarse space kind (the message lists the known ones).
+        ConfigError: invalid options, mode or damping.
+    """
+    if isinstance(coarse_space, CoarseSpace):
+        if options:
+            raise ConfigError(
+                f"two_level: options ({', '.join(sorted(options))}) given with a CoarseSpace instance; set them on it"
+            )
+        space = coarse_space
+    else:
+        if registry is None:
+            from curvlib.plugins import load_registry
+
+            registry = load_registry()
+        space = registry.coarse_spaces.create(coarse_space, **options)
+    return TwoLevelPreconditioner(
+        first_level, curvature, space, damping, mode, partition=partition, rcond=rcond, tko_diagonal=tko_diagonal
+    )
+
+
+def exact_natural_gradient(curvature: Any, damping: float) -> ExactNaturalGradient:
+    """(F + λI)⁻¹ as an operator, exact, via Woodbury on JᵀJ ``[n, n]`` (4.50), (4.78)–(4.79).
+
+    Example::
+
+        ng = curvlib.exact_natural_gradient(F, damping=1e-3)
+        ng @ F.gradient_vector()          # [p]; also [p, k] and lists shaped like F.params()
+    """
+    return ExactNaturalGradient(curvature, damping)
+
+
+def block_natural_gradient(curvature: Any, damping: float) -> BlockNaturalGradient:
+    """diag_i (F_ii + λI)⁻¹ as an operator, exact per layer via Woodbury on J_iᵀJ_i (4.52).
+
+    Example::
+
+        bng = curvlib.block_natural_gradient(F, damping=1e-3)
+        pre = curvlib.two_level(bng, F, "residual", damping=1e-3)
+    """
+    return BlockNaturalGradient(curvature, damping)

@@ -1,0 +1,618 @@
+"""Two-level preconditioners: a first level M ≈ F•⁻¹ (KFAC) plus a coarse correction in
+the span of a block-diagonal basis R₀ᵀ (thesis §4.2).
+
+With F• = F + λI (4.2), u the vector to precondition (the gradient), ζ_KFAC = M u (4.6),
+r = u − F•ζ_KFAC (4.15) and F_coarse = R₀F•R₀ᵀ (4.14), the three modes are
+
+- ``"multiplicative"`` (default, (4.11)–(4.17)):
+  ζ = ζ_KFAC + R₀ᵀβ*,  β* = F_coarse⁻¹ R₀ r, the minimiser of 𝔈(β) = ‖ζ_KFAC + R₀ᵀβ − F•⁻¹u‖²_F• (4.12)–(4.13);
+  the error propagator is the product (4.18) I − M_2L F• = [I − R₀ᵀF_coarse⁻¹R₀F•][I − M F•].
+- ``"additive"`` ((4.19)): ζ = ζ_KFAC + R₀ᵀ F_coarse⁻¹ R₀ u (residual replaced by u).
+- ``"previous"`` (Tselepidis–Kohler–Orvieto, (4.20) with (4.47)): additive, with the
+  approximate coarse operator R₀F̄•R₀ᵀ in place of F_coarse (see :func:`tko_coarse_operator`).
+
+The coarse operator is exact and matrix-free ((4.73)–(4.77)): with W = Jᵀ R₀ᵀ ``[n, N]``
+(one J_iᵀ product per layer on the columns that touch it) and C = scale·JJᵀ,
+F_coarse = scale·WᵀW + λ·R₀R₀ᵀ.  A curvature without a Jacobian factorization (the
+Hessian) gets F_coarse = R₀ᵀᵀ(F R₀ᵀ) + λR₀R₀ᵀ from one product with the N columns.  No p × p
+matrix is formed; F_coarse is rebuilt for every new basis (never averaged across steps,
+DESIGN.md §10).
+
+**Coarse solve and its fallback.**  The N × N system is tiny and often ill-conditioned
+(columns of very different scales, nearly collinear Krylov iterates), so it is solved in
+float64 (the documented upcast of this module) as follows:
+
+1. columns of R₀ᵀ that are zero or non-finite are dropped (a zero residual block, a
+   layer with no gradient); they are reported in :attr:`CoarseSolveInfo.dropped_columns`;
+2. the operator is equilibrated, S = D F_coarse D with D = diag(F_coarse)^{-1/2};
+3. S = QΛQᵀ; eigenvalues with |Λ_k| ≤ rcond·max|Λ| are cut (default
+   rcond = 10·N·eps of the curvature's dtype) with a :class:`NumericalWarning`, and
+   β = D Q_kept Λ_kept⁻¹ Q_keptᵀ D rhs.
+
+For an exact F_coarse = R₀F•R₀ᵀ with F• ≻ 0, null(F_coarse) = null(R₀ᵀ): the cut
+directions are combinations of columns that cancel, so the correction R₀ᵀβ is the
+unique one of the reduced problem (the same as with the minimum-norm solution
+pinv(F_coarse)·rhs), and it is finite.
+
+**Error reduction** (§4.3.4).  For any β, with 𝔈(β) = ‖ζ_KFAC + R₀ᵀβ − ζ‖²_F•, ζ = F•⁻¹u,
+
+    𝔈(β) − 𝔈(0) = ⟨F•R₀ᵀβ, R₀ᵀβ⟩ − 2⟨R₀ᵀβ, r⟩ = ⟨R₀F•R₀ᵀβ, β⟩ − 2⟨β, R₀r⟩    (4.44)–(4.46)
+
+needs neither ζ nor F•⁻¹.  :meth:`TwoLevelPreconditioner.error_reduction` evaluates it
+for the mode's β (β* for multiplicative, β_TKO of (4.47b) for ``"previous"``), with the
+exact F• (never F̄•), in the first form: on the correction c = R₀ᵀβ that ζ_2L actually
+contains, with one product F•c.  The second form, with F_coarse, is the same number in
+exact arithmetic, but F_coarse's rounding (eps·‖F_coarse‖) is amplified by ‖β‖², which is
+large when columns nearly cancel (Krylov/Taylor iterates, κ(F_coarse) ≈ 1e7 is common):
+it then drifts from 𝔈(β) − 𝔈(0) of the returned ζ_2L by ≈ eps·κ·|gap|.  At β* the first
+form is −⟨c, r⟩ up to rounding (⟨F•c, c⟩ = ⟨c, r⟩), ≤ 0 (4.21).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from curvlib.coarse.base import CoarseBasis, CoarseContext, CoarseSpace, Partition, apply_operator, kfc_factors
+from curvlib.curvatures.operator import CurvatureOperator, NoStatisticsError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
+from curvlib.linalg import pi_split, unvec
+
+__all__ = [
+    "CoarseSolveInfo",
+    "MODES",
+    "TwoLevelPreconditioner",
+    "TwoLevelSolution",
+    "exact_coarse_operator",
+    "solve_coarse",
+    "tko_coarse_operator",
+]
+
+Mode = Literal["multiplicative", "additive", "previous"]
+MODES: tuple[str, ...] = ("multiplicative", "additive", "previous")
+
+
+# --------------------------------------------------------------------------- coarse operators
+def exact_coarse_operator(curvature: Any, basis: CoarseBasis, damping: float) -> torch.Tensor:
+    """F_coarse = R₀ F• R₀ᵀ ``[N, N]`` in float64, matrix-free ((4.14), (4.73)–(4.77)).
+
+    For a :class:`~curvlib.curvatures.operator.CurvatureOperator` (C = scale·JJᵀ):
+    W = Jᵀ R₀ᵀ ``[n, N]`` accumulated layer by layer with ``Jt_i`` on the columns of R₀ᵀ
+    that touch layer i, then F_coarse = scale·WᵀW + λ·R₀R₀ᵀ (4.74), (4.77).  For any other
+    operator (the Hessian): one product F·R₀ᵀ with the N columns, then R₀(F R₀ᵀ) + λR₀R₀ᵀ.
+    """
+    N = basis.N
+    f64 = torch.float64
+    if N == 0:
+        return torch.zeros(0, 0, dtype=f64, device=basis.device)
+    gram = basis.gram().to(f64)
+    if isinstance(curvature, CurvatureOperator):
+        slices = [L.slice for L in curvature.layers]
+        W = torch.zeros(curvature.num_pairs, N, dtype=f64, device=basis.device)
+        for i, L in enumerate(curvature.layers):
+            B, cols = basis.layer_block(L.slice, slices)
+            if cols.numel():
+                W.index_add_(1, cols.to(W.device), curvature.Jt_i(i, B).to(f64))
+        Fc = curvature.scale * (W.T @ W) + damping * gram
+    else:
+        P = basis.dense()
+        FP = apply_operator(curvature, P, "curvature")
+        Fc = P.to(f64).T @ FP.to(f64) + damping * gram
+    return 0.5 * (Fc + Fc.T)
+
+
+def _pooled(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatially pooled statistics of one layer: ``(ã [m, a_dim], g̃ [m, c, g_dim])``,
+    ã = Σ_t ā_t and g̃ = T^{-1/2} Σ_t g_t (identity for a Linear layer, T = 1)."""
+    a, g = stats.a, stats.g
+    if a.ndim == 3:
+        T = a.shape[1]
+        return a.sum(1), g.sum(2) / math.sqrt(T)
+    return a, g
+
+
+def tko_coarse_operator(
+    curvature: Any, basis: CoarseBasis, damping: float, diagonal: Literal["heuristic", "tikhonov"] = "heuristic"
+) -> torch.Tensor:
+    """The approximate coarse operator R₀ F̄• R₀ᵀ of Tselepidis et al. ``[N, N]`` in float64 (4.20).
+
+    F̄• has layer blocks (4.20b)
+
+        [F̄•]_ij = A_ij ⊗ G_ij,  A_ij = E[ā_i ā_jᵀ] ``[a_i, a_j]``, G_ij = E[g_i g_jᵀ] ``[g_i, g_j]``   (i ≠ j),
+        [F̄•]_ii = (A_i + π_i√λ I) ⊗ (G_i + π_i⁻¹√λ I)   (``diagonal="heuristic"``, (2.95)–(2.96))
+                 or A_i ⊗ G_i + λI                       (``diagonal="tikhonov"``, (4.54)),
+
+    with A_i, G_i the KFAC/KFC factors of the current batch (:func:`~curvlib.coarse.base.kfc_factors`)
+    and E over the batch with the curvature's weights: A_ij = (1/m)Σ_b ã_{i,b}ã_{j,b}ᵀ,
+    G_ij = scale·Σ_{b,c} g̃_{i,b,c}g̃_{j,b,c}ᵀ (so A_ij ⊗ G_ij is C_ij for one sample).
+    F̄• is never formed: V_iᵀ(A_ij ⊗ G_ij)V_j = ⟨MAT(V_i), G_ij MAT(V_j) A_ijᵀ⟩ for every
+    pair of columns, batched.
+
+    **Conv layers.**  Two layers have different sets of spatial positions, so positions
+    cannot be paired across layers.  Each layer's per-sample statistics are pooled over
+    positions, ã_i = Σ_t ā_{i,t}, g̃_i = T_i^{-1/2} Σ_t g_{i,t}, and the cross factors use
+    the pooled vectors.  The split keeps the scale of KFC: in KFC's own regime
+    (positions uncorrelated and alike) E[ã_iã_iᵀ] ≈ E[Σ_t ā_tā_tᵀ] and
+    E[g̃_ig̃_iᵀ] ≈ (1/T)E[Σ_t g_tg_tᵀ], the factors of (3.29).  A Linear layer is
+    unchanged (T = 1).  The diagonal blocks are the KFC blocks of (3.29).
+
+    F̄• need not be positive semi-definite (its off-diagonal blocks are not those of a
+    Gram matrix); the coarse solve handles an indefinite operator.
+    """
+    f64 = torch.float64
+    N = basis.N
+    if N == 0:
+        return torch.zeros(0, 0, dtype=f64, device=basis.device)
+    layers = curvature.layers
+    slices = [L.slice for L in layers]
+    try:
+        stats = [curvature.statistics(i) for i in range(len(layers))]
+    except NoStatisticsError as exc:
+        raise ConfigError(
+            f"mode='previous' builds F̄• from per-layer Kronecker statistics, which {type(curvature).__name__} "
+            "does not have; use a 'fisher', 'empirical_fisher' or 'ggn' curvature"
+        ) from exc
+    mats, cols = [], []
+    for i, L in enumerate(layers):
+        B, c = basis.layer_block(L.slice, slices)
+        mats.append(unvec(B.T, L.g_dim, L.a_dim))  # MAT of each column: [n_i, g_i, a_i]
+        cols.append(c.to(basis.device))
+    pooled = [_pooled(s) for s in stats]
+    Fc = torch.zeros(N, N, dtype=f64, device=basis.device)
+    for i in range(len(layers)):
+        if not cols[i].numel():
+            continue
+        Xi = mats[i]
+        A, G = kfc_factors(stats[i])
+        if diagonal == "heuristic":
+            A_d, G_d, _ = pi_split(A, G, damping)
+            Y = G_d @ Xi @ A_d.T
+        else:
+            Y = G @ Xi @ A.T + damping * Xi
+        block = torch.einsum("kga,lga->kl", Xi, Y).to(f64)
+        Fc.index_put_((cols[i][:, None], cols[i][None, :]), block, accumulate=True)
+        a_i, g_i = pooled[i]
+        m = a_i.shape[0]
+        for j in range(i + 1, len(layers)):
+            if not cols[j].numel():
+                continue
+            a_j, g_j = pooled[j]
+            A_ij = a_i.T @ a_j / m  # [a_i, a_j]
+            G_ij = torch.einsum("mcg,mch->gh", g_i, g_j) * stats[i].scale  # [g_i, g_j]
+            Y = G_ij @ mats[j] @ A_ij.T  # (A_ij ⊗ G_ij) vec(X_j) for every column: [n_j, g_i, a_i]
+            block = torch.einsum("kga,lga->kl", Xi, Y).to(f64)  # [n_i, n_j]
+            Fc.index_put_((cols[i][:, None], cols[j][None, :]), block, accumulate=True)
+            Fc.index_put_((cols[j][:, None], cols[i][None, :]), block.T, accumulate=True)
+    return 0.5 * (Fc + Fc.T)
+
+
+# --------------------------------------------------------------------------- coarse solve
+@dataclass(frozen=True)
+class CoarseSolveInfo:
+    """Diagnostics of one coarse problem.
+
+    Attributes:
+        mode: the correction mode.
+        N: columns of R₀ᵀ as the coarse space built them.
+        dropped_columns: indices (in that basis) of the zero or non-finite columns removed.
+        rank: numerical rank of the (equilibrated) coarse operator that was solved.
+        truncated: eigen-directions cut by the ``rcond`` threshold (rank deficiency).
+        condition_number: max|Λ| / min|Λ| of the equilibrated operator (``inf`` when singular).
+        meta: notes from the coarse space (e.g. ``eigen_source`` of ``spectral``).
+    """
+
+    mode: str
+    N: int
+    dropped_columns: tuple[int, ...]
+    rank: int
+    truncated: int
+    condition_number: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _EquilibratedPinv:
+    """β = D Q_k Λ_k⁻¹ Q_kᵀ D·rhs for S = D F_c D = QΛQᵀ (see the module docstring)."""
+
+    def __init__(self, Fc: torch.Tensor, rcond: float) -> None:
+        n = Fc.shape[0]
+        self.n = n
+        if n == 0:
+            self.rank, self.truncated, self.cond = 0, 0, float("nan")
+            return
+        d = torch.diagonal(Fc)
+        self.s = torch.where(d > 0, d.clamp_min(torch.finfo(Fc.dtype).tiny).rsqrt(), torch.ones_like(d))
+        S = self.s[:, None] * Fc * self.s[None, :]
+        e, Q = torch.linalg.eigh(0.5 * (S + S.T))
+        mag = e.abs()
+        emax = float(mag.max())
+        keep = mag > rcond * emax if emax > 0 and math.isfinite(emax) else torch.zeros_like(mag, dtype=torch.bool)
+        self.Q, self.e = Q[:, keep], e[keep]
+        self.rank = int(keep.sum())
+        self.truncated = n - self.rank
+        emin = float(mag.min())
+        self.cond = emax / emin if emin > 0 else float("inf")
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """rhs ``[n, k]`` float64 -> β ``[n, k]`` float64."""
+        if self.n == 0 or self.rank == 0:
+            return torch.zeros_like(rhs)
+        y = self.Q.T @ (self.s[:, None] * rhs)
+        return self.s[:, None] * (self.Q @ (y / self.e[:, None]))
+
+
+def solve_coarse(Fc: torch.Tensor, rhs: torch.Tensor, rcond: float) -> torch.Tensor:
+    """Solve the coarse system F_c β = rhs with the equilibrated pseudo-inverse fallback.
+
+    Args:
+        Fc: ``[N, N]`` symmetric (float64).
+        rhs: ``[N]`` or ``[N, k]``.
+        rcond: relative eigenvalue cut-off of the equilibrated operator.
+
+    Returns:
+        β with the shape of ``rhs`` (float64).
+    """
+    squeeze = rhs.ndim == 1
+    R = rhs.unsqueeze(1) if squeeze else rhs
+    beta = _EquilibratedPinv(Fc.to(torch.float64), rcond).solve(R.to(torch.float64))
+    return beta.squeeze(1) if squeeze else beta
+
+
+@dataclass
+class _CoarseProblem:
+    basis: CoarseBasis  # the kept columns
+    operator: torch.Tensor  # the mode's coarse operator on them, float64 [n, n]
+    solver: _EquilibratedPinv
+    info: CoarseSolveInfo
+    pending_warnings: list[str]  # emitted once, from the public method that first used the problem
+
+
+@dataclass(frozen=True)
+class TwoLevelSolution:
+    """Everything one two-level application computed for a single vector u ``[p]``.
+
+    Attributes:
+        zeta: ζ_2L = ζ_KFAC + R₀ᵀβ ``[p]``.
+        zeta_first: ζ_KFAC = M u ``[p]``.
+        correction: R₀ᵀβ ``[p]``.
+        residual: r = u − F•ζ_KFAC ``[p]`` (4.15).
+        basis: the coarse basis actually used (dropped columns removed), N_kept columns.
+        beta: β ``[N_kept]`` (float64).
+        coarse_operator: the operator solved ``[N_kept, N_kept]`` (float64).
+        error_reduction: 𝔈(β) − 𝔈(0) of (4.46) (0-d, the curvature's dtype) when requested, else None.
+        info: :class:`CoarseSolveInfo`.
+    """
+
+    zeta: torch.Tensor
+    zeta_first: torch.Tensor
+    correction: torch.Tensor
+    residual: torch.Tensor
+    basis: CoarseBasis
+    beta: torch.Tensor
+    coarse_operator: torch.Tensor
+    error_reduction: torch.Tensor | None
+    info: CoarseSolveInfo
+
+
+# --------------------------------------------------------------------------- preconditioner
+class TwoLevelPreconditioner:
+    """ζ_2L ≈ F•⁻¹u: a first level plus a coarse correction (thesis §4.2).
+
+    Args:
+        first_level: M ≈ F•⁻¹: any object with ``@`` on flat ``[p]`` (``matmat`` or ``@`` on
+            ``[p, k]`` used when present), a dense ``[p, p]`` tensor, or ``None`` (zero
+            first level: then ζ = R₀ᵀ F_coarse⁻¹ R₀ u, e.g. seed 004's partitioned Newton
+            step with one group per parameter tensor).
+        curvature: the exact curvature operator F (a curvlib curvature: ``@``, ``layers``,
+            ``dtype``, ``device``; ``statistics`` for ``spectral`` fallbacks and ``previous``).
+        coarse_space: a :class:`~curvlib.coarse.base.CoarseSpace` instance.
+        damping: λ > 0 of F• = F + λI (4.2), added once wherever F• appears.
+        mode: ``"multiplicative"`` (4.17), ``"additive"`` (4.19) or ``"previous"`` (4.20)/(4.47).
+        partition: the groups of R₀ᵀ (default: the layers, :meth:`Partition.layers`).
+        rcond: relative eigenvalue cut-off of the coarse solve (default 10·N·eps of F's dtype).
+        layer_eigen: optional ``i -> (v_A [a_dim], v_G [g_dim])`` for the ``spectral`` space.
+        tko_diagonal: the diagonal blocks of F̄• in ``"previous"`` mode: ``"heuristic"``
+            (π-split, (4.20b)) or ``"tikhonov"``.
+
+    Products: ``pre @ u`` for u ``[p]``, ``[p, k]`` or a list shaped like ``F.params()``.
+    A coarse space whose basis depends on u (residual, taylor, krylov on residual seeds)
+    builds one basis and one coarse problem per column of ``[p, k]``; the others build
+    theirs once per preconditioner object (same F, same first level) and reuse it.
+    """
+
+    def __init__(
+        self,
+        first_level: Any,
+        curvature: Any,
+        coarse_space: CoarseSpace,
+        damping: float,
+        mode: Mode = "multiplicative",
+        *,
+        partition: Partition | None = None,
+        rcond: float | None = None,
+        layer_eigen: Any = None,
+        tko_diagonal: Literal["heuristic", "tikhonov"] = "heuristic",
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"two_level: mode must be one of {', '.join(MODES)}; got {mode!r}")
+        try:
+            lam = float(damping)
+        except (TypeError, ValueError):
+            raise ConfigError(f"two_level: damping must be a number > 0, got {damping!r}") from None
+        if not (math.isfinite(lam) and lam > 0):
+            raise ConfigError(f"two_level: damping λ must be finite and > 0, got {damping!r}")
+        if not isinstance(coarse_space, CoarseSpace):
+            raise ConfigError(f"two_level: coarse_space must be a CoarseSpace, got {type(coarse_space).__name__}")
+        if tko_diagonal not in ("heuristic", "tikhonov"):
+            raise ConfigError(f"two_level: tko_diagonal must be 'heuristic' or 'tikhonov', got {tko_diagonal!r}")
+        if rcond is not None and not (math.isfinite(float(rcond)) and 0 <= float(rcond) < 1):
+            raise ConfigError(f"two_level: rcond must be in [0, 1), got {rcond!r}")
+        self.first_level = first_level
+        self.curvature = curvature
+        self.coarse_space = coarse_space
+        self.damping = lam
+        self.mode: str = mode
+        p = int(getattr(curvature, "p", curvature.shape[0]))
+        self.partition = partition if partition is not None else Partition.layers(curvature)
+        if self.partition.p != p:
+            raise ShapeError(f"two_level: the partition covers {self.partition.p} rows, the curvature has p = {p}")
+        shape = getattr(first_level, "shape", None)
+        if first_level is not None and shape is not None and tuple(shape) != (p, p):
+            raise ShapeError(f"two_level: first level has shape {tuple(shape)}, expected ({p}, {p})")
+        if first_level is not None:
+            fl_dtype, fl_device = getattr(first_level, "dtype", None), getattr(first_level, "device", None)
+            if fl_dtype is not None and fl_dtype != curvature.dtype:
+                raise DTypeDeviceError(f"two_level: first level dtype {fl_dtype} differs from the curvature's {curvature.dtype}")
+            if fl_device is not None and torch.device(fl_device) != torch.device(curvature.device):
+                raise DTypeDeviceError(f"two_level: first level device {fl_device} differs from the curvature's {curvature.device}")
+        if mode == "previous":
+            try:
+                curvature.statistics(0)
+            except NoStatisticsError as exc:
+                raise ConfigError(
+                    f"two_level: mode='previous' needs per-layer Kronecker statistics; {type(curvature).__name__} "
+                    "has none (use a 'fisher', 'empirical_fisher' or 'ggn' curvature)"
+                ) from exc
+        self.rcond = rcond
+        self.layer_eigen = layer_eigen
+        self.tko_diagonal = tko_diagonal
+        self._static: _CoarseProblem | None = None
+        self._last_infos: list[CoarseSolveInfo] = []
+
+    # -- description ------------------------------------------------------------------------
+    @property
+    def p(self) -> int:
+        return self.partition.p
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.curvature.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.curvature.device
+
+    @property
+    def info(self) -> CoarseSolveInfo | None:
+        """Diagnostics of the last coarse problem solved (``None`` before the first product)."""
+        return self._last_infos[-1] if self._last_infos else None
+
+    @property
+    def infos(self) -> list[CoarseSolveInfo]:
+        """Diagnostics of every coarse problem of the last call (one per column of a
+        ``[p, k]`` input when the basis depends on u)."""
+        return list(self._last_infos)
+
+    def __repr__(self) -> str:
+        return (f"TwoLevelPreconditioner(coarse_space={self.coarse_space!r}, mode={self.mode!r}, "
+                f"damping={self.damping:g}, groups={len(self.partition)}, p={self.p})")
+
+    # -- internals --------------------------------------------------------------------------
+    def _as_matrix(self, u: Any, what: str) -> tuple[torch.Tensor, str]:
+        if isinstance(u, (list, tuple)):
+            return self.curvature.params_to_vector(list(u)).unsqueeze(1), "list"
+        if not isinstance(u, torch.Tensor):
+            raise ShapeError(f"TwoLevelPreconditioner.{what}: expected a tensor or a list of tensors, got {type(u).__name__}")
+        if u.dtype != self.dtype or u.device != self.device:
+            raise DTypeDeviceError(
+                f"TwoLevelPreconditioner.{what}: operator is {self.dtype} on {self.device}, vector is {u.dtype} on {u.device}"
+            )
+        if u.ndim == 1 and u.shape[0] == self.p:
+            return u.unsqueeze(1), "vector"
+        if u.ndim == 2 and u.shape[0] == self.p:
+            return u, "matrix"
+        raise ShapeError(f"TwoLevelPreconditioner.{what}: expected [{self.p}] or [{self.p}, k], got {list(u.shape)}")
+
+    def _context(self, u: torch.Tensor | None = None, zeta: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> CoarseContext:
+        ctx = CoarseContext(self.curvature, self.damping, self.first_level, self.partition, u=u,
+                            layer_eigen=self.layer_eigen)
+        if zeta is not None:
+            ctx._cache["zeta_first"] = zeta
+        if residual is not None:
+            ctx._cache["residual"] = residual
+        return ctx
+
+    def _rcond(self, n: int) -> float:
+        if self.rcond is not None:
+            return float(self.rcond)
+        return 10.0 * max(n, 1) * torch.finfo(self.dtype).eps
+
+    def _problem(self, ctx: CoarseContext) -> _CoarseProblem:
+        basis = self.coarse_space.basis(ctx)
+        if basis.p != self.p or basis.dtype != self.dtype or basis.device != self.device:
+            raise ShapeError(
+                f"coarse space {self.coarse_space.kind!r} returned a basis over p={basis.p} ({basis.dtype} on "
+                f"{basis.device}); expected p={self.p} ({self.dtype} on {self.device})"
+            )
+        norms = basis.column_norms()
+        finite = torch.cat([torch.isfinite(V).all(0) for V in basis.columns])  # [N]
+        keep = finite & (norms > 0)
+        dropped = tuple(int(k) for k in (~keep).nonzero().flatten().tolist())
+        kept = basis if not dropped else basis.select(keep)
+        if self.mode == "previous":
+            op = tko_coarse_operator(self.curvature, kept, self.damping, self.tko_diagonal)
+        else:
+            op = exact_coarse_operator(self.curvature, kept, self.damping)
+        solver = _EquilibratedPinv(op, self._rcond(kept.N))
+        warn = []
+        if solver.truncated:
+            warn.append(
+                f"two-level ({self.coarse_space.kind}, {self.mode}): the coarse operator [{kept.N}×{kept.N}] is "
+                f"numerically singular (rank {solver.rank}); cut {solver.truncated} direction(s) below "
+                f"rcond={self._rcond(kept.N):.1e}·max|eigenvalue| and used the pseudo-inverse"
+            )
+        if not bool(finite.all()):
+            warn.insert(0, f"two-level ({self.coarse_space.kind}): {int((~finite).sum())} coarse column(s) have "
+                           "non-finite entries and were dropped")
+        info = CoarseSolveInfo(self.mode, basis.N, dropped, solver.rank, solver.truncated, solver.cond, dict(basis.meta))
+        return _CoarseProblem(kept, op, solver, info, warn)
+
+    def _static_problem(self) -> _CoarseProblem:
+        if self._static is None:
+            self._static = self._problem(self._context())
+        return self._static
+
+    def _run(self, U: torch.Tensor, Z1: torch.Tensor | None = None, R: torch.Tensor | None = None):
+        """U ``[p, k]`` -> (Z, Z1 = M U, R = U − F•Z1, C = Z − Z1, each ``[p, k]``;
+        list of (problem, columns, β ``[n, k_j]`` float64)).  Z1 and R may be given."""
+        ctx0 = self._context()
+        Z1 = ctx0.apply_first(U) if Z1 is None else Z1
+        R = U - ctx0.apply_damped(Z1) if R is None else R
+        parts: list[tuple[_CoarseProblem, list[int], torch.Tensor]] = []
+        if self.coarse_space.depends_on_input:
+            groups = [([j], self._problem(self._context(U[:, j], Z1[:, j], R[:, j]))) for j in range(U.shape[1])]
+        else:
+            groups = [(list(range(U.shape[1])), self._static_problem())]
+        C = torch.zeros_like(Z1)
+        for cols, prob in groups:
+            src = R if self.mode == "multiplicative" else U
+            rhs = prob.basis.restrict(src[:, cols]).to(torch.float64)
+            beta = prob.solver.solve(rhs)
+            C[:, cols] = prob.basis.prolong(beta.to(self.dtype))
+            parts.append((prob, cols, beta))
+        self._last_infos = [prob.info for prob, _, _ in parts]
+        for prob, _, _ in parts:
+            while prob.pending_warnings:  # stacklevel: _run <- public method <- caller
+                warnings.warn(prob.pending_warnings.pop(0), NumericalWarning, stacklevel=3)
+        return Z1 + C, Z1, R, C, parts
+
+    # -- public API ------------------------------------------------------------------------------
+    def matvec(self, u: Any) -> Any:
+        """ζ_2L for u ``[p]`` -> ``[p]``, ``[p, k]`` -> ``[p, k]``, or a list shaped like
+        ``F.params()`` -> the same (4.11)/(4.17), (4.19) or (4.47) by :attr:`mode`."""
+        U, form = self._as_matrix(u, "matvec")
+        Z = self._run(U)[0]
+        if form == "list":
+            return self.curvature.vector_to_params(Z[:, 0])
+        return Z[:, 0] if form == "vector" else Z
+
+    __matmul__ = matvec
+
+    def matmat(self, U: torch.Tensor) -> torch.Tensor:
+        """ζ_2L column by column for ``U [p, k]`` -> ``[p, k]``."""
+        X, _ = self._as_matrix(U, "matmat")
+        return self._run(X)[0]
+
+    def solve(
+        self,
+        u: torch.Tensor,
+        *,
+        error_reduction: bool = False,
+        zeta_first: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> TwoLevelSolution:
+        """The two-level application to one vector ``u [p]`` with all its intermediates.
+
+        Args:
+            u: ``[p]``.
+            error_reduction: also evaluate 𝔈(β) − 𝔈(0) (4.46).
+            zeta_first: ζ_KFAC = M u ``[p]`` if the caller already has it (a training step
+                does: it is the KFAC direction); trusted, not recomputed.
+            residual: r = u − F•ζ_KFAC ``[p]`` if already known; trusted.
+        """
+        U, form = self._as_matrix(u, "solve")
+        if form != "vector":
+            raise ShapeError(f"TwoLevelPreconditioner.solve: expected one vector [{self.p}], got {list(u.shape)}")
+        given = []
+        for name, v in (("zeta_first", zeta_first), ("residual", residual)):
+            if v is not None:
+                V, f = self._as_matrix(v, f"solve({name}=...)")
+                if f != "vector":
+                    raise ShapeError(f"TwoLevelPreconditioner.solve: {name} must be [{self.p}], got {list(v.shape)}")
+                given.append(V)
+            else:
+                given.append(None)
+        Z, Z1, R, C, parts = self._run(U, *given)
+        prob, _, beta = parts[0]
+        er = self._error_reduction(prob, beta, R, C)[0].to(self.dtype) if error_reduction else None
+        return TwoLevelSolution(
+            zeta=Z[:, 0], zeta_first=Z1[:, 0], correction=C[:, 0], residual=R[:, 0], basis=prob.basis,
+            beta=beta[:, 0], coarse_operator=prob.operator, error_reduction=er, info=prob.info,
+        )
+
+    def _error_reduction(self, prob: _CoarseProblem, beta: torch.Tensor, R: torch.Tensor,
+                         C: torch.Tensor) -> torch.Tensor:
+        """𝔈(β) − 𝔈(0) for β ``[n, k]``, residuals R ``[p, k]`` and corrections C = R₀ᵀβ ``[p, k]``
+        -> ``[k]`` float64: ⟨F•c, c⟩ − 2⟨c, r⟩ per column (module docstring)."""
+        FC = apply_operator(self.curvature, C, "curvature") + self.damping * C
+        C64, R64 = C.to(torch.float64), R.to(torch.float64)
+        return (C64 * FC.to(torch.float64)).sum(0) - 2.0 * (C64 * R64).sum(0)
+
+    def error_reduction(self, u: torch.Tensor) -> torch.Tensor:
+        """𝔈(β) − 𝔈(0) of (4.46) for this mode's β, without the exact solution F•⁻¹u.
+
+        𝔈(β) = ‖ζ_KFAC + R₀ᵀβ − F•⁻¹u‖²_F• (4.41); the difference is
+        ⟨R₀F•R₀ᵀβ, β⟩ − 2⟨R₀ᵀβ, r⟩ with r = u − F•ζ_KFAC (4.44)–(4.46), evaluated as
+        described in the module docstring.  It is ≤ 0 for β* (multiplicative, (4.21)).
+
+        Args:
+            u: ``[p]`` or ``[p, k]``.
+
+        Returns:
+            a 0-d tensor, or ``[k]`` (the curvature's dtype; computed in float64).
+        """
+        U, form = self._as_matrix(u, "error_reduction")
+        _, _, R, C, parts = self._run(U)
+        out = torch.empty(U.shape[1], dtype=torch.float64, device=self.device)
+        for prob, cols, beta in parts:
+            out[cols] = self._error_reduction(prob, beta, R[:, cols], C[:, cols])
+        out = out.to(self.dtype)
+        return out[0] if form != "matrix" else out
+
+    def coarse_basis(self, u: torch.Tensor | None = None) -> CoarseBasis:
+        """The coarse basis R₀ᵀ the coarse space builds for ``u [p]`` (as built, before
+        dropping zero columns; ``u`` may be omitted for spaces that do not depend on it)."""
+        return self.coarse_space.basis(self._ctx_for(u, "coarse_basis"))
+
+    def coarse_operator(self, u: torch.Tensor | None = None, *, exact: bool | None = None) -> torch.Tensor:
+        """The coarse operator on :meth:`coarse_basis` ``[N, N]`` (the curvature's dtype).
+
+        ``exact=None``: the mode's operator (R₀F•R₀ᵀ, or R₀F̄•R₀ᵀ for ``"previous"``);
+        ``True``: R₀F•R₀ᵀ (4.14); ``False``: R₀F̄•R₀ᵀ (4.20).
+        """
+        basis = self.coarse_basis(u)
+        use_exact = (self.mode != "previous") if exact is None else exact
+        if use_exact:
+            op = exact_coarse_operator(self.curvature, basis, self.damping)
+        else:
+            op = tko_coarse_operator(self.curvature, basis, self.damping, self.tko_diagonal)
+        return op.to(self.dtype)
+
+    def _ctx_for(self, u: torch.Tensor | None, what: str) -> CoarseContext:
+        if u is None:
+            if self.coarse_space.depends_on_input:
+                raise ConfigError(f"TwoLevelPreconditioner.{what}: coarse space {self.coarse_space.kind!r} depends on u; pass it")
+            return self._context()
+        U, form = self._as_matrix(u, what)
+        if form != "vector":
+            raise ShapeError(f"TwoLevelPreconditioner.{what}: expected one vector [{self.p}], got {list(u.shape)}")
+        return self._context(U[:, 0])
