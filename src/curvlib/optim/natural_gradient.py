@@ -1,0 +1,360 @@
+"""``NaturalGradient``: a ``torch.optim.Optimizer`` around a curvlib :class:`~curvlib.precond.Preconditioner`.
+
+Training loop::
+
+    opt = NaturalGradient(model, loss_fn, config, lr=1e-2, momentum=0.9, weight_decay=1e-3, kl_clip=1e-2)
+    for X, y in loader:
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step(batch=(X, y))        # refreshes the curvature on (X, y) when due
+
+One step k (steps counted from 0; a skipped step does not count), for each parameter θ
+of group G with learning rate α_G, momentum μ_G and weight decay η_G:
+
+1. g = θ.grad + η_G θ (L2 weight decay added to the gradient before preconditioning, as
+   in §4.3's "weight decay with a coefficient of 10⁻³ for all optimizers");
+2. every T1 steps the curvature is captured on ``batch`` (for the true Fisher, the
+   backward pass with targets sampled from the model is done here, not by the user) and
+   the approximation refitted; every T2 steps the damped inverse is rebuilt;
+3. Δ = P g over the preconditioned (adapted) parameters jointly, P the preconditioner
+   (block-diagonal damped Kronecker inverse, optionally with the coarse correction; or a
+   natural-gradient reference);
+4. KL clipping (appendix 3.E) when ``kl_clip`` = c is set:
+   Δ ← ν Δ with ν = min(1, sqrt(c / Σ_i |Δ_iᵀ g_i|)), the sum over the preconditioned
+   layers i (Δ_i, g_i: layer i's weight and bias entries), computed on the device;
+5. momentum on the preconditioned direction: b ← μ_G b + Δ (b = Δ at the first step);
+   θ ← θ − α_G b (without momentum θ ← θ − α_G Δ).
+
+Parameters the preconditioner does not cover (modules without a layer adapter, such as
+BatchNorm, listed in ``F.excluded``) are updated from g by the ``fallback``:
+
+- ``"sgd"``: b ← μ_G b + g, θ ← θ − α_G b (``torch.optim.SGD`` with momentum, no dampening);
+- ``"adam"``: m ← β₁ m + (1 − β₁) g, v ← β₂ v + (1 − β₂) g², θ ← θ − α_G m̂ / (√v̂ + ε)
+  with m̂ = m / (1 − β₁ᵗ), v̂ = v / (1 − β₂ᵗ) (``torch.optim.Adam``, L2 weight decay).
+
+Adapted parameters outside the optimizer's groups enter the preconditioner with a zero
+gradient and are not updated.
+
+Non-finite gradients (NaN or ±inf in any ``.grad`` of the groups) skip the step: the
+parameters, the optimizer state and the preconditioner state (counters, generator) are
+left untouched and a :class:`~curvlib.errors.NumericalWarning` is emitted.  This check is
+the step's one host synchronisation (like ``torch.amp.GradScaler``'s).
+
+Adaptive damping: when the damping has an ``update(reduction_ratio)`` method
+(``levenberg_marquardt``), after every refresh step the loss on ``batch`` is evaluated at
+the new parameters (one forward pass, buffers restored) and
+ρ = (L(θ + δ) − L(θ)) / (gᵀδ + ½ δᵀ C δ) is passed to it, with δ the step taken on the
+preconditioned parameters, g and L(θ) the gradient and loss captured with the curvature
+C = F (times m for ``reduction="sum"``, so that C approximates ∇²L).  The new λ takes
+effect at the next inversion.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlib.errors import ConfigError, NumericalWarning
+from curvlib.precond import PreconditionerConfig, UpdateInfo, build_preconditioner, preserved_buffers
+
+__all__ = ["NaturalGradient"]
+
+_FALLBACKS = ("sgd", "adam")
+
+
+def _check_group_value(name: str, value: Any, *, low: float, high: float | None = None, high_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ConfigError(f"{name}: expected a number or a one-element tensor, got a tensor of shape {list(value.shape)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if value < low or (high is not None and (value >= high if high_open else value > high)):
+        bound = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f"≥ {low}"
+        raise ConfigError(f"{name}: expected a value in {bound}, got {value!r}")
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Natural-gradient descent with a curvlib preconditioner (see the module docstring).
+
+    Args:
+        model: the network.
+        loss_fn: its loss module (see :func:`curvlib.curvature`).
+        config: the preconditioner: a :class:`~curvlib.precond.PreconditionerConfig`, a
+            mapping of its fields, a YAML/JSON file path, or ``None`` for the defaults
+            (true Fisher with one MC sample, KFAC, heuristic damping λ = 1e-3, T1 = T2 = 1,
+            EMA γ = 0.95).
+        lr: α > 0 (per group: ``group["lr"]``, which learning-rate schedulers change).
+        momentum: μ ∈ [0, 1) on the preconditioned direction (per group).
+        weight_decay: η ≥ 0, L2 weight decay added to the gradient (per group).
+        kl_clip: c > 0 of the KL clipping (appendix 3.E), or ``None`` for none.
+        params: the parameters or parameter groups (default ``model.parameters()``);
+            groups may set ``lr``, ``momentum`` and ``weight_decay``.
+        fallback: how uncovered parameters are updated: ``"sgd"`` or ``"adam"``.
+        adam_betas: (β₁, β₂) of the Adam fallback.
+        adam_eps: ε of the Adam fallback.
+        generator: the ``torch.Generator`` of the Monte Carlo targets.
+        registry: the plugin :class:`~curvlib.plugins.Registry`.
+
+    Attributes:
+        preconditioner: the :class:`~curvlib.precond.Preconditioner`.
+        last_update: the :class:`~curvlib.precond.UpdateInfo` of the last step (``None`` before).
+        last_kl_scale: ν of the last step as a 0-d tensor on the device (``None`` without clipping).
+        last_reduction_ratio: ρ given to an adaptive damping at the last refresh step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        config: PreconditionerConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        kl_clip: float | None = None,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        fallback: str = "sgd",
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        generator: torch.Generator | None = None,
+        registry: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"NaturalGradient: expected model to be an nn.Module, got {type(model).__name__}")
+        _check_group_value("lr", lr, low=0.0)
+        _check_group_value("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        _check_group_value("weight_decay", weight_decay, low=0.0)
+        if kl_clip is not None:
+            _check_group_value("kl_clip", kl_clip, low=0.0)
+            if kl_clip <= 0:
+                raise ConfigError(f"kl_clip: expected c > 0 or None, got {kl_clip!r}")
+        if fallback not in _FALLBACKS:
+            raise ConfigError(f"fallback: expected one of {list(_FALLBACKS)}, got {fallback!r}")
+        if len(adam_betas) != 2:
+            raise ConfigError(f"adam_betas: expected two values (β₁, β₂), got {adam_betas!r}")
+        for i, b in enumerate(adam_betas):
+            _check_group_value(f"adam_betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        _check_group_value("adam_eps", adam_eps, low=0.0)
+        if adam_eps <= 0:
+            raise ConfigError(f"adam_eps: expected ε > 0, got {adam_eps!r}")
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.fallback = fallback
+        self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
+        self.adam_eps = float(adam_eps)
+        self.preconditioner = build_preconditioner(model, loss_fn, config, generator=generator, registry=registry)
+        self.last_update: UpdateInfo | None = None
+        self.last_kl_scale: torch.Tensor | None = None
+        self.last_reduction_ratio: float | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``lr``, ``momentum``, ``weight_decay`` default to the constructor's)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]"
+        _check_group_value(f"{where}.lr", group["lr"], low=0.0)
+        _check_group_value(f"{where}.momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        _check_group_value(f"{where}.weight_decay", group["weight_decay"], low=0.0)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ConfigError(f"{where}: sparse parameters are not supported")
+
+    # -- the step ---------------------------------------------------------------------------
+    def _group_of(self) -> dict[int, dict[str, Any]]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _grads_finite(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not flags:
+            return True
+        return bool(torch.stack(flags).all())  # the step's one host synchronisation
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
+        """One optimization step (module docstring).
+
+        Args:
+            closure: optional; re-evaluates the model, calls ``backward`` and returns the
+                loss (as ``torch.optim`` expects); it is called first, with gradients enabled.
+            batch: ``(X, y)`` for the curvature refresh; required at refresh steps
+                (every ``update_every`` steps, and the first step), ignored otherwise.
+
+        Returns:
+            the closure's loss, or ``None``.
+
+        Raises:
+            ConfigError: a refresh is due and no ``batch`` was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pre = self.preconditioner
+        k = pre.step
+        if batch is None and pre.refresh_due(k):
+            raise ConfigError(
+                f"NaturalGradient.step: a curvature refresh is due at step {k} (update_every = T1 = "
+                f"{pre.config.update_every}; the first step always refreshes) and needs the batch: call "
+                "opt.step(batch=(X, y)) with the batch the loss was computed on"
+            )
+        if not self._grads_finite():
+            warnings.warn(
+                f"NaturalGradient.step: non-finite gradients at step {k}; the step is skipped (parameters, "
+                "optimizer state and preconditioner state unchanged)",
+                NumericalWarning,
+                stacklevel=2,
+            )
+            return loss
+        info = pre.update(batch, step=k)
+        self.last_update = info
+
+        group_of = self._group_of()
+        pparams = pre.params()
+        index = {id(p): i for i, p in enumerate(pparams)}
+        grads = []
+        for p in pparams:
+            group = group_of.get(id(p))
+            if group is None or p.grad is None:
+                grads.append(torch.zeros_like(p))
+                continue
+            g = p.grad
+            if group["weight_decay"] != 0:
+                g = g.add(p, alpha=group["weight_decay"])
+            grads.append(g)
+        directions = pre.apply(grads)
+        if self.kl_clip is not None:
+            nu = self._kl_scale(pre, directions, grads)
+            directions = [d * nu for d in directions]
+            self.last_kl_scale = nu
+
+        adaptive = info.refreshed and callable(getattr(pre.damping, "update", None))
+        deltas = [torch.zeros_like(p) for p in pparams] if adaptive else None
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                i = index.get(id(p))
+                if i is None:
+                    self._fallback_update(p, group)
+                    continue
+                if p.grad is None:
+                    continue
+                d = directions[i]
+                if mu != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mu).add_(d)
+                    d = buf
+                _add_scaled(p, d, lr)
+                if deltas is not None:
+                    deltas[i] = -lr * d
+        if deltas is not None:
+            self._adapt_damping(batch, deltas)
+        return loss
+
+    def _kl_scale(self, pre: Any, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """ν = min(1, sqrt(c / Σ_i |Δ_iᵀ g_i|)) (appendix 3.E), a 0-d tensor on the device."""
+        dots = []
+        j = 0
+        for L in pre.layers:
+            n = len(L.adapter.params())
+            dot = sum((d * g).sum() for d, g in zip(directions[j : j + n], grads[j : j + n]))
+            dots.append(dot.abs())
+            j += n
+        total = torch.stack(dots).sum()
+        # total = 0 gives c/0 = inf and ν = 1: nothing to clip
+        return torch.clamp(torch.sqrt(self.kl_clip / total), max=1.0)
+
+    def _fallback_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if p.grad is None:
+            return
+        g = p.grad
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        state = self.state[p]
+        if self.fallback == "sgd":
+            mu = group["momentum"]
+            if mu != 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(mu).add_(g)
+                g = buf
+            _add_scaled(p, g, group["lr"])
+            return
+        b1, b2 = self.adam_betas
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(self.adam_eps)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            p.sub_(lr / bc1 * m / denom)
+        else:
+            p.addcdiv_(m, denom, value=-lr / bc1)
+
+    def _adapt_damping(self, batch: Any, deltas: list[torch.Tensor]) -> None:
+        """Levenberg–Marquardt: ρ from the loss change after the step (module docstring)."""
+        from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
+
+        pre = self.preconditioner
+        F = pre.curvature
+        X, y = batch
+        inputs = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+        with preserved_buffers(self.model):
+            loss_after = self.loss_fn(self.model(*inputs), y)
+        delta = pre.params_to_vector(deltas)
+        Cd = F @ delta
+        if getattr(self.loss_fn, "reduction", "mean") == "sum":
+            Cd = Cd * F.num_samples
+        change = quadratic_model_change(F.gradient_vector(), delta, Cd)
+        rho = reduction_ratio(F.loss, loss_after, change)
+        pre.damping.update(rho)
+        self.last_reduction_ratio = rho
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state (groups, momentum buffers, Adam moments) plus
+        ``"preconditioner"``: :meth:`Preconditioner.state_dict` (exact round trip)."""
+        state = super().state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; resuming gives bit-identical steps on CPU."""
+        state = dict(state_dict)
+        pre_state = state.pop("preconditioner", None)
+        if pre_state is None:
+            raise ConfigError("NaturalGradient.load_state_dict: the state has no 'preconditioner' entry")
+        super().load_state_dict(state)
+        self.preconditioner.load_state_dict(pre_state)
+
+
+def _add_scaled(p: torch.Tensor, d: torch.Tensor, lr: float | torch.Tensor) -> None:
+    """θ ← θ − lr·d (lr a number or a 0-d tensor)."""
+    if isinstance(lr, torch.Tensor):
+        p.sub_(lr * d)
+    else:
+        p.add_(d, alpha=-lr)

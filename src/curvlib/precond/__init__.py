@@ -1,0 +1,26 @@
+"""The ``precond`` layer (DESIGN.md §2): a configuration and a plugin registry -> a
+:class:`Preconditioner` (first level + optional coarse level, or a natural-gradient reference).
+
+- :class:`PreconditionerConfig` (:mod:`curvlib.precond.config`): the strict, frozen
+  configuration, from keywords, a mapping or a YAML/JSON file;
+- :func:`build_preconditioner` (:mod:`curvlib.precond.builder`): resolves every kind in the
+  registry and validates its options;
+- :class:`Preconditioner` (:mod:`curvlib.precond.preconditioner`): ``update(batch)`` on the
+  T1/T2 schedule, ``apply(grad)``, ``state_dict()``/``load_state_dict()``.
+"""
+
+from curvlib.precond.builder import build_preconditioner
+from curvlib.precond.config import PreconditionerConfig, ResolvedConfig, ResolvedKind, resolve_config
+from curvlib.precond.preconditioner import NotReadyError, Preconditioner, UpdateInfo, preserved_buffers
+
+__all__ = [
+    "NotReadyError",
+    "Preconditioner",
+    "PreconditionerConfig",
+    "ResolvedConfig",
+    "ResolvedKind",
+    "UpdateInfo",
+    "build_preconditioner",
+    "preserved_buffers",
+    "resolve_config",
+]

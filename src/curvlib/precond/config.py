@@ -1,0 +1,312 @@
+"""``PreconditionerConfig``: one strict, frozen description of a preconditioner (DESIGN.md §5).
+
+A configuration names one kind per plug-in family, each as a mapping
+``{"kind": ..., **options}`` (a bare kind name is accepted and becomes ``{"kind": name}``):
+
+==================  ===================================  =====================================
+field               family (plugin registry)             default
+==================  ===================================  =====================================
+``curvature``       ``curvatures``                       ``{"kind": "fisher", "mc_samples": 1}``
+``approximator``    ``approximators``                    ``{"kind": "kfac"}``
+``damping``         ``dampings``                         ``{"kind": "heuristic", "value": 1e-3}``
+``coarse_space``    ``coarse_spaces`` (``None``: one     ``None``
+                    level)
+==================  ===================================  =====================================
+
+plus the schedule and the way the pieces are combined:
+
+- ``coarse_mode``: ``"multiplicative"`` (4.17, default), ``"additive"`` (4.19) or
+  ``"previous"`` (the additive correction with the approximate coarse operator (4.20) of
+  Tselepidis et al.); only with a ``coarse_space``;
+- ``preconditioner``: ``"kronecker"`` (block-diagonal Kronecker approximation, damped and
+  inverted, with the optional coarse correction), ``"block_natural_gradient"`` ((4.52):
+  (F_ii + λI)⁻¹ per layer) or ``"exact_natural_gradient"`` ((4.50): (F + λI)⁻¹), the last
+  two using the damping's ``value`` as λ;
+- ``update_every`` = T1 ≥ 1: curvature statistics are captured and the approximation
+  refreshed every T1 steps (§3.1.2);
+- ``invert_every`` = T2 ≥ 1, a multiple of T1: the damped inverse (factor
+  eigendecompositions) is rebuilt every T2 steps;
+- ``ema`` = γ ∈ [0, 1] (or ``None``: no average): the EMA decay of §3.1.2,
+  ρ = min(1 − 1/k, γ) at the k-th refresh; passed to the approximator unless its own
+  mapping sets ``ema`` (and only if its options model has an ``ema`` field).
+
+The options of each kind are validated against the kind's own pydantic model when the
+configuration is resolved against a plugin registry (:func:`resolve_config`, called by
+:func:`curvlib.build_preconditioner`); errors name the field path, e.g.
+``approximator.rank: Input should be greater than or equal to 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from curvlib.config import StrictModel
+from curvlib.errors import ConfigError, UnknownKindError
+
+__all__ = [
+    "PreconditionerConfig",
+    "ResolvedKind",
+    "ResolvedConfig",
+    "resolve_config",
+    "KIND_FIELDS",
+]
+
+#: config field -> plugin family it is resolved in.
+KIND_FIELDS: dict[str, str] = {
+    "curvature": "curvatures",
+    "approximator": "approximators",
+    "damping": "dampings",
+    "coarse_space": "coarse_spaces",
+}
+
+
+def _format_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc and err.get("type") == "value_error":
+            # a cross-field rule: its message names the fields itself
+            lines.append(f"{prefix}: {msg}" if prefix else msg)
+            continue
+        path = ".".join(p for p in (prefix, loc) if p) or "<root>"
+        got = f" (got {err['input']!r})" if "input" in err and err.get("type") != "missing" else ""
+        lines.append(f"{path}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _kind_mapping(value: Any, field: str) -> dict[str, Any]:
+    """A bare kind name or a mapping with a string ``kind`` -> a plain dict."""
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a kind name or a mapping {{'kind': ..., **options}}, got {type(value).__name__}")
+    data = dict(value)
+    kind = data.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"expected a mapping with a non-empty string 'kind', got {value!r}")
+    return data
+
+
+class PreconditionerConfig(StrictModel):
+    """The configuration of a :class:`~curvlib.precond.Preconditioner` (see the module docstring).
+
+    Construct it from keyword arguments, a mapping (:meth:`coerce`) or a YAML/JSON file
+    (:meth:`from_file`).  Invalid values raise :class:`~curvlib.errors.ConfigError`, one
+    line per problem, each naming its field.
+
+    Example::
+
+        cfg = PreconditionerConfig(curvature={"kind": "fisher", "mc_samples": 1},
+                                   approximator={"kind": "kfac_corrected"},
+                                   damping={"kind": "heuristic", "value": 1e-3},
+                                   coarse_space={"kind": "residual"},
+                                   update_every=10, invert_every=100, ema=0.95)
+    """
+
+    curvature: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "fisher", "mc_samples": 1},
+        description="curvature kind and options (the matrix approximated: fisher, empirical_fisher, ggn, ...)",
+    )
+    approximator: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "kfac"}, description="block approximator kind and options"
+    )
+    damping: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "heuristic", "value": 1e-3}, description="damping kind and options (λ = value)"
+    )
+    coarse_space: dict[str, Any] | None = Field(None, description="coarse space kind and options; None: one level")
+    coarse_mode: Literal["multiplicative", "additive", "previous"] = "multiplicative"
+    preconditioner: Literal["kronecker", "block_natural_gradient", "exact_natural_gradient"] = "kronecker"
+    update_every: int = Field(1, ge=1, description="T1: steps between curvature refreshes")
+    invert_every: int = Field(1, ge=1, description="T2: steps between inversions (a multiple of T1)")
+    ema: float | None = Field(0.95, ge=0.0, le=1.0, description="γ of the EMA ρ = min(1 − 1/k, γ); None: no average")
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError("invalid PreconditionerConfig:\n" + _format_validation_error(exc)) from exc
+
+    @field_validator("curvature", "approximator", "damping", mode="before")
+    @classmethod
+    def _kind_required(cls, value: Any, info: pydantic.ValidationInfo) -> dict[str, Any]:
+        return _kind_mapping(value, info.field_name)
+
+    @field_validator("coarse_space", mode="before")
+    @classmethod
+    def _kind_optional(cls, value: Any, info: pydantic.ValidationInfo) -> dict[str, Any] | None:
+        return None if value is None else _kind_mapping(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PreconditionerConfig:
+        if self.invert_every % self.update_every != 0:
+            raise ValueError(
+                f"invert_every (T2 = {self.invert_every}) must be a multiple of update_every "
+                f"(T1 = {self.update_every}): the inverse is rebuilt from a fresh refresh"
+            )
+        if self.coarse_space is not None and self.preconditioner != "kronecker":
+            raise ValueError(
+                f"coarse_space ({self.coarse_space['kind']!r}) needs preconditioner='kronecker', "
+                f"got preconditioner={self.preconditioner!r}"
+            )
+        if self.coarse_space is None and self.coarse_mode != "multiplicative":
+            raise ValueError(
+                f"coarse_mode={self.coarse_mode!r} needs a coarse_space (coarse_space is None: one level)"
+            )
+        return self
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def coerce(cls, config: PreconditionerConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> PreconditionerConfig:
+        """A config from a config (returned as is), a mapping, a YAML/JSON file path, or ``None`` (defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_file(config)
+        if isinstance(config, Mapping):
+            return cls(**dict(config))
+        raise ConfigError(
+            f"expected a PreconditionerConfig, a mapping, a YAML/JSON file path or None; got {type(config).__name__}"
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> PreconditionerConfig:
+        """Read a configuration from a YAML (``.yaml``/``.yml``) or JSON (``.json``) file.
+
+        The file holds one mapping with the fields of this class.  Other suffixes are
+        parsed as YAML (a superset of JSON).
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"PreconditionerConfig.from_file: expected an existing file, got {str(file)!r}")
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() == ".json":
+            loads = json.loads
+        else:
+            try:
+                import yaml
+            except ImportError as exc:
+                raise ConfigError(
+                    f"PreconditionerConfig.from_file: reading {str(file)!r} as YAML needs PyYAML "
+                    "(pip install pyyaml), or use a .json file"
+                ) from exc
+            loads = yaml.safe_load
+        try:
+            data = loads(text)
+        except Exception as exc:  # parse errors of either format
+            raise ConfigError(f"PreconditionerConfig.from_file: could not parse {str(file)!r}: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"PreconditionerConfig.from_file: expected {str(file)!r} to hold a mapping, got {type(data).__name__}"
+            )
+        try:
+            return cls(**dict(data))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {str(file)!r})") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping (JSON/YAML-serialisable when the options are) that :meth:`coerce` accepts."""
+        return self.model_dump()
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class ResolvedKind:
+    """One family's choice, resolved in a registry.
+
+    Attributes:
+        field: the config field (``"approximator"``, ...).
+        kind: the kind name.
+        spec: the :class:`~curvlib.plugins.PluginSpec`.
+        options: the validated options model instance.
+        data: the options as a plain dict, without ``kind`` (what is passed on as
+            keyword arguments; includes the inherited ``ema``/``interval``).
+    """
+
+    field: str
+    kind: str
+    spec: Any
+    options: BaseModel
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A :class:`PreconditionerConfig` with every kind resolved and validated."""
+
+    config: PreconditionerConfig
+    curvature: ResolvedKind
+    approximator: ResolvedKind
+    damping: ResolvedKind
+    coarse_space: ResolvedKind | None
+
+    @property
+    def lam(self) -> float | None:
+        """The damping's ``value`` (λ), if its options have one."""
+        v = getattr(self.damping.options, "value", None)
+        return None if v is None else float(v)
+
+
+def _resolve_kind(registry: Any, field: str, data: Mapping[str, Any], inherited: Mapping[str, Any]) -> ResolvedKind:
+    family = registry.family(KIND_FIELDS[field])
+    options = dict(data)
+    kind = options.pop("kind")
+    try:
+        spec = family.get(kind)
+    except UnknownKindError as exc:
+        raise UnknownKindError(f"{field}.kind: {exc}") from None
+    fields = getattr(spec.options, "model_fields", {})
+    for name, value in inherited.items():
+        if name in fields and name not in options:
+            options[name] = value
+    try:
+        model = spec.options.model_validate(options)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(
+            f"invalid options for {field} kind {kind!r}:\n" + _format_validation_error(exc, prefix=field)
+        ) from exc
+    return ResolvedKind(field=field, kind=kind, spec=spec, options=model, data=options)
+
+
+def resolve_config(config: PreconditionerConfig, registry: Any) -> ResolvedConfig:
+    """Resolve every ``kind`` of ``config`` in ``registry`` and validate its options.
+
+    Inherited options: the approximator gets ``ema`` = ``config.ema`` and the damping gets
+    ``interval`` = ``config.update_every`` (the Levenberg–Marquardt λ is adapted at each
+    curvature refresh) when their options models have those fields and their mappings do
+    not set them.
+
+    Raises:
+        UnknownKindError: a kind is not registered; the message starts with the field path
+            (``approximator.kind: ...``) and lists the known kinds.
+        ConfigError: invalid options; one line per problem, ``<field>.<option>: <why> (got ...)``.
+        ConfigError: ``preconditioner`` is a natural-gradient reference and the damping has
+            no ``value`` (λ).
+    """
+    curv = _resolve_kind(registry, "curvature", config.curvature, {})
+    approx = _resolve_kind(registry, "approximator", config.approximator, {"ema": config.ema})
+    damp = _resolve_kind(registry, "damping", config.damping, {"interval": config.update_every})
+    coarse = None
+    if config.coarse_space is not None:
+        coarse = _resolve_kind(registry, "coarse_space", config.coarse_space, {})
+    resolved = ResolvedConfig(config=config, curvature=curv, approximator=approx, damping=damp, coarse_space=coarse)
+    if config.preconditioner != "kronecker" and resolved.lam is None:
+        raise ConfigError(
+            f"preconditioner={config.preconditioner!r} uses the damping's value as λ of (F + λI)⁻¹, but damping "
+            f"kind {damp.kind!r} has no 'value' option"
+        )
+    return resolved

@@ -1,0 +1,592 @@
+"""``Preconditioner``: the product of the builder — a curvature approximation kept up to date on
+a schedule and applied to gradients (DESIGN.md §3 "Preconditioner").
+
+Schedule (§3.1.2).  Steps are counted from 0 by :meth:`Preconditioner.update`.  At step k
+
+- a **refresh** happens when k is a multiple of T1 = ``update_every`` (and at the very first
+  update, whatever k): the curvature is captured on the given batch (one forward pass, one
+  backward pass per back-propagated column, e.g. per Monte Carlo target of the true
+  Fisher), and the approximation is refitted with the previous one as ``previous`` (EMA
+  ρ = min(1 − 1/k', γ) at the k'-th refresh, warm starts);
+- an **inversion** happens when k is a multiple of T2 = ``invert_every`` (a multiple of T1,
+  so every inversion follows a refresh at the same step; also at a refresh whose forward
+  pass called a different set of layers): the damping is applied to the latest
+  approximation and the factors are eigendecomposed — the only place they are.
+
+Between inversions :meth:`Preconditioner.apply` reuses the same inverse.  What ``apply``
+computes depends on ``config.preconditioner``:
+
+- ``"kronecker"``: ζ = F̂•⁻¹ g, the damped block-diagonal Kronecker inverse of the last
+  inversion; with a ``coarse_space``, the two-level direction (4.17) (or (4.19)/(4.20) for
+  the additive modes) built from that inverse, the curvature F of the **latest refresh**
+  and the current gradient g;
+- ``"block_natural_gradient"``: ζ_i = (F_ii + λI)⁻¹ g_i per layer (4.52);
+- ``"exact_natural_gradient"``: ζ = (F + λI)⁻¹ g (4.50);
+
+for the last two, F is the curvature captured at the last inversion step and λ the
+damping's current ``value``.
+
+The curvature capture runs the model forward once more; the model's buffers (BatchNorm
+running statistics, ``num_batches_tracked``) are restored afterwards, so a refresh leaves
+the model exactly as it found it.  Monte Carlo targets are drawn from the
+preconditioner's own ``torch.Generator`` (its state is part of :meth:`state_dict`).
+
+Everything lives on the model's device and in its dtype; the per-step path
+(:meth:`apply`) has no host synchronisation of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlib.capture.adapters import LayerBlock, find_layers
+from curvlib.errors import ConfigError, CurvlibError, DTypeDeviceError, ShapeError
+from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
+
+__all__ = ["Preconditioner", "UpdateInfo", "NotReadyError"]
+
+_STATE_VERSION = 1
+
+
+class NotReadyError(CurvlibError, RuntimeError):
+    """The preconditioner was used before its first refresh (call ``update(batch)`` first)."""
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """What one :meth:`Preconditioner.update` did.
+
+    Attributes:
+        step: the step index k the update was made for.
+        refreshed: the curvature was captured and the approximation refitted.
+        inverted: the damped inverse was rebuilt.
+    """
+
+    step: int
+    refreshed: bool
+    inverted: bool
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``model`` (running statistics, counters) on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in saved:
+                b.copy_(s)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    raise ShapeError(f"{type(model).__name__} has no floating-point parameters to precondition")
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from torch's global RNG (reproducible under ``torch.manual_seed``)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _flat_gradient_list(F: Any) -> list[torch.Tensor]:
+    """The captured gradient ∇_{W̄_i} L of each layer, ``[g_dim, a_dim]``, from F.gradient_vector()."""
+    gv = F.gradient_vector()
+    return [gv[L.slice].reshape(L.a_dim, L.g_dim).T for L in F.layers]
+
+
+def _curvature_state(F: Any) -> dict[str, Any]:
+    """A curvature operator's captured statistics as plain containers (to rebuild it exactly)."""
+    from curvlib.curvatures.operator import CurvatureOperator
+
+    if not isinstance(F, CurvatureOperator):
+        raise ConfigError(
+            f"Preconditioner.state_dict: the curvature operator {type(F).__name__} ({getattr(F, 'kind', '?')!r}) "
+            "cannot be saved; the coarse correction and the natural-gradient references need one built from "
+            "captured statistics (fisher, empirical_fisher, ggn)"
+        )
+    stats = [F.statistics(i) for i in range(len(F.layers))]
+    return {
+        "kind": F.kind,
+        "scale": F.scale,
+        "excluded": list(F.excluded),
+        "a": [s.a for s in stats],
+        "g": [s.g for s in stats],
+        "loss": F.loss,
+        "gradient": _flat_gradient_list(F),
+        "sampled_targets": F.sampled_targets,
+    }
+
+
+def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]) -> Any:
+    from curvlib.curvatures.operator import CurvatureOperator
+
+    return CurvatureOperator(
+        layers,
+        state["excluded"],
+        list(state["a"]),
+        list(state["g"]),
+        state["scale"],
+        kind=state["kind"],
+        loss=state["loss"],
+        gradient=list(state["gradient"]),
+        sampled_targets=state["sampled_targets"],
+    )
+
+
+# --------------------------------------------------------------------------- the preconditioner
+
+
+class Preconditioner:
+    """A curvature approximation kept up to date on the T1/T2 schedule and applied to gradients.
+
+    Build it with :func:`curvlib.build_preconditioner` (which validates the configuration
+    against the plugin registry); see the module docstring for the schedule and what
+    :meth:`apply` computes.
+
+    Args:
+        model: the network; its adapted layers (Linear, Conv2d, ConvTranspose2d, plugins)
+            are preconditioned.
+        loss_fn: the loss module (see :func:`curvlib.curvature`).
+        resolved: the :class:`~curvlib.precond.config.ResolvedConfig`.
+        generator: the ``torch.Generator`` of the Monte Carlo targets (default: a
+            generator on the model's device seeded from torch's global RNG).
+        registry: the plugin :class:`~curvlib.plugins.Registry` the kinds come from.
+
+    Attributes:
+        config: the :class:`PreconditionerConfig`.
+        model, loss_fn, registry, generator: as given.
+        damping: the damping object (reused across inversions: an adaptive λ carries over).
+        num_refreshes, num_inversions: how many refreshes / inversions happened.
+        last_refresh_step, last_inversion_step: the step index of the last ones (``None``
+            before the first).
+        curvature: the curvature operator F of the latest refresh (``None`` before it).
+        approximation: the block-diagonal approximation of the latest refresh (``kronecker`` only).
+        inverse: the operator :meth:`apply` uses (first level only, without the coarse correction).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        resolved: ResolvedConfig,
+        *,
+        generator: torch.Generator | None = None,
+        registry: Any,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.resolved = resolved
+        self.config: PreconditionerConfig = resolved.config
+        self.registry = registry
+        self.device, self.dtype = _model_device_dtype(model)
+        if generator is None:
+            generator = default_generator(self.device)
+        elif not isinstance(generator, torch.Generator):
+            raise ConfigError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+        self.damping = resolved.damping.spec.factory(resolved.damping.options)
+        self._curvature_kind = {"kind": resolved.curvature.kind, **resolved.curvature.data}
+        self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._step = 0
+        self.num_refreshes = 0
+        self.num_inversions = 0
+        self.last_refresh_step: int | None = None
+        self.last_inversion_step: int | None = None
+        self._layers: list[LayerBlock] | None = None
+        self._excluded: list[str] = []
+        self.curvature: Any = None
+        self.approximation: Any = None
+        self.inverse: Any = None
+        self._inverted_approximation: Any = None  # the approximation the inverse was built from
+        self._inverted_curvature: Any = None  # natural-gradient references: F of the last inversion
+        self._inverted_damping_state: dict[str, Any] | None = None
+        self._operator: Any = None  # what apply() multiplies by (two-level when configured)
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The index of the next step (the number of updates so far, or the last ``step`` given + 1)."""
+        return self._step
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether :meth:`apply` can be called (a first refresh and inversion happened)."""
+        return self._operator is not None
+
+    @property
+    def layers(self) -> list[LayerBlock]:
+        """The preconditioned layers (as of the latest refresh), in flat-vector order."""
+        self._check_ready("layers")
+        assert self._layers is not None
+        return list(self._layers)
+
+    @property
+    def p(self) -> int:
+        """Length of the flat curvlib vector."""
+        return self.layers[-1].slice.stop
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    @property
+    def excluded(self) -> list[str]:
+        """Qualified names of the trainable parameters the curvature left out (no adapter)."""
+        return list(self._excluded)
+
+    def params(self) -> list[torch.Tensor]:
+        """The preconditioned parameters (weight, then bias, layer by layer): the order of
+        list-shaped gradients and directions."""
+        return [t for L in self.layers for t in L.adapter.params()]
+
+    def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]`` (vec of W̄ = [W, b], columns stacked)."""
+        layers = self.layers
+        shapes = [t.shape for L in layers for t in L.adapter.params()]
+        if len(tensors) != len(shapes) or any(tuple(t.shape) != tuple(s) for t, s in zip(tensors, shapes)):
+            raise ShapeError(
+                f"Preconditioner: expected tensors shaped like the parameters {[list(s) for s in shapes]}, got "
+                f"{[list(getattr(t, 'shape', ())) for t in tensors]}"
+            )
+        out, k = [], 0
+        for L in layers:
+            n = len(L.adapter.params())
+            out.append(L.adapter.params_to_vector(list(tensors[k : k + n])))
+            k += n
+        return torch.cat(out)
+
+    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
+        if v.shape != (self.p,):
+            raise ShapeError(f"Preconditioner: expected a vector [{self.p}], got {list(v.shape)}")
+        return [t for L in self.layers for t in L.adapter.vector_to_params(v[L.slice])]
+
+    def refresh_due(self, step: int | None = None) -> bool:
+        """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""
+        k = self._step if step is None else int(step)
+        return self._operator is None or k % self.config.update_every == 0
+
+    def inversion_due(self, step: int | None = None) -> bool:
+        """Whether :meth:`update` at ``step`` (default: :attr:`step`) rebuilds the inverse."""
+        k = self._step if step is None else int(step)
+        return self._operator is None or k % self.config.invert_every == 0
+
+    def __repr__(self) -> str:
+        c = self.config
+        coarse = "" if c.coarse_space is None else f", coarse_space={c.coarse_space['kind']!r} ({c.coarse_mode})"
+        return (
+            f"Preconditioner({c.preconditioner}, curvature={self.resolved.curvature.kind!r}, "
+            f"approximator={self.resolved.approximator.kind!r}, damping={self.damping!r}{coarse}, "
+            f"T1={c.update_every}, T2={c.invert_every}, step={self._step})"
+        )
+
+    # -- schedule --------------------------------------------------------------------------
+    def update(self, batch: Any = None, *, step: int | None = None) -> UpdateInfo:
+        """Advance the schedule by one step: refresh and/or invert when due (module docstring).
+
+        Args:
+            batch: ``(X, y)`` the curvature is captured on; may be ``None`` at steps where
+                no refresh is due.
+            step: the step index k (default: :attr:`step`); the next default is k + 1.
+
+        Returns:
+            an :class:`UpdateInfo`.
+
+        Raises:
+            ConfigError: a refresh is due and ``batch`` is ``None``; or ``step`` < 0.
+        """
+        k = self._step if step is None else int(step)
+        if k < 0:
+            raise ConfigError(f"Preconditioner.update: step must be ≥ 0, got {k}")
+        refresh = self.refresh_due(k)
+        invert = self.inversion_due(k)
+        if refresh and batch is None:
+            raise ConfigError(
+                f"Preconditioner.update: a curvature refresh is due at step {k} (update_every = T1 = "
+                f"{self.config.update_every}{', first refresh' if self._operator is None else ''}) and needs "
+                "the batch: pass batch=(X, y)"
+            )
+        if refresh and self._refresh(batch, k):
+            invert = True  # the layers changed: the old inverse no longer fits
+        if invert:
+            self._invert(k)
+        if refresh:
+            self._build_operator()
+        self._step = k + 1
+        return UpdateInfo(step=k, refreshed=refresh, inverted=invert)
+
+    def _refresh(self, batch: Any, k: int) -> bool:
+        """Capture and refit; returns whether the set of layers changed (a new layout)."""
+        from curvlib.curvatures.api import curvature
+
+        with preserved_buffers(self.model), torch.enable_grad():
+            F = curvature(
+                self._curvature_kind, self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry
+            )
+        changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
+        if changed:
+            # a different set of layers (a module skipped by this forward): EMA and warm
+            # starts cannot continue, and the inverse is rebuilt at once
+            self.approximation = None
+        if self.config.preconditioner == "kronecker":
+            from curvlib.approximators.api import approximate
+
+            approx = approximate(F, self._approximator_kind, previous=self.approximation, registry=self.registry)
+            # Store the fit in the memory layout a checkpoint restores (factors stacked per
+            # layer, contiguous): BLAS rounding depends on strides, and a resumed run must
+            # compute with exactly the tensors the uninterrupted one uses.
+            self.approximation = type(approx).from_state_dict(approx.state_dict())
+        self.curvature = F
+        self._layers = list(F.layers)
+        self._excluded = list(F.excluded)
+        self.num_refreshes += 1
+        self.last_refresh_step = k
+        return changed
+
+    def _invert(self, k: int) -> None:
+        kind = self.config.preconditioner
+        self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
+        if kind == "kronecker":
+            from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
+
+            previous = self.inverse if isinstance(self.inverse, BlockDiagonalInverse) else None
+            if previous is not None and [b.shape for b in previous.blocks] != [
+                (s.stop - s.start,) * 2 for s in self.approximation.slices
+            ]:
+                previous = None
+            self.inverse = damped_inverse(self.approximation, self.damping, previous=previous)
+            self._inverted_approximation = self.approximation
+        else:
+            self.inverse = self._natural_gradient(self.curvature)
+            self._inverted_curvature = self.curvature
+        self.num_inversions += 1
+        self.last_inversion_step = k
+
+    def _lam(self) -> float:
+        value = getattr(self.damping, "value", None)
+        return float(self.resolved.lam if value is None else value)
+
+    def _natural_gradient(self, F: Any) -> Any:
+        from curvlib import coarse
+
+        if self.config.preconditioner == "exact_natural_gradient":
+            return coarse.exact_natural_gradient(F, self._lam())
+        return coarse.block_natural_gradient(F, self._lam())
+
+    def _build_operator(self) -> None:
+        """The operator apply() uses: the inverse, or the two-level one around it."""
+        if self.resolved.coarse_space is None:
+            self._operator = self.inverse
+            return
+        from curvlib import coarse
+
+        rc = self.resolved.coarse_space
+        # "previous" (4.20b) damps F̄•'s diagonal blocks like the first level does
+        inner = getattr(getattr(self.damping, "options", None), "inner", None)
+        tko_diagonal = "tikhonov" if (inner or self.resolved.damping.kind) == "tikhonov" else "heuristic"
+        self._operator = coarse.two_level(
+            self.inverse,
+            self.curvature,
+            {"kind": rc.kind, **rc.data},
+            self._lam(),
+            self.config.coarse_mode,
+            registry=self.registry,
+            tko_diagonal=tko_diagonal,
+        )
+
+    # -- application -------------------------------------------------------------------------
+    def _check_ready(self, what: str) -> None:
+        if self._operator is None:
+            raise NotReadyError(
+                f"Preconditioner.{what}: no curvature yet; call update(batch) (or the optimizer's "
+                "step(batch=...)) before using the preconditioner"
+            )
+
+    def apply(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The preconditioned direction ζ ≈ F•⁻¹ g (see the module docstring for the kinds).
+
+        Args:
+            grad: the flat curvlib vector ``[p]`` (or ``[p, k]``), or a list of tensors
+                shaped like :meth:`params` (e.g. their ``.grad``).
+
+        Returns:
+            the direction in the same form as ``grad``.
+
+        Raises:
+            NotReadyError: before the first :meth:`update`.
+            ShapeError, DTypeDeviceError: ``grad`` does not fit.
+        """
+        self._check_ready("apply")
+        if isinstance(grad, (list, tuple)):
+            v = self.params_to_vector(grad)
+            return self.vector_to_params(self._apply_flat(v))
+        if not isinstance(grad, torch.Tensor):
+            raise ShapeError(f"Preconditioner.apply: expected a tensor or a list of tensors, got {type(grad).__name__}")
+        return self._apply_flat(grad)
+
+    def _apply_flat(self, v: torch.Tensor) -> torch.Tensor:
+        if v.dtype != self.dtype or v.device != self.device:
+            raise DTypeDeviceError(
+                f"Preconditioner.apply: the preconditioner is {self.dtype} on {self.device}, the gradient is "
+                f"{v.dtype} on {v.device}"
+            )
+        if v.ndim not in (1, 2) or v.shape[0] != self.p:
+            raise ShapeError(f"Preconditioner.apply: expected a vector [{self.p}] or [{self.p}, k], got {list(v.shape)}")
+        return self._operator @ v
+
+    def __matmul__(self, grad: Any) -> Any:
+        return self.apply(grad)
+
+    matvec = apply
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _needs_latest_curvature(self) -> bool:
+        return self.resolved.coarse_space is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next steps depend on, as plain containers of tensors and numbers.
+
+        Keys: the step counters, the generator state, the layer layout, the latest
+        approximation (factors, EMA counters, warm-start vectors), the approximation and
+        damping state the current inverse was built from (the inverse is rebuilt from them
+        on load, deterministically), the damping state (e.g. the Levenberg–Marquardt λ),
+        and — when the coarse correction or a natural-gradient reference needs it — the
+        captured statistics of the curvature.  Loadable with ``torch.load(weights_only=True)``.
+        """
+        inverted_same = self._inverted_approximation is self.approximation
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "preconditioner": self.config.preconditioner,
+            "approximator": self.resolved.approximator.kind,
+            "step": self._step,
+            "num_refreshes": self.num_refreshes,
+            "num_inversions": self.num_inversions,
+            "last_refresh_step": self.last_refresh_step,
+            "last_inversion_step": self.last_inversion_step,
+            "generator": self.generator.get_state(),
+            "layers": None
+            if self._layers is None
+            else [{"name": L.name, "spatial_shape": L.spatial_shape} for L in self._layers],
+            "excluded": list(self._excluded),
+            "damping": copy.deepcopy(self.damping.state_dict()),
+            "inverted_damping": copy.deepcopy(self._inverted_damping_state),
+            "approximation": None if self.approximation is None else self.approximation.state_dict(),
+            "inverted_approximation": None
+            if self._inverted_approximation is None or inverted_same
+            else self._inverted_approximation.state_dict(),
+            "inverted_is_latest": self._inverted_approximation is not None and inverted_same,
+            "curvature": None,
+            "inverted_curvature": None,
+            "inverted_curvature_is_latest": False,
+        }
+        if self._operator is not None and self._needs_latest_curvature():
+            state["curvature"] = _curvature_state(self.curvature)
+        if self._inverted_curvature is not None:
+            if self._inverted_curvature is self.curvature and state["curvature"] is not None:
+                state["inverted_curvature_is_latest"] = True
+            else:
+                state["inverted_curvature"] = _curvature_state(self._inverted_curvature)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into this preconditioner (built for the same model and config).
+
+        The next :meth:`update`/:meth:`apply` calls then give bit-identical results to those
+        of the preconditioner that was saved (on the same device and torch build).
+
+        Raises:
+            ConfigError: the state is of another version, preconditioner type or approximator
+                kind, or names layers the model does not have.
+        """
+        caller = "Preconditioner.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"{caller}: expected a mapping, got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"{caller}: expected state version {_STATE_VERSION}, got {state.get('version')!r}")
+        for key, mine in (("preconditioner", self.config.preconditioner), ("approximator", self.resolved.approximator.kind)):
+            if state.get(key) != mine:
+                raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
+        self._reset()
+        from curvlib.approximators.api import BlockDiagonalApproximation
+
+        self.generator.set_state(state["generator"])
+        layers = None if state["layers"] is None else self._layout(state["layers"], caller)
+        self._layers = layers
+        self._excluded = list(state["excluded"])
+        self.approximation = (
+            None if state["approximation"] is None else BlockDiagonalApproximation.from_state_dict(state["approximation"])
+        )
+        if state["inverted_is_latest"]:
+            self._inverted_approximation = self.approximation
+        elif state["inverted_approximation"] is not None:
+            self._inverted_approximation = BlockDiagonalApproximation.from_state_dict(state["inverted_approximation"])
+        if state["curvature"] is not None:
+            assert layers is not None
+            self.curvature = _curvature_from_state(state["curvature"], layers)
+        if state["inverted_curvature_is_latest"]:
+            self._inverted_curvature = self.curvature
+        elif state["inverted_curvature"] is not None:
+            assert layers is not None
+            self._inverted_curvature = _curvature_from_state(state["inverted_curvature"], layers)
+        # rebuild the inverse with the damping in the state it was in at the inversion
+        if state["inverted_damping"] is not None and (
+            self._inverted_approximation is not None or self._inverted_curvature is not None
+        ):
+            self._load_damping(state["inverted_damping"], caller)
+            if self.config.preconditioner == "kronecker":
+                from curvlib.damping.api import damped_inverse
+
+                self.inverse = damped_inverse(self._inverted_approximation, self.damping)
+            else:
+                self.inverse = self._natural_gradient(self._inverted_curvature)
+            self._inverted_damping_state = copy.deepcopy(dict(state["inverted_damping"]))
+        self._load_damping(state["damping"], caller)
+        if self.inverse is not None:
+            self._build_operator()
+        self._step = int(state["step"])
+        self.num_refreshes = int(state["num_refreshes"])
+        self.num_inversions = int(state["num_inversions"])
+        self.last_refresh_step = state["last_refresh_step"]
+        self.last_inversion_step = state["last_inversion_step"]
+
+    def _load_damping(self, dstate: Mapping[str, Any], caller: str) -> None:
+        loader = getattr(self.damping, "load_state_dict", None)
+        if loader is not None:
+            loader(copy.deepcopy(dict(dstate)))
+        elif dict(dstate) != self.damping.state_dict():
+            raise ConfigError(
+                f"{caller}: the damping {self.damping!r} cannot load a state ({dict(dstate)!r} differs from its own "
+                f"{self.damping.state_dict()!r})"
+            )
+
+    def _layout(self, entries: Sequence[Mapping[str, Any]], caller: str) -> list[LayerBlock]:
+        candidates, _ = find_layers(self.model, self.registry)
+        by_name = {c.name: c for c in candidates}
+        chosen = []
+        for e in entries:
+            c = by_name.get(e["name"])
+            if c is None:
+                raise ConfigError(
+                    f"{caller}: the state names layer {e['name']!r}; the model's adapted layers are {list(by_name)}"
+                )
+            if e.get("spatial_shape") is not None:
+                c.adapter.spatial_shape = tuple(e["spatial_shape"])
+            chosen.append(c)
+        return LayerBlock.build(chosen)
