@@ -1,11 +1,18 @@
-"""The ``curvlib`` command line."""
+"""The ``curvlib`` command line.
+
+* ``curvlib plugins list`` — every plugin family with its kinds and their distributions;
+* ``curvlib bench`` — train methods on benchmark problems and report curves, plots and a
+  summary table (docs/bench.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from curvlib.errors import CurvlibError
 from curvlib.plugins import load_registry
 
 __all__ = ["main"]
@@ -28,14 +35,252 @@ def _plugins_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+_BENCH_SCALARS = {
+    # option dest -> BenchConfig key
+    "path": "path", "steps": "steps", "epochs": "epochs", "batch_size": "batch_size",
+    "damping_kind": "damping_kind", "momentum": "momentum", "weight_decay": "weight_decay",
+    "kl_clip": "kl_clip", "update_every": "update_every", "invert_every": "invert_every", "ema": "ema",
+    "mc_samples": "mc_samples", "seed": "seed", "small": "small", "out": "out", "name": "name",
+    "target_loss": "target_loss", "target_margin": "target_margin", "eval_every": "eval_every",
+    "patience": "patience", "eval_train_limit": "eval_train_limit", "progress": "progress",
+    "warmup_steps": "warmup_steps", "threads": "threads",
+}
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _per_method(values: list[str] | None, option: str) -> tuple[float | None, dict[str, float]]:
+    """``--lr 0.1`` (every method) and ``--lr kfac=0.3`` (one method), repeatable."""
+    everyone: float | None = None
+    per: dict[str, float] = {}
+    for value in values or []:
+        name, sep, number = value.rpartition("=")
+        try:
+            x = float(number)
+        except ValueError:
+            raise CurvlibError(f"{option} expects VALUE or METHOD=VALUE, got {value!r}") from None
+        if sep:
+            per[name.strip()] = x
+        else:
+            everyone = x
+    return everyone, per
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [n for v in values for n in v.replace(",", " ").split() if n]
+
+
+def bench_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~curvlib.bench.runner.BenchConfig` of ``curvlib bench`` options:
+    the ``--config`` file first, every option given on the command line on top."""
+    from curvlib.bench.runner import BenchConfig, load_config_file
+
+    data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    problems = _names(args.problems)
+    if problems is not None:
+        data["problems"] = problems
+    for dest, key in _BENCH_SCALARS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            data[key] = value
+    if args.steps is not None:
+        data.pop("epochs", None)
+    if args.epochs is not None:
+        data.pop("steps", None)
+    methods = _names(args.methods)
+    if methods is not None:
+        from_file = {}
+        for entry in data.get("methods", []) or []:
+            if isinstance(entry, dict) and "name" in entry:
+                from_file[entry["name"]] = entry
+        data["methods"] = [dict(from_file.get(n, {"name": n})) for n in methods]
+    for option, key in (("--lr", "lr"), ("--damping", "damping")):
+        everyone, per = _per_method(getattr(args, key), option)
+        if everyone is not None:
+            data[key] = everyone
+        if per:
+            from curvlib.bench.runner import DEFAULT_METHODS
+
+            entries = [e if isinstance(e, dict) else {"name": e} for e in data.get("methods", DEFAULT_METHODS)]
+            names = [e["name"] for e in entries]
+            for name, x in per.items():
+                if name not in names:
+                    raise CurvlibError(f"{option} {name}={x:g}: {name!r} is not among the methods run "
+                                       f"({', '.join(names)})")
+                entries[names.index(name)] = {**entries[names.index(name)], key: x}
+            data["methods"] = entries
+    if args.grid or args.grid_lr is not None or args.grid_damping is not None or args.grid_steps is not None:
+        grid = data.get("grid")
+        grid = {} if grid in (None, True, False) else dict(grid)
+        if args.grid_lr is not None:
+            grid["lr"] = args.grid_lr
+        if args.grid_damping is not None:
+            grid["damping"] = args.grid_damping
+        if args.grid_steps is not None:
+            grid["steps"] = args.grid_steps
+        data["grid"] = grid
+    if args.no_plots:
+        data["plots"] = False
+    return BenchConfig.from_mapping(data, where=f"curvlib bench{' --config ' + args.config if args.config else ''}")
+
+
+def _list_methods(registry: Any) -> None:
+    from curvlib.bench.methods import resolve_method
+
+    out = sys.stdout
+    out.write("methods (also <approximator>_tikhonov and <approximator>+<coarse space>):\n")
+    for name in _available(registry):
+        out.write(f"  {name:<24} {resolve_method(name, registry).description}\n")
+
+
+def _available(registry: Any) -> list[str]:
+    from curvlib.bench.methods import available_methods
+
+    return available_methods(registry)
+
+
+def _list_problems() -> None:
+    import inspect
+
+    from curvlib.bench.problems import PROBLEMS
+
+    for name, builder in PROBLEMS.items():
+        doc = (inspect.getdoc(builder) or "").split("\n")[0]
+        sys.stdout.write(f"  {name:<24} {doc}\n")
+
+
+def _print_summary(summary: dict[str, Any], progress_mode: str) -> None:
+    from curvlib.bench import report
+
+    use_rich = progress_mode == "rich" or (progress_mode == "auto" and sys.stdout.isatty())
+    if use_rich:
+        try:
+            from rich.console import Console
+        except ImportError:
+            use_rich = False
+    console = Console() if use_rich else None
+    if console is not None and console.width >= 110:  # narrower: rich would cut the numbers
+        for table in report.rich_summary(summary):
+            console.print(table)
+    else:
+        sys.stdout.write(report.format_summary(summary) + "\n")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from curvlib.bench.runner import run_bench
+
+    registry = load_registry()
+    if args.list_methods:
+        _list_methods(registry)
+        return 0
+    if args.list_problems:
+        _list_problems()
+        return 0
+    try:
+        config = bench_config_from_args(args)
+        result = run_bench(config, registry=registry)
+    except CurvlibError as exc:
+        sys.stderr.write(f"curvlib bench: error: {exc}\n")
+        return 2
+    sys.stdout.write("\n")
+    _print_summary(result.summary, config.progress)
+    sys.stdout.write(f"\nresults: {result.out}\n")
+    return 0
+
+
+def _add_bench_parser(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="train methods on benchmark problems; write curves, plots and a summary",
+        description="Train each method on each problem from the same seeded start; record the training "
+        "and test losses and the training time; write one JSON per run, PNG plots and summary.json "
+        "under --out; print a summary table (time to reach a target loss, ratio to Adam). "
+        "Defaults: the small MNIST auto-encoder, sgd adam kfac kpsvd deflation lanczos kfac_corrected. "
+        "See docs/bench.md.",
+    )
+    what = bench.add_argument_group("what to run")
+    what.add_argument("--problem", "--problems", dest="problems", nargs="+", metavar="NAME",
+                      help="problem name(s) (see --list-problems); default mnist_autoencoder")
+    what.add_argument("--methods", "--method", dest="methods", nargs="+", metavar="METHOD",
+                      help="method name(s) (see --list-methods): sgd, adam, kfac, kfac_tikhonov, any registered "
+                      "approximator kind, <approximator>+<coarse space>, block_ng, exact_ng")
+    what.add_argument("--path", help="data files for the problems (e.g. a folder of MNIST idx files)")
+    size = what.add_mutually_exclusive_group()
+    size.add_argument("--small", dest="small", action="store_const", const=True, default=None,
+                      help="shrunk hidden widths and training sets (the default)")
+    size.add_argument("--full", dest="small", action="store_const", const=False,
+                      help="the thesis's full architectures and data")
+    what.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (command-line options win)")
+    what.add_argument("--list-methods", action="store_true", help="list the valid method names and exit")
+    what.add_argument("--list-problems", action="store_true", help="list the problems and exit")
+
+    length = bench.add_argument_group("run length and data")
+    steps = length.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="optimizer steps per run (default 200)")
+    steps.add_argument("--epochs", type=int, help="passes over the training set per run")
+    length.add_argument("--batch-size", type=int, help="batch size (default: the problem's)")
+    length.add_argument("--seed", type=int, help="seed of weights, batch order, Monte Carlo draws, data split (default 0)")
+    length.add_argument("--eval-every", type=int, metavar="STEPS",
+                        help="steps between evaluations of the training/test loss (default: one epoch)")
+    length.add_argument("--eval-train-limit", type=int, metavar="N",
+                        help="evaluate the training loss on the first N training inputs (default 10000)")
+    length.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (torch.set_num_threads; default: torch's own choice)")
+    length.add_argument("--warmup-steps", type=int, metavar="N",
+                        help="untimed SGD steps on a throwaway model before each problem's runs (default 20)")
+    length.add_argument("--patience", type=int, metavar="EVALS",
+                        help="early stopping: stop after this many evaluations without improvement (thesis §4.3: 10 epochs)")
+
+    hyper = bench.add_argument_group("hyperparameters")
+    hyper.add_argument("--lr", action="append", metavar="[METHOD=]VALUE",
+                       help="learning rate, for every method or METHOD=VALUE for one (repeatable)")
+    hyper.add_argument("--damping", action="append", metavar="[METHOD=]VALUE",
+                       help="damping lambda of the natural-gradient methods (repeatable like --lr)")
+    hyper.add_argument("--damping-kind", help="damping kind for every natural-gradient method (heuristic, tikhonov, ...)")
+    hyper.add_argument("--momentum", type=float, help="momentum (default 0.9 for sgd, 0 for natural gradient)")
+    hyper.add_argument("--weight-decay", type=float, help="L2 weight decay (thesis §4.3: 1e-3)")
+    hyper.add_argument("--kl-clip", type=float, help="KL clipping constant c of the natural-gradient methods (appendix 3.E; default 1e-3; 0: off)")
+    hyper.add_argument("--update-every", type=int, metavar="T1", help="steps between curvature refreshes")
+    hyper.add_argument("--invert-every", type=int, metavar="T2", help="steps between inversions")
+    hyper.add_argument("--ema", type=float, help="moving-average decay gamma of the curvature (thesis: 0.95)")
+    hyper.add_argument("--mc-samples", type=int, help="Monte Carlo targets per input for the true Fisher")
+    hyper.add_argument("--grid", action="store_true",
+                       help="grid-search lr (and damping) per method before the main run (thesis §3.3.2 grid)")
+    hyper.add_argument("--grid-lr", type=_float_list, metavar="LIST", help="learning rates of the grid, comma-separated")
+    hyper.add_argument("--grid-damping", type=_float_list, metavar="LIST", help="dampings of the grid, comma-separated")
+    hyper.add_argument("--grid-steps", type=int, help="steps of each grid trial (default: a quarter of --steps)")
+
+    output = bench.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", help="results directory (default results/bench/<name>)")
+    output.add_argument("--name", help="name of the run (default: a UTC timestamp)")
+    output.add_argument("--target-loss", type=float,
+                        help="training loss for time-to-target (default: Adam's best final loss x 1.05)")
+    output.add_argument("--target-margin", type=float, help="margin over Adam's final loss (default 0.05)")
+    output.add_argument("--progress", choices=("auto", "rich", "plain", "none"),
+                        help="progress display (default auto: rich on a terminal, plain lines otherwise)")
+    output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    bench.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curvlib", description=__doc__)
+    parser = argparse.ArgumentParser(prog="curvlib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="inspect installed plugins")
     psub = plugins.add_subparsers(dest="plugins_command", required=True)
     plist = psub.add_parser("list", help="every family with its kinds and the distribution providing each")
     plist.add_argument("--no-external", action="store_true", help="load only curvlib's own plugins")
     plist.set_defaults(func=_plugins_list)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,425 @@
+"""The optimization methods ``curvlib bench`` compares, by name, and how to build each.
+
+A *method* is a name the user types (``--methods sgd adam kfac kfac+residual``) resolved
+against the plugin registry into a :class:`Method`: a first-order baseline (SGD, Adam)
+or a natural-gradient optimizer (:class:`curvlib.optim.NaturalGradient`) with one
+:class:`curvlib.precond.PreconditionerConfig`.
+
+=======================  =====================================================================
+name                     what runs
+=======================  =====================================================================
+``sgd``                  ``torch.optim.SGD``, momentum β = 0.9 (thesis §3.3.2)
+``adam``                 ``torch.optim.Adam``, (β₁, β₂) = (0.9, 0.999) (thesis §3.3.2)
+``kfac``                 approximator ``kfac``, heuristic (π-split) damping (2.95)–(2.96)
+``kfac_tikhonov``        approximator ``kfac``, Tikhonov damping (A ⊗ G + λI)⁻¹ (4.54), §4.4.2
+``<kind>``               any registered approximator kind — ``kpsvd``, ``deflation``,
+                         ``lanczos``, ``kfac_corrected``, ``exact_block``, or a third party's —
+                         with heuristic damping
+``<kind>_tikhonov``      the same approximator with Tikhonov damping
+``<kind>+<coarse>``      two-level: approximator ``<kind>`` with the registered coarse space
+                         ``<coarse>`` (``residual``, ``nicolaides``, ``spectral``, ``krylov``,
+                         ``taylor``, …), multiplicative correction (4.17)
+``<kind>+previous``      the two-level method of Tselepidis et al. (thesis's "PREVIOUS",
+                         (4.19)–(4.20)): the Nicolaides coarse space with
+                         ``coarse_mode="previous"`` (additive, approximate coarse operator)
+``block_ng``             block-diagonal natural gradient (4.51)–(4.52), Tikhonov damping
+``exact_ng``             exact natural gradient through Woodbury (4.50), Tikhonov damping
+=======================  =====================================================================
+
+A name that is none of these raises :class:`~curvlib.errors.UnknownKindError` listing the
+valid names (:func:`available_methods`). Nothing here hard-codes the approximator kinds:
+a third-party approximator installed as a plugin is a method under its own name.
+
+Hyperparameters (:class:`Hyperparameters`) default per method family
+(:data:`DEFAULT_LR`, :data:`DEFAULT_DAMPING`); ``curvlib bench --grid`` replaces the
+learning rate and the damping by a grid search (:mod:`curvlib.bench.grid`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from curvlib.config import StrictModel
+from curvlib.errors import ConfigError, UnknownKindError
+
+__all__ = [
+    "COARSE_SEPARATOR",
+    "DEFAULT_DAMPING",
+    "DEFAULT_KL_CLIP",
+    "DEFAULT_LR",
+    "DEFAULT_SCHEDULE",
+    "FIRST_ORDER",
+    "Hyperparameters",
+    "Method",
+    "OptimizerUnavailableError",
+    "TrainingStep",
+    "available_methods",
+    "build_training_step",
+    "natural_gradient_available",
+    "resolve_method",
+]
+
+Family = Literal["sgd", "adam", "natural_gradient"]
+
+#: The first-order baselines.
+FIRST_ORDER: tuple[str, ...] = ("sgd", "adam")
+
+#: Separator of a two-level method name, ``<approximator>+<coarse space>``.
+COARSE_SEPARATOR = "+"
+
+#: Suffix selecting Tikhonov damping instead of the heuristic π-split (§4.4.2).
+TIKHONOV_SUFFIX = "_tikhonov"
+
+#: Learning rate used when neither the user nor a grid search gives one: picked from short
+#: grid searches (:mod:`curvlib.bench.grid`) on the default problem (``mnist_autoencoder``,
+#: ``small=True``, batch 512) — a starting point, not a tuned optimum for other problems.
+#: For natural gradient it is the largest step α_max, the KL clipping (:data:`DEFAULT_KL_CLIP`)
+#: shortening it (appendix 3.E).
+DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 3e-3, "natural_gradient": 1.0}
+
+#: Damping λ used when neither the user nor a grid search gives one.
+DEFAULT_DAMPING = 1e-2
+
+#: KL clipping constant c of the natural-gradient methods (appendix 3.E; §3.3.2 searches
+#: c in {10⁻², 10⁻³}).
+DEFAULT_KL_CLIP = 1e-3
+
+#: T1 (curvature refresh) and T2 (inversion) of the natural-gradient methods unless set.
+#: The thesis's §3.3.2 runs use T1 = T2 = 100 over many epochs; the default benchmark is a
+#: few hundred steps, so the curvature is refreshed every 10 steps and inverted every 20.
+DEFAULT_SCHEDULE: dict[str, int] = {"update_every": 10, "invert_every": 20}
+
+#: Momentum of each family (thesis §3.3.2: β = 0.9 for SGD; none for natural gradient).
+DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "adam": 0.0, "natural_gradient": 0.0}
+
+
+class OptimizerUnavailableError(ConfigError):
+    """A natural-gradient method was asked for but ``curvlib.optim`` cannot be imported."""
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+class Hyperparameters(StrictModel):
+    """The settings of one method on one problem (every field is recorded in the run's JSON).
+
+    Attributes:
+        lr: learning rate α.
+        momentum: heavy-ball β (SGD, natural gradient); unused by Adam (its β₁ = 0.9).
+        weight_decay: L2 coefficient (§4.3 uses 1e-3 for every optimizer).
+        damping: λ of the natural-gradient methods (its meaning is the damping kind's).
+        damping_kind: ``"heuristic"`` or ``"tikhonov"`` (or any registered damping kind);
+            ``None``: the method's own choice.
+        kl_clip: c of the KL clipping of appendix 3.E (natural gradient; default
+            :data:`DEFAULT_KL_CLIP`); 0: off.
+        curvature: the curvature kind the factors estimate (``"fisher"``: true Fisher,
+            targets sampled from the model, as in the thesis's experiments).
+        mc_samples: Monte Carlo targets per input for ``"fisher"``.
+        update_every: T₁, steps between curvature refreshes (:data:`DEFAULT_SCHEDULE`
+            for the natural-gradient methods; ``None``: the ``PreconditionerConfig`` default).
+        invert_every: T₂, steps between inversions, a multiple of T₁.
+        ema: γ of the moving average of §3.1.2; ``None``: the default.
+        approximator_options: extra options of the approximator kind (e.g. ``{"power_iters": 20}``).
+        coarse_options: extra options of the coarse space kind.
+        fallback: the optimizer natural gradient uses for parameters outside any layer
+            (batch-norm scales, …): ``"sgd"`` or ``"adam"``.
+    """
+
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    damping: float | None = Field(None, gt=0)
+    damping_kind: str | None = None
+    kl_clip: float | None = Field(None, ge=0)
+    curvature: str = "fisher"
+    mc_samples: int = Field(1, ge=1)
+    update_every: int | None = Field(None, ge=1)
+    invert_every: int | None = Field(None, ge=1)
+    ema: float | None = Field(None, ge=0, le=1)
+    approximator_options: dict[str, Any] = Field(default_factory=dict)
+    coarse_options: dict[str, Any] = Field(default_factory=dict)
+    fallback: Literal["sgd", "adam"] = "sgd"
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A resolved method name.
+
+    Attributes:
+        name: the name as given (``"kfac+residual"``).
+        family: ``"sgd"``, ``"adam"`` or ``"natural_gradient"``.
+        description: one line for tables and ``--list-methods``.
+        approximator: the approximator kind (Kronecker natural gradient only; the
+            ``block_ng``/``exact_ng`` references use the curvature itself).
+        damping_kind: the damping kind the method uses unless overridden.
+        coarse_space: the coarse space kind of a two-level method, else ``None``.
+        coarse_mode: ``"multiplicative"`` (4.17) or ``"additive"`` (4.19).
+        preconditioner: ``"kronecker"``, ``"block_natural_gradient"`` or
+            ``"exact_natural_gradient"``.
+    """
+
+    name: str
+    family: Family
+    description: str
+    approximator: str | None = None
+    damping_kind: str | None = None
+    coarse_space: str | None = None
+    coarse_mode: str = "multiplicative"
+    preconditioner: str = "kronecker"
+
+    @property
+    def is_natural_gradient(self) -> bool:
+        return self.family == "natural_gradient"
+
+    def default_hyperparameters(self, **overrides: Any) -> Hyperparameters:
+        """The method's defaults (:data:`DEFAULT_LR`, …) with ``overrides`` (``None`` values ignored)."""
+        values: dict[str, Any] = {
+            "lr": DEFAULT_LR[self.family],
+            "momentum": DEFAULT_MOMENTUM[self.family],
+        }
+        if self.is_natural_gradient:
+            values["damping"] = DEFAULT_DAMPING
+            values["damping_kind"] = self.damping_kind
+            values["kl_clip"] = DEFAULT_KL_CLIP
+            values.update(DEFAULT_SCHEDULE)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        T1, T2 = values.get("update_every"), values.get("invert_every")
+        if T1 is not None and T2 is not None and "invert_every" not in given and T2 % T1:
+            # a T1 of the user's with the default T2: the next multiple of T1 (T2 must be one)
+            values["invert_every"] = -(-T2 // T1) * T1
+        return Hyperparameters(**values)
+
+    def preconditioner_config(self, hp: Hyperparameters) -> dict[str, Any]:
+        """The keyword arguments of ``PreconditionerConfig`` for ``hp`` (natural gradient only)."""
+        if not self.is_natural_gradient:
+            raise ConfigError(f"method {self.name!r} ({self.family}) has no preconditioner")
+        damping: dict[str, Any] = {"kind": hp.damping_kind or self.damping_kind or "heuristic"}
+        if hp.damping is not None:
+            damping["value"] = hp.damping
+        curvature: dict[str, Any] = {"kind": hp.curvature}
+        if hp.curvature == "fisher":
+            curvature["mc_samples"] = hp.mc_samples
+        config: dict[str, Any] = {"curvature": curvature, "damping": damping, "preconditioner": self.preconditioner}
+        if self.approximator is not None:
+            config["approximator"] = {"kind": self.approximator, **hp.approximator_options}
+        elif hp.approximator_options:
+            raise ConfigError(f"method {self.name!r} uses no approximator; got approximator_options "
+                              f"{hp.approximator_options}")
+        if self.coarse_space is not None:
+            config["coarse_space"] = {"kind": self.coarse_space, **hp.coarse_options}
+            config["coarse_mode"] = self.coarse_mode
+        for key in ("update_every", "invert_every", "ema"):
+            value = getattr(hp, key)
+            if value is not None:
+                config[key] = value
+        return config
+
+
+_FIXED: dict[str, Method] = {
+    "sgd": Method("sgd", "sgd", "SGD with momentum 0.9"),
+    "adam": Method("adam", "adam", "Adam, betas (0.9, 0.999)"),
+    "block_ng": Method(
+        "block_ng", "natural_gradient", "block-diagonal natural gradient (4.51)-(4.52), Tikhonov damping",
+        damping_kind="tikhonov", preconditioner="block_natural_gradient",
+    ),
+    "exact_ng": Method(
+        "exact_ng", "natural_gradient", "exact natural gradient via Woodbury (4.50), Tikhonov damping",
+        damping_kind="tikhonov", preconditioner="exact_natural_gradient",
+    ),
+}
+
+#: The two-level method of Tselepidis et al. (thesis Table 4.1, "PREVIOUS"): not a coarse
+#: space of its own but the Nicolaides space with the additive correction and the
+#: approximate coarse operator (4.19)-(4.20), ``coarse_mode="previous"``.
+_PREVIOUS = ("previous", "nicolaides", "previous")
+
+
+def _kinds(registry: Any, family: str) -> list[str]:
+    return list(registry.family(family).kinds())
+
+
+def available_methods(registry: Any) -> list[str]:
+    """Every method name ``curvlib bench`` accepts with this ``registry``, in display order.
+
+    Two-level names are listed for the ``kfac`` approximator only; any
+    ``<approximator>+<coarse space>`` pair of registered kinds is accepted.
+    """
+    approximators = _kinds(registry, "approximators")
+    coarse = _kinds(registry, "coarse_spaces")
+    names = list(FIRST_ORDER)
+    if "kfac" in approximators:
+        names += ["kfac", "kfac_tikhonov"]
+    names += [k for k in approximators if k != "kfac"]
+    if "kfac" in approximators:
+        names += [f"kfac{COARSE_SEPARATOR}{c}" for c in coarse]
+        if _PREVIOUS[1] in coarse and _PREVIOUS[0] not in coarse:
+            names.append(f"kfac{COARSE_SEPARATOR}{_PREVIOUS[0]}")
+    names += ["block_ng", "exact_ng"]
+    return names
+
+
+def _unknown(name: str, registry: Any, why: str) -> UnknownKindError:
+    approximators = ", ".join(_kinds(registry, "approximators")) or "(none registered)"
+    coarse = _kinds(registry, "coarse_spaces")
+    coarse_txt = ", ".join(coarse + ([_PREVIOUS[0]] if _PREVIOUS[1] in coarse else [])) or "(none registered)"
+    return UnknownKindError(
+        f"unknown method {name!r}: {why}. Valid methods: {', '.join(available_methods(registry))}; "
+        f"also <approximator>{TIKHONOV_SUFFIX} and <approximator>{COARSE_SEPARATOR}<coarse space> "
+        f"(approximators: {approximators}; coarse spaces: {coarse_txt})"
+    )
+
+
+def resolve_method(name: str, registry: Any) -> Method:
+    """The :class:`Method` called ``name`` (see the module docstring for the grammar).
+
+    Raises:
+        UnknownKindError: ``name`` is not a valid method; the message lists the valid ones.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise _unknown(str(name), registry, "a method name must be a non-empty string")
+    name = name.strip()
+    if name in _FIXED:
+        return _FIXED[name]
+    approximators = set(_kinds(registry, "approximators"))
+    coarse = set(_kinds(registry, "coarse_spaces"))
+    if name in approximators:
+        # a kind may name the damping its blocks need (EKFAC's exact-like block: tikhonov)
+        damping = registry.approximators.get(name).metadata.get("default_damping", "heuristic")
+        return Method(name, "natural_gradient", f"approximator {name!r}, {damping} damping",
+                      approximator=name, damping_kind=damping)
+    if COARSE_SEPARATOR in name:
+        base_name, _, coarse_name = name.partition(COARSE_SEPARATOR)
+        base = resolve_method(base_name, registry) if base_name else None
+        if base is None or base.approximator is None or base.preconditioner != "kronecker" \
+                or base.coarse_space is not None:
+            raise _unknown(name, registry, f"{base_name!r} is not an approximator method")
+        mode = "multiplicative"
+        if coarse_name == _PREVIOUS[0] and coarse_name not in coarse:
+            coarse_name, mode = _PREVIOUS[1], _PREVIOUS[2]
+            desc = f"{base.description}, two-level of Tselepidis et al. (nicolaides, (4.19)-(4.20))"
+        else:
+            desc = f"{base.description}, two-level with coarse space {coarse_name!r}"
+        if coarse_name not in coarse:
+            raise _unknown(name, registry, f"coarse space {coarse_name!r} is not registered")
+        return Method(name, "natural_gradient", desc, approximator=base.approximator,
+                      damping_kind=base.damping_kind, coarse_space=coarse_name, coarse_mode=mode)
+    if name.endswith(TIKHONOV_SUFFIX) and name[: -len(TIKHONOV_SUFFIX)] in approximators:
+        kind = name[: -len(TIKHONOV_SUFFIX)]
+        return Method(name, "natural_gradient", f"approximator {kind!r}, Tikhonov damping (4.54)",
+                      approximator=kind, damping_kind="tikhonov")
+    raise _unknown(name, registry, "not a baseline, an approximator kind or a two-level name")
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def natural_gradient_available() -> tuple[bool, str]:
+    """Whether ``curvlib.optim.NaturalGradient`` and ``curvlib.precond.PreconditionerConfig``
+    import; the second item says why not."""
+    try:
+        importlib.import_module("curvlib.optim")
+        importlib.import_module("curvlib.precond")
+    except ImportError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+@dataclass
+class TrainingStep:
+    """One optimizer step on one batch: ``step(X, y) -> loss of the batch before the step``.
+
+    Attributes:
+        model: the model being trained.
+        loss_fn: ``loss_fn(model(X), y) -> scalar``.
+        optimizer: a ``torch.optim.Optimizer``.
+        needs_batch: the optimizer's ``step`` takes ``batch=(X, y)`` (natural gradient:
+            it captures curvature statistics from that batch).
+        preconditioner_config: the ``PreconditionerConfig`` as a dict (``None`` for SGD/Adam).
+    """
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    needs_batch: bool = False
+    preconditioner_config: dict[str, Any] | None = field(default=None)
+
+    def step(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Zero the gradients, forward, backward, step; return the detached batch loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(X), y)
+        loss.backward()
+        if self.needs_batch:
+            self.optimizer.step(batch=(X, y))
+        else:
+            self.optimizer.step()
+        return loss.detach()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump(mode="json"))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def build_training_step(
+    method: Method,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    hp: Hyperparameters,
+    *,
+    generator: torch.Generator,
+    registry: Any,
+) -> TrainingStep:
+    """The optimizer of ``method`` on ``model`` with ``hp``, wrapped in a :class:`TrainingStep`.
+
+    ``generator`` drives every random draw of the optimizer (the Monte Carlo targets of
+    the Fisher); ``registry`` resolves the approximator, damping and coarse space kinds.
+
+    Raises:
+        OptimizerUnavailableError: a natural-gradient method without ``curvlib.optim``.
+        ConfigError: the preconditioner configuration is invalid.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method.family == "sgd":
+        opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return TrainingStep(model, loss_fn, opt)
+    if method.family == "adam":
+        opt = torch.optim.Adam(params, lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay)
+        return TrainingStep(model, loss_fn, opt)
+    ok, why = natural_gradient_available()
+    if not ok:
+        raise OptimizerUnavailableError(
+            f"method {method.name!r} needs curvlib.optim.NaturalGradient, which cannot be imported ({why}); "
+            f"run the first-order methods only: {', '.join(FIRST_ORDER)}"
+        )
+    from curvlib.optim import NaturalGradient
+    from curvlib.precond import PreconditionerConfig
+
+    raw = method.preconditioner_config(hp)
+    try:
+        config = PreconditionerConfig(**raw)
+    except Exception as exc:  # pydantic ValidationError, or ConfigError from a validator
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"method {method.name!r}: invalid preconditioner configuration {raw}: {exc}") from exc
+    opt = NaturalGradient(
+        model, loss_fn, config,
+        lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, kl_clip=hp.kl_clip or None,
+        fallback=hp.fallback, generator=generator, registry=registry,
+    )
+    return TrainingStep(model, loss_fn, opt, needs_batch=True, preconditioner_config=_jsonable(config))

@@ -1,0 +1,294 @@
+"""What ``curvlib bench`` reports: time-to-target, the summary table, the plots.
+
+* :func:`time_to_target` — the first evaluation point of a curve at or below a target loss;
+* :func:`summarize` — per problem, the final training and test losses of each method,
+  the steps and the training time it took to reach the target loss (by default Adam's
+  best final training loss × 1.05), and the ratio of each method's time-to-target to
+  Adam's; also the time per step relative to SGD's;
+* :func:`format_summary` / :func:`rich_summary` — that table as text or as a ``rich`` table;
+* :func:`plot_runs` — PNGs, one line per method: training loss vs epoch, training loss
+  vs training time, test loss vs epoch (as the thesis's Figure 3.2 and Figure 4.1).
+
+The plots use matplotlib's Agg canvas directly (no ``pyplot``, no global backend
+change), so they render without a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TargetHit",
+    "format_summary",
+    "plot_runs",
+    "rich_summary",
+    "summarize",
+    "time_to_target",
+]
+
+REFERENCE_METHOD = "adam"
+STEP_COST_REFERENCE = "sgd"
+
+
+class TargetHit(tuple):
+    """``(index, step, time)`` of the first point of a curve at or below a target."""
+
+    __slots__ = ()
+
+    def __new__(cls, index: int, step: int, time: float) -> TargetHit:
+        return super().__new__(cls, (index, step, time))
+
+    @property
+    def index(self) -> int:
+        return self[0]
+
+    @property
+    def step(self) -> int:
+        return self[1]
+
+    @property
+    def time(self) -> float:
+        return self[2]
+
+
+def time_to_target(
+    steps: Sequence[int], times: Sequence[float], losses: Sequence[float | None], target: float
+) -> TargetHit | None:
+    """The first point ``i`` with ``losses[i] <= target`` as ``(i, steps[i], times[i])``.
+
+    The curve is the one evaluated at a few points (the runs' ``eval_*`` lists): no
+    interpolation between points, so the answer is exact at the evaluation grid and
+    late by at most one evaluation interval. ``None`` losses (divergence) and NaN never
+    count as reaching the target. Returns ``None`` when the target is never reached.
+
+    Raises:
+        ValueError: the three sequences differ in length, or ``target`` is NaN.
+    """
+    if not (len(steps) == len(times) == len(losses)):
+        raise ValueError(f"time_to_target: steps, times and losses must have one entry per point, got lengths "
+                         f"{len(steps)}, {len(times)}, {len(losses)}")
+    if target is None or math.isnan(target):
+        raise ValueError(f"time_to_target: the target must be a number, got {target!r}")
+    for i, loss in enumerate(losses):
+        if loss is not None and not math.isnan(loss) and loss <= target:
+            return TargetHit(i, int(steps[i]), float(times[i]))
+    return None
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    if b <= 0:  # the reference was there from the start: only a method also there from the start ties
+        return 1.0 if a <= 0 else None
+    return a / b
+
+
+def summarize(records: Sequence[Any], *, target_loss: float | None = None, target_margin: float = 0.05) -> dict[str, Any]:
+    """The summary of a set of runs (:class:`~curvlib.bench.runner.RunRecord`), per problem.
+
+    Target loss of each problem: ``target_loss`` if given, else the best (lowest) final
+    training loss among its ``adam`` runs × (1 + ``target_margin``); ``None`` when neither
+    exists (then no time-to-target is reported).
+
+    Returns ``{"target_margin", "problems": {problem: {"target_loss", "target_source",
+    "runs": [row, ...]}}}``; each row holds ``method``, ``status``, ``lr``, ``damping``,
+    ``final_train_loss``, ``final_test_loss``, ``steps``, ``train_time``,
+    ``time_per_step``, ``step_time_vs_sgd`` (this method's mean step time ÷ SGD's),
+    ``steps_to_target``, ``time_to_target`` and ``time_to_target_vs_adam``.
+    """
+    problems: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    by_problem: dict[str, list[Any]] = {}
+    for r in records:
+        if r.problem not in by_problem:
+            order.append(r.problem)
+            by_problem[r.problem] = []
+        by_problem[r.problem].append(r)
+    for name in order:
+        runs = by_problem[name]
+        if target_loss is not None:
+            target, source = float(target_loss), "user"
+        else:
+            finals = [_finite(r.final_train_loss) for r in runs if r.method == REFERENCE_METHOD]
+            finals = [f for f in finals if f is not None]
+            target = min(finals) * (1.0 + target_margin) if finals else None
+            source = f"{REFERENCE_METHOD} best final training loss x {1.0 + target_margin:g}" if finals else None
+        hits = {}
+        for r in runs:
+            hits[r.method] = None if target is None else time_to_target(
+                r.eval_step, r.eval_wall_time, r.eval_train_loss, target)
+        step_time = {r.method: (r.total_time / r.steps_done if r.steps_done else None) for r in runs}
+        ref_hit = hits.get(REFERENCE_METHOD)
+        rows = []
+        for r in runs:
+            hit = hits[r.method]
+            rows.append({
+                "method": r.method,
+                "status": r.status,
+                "lr": r.hyperparameters.get("lr"),
+                "damping": r.hyperparameters.get("damping"),
+                "final_train_loss": _finite(r.final_train_loss),
+                "final_test_loss": _finite(r.final_test_loss),
+                "steps": r.steps_done,
+                "train_time": r.total_time,
+                "time_per_step": step_time[r.method],
+                "step_time_vs_sgd": _ratio(step_time[r.method], step_time.get(STEP_COST_REFERENCE)),
+                "steps_to_target": None if hit is None else hit.step,
+                "time_to_target": None if hit is None else hit.time,
+                "time_to_target_vs_adam": None if hit is None or ref_hit is None else _ratio(hit.time, ref_hit.time),
+            })
+        problems[name] = {"target_loss": target, "target_source": source, "runs": rows}
+    return {"target_margin": target_margin, "problems": problems}
+
+
+# --------------------------------------------------------------------------- tables
+
+_COLUMNS = (
+    # key, plain-text title, format, short title (rich tables on narrow terminals)
+    ("method", "method", "{}", "method"),
+    ("lr", "lr", "{:.3g}", "lr"),
+    ("damping", "damping", "{:.3g}", "λ"),
+    ("final_train_loss", "final train", "{:.5g}", "train"),
+    ("final_test_loss", "final test", "{:.5g}", "test"),
+    ("step_time_vs_sgd", "t/step ÷ sgd", "{:.2f}", "step÷sgd"),
+    ("steps_to_target", "steps→target", "{}", "steps→T"),
+    ("time_to_target", "time→target [s]", "{:.2f}", "s→T"),
+    ("time_to_target_vs_adam", "time→target ÷ adam", "{:.2f}", "÷adam"),
+    ("status", "status", "{}", "status"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return fmt.format(value)
+
+
+def _header(name: str, problem: dict[str, Any]) -> str:
+    target = problem["target_loss"]
+    if target is None:
+        return f"{name}: no target loss (no adam run; pass --target-loss)"
+    return f"{name}: target training loss {target:.5g} ({problem['target_source']})"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as plain-text tables, one per problem."""
+    blocks = []
+    for name, problem in summary["problems"].items():
+        header = [title for _, title, _, _ in _COLUMNS]
+        body = [[_cell(row[key], fmt) for key, _, fmt, _ in _COLUMNS] for row in problem["runs"]]
+        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        lines = [_header(name, problem), line(header), line(["-" * w for w in widths])]
+        lines += [line(r) for r in body]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def rich_summary(summary: dict[str, Any]) -> list[Any]:
+    """The summary as ``rich.table.Table`` objects, one per problem."""
+    from rich.table import Table
+
+    tables = []
+    for name, problem in summary["problems"].items():
+        table = Table(title=_header(name, problem), title_justify="left",
+                      caption="T: target loss; s→T: training seconds to reach it; ÷adam: that time ÷ Adam's",
+                      caption_justify="left")
+        for i, (_, _, _, short) in enumerate(_COLUMNS):
+            table.add_column(short, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in problem["runs"]:
+            table.add_row(*[_cell(row[key], fmt) for key, _, fmt, _ in _COLUMNS])
+        tables.append(table)
+    return tables
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _points(xs: Sequence[float], ys: Sequence[float | None]) -> tuple[list[float], list[float]]:
+    keep = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    return [x for x, _ in keep], [y for _, y in keep]
+
+
+def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True) -> list[Path]:
+    """Write, per problem, ``<problem>_train_loss_vs_epoch.png``,
+    ``<problem>_train_loss_vs_time.png`` and (when there is a test set)
+    ``<problem>_test_loss_vs_epoch.png``: one line per method, from the evaluation
+    points of each run; the y axis is logarithmic (``log_y``) when the curves span more
+    than a decade. Returns the paths written.
+
+    Needs matplotlib (the ``bench`` extra); raises :class:`~curvlib.errors.ConfigError`
+    naming it otherwise.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
+        from curvlib.errors import ConfigError
+
+        raise ConfigError("the bench plots need matplotlib: pip install 'curvlib[bench]' (or pass --no-plots)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_problem: dict[str, list[Any]] = {}
+    for r in records:
+        by_problem.setdefault(r.problem, []).append(r)
+    written: list[Path] = []
+    for problem, runs in by_problem.items():
+        methods = [r.method for r in runs]
+        colors = _colors(len(methods))
+        panels = [
+            ("train_loss_vs_epoch", "epoch", "training loss", "eval_epoch", "eval_train_loss"),
+            ("train_loss_vs_time", "training time [s]", "training loss", "eval_wall_time", "eval_train_loss"),
+        ]
+        if any(any(v is not None for v in r.eval_test_loss) for r in runs):
+            panels.append(("test_loss_vs_epoch", "epoch", "test loss", "eval_epoch", "eval_test_loss"))
+        for suffix, xlabel, ylabel, xkey, ykey in panels:
+            fig, ax = _figure(f"{problem}: {ylabel} vs {xlabel.split(' [')[0]}", xlabel, ylabel)
+            plotted = False
+            for r, color in zip(runs, colors):
+                xs, ys = _points(getattr(r, xkey), getattr(r, ykey))
+                if not xs:
+                    continue
+                label = r.method if r.status == "ok" else f"{r.method} ({r.status})"
+                ax.plot(xs, ys, color=color, label=label, linewidth=1.4, marker="." if len(xs) < 40 else None)
+                plotted = True
+            if plotted:
+                ys_all = [y for line in ax.get_lines() for y in line.get_ydata()]
+                # a log axis only helps when the curves span more than a decade
+                if log_y and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:
+                    ax.set_yscale("log")
+                ax.legend(fontsize=8, ncols=2 if len(runs) > 6 else 1)
+            path = out / f"{problem}_{suffix}.png"
+            fig.savefig(path)
+            written.append(path)
+    return written
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]

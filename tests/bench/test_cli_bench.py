@@ -1,0 +1,141 @@
+"""``curvlib bench`` end to end on a tiny problem: run JSONs, PNG plots, summary, options."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from curvlib.bench.methods import natural_gradient_available
+from curvlib.cli import main
+
+NG_OK, NG_WHY = natural_gradient_available()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--problem", "digits_autoencoder", "--small", "--threads", "1", "--warmup-steps", "2", "--progress", "plain"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert len(data) > 100 and data[:8] == PNG_SIGNATURE, f"{path} is not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_bench_end_to_end_writes_runs_plots_and_summary(tmp_path, capsys):
+    if not NG_OK:
+        pytest.skip(f"curvlib.optim is not importable ({NG_WHY}): kfac cannot run")
+    out = tmp_path / "res"
+    rc = main(["bench", *TINY, "--methods", "sgd", "adam", "kfac", "--steps", "12", "--eval-every", "4", "--lr", "adam=0.03",
+               "--update-every", "2", "--invert-every", "4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    # progress lines (not a TTY: plain), then the summary table and where the results are
+    assert "[digits_autoencoder kfac] start: 12 steps" in captured.out
+    assert "time→target ÷ adam" in captured.out and f"results: {out}" in captured.out
+
+    for method in ("sgd", "adam", "kfac"):
+        run = json.loads((out / "runs" / f"digits_autoencoder__{method}.json").read_text())
+        assert run["method"] == method and run["status"] == "ok" and run["seed"] == 0
+        assert len(run["train_loss"]) == len(run["wall_time"]) == 12
+        assert run["wall_time"] == sorted(run["wall_time"]) and run["wall_time"][0] > 0
+        assert run["eval_step"] == [0, 4, 8, 12] and len(run["eval_test_loss"]) == 4
+        assert all(x is not None for x in run["eval_test_loss"])
+        assert set(run["versions"]) >= {"python", "torch", "numpy", "curvlib"}
+        assert run["hyperparameters"]["lr"] > 0
+        if method == "kfac":
+            pc = run["preconditioner_config"]
+            assert pc["approximator"]["kind"] == "kfac" and pc["update_every"] == 2 and pc["invert_every"] == 4
+            assert run["optimizer"].endswith("NaturalGradient")
+        else:
+            assert run["preconditioner_config"] is None
+
+    for name in ("train_loss_vs_epoch", "train_loss_vs_time", "test_loss_vs_epoch"):
+        width, height = _png_size(out / f"digits_autoencoder_{name}.png")
+        assert width > 100 and height > 100
+
+    summary = json.loads((out / "summary.json").read_text())
+    problem = summary["problems"]["digits_autoencoder"]
+    assert [r["method"] for r in problem["runs"]] == ["sgd", "adam", "kfac"]
+    adam = next(r for r in problem["runs"] if r["method"] == "adam")
+    assert problem["target_loss"] == pytest.approx(adam["final_train_loss"] * 1.05)
+    assert adam["steps_to_target"] > 0 and adam["time_to_target_vs_adam"] == pytest.approx(1.0)
+    assert (out / "summary.txt").read_text().startswith("digits_autoencoder: target training loss")
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["methods"][2]["name"] == "kfac" and config["versions"]["torch_threads"] == 1
+
+
+def test_first_order_only_run_needs_no_optimizer_package(tmp_path, capsys):
+    rc = main(["bench", *TINY, "--methods", "sgd,adam", "--epochs", "1", "--lr", "adam=0.01", "--no-plots",
+               "--target-loss", "0.9", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    adam = json.loads((tmp_path / "runs" / "digits_autoencoder__adam.json").read_text())
+    assert adam["hyperparameters"]["lr"] == 0.01 and len(adam["train_loss"]) == adam["steps_per_epoch"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["problems"]["digits_autoencoder"]["target_loss"] == 0.9
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unknown_method_lists_the_valid_ones(tmp_path, capsys):
+    rc = main(["bench", *TINY, "--methods", "sgd", "kfca", "--steps", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown method 'kfca'" in err
+    for name in ("sgd", "adam", "kfac", "kfac_tikhonov", "kpsvd", "block_ng", "exact_ng"):
+        assert name in err
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_per_method_option_for_a_method_not_run_is_an_error(tmp_path, capsys):
+    rc = main(["bench", *TINY, "--methods", "sgd", "--lr", "kfac=0.1", "--steps", "2", "--out", str(tmp_path)])
+    assert rc == 2 and "'kfac' is not among the methods run (sgd)" in capsys.readouterr().err
+
+
+def test_config_file_with_command_line_overrides(tmp_path, capsys):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "problems: [digits_autoencoder]\n"
+        "methods:\n"
+        "  - sgd\n"
+        "  - {name: adam, lr: 0.02}\n"
+        "steps: 50\n"
+        "seed: 7\n"
+        "plots: false\n"
+        "grid: {lr: [0.001, 0.1], steps: 3}\n"
+    )
+    out = tmp_path / "out"
+    rc = main(["bench", "--config", str(cfg), "--steps", "5", "--threads", "1", "--warmup-steps", "0",
+               "--progress", "none", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    sgd = json.loads((out / "runs" / "digits_autoencoder__sgd.json").read_text())
+    adam = json.loads((out / "runs" / "digits_autoencoder__adam.json").read_text())
+    assert len(sgd["train_loss"]) == 5 and sgd["seed"] == 7  # --steps beat the file, the seed came from it
+    # the grid chose each learning rate and the runs record the choice
+    for run in (sgd, adam):
+        assert run["grid"]["lr"] in (0.001, 0.1) and run["grid"]["points"] == 2 and run["grid"]["steps"] == 3
+        assert run["hyperparameters"]["lr"] == run["grid"]["lr"]
+        grid = json.loads((out / "grid" / f"digits_autoencoder__{run['method']}.json").read_text())
+        assert [p["lr"] for p in grid["points"]] == [0.001, 0.1]
+
+
+def test_list_methods_and_problems(capsys):
+    assert main(["bench", "--list-methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sgd", "adam", "kfac", "kfac_tikhonov", "kpsvd", "deflation", "lanczos", "kfac_corrected",
+                 "block_ng", "exact_ng"):
+        assert f"  {name} " in out
+    assert main(["bench", "--list-problems"]) == 0
+    assert "mnist_autoencoder" in capsys.readouterr().out
+
+
+def test_plugins_list_still_works(capsys):
+    assert main(["plugins", "list", "--no-external"]) == 0
+    assert "approximators (" in capsys.readouterr().out
