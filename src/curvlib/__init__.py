@@ -8,18 +8,31 @@ Subpackages follow the layering of DESIGN.md §2 (imports point downward only):
 ``config``, ``errors``.
 """
 
-from curvlib import approximators, damping, errors, linalg, plugins
+from curvlib import approximators, coarse, damping, errors, linalg, optim, plugins, precond
 from curvlib.approximators import BlockDiagonalApproximation, approximate, approximation_error
+from curvlib.coarse.api import block_natural_gradient, exact_natural_gradient, two_level
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter, LayerBlock
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping import BlockDiagonalInverse, damped_inverse
 from curvlib.errors import CurvlibError, NumericalWarning, PerformanceWarning
+from curvlib.optim import NaturalGradient
+from curvlib.precond import Preconditioner, PreconditionerConfig, build_preconditioner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NaturalGradient",
+    "Preconditioner",
+    "PreconditionerConfig",
+    "block_natural_gradient",
+    "build_preconditioner",
+    "coarse",
+    "exact_natural_gradient",
+    "optim",
+    "precond",
+    "two_level",
     "BlockDiagonalApproximation",
     "BlockDiagonalInverse",
     "approximate",

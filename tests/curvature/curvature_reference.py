@@ -10,137 +10,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-DT = torch.float64
-
-
-# -- the independent mapping -------------------------------------------------------------
-def weight_to_matrix(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """w ``[B, *weight.shape]`` -> W ``[B, g, in]``."""
-    B = w.shape[0]
-    if isinstance(module, nn.ConvTranspose2d):
-        return w.transpose(1, 2).reshape(B, w.shape[2], -1)
-    return w.reshape(B, w.shape[1], -1)
-
-
-def matrix_to_weight(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
-    """W ``[g, in]`` -> a tensor shaped like ``module.weight``."""
-    if isinstance(module, nn.ConvTranspose2d):
-        c_in, c_out, kh, kw = module.weight.shape
-        return W.reshape(c_out, c_in, kh, kw).transpose(0, 1)
-    return W.reshape(module.weight.shape)
-
-
-def trainable_names(op) -> list[str]:
-    names = []
-    for L in op.layers:
-        names.append(f"{L.name}.weight" if L.name else "weight")
-        if L.has_bias:
-            names.append(f"{L.name}.bias" if L.name else "bias")
-    return names
-
-
-def flatten(op, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """{name: [B, *shape]} -> ``[B, p]`` in curvlib order (vec(W̄) per layer, columns stacked)."""
-    cols = []
-    for L in op.layers:
-        pre = f"{L.name}." if L.name else ""
-        W = weight_to_matrix(L.module, tensors[pre + "weight"])
-        if L.has_bias:
-            W = torch.cat([W, tensors[pre + "bias"].unsqueeze(-1)], dim=-1)
-        cols.append(W.transpose(1, 2).reshape(W.shape[0], -1))
-    return torch.cat(cols, dim=1)
-
-
-def unflatten(op, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[p]`` -> {name: tensor shaped like the parameter}."""
-    out = {}
-    for L in op.layers:
-        pre = f"{L.name}." if L.name else ""
-        Wbar = v[L.slice].reshape(L.a_dim, L.g_dim).T
-        n_in = L.a_dim - int(L.has_bias)
-        out[pre + "weight"] = matrix_to_weight(L.module, Wbar[:, :n_in])
-        if L.has_bias:
-            out[pre + "bias"] = Wbar[:, -1]
-    return out
-
-
-def current_vector(op, model: nn.Module) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    return flatten(op, {n: params[n].detach().unsqueeze(0) for n in trainable_names(op)})[0]
-
-
-# -- per-sample quantities ------------------------------------------------------------------
-def _split(model: nn.Module, op):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b for n, b in model.named_buffers()}
-    sub = {n: params[n] for n in trainable_names(op)}
-    return params, buffers, sub
-
-
-def per_sample_grads_dict(model: nn.Module, op, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> dict:
-    """∇_θ ℓ_b(y_b) for each sample, ℓ_b = loss_fn on the one-sample batch: {name: [m, *shape]}."""
-    params, buffers, sub = _split(model, op)
-
-    def ell(s, x, y):
-        out = functional_call(model, {**params, **s, **buffers}, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
-
-    return vmap(grad(ell), in_dims=(None, 0, 0))(sub, X, Y)
-
-
-def per_sample_grads(model: nn.Module, op, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """∇_θ ℓ_b(y_b) for each sample in curvlib order: ``[m, p]``."""
-    return flatten(op, per_sample_grads_dict(model, op, loss_fn, X, Y))
-
-
-def per_sample_jacobians(model: nn.Module, op, X: torch.Tensor) -> torch.Tensor:
-    """J_b = ∂f_b/∂θ: ``[m, c, p]``."""
-    params, buffers, sub = _split(model, op)
-
-    def f(s, x):
-        return functional_call(model, {**params, **s, **buffers}, (x.unsqueeze(0),)).reshape(-1)
-
-    jac = vmap(jacrev(f), in_dims=(None, 0))(sub, X)
-    m, c = X.shape[0], next(iter(jac.values())).shape[1]
-    flat = flatten(op, {n: t.reshape(m * c, *t.shape[2:]) for n, t in jac.items()})
-    return flat.reshape(m, c, -1)
-
-
-def per_sample_output_hessians(loss_fn: nn.Module, outputs: torch.Tensor, Y: torch.Tensor, link=None) -> torch.Tensor:
-    """∇²_f ℓ_b at f_b (after ``link`` if given): ``[m, c, c]``."""
-    shape = outputs.shape[1:]
-
-    def ell(f, y):
-        z = f.reshape(1, *shape)
-        if link is not None:
-            z = link(z)
-        return loss_fn(z, y.unsqueeze(0))
-
-    return vmap(hessian(ell))(outputs.detach().reshape(outputs.shape[0], -1), Y)
-
-
-def dense_hessian(model: nn.Module, op, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """∇²_θ (1/m) Σ_b ℓ_b w.r.t. the flat curvlib vector: ``[p, p]``."""
-    params, buffers, _ = _split(model, op)
-    m = X.shape[0]
-
-    def L(v):
-        out = functional_call(model, {**params, **unflatten(op, v), **buffers}, (X,))
-        val = loss_fn(out, Y)
-        return val if loss_fn.reduction == "mean" else val / m
-
-    return hessian(L)(current_vector(op, model))
-
-
-def k_factor(loss_fn: nn.Module, c: int) -> float:
-    """ℓ_b = k·NLL_b: CE 1; MSE 2 (sum) or 2/c (mean); BCE 1 (sum) or 1/c (mean)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return 1.0
-    if isinstance(loss_fn, nn.MSELoss):
-        return 2.0 if loss_fn.reduction == "sum" else 2.0 / c
-    return 1.0 if loss_fn.reduction == "sum" else 1.0 / c
+from curvlib.testing.references import (  # noqa: F401  (re-exported for the tests)
+    DT,
+    current_vector,
+    dense_hessian,
+    flatten,
+    k_factor,
+    matrix_to_weight,
+    per_sample_grads,
+    per_sample_grads_dict,
+    per_sample_jacobians,
+    per_sample_output_hessians,
+    trainable_names,
+    unflatten,
+    weight_to_matrix,
+)
 
 
 # -- models ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -164,7 +165,13 @@ class LayerFit:
                 "B": torch.stack([B for _, B in self.block.terms]),
             }
         else:
-            block = {"type": "exact_block", **self.block.state_dict()}
+            from curvlib.approximators.exact import ExactBlock
+
+            if isinstance(self.block, ExactBlock):
+                block = {"type": "exact_block", **self.block.state_dict()}
+            else:  # a plugin's block type: rebuilt by its own from_state_dict
+                cls = type(self.block)
+                block = {"type": "plugin", "class": f"{cls.__module__}:{cls.__qualname__}", **self.block.state_dict()}
         return {"block": block, "info": dataclasses.asdict(self.info), "state": dict(self.state)}
 
     @classmethod
@@ -178,12 +185,34 @@ class LayerFit:
             from curvlib.approximators.exact import ExactBlock
 
             block = ExactBlock.from_state_dict(block_data)
+        elif kind == "plugin":
+            block = _plugin_block_class(block_data.pop("class")).from_state_dict(block_data)
         else:
-            raise ConfigError(f"LayerFit.from_state_dict: unknown block type {kind!r}; expected 'kronecker_sum' or 'exact_block'")
+            raise ConfigError(
+                f"LayerFit.from_state_dict: unknown block type {kind!r}; expected 'kronecker_sum', 'exact_block' or 'plugin'"
+            )
         info = dict(data["info"])
         for key in ("residuals", "singular_values"):
             info[key] = tuple(float(x) for x in info.get(key, ()))
         return cls(block=block, info=FitInfo(**info), state=dict(data["state"]))
+
+
+def _plugin_block_class(path: str) -> type:
+    """The block class a state dict names as ``"module:QualName"`` (a plugin's block type,
+    which provides ``state_dict()`` and the classmethod ``from_state_dict(data)``)."""
+    module_name, _, qualname = str(path).partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"LayerFit.from_state_dict: cannot import the block class {path!r} ({type(exc).__name__}: {exc}); "
+            "is the plugin that fitted it installed?"
+        ) from exc
+    if not (isinstance(obj, type) and callable(getattr(obj, "from_state_dict", None))):
+        raise ConfigError(f"LayerFit.from_state_dict: {path!r} is not a class with a from_state_dict(data) classmethod")
+    return obj
 
 
 # --------------------------------------------------------------------------- EMA helpers

@@ -1,5 +1,8 @@
 """Comparisons that fail with a readable report (max abs error, where, relative error).
 
+:func:`assert_close` compares two tensors; :func:`assert_symmetric` and :func:`assert_psd`
+check a matrix's structure and say by how much it misses.
+
 Tolerances come from the dtype's machine epsilon; ``atol`` is scaled by the largest
 entry of the reference, so a comparison means the same thing for tiny and huge values
 (DESIGN.md §6).
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close", "default_tolerances", "max_error_report"]
+__all__ = ["assert_close", "assert_psd", "assert_symmetric", "default_tolerances", "max_error_report"]
 
 # multiples of eps: generous enough for O(d) accumulated rounding, tight enough that
 # a wrong formula (errors of order 1) can never pass.
@@ -78,3 +81,47 @@ def assert_close(
     if not ok:
         prefix = f"{msg}: " if msg else ""
         raise AssertionError(f"{prefix}not close (rtol={rtol:.1e}, atol={atol:.1e}): {max_error_report(actual, expected)}")
+
+
+def assert_symmetric(M: torch.Tensor, *, rtol: float | None = None, msg: str = "") -> None:
+    """Assert ``M [n, n]`` equals its transpose up to ``rtol``·max|M| (default from M's dtype)."""
+    M = torch.as_tensor(M)
+    prefix = f"{msg}: " if msg else ""
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise AssertionError(f"{prefix}expected a square matrix, got shape {tuple(M.shape)}")
+    r0, _ = default_tolerances(M.dtype if M.is_floating_point() else torch.float64)
+    rtol = r0 if rtol is None else rtol
+    A = M.detach().to(torch.float64).cpu()
+    scale = A.abs().max().item() if A.numel() else 0.0
+    asym = (A - A.T).abs()
+    worst = asym.max().item() if A.numel() else 0.0
+    if not bool(torch.isfinite(A).all()) or worst > rtol * scale:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(asym, nan=float("inf")).argmax(), A.shape))
+        raise AssertionError(
+            f"{prefix}expected a symmetric matrix (|M − Mᵀ| ≤ {rtol:.1e}·max|M| = {rtol * scale:.3e}); "
+            f"max |M − Mᵀ| = {worst:.3e} at {idx} (M{list(idx)} = {A[idx].item():.6e}, "
+            f"M{list(idx[::-1])} = {A[idx[::-1]].item():.6e}); shape {tuple(M.shape)}"
+        )
+
+
+def assert_psd(M: torch.Tensor, *, rtol: float | None = None, msg: str = "") -> None:
+    """Assert the symmetric part of ``M [n, n]`` has no eigenvalue below −``rtol``·‖M‖₂.
+
+    Eigenvalues are computed in float64 (``torch.linalg.eigvalsh``); the default ``rtol``
+    comes from M's dtype (rounding of a PSD matrix assembled in that dtype).
+    """
+    M = torch.as_tensor(M)
+    prefix = f"{msg}: " if msg else ""
+    r0, _ = default_tolerances(M.dtype if M.is_floating_point() else torch.float64)
+    rtol = r0 if rtol is None else rtol
+    A = M.detach().to(torch.float64).cpu()
+    if not bool(torch.isfinite(A).all()):
+        raise AssertionError(f"{prefix}expected a finite PSD matrix, got {int((~torch.isfinite(A)).sum())} non-finite entries")
+    e = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    top = e.abs().max().item() if e.numel() else 0.0
+    if e.numel() and e.min().item() < -rtol * top:
+        neg = int((e < -rtol * top).sum())
+        raise AssertionError(
+            f"{prefix}expected a positive semi-definite matrix (eigenvalues ≥ −{rtol:.1e}·‖M‖₂ = {-rtol * top:.3e}); "
+            f"smallest eigenvalue {e.min().item():.6e}, {neg} of {e.numel()} below the bound, ‖M‖₂ = {top:.6e}"
+        )

@@ -3,14 +3,54 @@
 Shapes are drawn first and data second; elements are bounded and never subnormal;
 every tensor is float64 unless a ``dtype`` is given.  Data tensors are built from a
 drawn integer seed through a ``torch.Generator`` (fast, and shrinks well).
+
+What there is:
+
+- matrices: :func:`matrices`, :func:`spd_matrices`, :func:`psd_matrices`,
+  :func:`kronecker_factors`;
+- per-sample statistics: :func:`linear_statistics` / :func:`conv_statistics` (raw tensors)
+  and :func:`layer_statistics` (a :class:`~curvlib.curvatures.statistics.LayerStatistics`,
+  what an approximator's ``fit`` receives);
+- small networks with a batch: :func:`networks` draws a :class:`NetworkCase` built by
+  :func:`build_mlp`, :func:`build_cnn` or :func:`build_conv_autoencoder` (float64 by
+  default, weights drawn from a seeded generator).
+
+:func:`load_profile` registers and loads the deterministic profile curvlib's own test
+suite uses (a plugin's ``conftest.py`` can call it).
 """
 
 from __future__ import annotations
 
-import torch
-from hypothesis import strategies as st
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["dims", "seeds", "matrices", "spd_matrices", "psd_matrices", "kronecker_factors", "linear_statistics", "conv_statistics"]
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from curvlib.curvatures.statistics import LayerStatistics
+
+__all__ = [
+    "ARCHITECTURES",
+    "NetworkCase",
+    "build_conv_autoencoder",
+    "build_cnn",
+    "build_mlp",
+    "conv_statistics",
+    "dims",
+    "kronecker_factors",
+    "layer_statistics",
+    "linear_statistics",
+    "load_profile",
+    "matrices",
+    "networks",
+    "psd_matrices",
+    "seeds",
+    "spd_matrices",
+]
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
@@ -92,3 +132,292 @@ def conv_statistics(draw, *, max_m: int = 3, max_hw: int = 4, max_dim: int = 4, 
     A = torch.randn(m, H * W, d_a, generator=g, dtype=dtype)
     G = torch.randn(m, H * W, d_g, generator=g, dtype=dtype)
     return A, G, (H, W)
+
+
+# --------------------------------------------------------------------------- LayerStatistics
+
+
+@st.composite
+def layer_statistics(
+    draw,
+    kind: str | None = None,
+    *,
+    max_m: int = 4,
+    max_c: int = 2,
+    max_dim: int = 4,
+    max_hw: int = 3,
+    bias: bool | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> LayerStatistics:
+    """Per-sample statistics of one layer, as a curvature operator captures them.
+
+    Args:
+        kind: ``"linear"`` (``a [m, d_a]``, ``g [m, c, d_g]``), ``"conv"``
+            (``a [m, T, d_a]``, ``g [m, c, T, d_g]``, T = H·W positions, row-major, with
+            ``spatial_shape = (H, W)`` and a drawn ``kernel_size``), or ``None`` (either).
+        max_m, max_c: bounds on the samples m and the back-propagated columns c.
+        max_dim: bound on d_in (d_a = d_in + 1 with a bias) and d_g.
+        max_hw: bound on H and W.
+        bias: whether ā carries the trailing 1 (``None``: drawn).
+        dtype, device: of ``a`` and ``g``.
+
+    Entries of ā (but the bias 1) and g are N(0, 1); ``scale = 1/(m·c)`` (the ``fisher``
+    scaling with S = c samples).
+    """
+    kind = kind if kind is not None else draw(st.sampled_from(["linear", "conv"]))
+    if kind not in ("linear", "conv"):
+        raise ValueError(f"layer_statistics: kind must be 'linear', 'conv' or None, got {kind!r}")
+    m = draw(dims(1, max_m))
+    c = draw(dims(1, max_c))
+    d_in = draw(dims(1, max_dim))
+    d_g = draw(dims(1, max_dim))
+    has_bias = draw(st.booleans()) if bias is None else bool(bias)
+    if kind == "conv":
+        H, W = draw(dims(1, max_hw)), draw(dims(1, max_hw))
+        kernel = (draw(dims(1, 3)), draw(dims(1, 3)))
+        T = H * W
+    g = _gen(draw(seeds))
+    if kind == "linear":
+        a = torch.randn(m, d_in, generator=g, dtype=torch.float64)
+        grads = torch.randn(m, c, d_g, generator=g, dtype=torch.float64)
+    else:
+        a = torch.randn(m, T, d_in, generator=g, dtype=torch.float64)
+        grads = torch.randn(m, c, T, d_g, generator=g, dtype=torch.float64)
+    if has_bias:
+        a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=torch.float64)], dim=-1)
+    a = a.to(dtype=dtype, device=device)
+    grads = grads.to(dtype=dtype, device=device)
+    return LayerStatistics(
+        a=a,
+        g=grads,
+        scale=1.0 / (m * c),
+        spatial_shape=(H, W) if kind == "conv" else None,
+        kernel_size=kernel if kind == "conv" else None,
+        has_bias=has_bias,
+    )
+
+
+# --------------------------------------------------------------------------- networks
+
+#: The architectures :func:`networks` draws from.
+ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn", "conv_autoencoder")
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
+
+
+@dataclass
+class NetworkCase:
+    """A small network, its loss and one batch.
+
+    Attributes:
+        arch: ``"mlp"``, ``"cnn"`` or ``"conv_autoencoder"``.
+        model: the network (parameters drawn from a seeded generator).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
+        X: the inputs ``[m, ...]``.
+        y: the targets (class indices ``[m]`` or ``[m, outputs]``).
+        seed: the seed everything was drawn from (a generator for Monte Carlo draws can
+            be seeded from it).
+    """
+
+    arch: str
+    model: nn.Module
+    loss_fn: nn.Module
+    X: torch.Tensor
+    y: torch.Tensor
+    seed: int
+
+    @property
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X, y)``."""
+        return self.X, self.y
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
+        return (
+            f"NetworkCase(arch={self.arch!r}, X={list(self.X.shape)}, loss={type(self.loss_fn).__name__}, "
+            f"seed={self.seed}, model={self.model})"
+        )
+
+
+def _init_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Every parameter ~ N(0, 1/fan_in) from ``generator`` (no global RNG)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / math.sqrt(max(fan_in, 1)))
+    return model
+
+
+def build_mlp(
+    widths: Sequence[int],
+    *,
+    bias: bool | Sequence[bool] = True,
+    activation: str = "tanh",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
+    """Linear layers ``widths[0] -> widths[1] -> … -> widths[-1]`` with ``activation``
+    between them (``"tanh"``, ``"sigmoid"``, ``"softplus"``).
+
+    Args:
+        widths: at least two sizes.
+        bias: one flag for all layers, or one per layer.
+        seed: the parameters' generator seed.
+    """
+    if len(widths) < 2:
+        raise ValueError(f"build_mlp: expected at least two widths, got {list(widths)}")
+    n = len(widths) - 1
+    biases = [bool(bias)] * n if isinstance(bias, bool) else [bool(b) for b in bias]
+    if len(biases) != n:
+        raise ValueError(f"build_mlp: {n} layers but {len(biases)} bias flags")
+    layers: list[nn.Module] = []
+    for k in range(n):
+        layers.append(nn.Linear(widths[k], widths[k + 1], bias=biases[k]))
+        if k < n - 1:
+            layers.append(_ACTIVATIONS[activation]())
+    model = nn.Sequential(*layers).to(dtype)
+    return _init_parameters(model, torch.Generator().manual_seed(int(seed)))
+
+
+def build_cnn(
+    in_channels: int = 2,
+    channels: int = 3,
+    size: int = 4,
+    classes: int = 3,
+    *,
+    bias: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
+    """Conv2d(3×3, padding 1) -> Tanh -> Conv2d(2×2, stride 2) -> Tanh -> Flatten -> Linear.
+
+    Inputs ``[m, in_channels, size, size]`` with an even ``size``; outputs ``[m, classes]``.
+    """
+    if size % 2:
+        raise ValueError(f"build_cnn: size must be even, got {size}")
+    model = nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1, bias=bias),
+        nn.Tanh(),
+        nn.Conv2d(channels, 2, 2, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * (size // 2) ** 2, classes),
+    ).to(dtype)
+    return _init_parameters(model, torch.Generator().manual_seed(int(seed)))
+
+
+def build_conv_autoencoder(
+    channels: int = 2,
+    size: int = 4,
+    *,
+    bias: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
+    """Conv2d(3×3, stride 2, padding 1) -> Tanh -> ConvTranspose2d(3×3, stride 2, padding 1,
+    output_padding 1) -> Tanh -> Conv2d(1×1) -> Flatten: ``[m, 1, size, size]`` ->
+    ``[m, size²]`` (``size`` even).
+    """
+    if size % 2:
+        raise ValueError(f"build_conv_autoencoder: size must be even, got {size}")
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=bias),
+        nn.Tanh(),
+        nn.ConvTranspose2d(channels, 2, 3, stride=2, padding=1, output_padding=1),
+        nn.Tanh(),
+        nn.Conv2d(2, 1, 1),
+        nn.Flatten(),
+    ).to(dtype)
+    return _init_parameters(model, torch.Generator().manual_seed(int(seed)))
+
+
+@st.composite
+def networks(
+    draw,
+    archs: Sequence[str] = ARCHITECTURES,
+    *,
+    max_m: int = 4,
+    dtype: torch.dtype = torch.float64,
+) -> NetworkCase:
+    """A :class:`NetworkCase`: architecture, sizes, loss, weights and batch all drawn.
+
+    - ``mlp``: 1–3 Linear layers of widths 1–4 (biases and the activation drawn), MSE or
+      cross-entropy (≥ 2 classes);
+    - ``cnn``: :func:`build_cnn` on 4×4 inputs with 1–2 input channels, cross-entropy;
+    - ``conv_autoencoder``: :func:`build_conv_autoencoder` on 4×4 images, MSE or
+      BCE-with-logits against the flattened input.
+    """
+    arch = draw(st.sampled_from(list(archs)))
+    m = draw(dims(1, max_m))
+    seed = draw(seeds)
+    g = torch.Generator().manual_seed(seed + 1)
+    if arch == "mlp":
+        depth = draw(st.integers(1, 3))
+        widths = [draw(dims(1, 4)) for _ in range(depth + 1)]
+        loss_name = draw(st.sampled_from(["mse", "ce"]))
+        if loss_name == "ce":
+            widths[-1] = max(widths[-1], 2)
+        model = build_mlp(
+            widths,
+            bias=[draw(st.booleans()) for _ in range(depth)],
+            activation=draw(st.sampled_from(sorted(_ACTIVATIONS))),
+            seed=seed,
+            dtype=dtype,
+        )
+        X = torch.randn(m, widths[0], generator=g, dtype=dtype)
+        if loss_name == "ce":
+            loss_fn: nn.Module = nn.CrossEntropyLoss()
+            y = torch.randint(0, widths[-1], (m,), generator=g)
+        else:
+            loss_fn = nn.MSELoss()
+            y = torch.randn(m, widths[-1], generator=g, dtype=dtype)
+    elif arch == "cnn":
+        c_in = draw(dims(1, 2))
+        model = build_cnn(c_in, draw(dims(1, 3)), 4, 3, bias=draw(st.booleans()), seed=seed, dtype=dtype)
+        X = torch.randn(m, c_in, 4, 4, generator=g, dtype=dtype)
+        loss_fn = nn.CrossEntropyLoss()
+        y = torch.randint(0, 3, (m,), generator=g)
+    elif arch == "conv_autoencoder":
+        model = build_conv_autoencoder(draw(dims(1, 2)), 4, bias=draw(st.booleans()), seed=seed, dtype=dtype)
+        X = torch.rand(m, 1, 4, 4, generator=g, dtype=dtype)
+        loss_fn = draw(st.sampled_from([nn.MSELoss(), nn.BCEWithLogitsLoss()]))
+        y = X.reshape(m, -1).clone()
+    else:
+        raise ValueError(f"networks: unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return NetworkCase(arch=arch, model=model, loss_fn=loss_fn, X=X, y=y, seed=seed)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def load_profile(name: str | None = None) -> str:
+    """Register curvlib's hypothesis profiles and load one; returns its name.
+
+    - ``"curvlib-ci"`` (default): deterministic (``derandomize=True``), no example
+      database, no deadline, 30 examples;
+    - ``"curvlib-explore"``: random, 300 examples.
+
+    ``name=None`` reads ``HYPOTHESIS_PROFILE`` (``"explore"`` selects the second).
+    A plugin's ``conftest.py`` calls ``load_profile()`` to run the conformance kit as
+    curvlib's own suite does.
+    """
+    settings.register_profile(
+        "curvlib-ci",
+        derandomize=True,
+        database=None,
+        deadline=None,
+        max_examples=30,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(
+        "curvlib-explore", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
+    )
+    if name is None:
+        name = "curvlib-explore" if os.environ.get("HYPOTHESIS_PROFILE", "") == "explore" else "curvlib-ci"
+    settings.load_profile(name)
+    return name

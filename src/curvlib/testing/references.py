@@ -1,0 +1,364 @@
+"""Dense float64 ground truth, computed another way than curvlib computes it (DESIGN.md §6).
+
+Nothing here calls the code under test: per-sample gradients and Jacobians come from
+``torch.func`` (``functional_call`` + ``vmap`` + ``grad``/``jacrev``), Hessians from
+``torch.func.hessian``, Kronecker products from ``torch.kron``, the rearrangement Z of
+Def. 3.3 from explicit index loops, and the mapping between a module's ``weight``/``bias``
+and curvlib's flat vector is written out again from DESIGN.md §1:
+
+    W̄ = [W, b] ``[g_dim, a_dim]``,   the layer's flat vector is vec(W̄) (columns stacked),
+    W = weight ``[d_out, d_in]`` (Linear), weight.reshape(c_out, -1) (Conv2d),
+    W = weight.transpose(0, 1).reshape(c_out, -1) (ConvTranspose2d, stored [c_in, c_out, k_h, k_w]).
+
+The flat vector of a model is the concatenation of the layers' vec(W̄) in the order of
+``op.layers`` (any object with a ``layers`` attribute of ``LayerBlock``-like entries:
+``name``, ``module``, ``has_bias``, ``a_dim``, ``g_dim``, ``slice``).
+
+Sections:
+
+- mapping: :func:`vec`, :func:`unvec`, :func:`weight_to_matrix`, :func:`matrix_to_weight`,
+  :func:`trainable_names`, :func:`flatten`, :func:`unflatten`, :func:`current_vector`;
+- per-sample quantities: :func:`per_sample_grads_dict`, :func:`per_sample_grads`,
+  :func:`per_sample_jacobians`, :func:`per_sample_output_hessians`, :func:`loss_gradient`;
+- dense curvature matrices in curvlib's flat order: :func:`dense_empirical_fisher` (2.85),
+  :func:`dense_fisher` (2.84, at given sampled targets), :func:`dense_ggn` (2.89),
+  :func:`dense_hessian`; :func:`k_factor` (the per-sample loss convention of
+  :mod:`curvlib.curvatures.losses`);
+- Kronecker algebra: :func:`kron_sum_dense`, :func:`rearrange_dense` (Z of Def. 3.3 by
+  loops), :func:`dense_block` (F_ii from :class:`~curvlib.curvatures.statistics.LayerStatistics`,
+  (3.18), (3.28)), :func:`dense_kfac_factors` ((3.19), (3.29)), :func:`dense_tikhonov_solve`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+__all__ = [
+    "DT",
+    "current_vector",
+    "dense_block",
+    "dense_empirical_fisher",
+    "dense_fisher",
+    "dense_ggn",
+    "dense_hessian",
+    "dense_kfac_factors",
+    "dense_tikhonov_solve",
+    "flatten",
+    "k_factor",
+    "kron_sum_dense",
+    "loss_gradient",
+    "matrix_to_weight",
+    "per_sample_grads",
+    "per_sample_grads_dict",
+    "per_sample_jacobians",
+    "per_sample_output_hessians",
+    "position_pairs",
+    "rearrange_dense",
+    "trainable_names",
+    "unflatten",
+    "unvec",
+    "vec",
+    "weight_to_matrix",
+]
+
+DT = torch.float64
+
+
+# --------------------------------------------------------------------------- mapping
+def vec(X: torch.Tensor) -> torch.Tensor:
+    """Column-major vec (Def. 3.2): ``[..., r, c]`` -> ``[..., r·c]``, entry i + r·j = X[i, j]."""
+    return X.mT.reshape(*X.shape[:-2], X.shape[-1] * X.shape[-2])
+
+
+def unvec(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`vec`: ``[..., rows·cols]`` -> ``[..., rows, cols]``."""
+    return x.reshape(*x.shape[:-1], cols, rows).mT
+
+
+def weight_to_matrix(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A batch of weights ``[B, *weight.shape]`` -> W ``[B, g_dim, in_features]``."""
+    B = w.shape[0]
+    if isinstance(module, nn.ConvTranspose2d):
+        return w.transpose(1, 2).reshape(B, w.shape[2], -1)
+    return w.reshape(B, w.shape[1], -1)
+
+
+def matrix_to_weight(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """W ``[g_dim, in_features]`` -> a tensor shaped like ``module.weight``."""
+    if isinstance(module, nn.ConvTranspose2d):
+        c_in, c_out, kh, kw = module.weight.shape
+        return W.reshape(c_out, c_in, kh, kw).transpose(0, 1)
+    return W.reshape(module.weight.shape)
+
+
+def trainable_names(op: Any) -> list[str]:
+    """Qualified parameter names of ``op.layers`` in flat order (weight, then bias)."""
+    names = []
+    for L in op.layers:
+        names.append(f"{L.name}.weight" if L.name else "weight")
+        if L.has_bias:
+            names.append(f"{L.name}.bias" if L.name else "bias")
+    return names
+
+
+def flatten(op: Any, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``{qualified name: [B, *shape]}`` -> ``[B, p]`` in curvlib's flat order."""
+    cols = []
+    for L in op.layers:
+        pre = f"{L.name}." if L.name else ""
+        W = weight_to_matrix(L.module, tensors[pre + "weight"])
+        if L.has_bias:
+            W = torch.cat([W, tensors[pre + "bias"].unsqueeze(-1)], dim=-1)
+        cols.append(W.transpose(1, 2).reshape(W.shape[0], -1))
+    return torch.cat(cols, dim=1)
+
+
+def unflatten(op: Any, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat vector ``[p]`` -> ``{qualified name: tensor shaped like the parameter}``."""
+    out = {}
+    for L in op.layers:
+        pre = f"{L.name}." if L.name else ""
+        Wbar = v[L.slice].reshape(L.a_dim, L.g_dim).T
+        n_in = L.a_dim - int(L.has_bias)
+        out[pre + "weight"] = matrix_to_weight(L.module, Wbar[:, :n_in])
+        if L.has_bias:
+            out[pre + "bias"] = Wbar[:, -1]
+    return out
+
+
+def current_vector(op: Any, model: nn.Module) -> torch.Tensor:
+    """The model's current parameters as the flat vector ``[p]``."""
+    params = dict(model.named_parameters())
+    return flatten(op, {n: params[n].detach().unsqueeze(0) for n in trainable_names(op)})[0]
+
+
+# --------------------------------------------------------------------------- per-sample quantities
+def _split(model: nn.Module, op: Any):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    sub = {n: params[n] for n in trainable_names(op)}
+    return params, buffers, sub
+
+
+def per_sample_grads_dict(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> dict:
+    """∇_θ ℓ_b(y_b) of every sample, ℓ_b = ``loss_fn`` on the one-sample batch (b):
+    ``{qualified name: [m, *shape]}`` (only the parameters of ``op.layers``)."""
+    params, buffers, sub = _split(model, op)
+
+    def ell(s, x, y):
+        out = functional_call(model, {**params, **s, **buffers}, (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    return vmap(grad(ell), in_dims=(None, 0, 0))(sub, X, Y)
+
+
+def per_sample_grads(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """∇_θ ℓ_b(y_b) of every sample in curvlib's flat order: ``[m, p]``."""
+    return flatten(op, per_sample_grads_dict(model, op, loss_fn, X, Y))
+
+
+def per_sample_jacobians(model: nn.Module, op: Any, X: torch.Tensor) -> torch.Tensor:
+    """J_b = ∂f_b/∂θ of the flattened output f_b ``[c]``: ``[m, c, p]``."""
+    params, buffers, sub = _split(model, op)
+
+    def f(s, x):
+        return functional_call(model, {**params, **s, **buffers}, (x.unsqueeze(0),)).reshape(-1)
+
+    jac = vmap(jacrev(f), in_dims=(None, 0))(sub, X)
+    m, c = X.shape[0], next(iter(jac.values())).shape[1]
+    flat = flatten(op, {n: t.reshape(m * c, *t.shape[2:]) for n, t in jac.items()})
+    return flat.reshape(m, c, -1)
+
+
+def per_sample_output_hessians(
+    loss_fn: nn.Module, outputs: torch.Tensor, Y: torch.Tensor, link: Callable | None = None
+) -> torch.Tensor:
+    """∇²_f ℓ_b at f_b (composed with ``link`` if given, e.g. a sigmoid before ``nn.BCELoss``):
+    ``[m, c, c]`` for outputs ``[m, *out]`` with c = prod(out)."""
+    shape = outputs.shape[1:]
+
+    def ell(f, y):
+        z = f.reshape(1, *shape)
+        if link is not None:
+            z = link(z)
+        return loss_fn(z, y.unsqueeze(0))
+
+    return vmap(hessian(ell))(outputs.detach().reshape(outputs.shape[0], -1), Y)
+
+
+def loss_gradient(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """∇_θ of ``loss_fn(model(X), Y)`` (the batch loss as the user computes it): ``[p]``."""
+    params, buffers, _ = _split(model, op)
+
+    def L(v):
+        return loss_fn(functional_call(model, {**params, **unflatten(op, v), **buffers}, (X,)), Y)
+
+    return grad(L)(current_vector(op, model))
+
+
+def k_factor(loss_fn: nn.Module, c: int) -> float:
+    """k with ℓ_b = k·NLL_b, the per-sample loss convention of :mod:`curvlib.curvatures.losses`:
+    cross-entropy 1; MSE 2 (reduction "sum") or 2/c ("mean"); BCE 1 ("sum") or 1/c ("mean"),
+    c = the number of outputs per sample."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return 1.0
+    if isinstance(loss_fn, nn.MSELoss):
+        return 2.0 if loss_fn.reduction == "sum" else 2.0 / c
+    return 1.0 if loss_fn.reduction == "sum" else 1.0 / c
+
+
+def _num_outputs(model: nn.Module, X: torch.Tensor) -> int:
+    with torch.no_grad():
+        return model(X[:1]).numel()
+
+
+# --------------------------------------------------------------------------- dense curvature
+def dense_empirical_fisher(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """(1/m) Σ_b (1/k) ∇ℓ_b(y_b) ∇ℓ_b(y_b)ᵀ ``[p, p]`` (2.85), k = :func:`k_factor`."""
+    k = k_factor(loss_fn, _num_outputs(model, X))
+    G = per_sample_grads(model, op, loss_fn, X, Y)
+    return G.T @ G / (X.shape[0] * k)
+
+
+def dense_fisher(
+    model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, sampled_targets: torch.Tensor
+) -> torch.Tensor:
+    """The Monte Carlo Fisher (2.84) at given targets: (1/(m·S)) Σ_{b,s} (1/k) ∇ℓ_b(ŷ_{b,s}) ∇ℓ_b(ŷ_{b,s})ᵀ.
+
+    Args:
+        sampled_targets: ``[m, S, ...]``, draw s of sample b at ``[b, s]`` (a ``fisher``
+            operator keeps its draws in ``sampled_targets``).
+    """
+    m, S = sampled_targets.shape[:2]
+    k = k_factor(loss_fn, _num_outputs(model, X))
+    out = 0
+    for s in range(S):
+        G = per_sample_grads(model, op, loss_fn, X, sampled_targets[:, s])
+        out = out + G.T @ G
+    return out / (m * S * k)
+
+
+def dense_ggn(
+    model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor, link: Callable | None = None
+) -> torch.Tensor:
+    """(1/m) Σ_b J_bᵀ ∇²_f ℓ_b J_b ``[p, p]`` (2.89).
+
+    With ``link`` (a loss on probabilities, ``nn.BCELoss`` after ``nn.Sigmoid``) pass the
+    model *without* its final link as ``model``: the GGN is taken w.r.t. the logits.
+    """
+    J = per_sample_jacobians(model, op, X)
+    with torch.no_grad():
+        out = model(X)
+    H = per_sample_output_hessians(loss_fn, out, Y, link=link)
+    return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / X.shape[0]
+
+
+def dense_hessian(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """∇²_θ (1/m) Σ_b ℓ_b w.r.t. the flat vector ``[p, p]`` (the "mean" loss; a "sum" loss divided by m)."""
+    params, buffers, _ = _split(model, op)
+    m = X.shape[0]
+
+    def L(v):
+        out = functional_call(model, {**params, **unflatten(op, v), **buffers}, (X,))
+        val = loss_fn(out, Y)
+        return val if loss_fn.reduction == "mean" else val / m
+
+    return hessian(L)(current_vector(op, model))
+
+
+# --------------------------------------------------------------------------- Kronecker algebra
+def kron_sum_dense(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ_k A_k ⊗ B_k with ``torch.kron``: A_k ``[d_a, d_a]``, B_k ``[d_b, d_b]`` -> ``[d_a·d_b, d_a·d_b]``."""
+    out = None
+    for A, B in terms:
+        t = torch.kron(A, B)
+        out = t if out is None else out + t
+    if out is None:
+        raise ValueError("kron_sum_dense: expected at least one term")
+    return out
+
+
+def rearrange_dense(M: torch.Tensor, d_a: int, d_b: int) -> torch.Tensor:
+    """Z(M) of Def. 3.3 by explicit index loops: ``[d_a·d_b, d_a·d_b]`` -> ``[d_a², d_b²]``.
+
+    M's block (i, j) (rows i·d_b …, columns j·d_b …) is the d_b × d_b matrix M_ij; row
+    i + d_a·j of Z(M) is vec(M_ij)ᵀ, so that Z(R ⊗ S) = vec(R) vec(S)ᵀ (Thm 3.14).
+    O(d_a² d_b²) Python steps: small matrices only.
+    """
+    if M.shape != (d_a * d_b, d_a * d_b):
+        raise ValueError(f"rearrange_dense: expected M [{d_a * d_b}, {d_a * d_b}], got {list(M.shape)}")
+    Z = M.new_zeros(d_a * d_a, d_b * d_b)
+    for i in range(d_a):
+        for j in range(d_a):
+            for k in range(d_b):
+                for l in range(d_b):
+                    Z[i + d_a * j, k + d_b * l] = M[i * d_b + k, j * d_b + l]
+    return Z
+
+
+def position_pairs(spatial_shape: tuple[int, int], radius: int | None) -> torch.Tensor:
+    """0/1 mask ``[T, T]`` of the position pairs with max(|Δrow|, |Δcol|) ≤ radius on the 2-D
+    grid (row-major t = row·W + col); all pairs for ``radius=None``."""
+    H, W = spatial_shape
+    T = H * W
+    mask = torch.zeros(T, T, dtype=DT)
+    for t in range(T):
+        r, c = divmod(t, W)
+        for u in range(T):
+            r2, c2 = divmod(u, W)
+            if radius is None or max(abs(r - r2), abs(c - c2)) <= radius:
+                mask[t, u] = 1.0
+    return mask
+
+
+def _uniform(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ā ``[m, T, d_a]`` and g ``[m, c, T, d_g]`` (T = 1 for Linear), float64 on the CPU."""
+    a, g = stats.a.detach().to("cpu", DT), stats.g.detach().to("cpu", DT)
+    if stats.spatial_shape is not None:
+        return a, g
+    return a[:, None, :], g[:, :, None, :]
+
+
+def dense_block(stats: Any, radius: int | None = None) -> torch.Tensor:
+    """The exact sampled layer block from its statistics (float64, CPU):
+
+        F_ii = scale · Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ      (3.18), (3.28)
+
+    built from the per-(sample, column, position) vectors ā_{b,t} ⊗ g_{b,c,t} = vec(g āᵀ)
+    (outer products flattened in Kronecker order, as ``torch.kron`` orders them) and the
+    position mask of :func:`position_pairs`, optionally restricted to the band
+    ‖t − t'‖∞ ≤ ``radius`` on the 2-D grid (3.35).  ``[p_i, p_i]``, p_i = d_a·d_g.
+    """
+    a, g = _uniform(stats)
+    m, c, T, d_g = g.shape
+    d_a = a.shape[-1]
+    mask = position_pairs(stats.spatial_shape, radius) if stats.spatial_shape is not None else torch.ones(1, 1, dtype=DT)
+    # rows[b, c, t] = ā_{b,t} ⊗ g_{b,c,t}: entry α·d_g + γ is ā_α g_γ (Kronecker order)
+    rows = (a[:, None, :, :, None] * g[:, :, :, None, :]).reshape(m, c, T, d_a * d_g)
+    F = torch.einsum("bctp,tu,bcuq->pq", rows, mask, rows)
+    return float(stats.scale) * F
+
+
+def dense_kfac_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """KFAC/KFC factors by explicit sums of outer products (float64, CPU), (3.19), (3.29):
+
+        A = (1/m) Σ_b Σ_t ā_{b,t} ā_{b,t}ᵀ,      G = (scale/T) Σ_{b,c,t} g_{b,c,t} g_{b,c,t}ᵀ.
+    """
+    a, g = _uniform(stats)
+    m, T = a.shape[0], a.shape[1]
+    A = (a[..., :, None] * a[..., None, :]).sum((0, 1)) / m
+    G = (g[..., :, None] * g[..., None, :]).sum((0, 1, 2)) * (float(stats.scale) / T)
+    return A, G
+
+
+def dense_tikhonov_solve(M: torch.Tensor, X: torch.Tensor, lam: float) -> torch.Tensor:
+    """MAT((M + λI)⁻¹ vec(X)) by ``torch.linalg.solve``: M ``[p, p]``, X ``[..., d_g, d_a]``."""
+    d_g, d_a = X.shape[-2:]
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    y = torch.linalg.solve(M + lam * eye, vec(X).unsqueeze(-1)).squeeze(-1)
+    return unvec(y, d_g, d_a)
