@@ -20,15 +20,14 @@ Ratios to ``fwd+bwd`` are printed (absolute times only for context).  Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from curvlib.curvatures.api import curvature
 from curvlib.plugins import load_registry
+
+from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
 
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
@@ -42,15 +41,6 @@ def autoencoder(activation: str) -> nn.Sequential:
             layers.append(act())
     return nn.Sequential(*layers)
 
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:

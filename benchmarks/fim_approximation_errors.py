@@ -46,7 +46,6 @@ import argparse
 import copy
 import json
 import math
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +57,8 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.curvatures.api import curvature
 from curvlib.errors import PerformanceWarning
 from curvlib.plugins import load_registry
+
+from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
 
 METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
 LABELS = {"kfac": "KFAC", "kpsvd": "KPSVD", "deflation": "Deflation", "lanczos": "Lanczos", "kfac_corrected": "KFAC-corrected"}
@@ -91,15 +92,6 @@ def predicted_ratio(method: str, fit, krylov_dim: int, d: float, m: int) -> floa
         return 1.0 + 2.0 * k
     return (4 * k * m * d**2 + krylov_dim**3 + 2 * krylov_dim * d**2) / (2 * m * d**2)
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def plot(result: dict, path: Path) -> None:

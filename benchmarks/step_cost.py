@@ -70,12 +70,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -84,18 +80,11 @@ from curvlib.bench.methods import build_training_step, resolve_method
 from curvlib.bench.problems import PROBLEMS
 from curvlib.plugins import load_registry
 
+from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
+
 METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac+residual", "block_ng", "exact_ng")
 NEVER = 10**9  # a T1/T2 no run reaches: "never refresh / never invert again"
 
-
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # untimed: first-call costs (allocations, kernel choice, first refresh)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def fmt_ratio(x: float | None) -> str:

@@ -71,6 +71,8 @@ from curvlib.damping.api import damped_inverse
 from curvlib.errors import NumericalWarning, PerformanceWarning
 from curvlib.plugins import load_registry
 
+from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
+
 METHODS: dict[str, tuple[dict, str]] = {
     "NICO": ({"kind": "nicolaides"}, "multiplicative"),
     "SPECTRAL": ({"kind": "spectral"}, "multiplicative"),
@@ -109,15 +111,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the exact-NG cross-check of each gap")
     return p.parse_args(argv)
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Independent dense float64 references for the approximator tests.
 
-Written from the definitions only (no curvlib code beyond LayerStatistics): the block
+Written from the definitions only (no curvlib code beyond LayerStatistics and the
+position mask of :func:`curvlib.testing.references.position_pairs`): the block
 F_ii = scale·Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ is built from
 per-(pair, position) vectors vec(g āᵀ) = ā ⊗ g (torch.kron) with explicit loops.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.testing.references import position_pairs  # 0/1 [T, T] band mask ‖t − t'‖∞ ≤ radius (3.35)
 
 DT = torch.float64
 
@@ -18,20 +20,6 @@ def _uniform(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
     if stats.is_conv:
         return stats.a, stats.g
     return stats.a[:, None, :], stats.g[:, :, None, :]
-
-
-def position_pairs(spatial_shape, radius):
-    """0/1 ``[T, T]`` mask of the pairs with max(|Δrow|, |Δcol|) ≤ radius (all pairs for None)."""
-    H, W = spatial_shape
-    T = H * W
-    mask = torch.zeros(T, T, dtype=DT)
-    for t in range(T):
-        r, c = divmod(t, W)
-        for u in range(T):
-            r2, c2 = divmod(u, W)
-            if radius is None or max(abs(r - r2), abs(c - c2)) <= radius:
-                mask[t, u] = 1.0
-    return mask
 
 
 def dense_block(stats: LayerStatistics, radius: int | None = None) -> torch.Tensor:

@@ -352,7 +352,25 @@ class BlockApproximator(abc.ABC):
                 f"are {stats.a.dtype} on {stats.a.device}"
             )
 
-    def _keep_previous_if_nonfinite(self, stats: LayerStatistics, previous: LayerFit | None) -> LayerFit | None:
+    def _begin_refresh(self, stats: LayerStatistics, previous: LayerFit | None) -> tuple[LayerFit | None, int]:
+        """The common start of :meth:`fit`.
+
+        Returns:
+            ``(previous, 0)`` when ``stats`` hold non-finite values and ``previous`` is kept
+            (see :meth:`_keep_previous_if_nonfinite`; :meth:`fit` returns it as is); else
+            ``(None, k)`` once :meth:`_check_previous` has passed, with k the refresh count
+            of the new fit (1, or ``previous.refresh + 1``).
+        """
+        # stacklevel 4: the warning names the line of fit() that called this helper
+        kept = self._keep_previous_if_nonfinite(stats, previous, stacklevel=4)
+        if kept is not None:
+            return kept, 0
+        self._check_previous(stats, previous)
+        return None, (1 if previous is None else previous.refresh + 1)
+
+    def _keep_previous_if_nonfinite(
+        self, stats: LayerStatistics, previous: LayerFit | None, *, stacklevel: int = 3
+    ) -> LayerFit | None:
         """``previous`` (with a :class:`NumericalWarning`) if ``stats`` hold non-finite values,
         :class:`NumericalError` if they do and there is no previous fit, else ``None``."""
         bad_a = int((~torch.isfinite(stats.a)).sum())
@@ -364,14 +382,14 @@ class BlockApproximator(abc.ABC):
             f"non-finite statistics (a {list(stats.a.shape)}: {bad_a} entries, g {list(stats.g.shape)}: {bad_g} "
             f"entries, scale {stats.scale})"
         )
-        return self._fallback(why, previous)
+        return self._fallback(why, previous, stacklevel=stacklevel)
 
-    def _fallback(self, why: str, previous: LayerFit | None) -> LayerFit:
+    def _fallback(self, why: str, previous: LayerFit | None, *, stacklevel: int = 3) -> LayerFit:
         if previous is None:
             raise NumericalError(f"{self.kind}: {why}; expected finite values, and there is no previous fit to keep")
         warnings.warn(
             f"{self.kind}: {why}; keeping the previous fit (refresh {previous.refresh}) unchanged",
             NumericalWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         return previous

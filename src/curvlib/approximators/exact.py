@@ -30,7 +30,7 @@ from curvlib.approximators.base import BlockApproximator, FitInfo, LayerFit
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError
-from curvlib.linalg import WoodburySolver, eigh_safe, unvec, vec
+from curvlib.linalg import WoodburySolver, eigh_safe, matvec_from_matrix_form, unvec, vec
 
 __all__ = ["ExactBlock", "ExactBlockApproximator", "ExactBlockOptions", "pair_gram"]
 
@@ -207,11 +207,7 @@ class ExactBlock:
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """F_ii·x: ``[p_i]`` -> ``[p_i]`` or ``[p_i, k]`` -> ``[p_i, k]`` (column-major vec of ``[d_g, d_a]``)."""
-        if x.ndim == 1 and x.shape[0] == self.p:
-            return vec(self.apply(unvec(x, self.b_dim, self.a_dim)))
-        if x.ndim == 2 and x.shape[0] == self.p:
-            return vec(self.apply(unvec(x.T, self.b_dim, self.a_dim))).T
-        raise ShapeError(f"ExactBlock.matvec: expected x [{self.p}] or [{self.p}, k], got {list(x.shape)}")
+        return matvec_from_matrix_form(self.apply, x, self.b_dim, self.a_dim, "ExactBlock.matvec")
 
     __matmul__ = matvec
 
@@ -372,10 +368,8 @@ class ExactBlockApproximator(BlockApproximator):
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """An :class:`ExactBlock` of ``stats`` (see :meth:`BlockApproximator.fit`)."""
-        kept = self._keep_previous_if_nonfinite(stats, previous)
+        kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
-        self._check_previous(stats, previous)
-        k = 1 if previous is None else previous.refresh + 1
         block = ExactBlock(stats, self.options.dense_max)
         return LayerFit(block=block, info=FitInfo(method=self.kind, refresh=k), state={"refresh": k})

@@ -70,11 +70,9 @@ class KFACApproximator(BlockApproximator):
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A one-term :class:`~curvlib.linalg.KroneckerSum` (A, G) (see :meth:`BlockApproximator.fit`)."""
-        kept = self._keep_previous_if_nonfinite(stats, previous)
+        kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
-        self._check_previous(stats, previous)
-        k = 1 if previous is None else previous.refresh + 1
         rho = ema_rho(k, self.options.ema)
         A, G = kfac_factors(stats)
         if rho > 0:

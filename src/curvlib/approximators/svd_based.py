@@ -301,12 +301,10 @@ class _SVDApproximator(BlockApproximator):
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A :class:`~curvlib.linalg.KroneckerSum` fit (see :meth:`BlockApproximator.fit` and the
         module docstring for EMA and warm starts)."""
-        kept = self._keep_previous_if_nonfinite(stats, previous)
+        kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
-        self._check_previous(stats, previous)
         opts = self.options
-        k = 1 if previous is None else previous.refresh + 1
         rho = ema_rho(k, opts.ema)
         v0 = previous.state.get("v0") if (opts.warm_start and previous is not None) else None
         generator = torch.Generator(device=stats.a.device).manual_seed(opts.seed)

@@ -65,6 +65,9 @@ __all__ = [
     "LayerBlock",
     "LayerCandidate",
     "LinearAdapter",
+    "blocks_params",
+    "blocks_params_to_vector",
+    "blocks_vector_to_params",
     "find_layers",
     "warn_excluded",
 ]
@@ -480,6 +483,47 @@ class LayerBlock:
             )
             start += p
         return blocks
+
+
+# --------------------------------------------------------------------------- flat vector <-> parameters
+
+
+def blocks_params(layers: Sequence[LayerBlock]) -> list[torch.Tensor]:
+    """The parameters of ``layers`` (weight, then bias when present, layer by layer): the
+    order of list-shaped vectors in the flat curvlib layout."""
+    return [t for L in layers for t in L.adapter.params()]
+
+
+def blocks_params_to_vector(layers: Sequence[LayerBlock], tensors: Sequence[torch.Tensor], who: str) -> torch.Tensor:
+    """Tensors shaped like :func:`blocks_params` -> the flat curvlib vector ``[p]``
+    (vec of W̄ = [W, b], columns stacked, layer after layer).
+
+    Raises:
+        ShapeError: ``tensors`` are not shaped like the parameters (``who`` names the caller).
+    """
+    shapes = [t.shape for L in layers for t in L.adapter.params()]
+    if len(tensors) != len(shapes) or any(tuple(t.shape) != tuple(s) for t, s in zip(tensors, shapes)):
+        raise ShapeError(
+            f"{who}: expected tensors shaped like the parameters {[list(s) for s in shapes]}, "
+            f"got {[list(getattr(t, 'shape', ())) for t in tensors]}"
+        )
+    out, k = [], 0
+    for L in layers:
+        n = len(L.adapter.params())
+        out.append(L.adapter.params_to_vector(list(tensors[k : k + n])))
+        k += n
+    return torch.cat(out)
+
+
+def blocks_vector_to_params(layers: Sequence[LayerBlock], v: torch.Tensor, p: int, who: str) -> list[torch.Tensor]:
+    """The flat curvlib vector ``[p]`` -> tensors shaped like :func:`blocks_params`.
+
+    Raises:
+        ShapeError: ``v`` is not ``[p]`` (``who`` names the caller).
+    """
+    if v.shape != (p,):
+        raise ShapeError(f"{who}: expected a vector [{p}], got {list(v.shape)}")
+    return [t for L in layers for t in L.adapter.vector_to_params(v[L.slice])]
 
 
 def _adapter_spec_for(module: nn.Module, specs: Sequence[Any]) -> Any | None:

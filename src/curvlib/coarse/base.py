@@ -407,9 +407,30 @@ def kfc_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return A, G
 
 
+# --------------------------------------------------------------------------- on a curvature
+class _OnCurvature:
+    """``dtype`` and ``device`` of an object built on ``self.curvature``: the curvature's."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.curvature.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.curvature.device
+
+
+class _SquareOnCurvature(_OnCurvature):
+    """An operator ``[p, p]`` on the curvature's parameter space (subclasses define ``p``)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+
 # --------------------------------------------------------------------------- context
 @dataclass
-class CoarseContext:
+class CoarseContext(_OnCurvature):
     """What a coarse space may use to build its basis, with cached intermediate vectors.
 
     Attributes:
@@ -434,14 +455,6 @@ class CoarseContext:
     @property
     def p(self) -> int:
         return self.partition.p
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.curvature.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.curvature.device
 
     @property
     def layer_slices(self) -> list[slice]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from curvlib.coarse.base import _SquareOnCurvature
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
 from curvlib.linalg import WoodburySolver
@@ -50,7 +51,7 @@ def _check(curvature: Any, damping: float, who: str) -> float:
     return lam
 
 
-class _NaturalGradientBase:
+class _NaturalGradientBase(_SquareOnCurvature):
     """Shared shape handling: ``@`` on ``[p]``, ``[p, k]`` or a list shaped like ``F.params()``."""
 
     curvature: CurvatureOperator
@@ -58,18 +59,6 @@ class _NaturalGradientBase:
     @property
     def p(self) -> int:
         return self.curvature.p
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.curvature.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.curvature.device
 
     def _solve(self, U: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

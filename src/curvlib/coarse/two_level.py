@@ -58,7 +58,15 @@ from typing import Any, Literal
 
 import torch
 
-from curvlib.coarse.base import CoarseBasis, CoarseContext, CoarseSpace, Partition, apply_operator, kfc_factors
+from curvlib.coarse.base import (
+    CoarseBasis,
+    CoarseContext,
+    CoarseSpace,
+    Partition,
+    _SquareOnCurvature,
+    apply_operator,
+    kfc_factors,
+)
 from curvlib.curvatures.operator import CurvatureOperator, NoStatisticsError
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
 from curvlib.linalg import pi_split, unvec
@@ -299,7 +307,7 @@ class TwoLevelSolution:
 
 
 # --------------------------------------------------------------------------- preconditioner
-class TwoLevelPreconditioner:
+class TwoLevelPreconditioner(_SquareOnCurvature):
     """ζ_2L ≈ F•⁻¹u: a first level plus a coarse correction (thesis §4.2).
 
     Args:
@@ -387,18 +395,6 @@ class TwoLevelPreconditioner:
     @property
     def p(self) -> int:
         return self.partition.p
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.curvature.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.curvature.device
 
     @property
     def info(self) -> CoarseSolveInfo | None:

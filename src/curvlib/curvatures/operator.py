@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvlib.capture.adapters import LayerBlock
+from curvlib.capture.adapters import LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import CurvlibError, DTypeDeviceError, PerformanceWarning, ShapeError
 
@@ -130,28 +130,15 @@ class _BlockOperator(abc.ABC):
     def params(self) -> list[torch.Tensor]:
         """The adapted parameters (weight, then bias when trainable, layer by layer): the order
         of list-shaped vectors accepted and returned by the products."""
-        return [t for L in self.layers for t in L.adapter.params()]
+        return blocks_params(self.layers)
 
     def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]``."""
-        shapes = [t.shape for L in self.layers for t in L.adapter.params()]
-        if len(tensors) != len(shapes) or any(tuple(t.shape) != tuple(s) for t, s in zip(tensors, shapes)):
-            raise ShapeError(
-                f"{type(self).__name__}: expected tensors shaped like the parameters {[list(s) for s in shapes]}, "
-                f"got {[list(getattr(t, 'shape', ())) for t in tensors]}"
-            )
-        out, k = [], 0
-        for L in self.layers:
-            n = len(L.param_shapes)
-            out.append(L.adapter.params_to_vector(list(tensors[k : k + n])))
-            k += n
-        return torch.cat(out)
+        return blocks_params_to_vector(self.layers, tensors, type(self).__name__)
 
     def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
         """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        if v.shape != (self.p,):
-            raise ShapeError(f"{type(self).__name__}: expected a vector [{self.p}], got {list(v.shape)}")
-        return [t for L in self.layers for t in L.adapter.vector_to_params(v[L.slice])]
+        return blocks_vector_to_params(self.layers, v, self.p, type(self).__name__)
 
     def gradient_vector(self) -> torch.Tensor:
         """∇_θ L of the captured batch (the user's loss and reduction) in curvlib order ``[p]``."""

@@ -30,7 +30,7 @@ from curvlib.linalg.inverse import (
     pi_split,
     woodbury_solve,
 )
-from curvlib.linalg.kron import KroneckerSum, kron, kron_matvec, unvec, vec
+from curvlib.linalg.kron import KroneckerSum, kron, kron_matvec, matvec_from_matrix_form, unvec, vec
 from curvlib.linalg.operator import DenseZOperator, ZOperator
 from curvlib.linalg.rearrange import (
     NearestKronecker,
@@ -69,6 +69,7 @@ __all__ = [
     "kron_matvec",
     "kron_solve",
     "lanczos_svd",
+    "matvec_from_matrix_form",
     "nearest_kronecker",
     "pcg",
     "pi_split",

@@ -12,14 +12,14 @@ it is applied, traced and normed from its factors, never densified (except by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from numbers import Real
 
 import torch
 
 from curvlib.errors import DTypeDeviceError, ShapeError
 
-__all__ = ["vec", "unvec", "kron", "kron_matvec", "KroneckerSum"]
+__all__ = ["vec", "unvec", "kron", "kron_matvec", "matvec_from_matrix_form", "KroneckerSum"]
 
 
 def vec(X: torch.Tensor) -> torch.Tensor:
@@ -111,6 +111,34 @@ def kron_matvec(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tens
         Xs = unvec(x.T, b2, a2)  # [k, b', a']
         return vec(B @ Xs @ A.T).T
     raise ShapeError(f"kron_matvec: expected x [{n}] or [{n}, k] for A {list(A.shape)}, B {list(B.shape)}; got {list(x.shape)}")
+
+
+
+def matvec_from_matrix_form(apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b_dim: int, a_dim: int,
+                            who: str) -> torch.Tensor:
+    """M·x for an operator M ``[p, p]``, p = d_a·d_b, given by its matrix form (Thm 3.13).
+
+    ``apply`` maps X ``[..., d_b, d_a]`` to MAT(M vec(X)) ``[..., d_b, d_a]``; x is unvec-ed
+    (column-major, Def. 3.2), applied, and vec-ed back — k columns in one batched call.
+
+    Args:
+        apply: the matrix form of M.
+        x: ``[p]`` or ``[p, k]``.
+        b_dim, a_dim: d_b (rows of X) and d_a (columns of X).
+        who: the caller, for the error message.
+
+    Returns:
+        ``[p]`` or ``[p, k]``.
+
+    Raises:
+        ShapeError: x is neither ``[p]`` nor ``[p, k]``.
+    """
+    n = a_dim * b_dim
+    if x.ndim == 1 and x.shape[0] == n:
+        return vec(apply(unvec(x, b_dim, a_dim)))
+    if x.ndim == 2 and x.shape[0] == n:
+        return vec(apply(unvec(x.T, b_dim, a_dim))).T
+    raise ShapeError(f"{who}: expected x [{n}] or [{n}, k], got {list(x.shape)}")
 
 
 class KroneckerSum:
@@ -238,12 +266,7 @@ class KroneckerSum:
             ``[d_a·d_b]`` or ``[d_a·d_b, k]``.
         """
         self._check_operand(x, "matvec")
-        n = self.shape[1]
-        if x.ndim == 1 and x.shape[0] == n:
-            return vec(self.apply(unvec(x, self.b_dim, self.a_dim)))
-        if x.ndim == 2 and x.shape[0] == n:
-            return vec(self.apply(unvec(x.T, self.b_dim, self.a_dim))).T
-        raise ShapeError(f"KroneckerSum.matvec: expected x [{n}] or [{n}, k], got {list(x.shape)}")
+        return matvec_from_matrix_form(self.apply, x, self.b_dim, self.a_dim, "KroneckerSum.matvec")
 
     def __matmul__(self, other: torch.Tensor | KroneckerSum) -> torch.Tensor | KroneckerSum:
         """``S @ x`` is :meth:`matvec`; ``S @ T`` for another sum uses the mixed

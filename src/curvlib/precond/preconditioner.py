@@ -46,7 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlib.capture.adapters import LayerBlock, find_layers
+from curvlib.capture.adapters import (
+    LayerBlock,
+    blocks_params,
+    blocks_params_to_vector,
+    blocks_vector_to_params,
+    find_layers,
+)
 from curvlib.errors import ConfigError, CurvlibError, DTypeDeviceError, ShapeError
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 
@@ -254,29 +260,15 @@ class Preconditioner:
     def params(self) -> list[torch.Tensor]:
         """The preconditioned parameters (weight, then bias, layer by layer): the order of
         list-shaped gradients and directions."""
-        return [t for L in self.layers for t in L.adapter.params()]
+        return blocks_params(self.layers)
 
     def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]`` (vec of W̄ = [W, b], columns stacked)."""
-        layers = self.layers
-        shapes = [t.shape for L in layers for t in L.adapter.params()]
-        if len(tensors) != len(shapes) or any(tuple(t.shape) != tuple(s) for t, s in zip(tensors, shapes)):
-            raise ShapeError(
-                f"Preconditioner: expected tensors shaped like the parameters {[list(s) for s in shapes]}, got "
-                f"{[list(getattr(t, 'shape', ())) for t in tensors]}"
-            )
-        out, k = [], 0
-        for L in layers:
-            n = len(L.adapter.params())
-            out.append(L.adapter.params_to_vector(list(tensors[k : k + n])))
-            k += n
-        return torch.cat(out)
+        return blocks_params_to_vector(self.layers, tensors, "Preconditioner")
 
     def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
         """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        if v.shape != (self.p,):
-            raise ShapeError(f"Preconditioner: expected a vector [{self.p}], got {list(v.shape)}")
-        return [t for L in self.layers for t in L.adapter.vector_to_params(v[L.slice])]
+        return blocks_vector_to_params(self.layers, v, self.p, "Preconditioner")
 
     def refresh_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""
