@@ -296,3 +296,33 @@ def test_device_is_preserved_on_cuda(kind, registry):
     assert out.device.type == "cuda" and out.dtype == torch.float64
     # two PCG runs, each within κ·tol ≈ 1e-10 of the exact solve
     assert_close(out.cpu(), ref @ g, rtol=1e-8)
+
+
+def test_block_diagonal_inverse_checks_the_assembled_direction_once_and_names_the_block():
+    """Per-layer solves skip their own finiteness check (a host sync each); the assembled
+    direction is checked once and a non-finite block is still reported, by index."""
+    import torch
+
+    from curvlib.damping import damped_inverse
+    from curvlib.errors import NumericalError
+    from curvlib.linalg import KroneckerSum
+
+    A = torch.eye(3, dtype=torch.float64)
+    B = torch.eye(2, dtype=torch.float64)
+    inv = damped_inverse(KroneckerSum([(A, B)]), "tikhonov", value=1e-3)
+    calls = []
+    block = inv.blocks[0]
+    real_solve = block.solve
+
+    def spy(X, *, check_finite=True):
+        calls.append(check_finite)
+        return real_solve(X, check_finite=check_finite)
+
+    block.solve = spy
+    v = torch.ones(6, dtype=torch.float64)
+    out = inv @ v
+    assert calls == [False]
+    assert torch.allclose(out, v / (1 + 1e-3))
+    v[2] = float("nan")
+    with pytest.raises(NumericalError, match=r"block\(s\) \[0\].*right-hand side"):
+        inv @ v

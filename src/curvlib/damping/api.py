@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel
 
 from curvlib.damping.base import BlockInverse, Damping, block_terms, is_exact_block
-from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, ShapeError
 
 __all__ = ["BlockDiagonalInverse", "damped_inverse"]
 
@@ -149,7 +149,13 @@ class BlockDiagonalInverse:
         # rows of no layer: zero blocks of F̂, damped to λI
         out = v * self._uncovered_scale if self._uncovered_scale is not None else torch.empty_like(v)
         for block, s in zip(self.blocks, self.slices):
-            out[s] = block.matvec(v[s])
+            out[s] = block.matvec(v[s], check_finite=False)
+        # one host sync for the whole direction (DESIGN §8), not one per layer
+        if not bool(torch.isfinite(out).all()):
+            bad = [i for i, s in enumerate(self.slices) if not bool(torch.isfinite(out[s]).all())]
+            why = "the right-hand side already has non-finite entries" if not bool(torch.isfinite(v).all()) else (
+                "the inverse produced them from a finite right-hand side")
+            raise NumericalError(f"{caller}: the direction has non-finite entries in layer block(s) {bad}: {why}")
         return out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:

@@ -230,11 +230,14 @@ class BlockInverse(abc.ABC):
                 f"{caller}: the inverse is {self._dtype} on {self._device}, the operand is {x.dtype} on {x.device}"
             )
 
-    def solve(self, X: torch.Tensor) -> torch.Tensor:
+    def solve(self, X: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """M⁻¹ vec(X) in matrix form.
 
         Args:
             X: ``[..., d_g, d_a]``.
+            check_finite: raise on a non-finite result.  The check reads a value back to
+                the host; block-diagonal callers pass ``False`` and check the assembled
+                direction once (one host sync per application, not one per layer).
 
         Returns:
             ``[..., d_g, d_a]``.
@@ -250,7 +253,7 @@ class BlockInverse(abc.ABC):
                 f"{caller}: expected X [..., d_g, d_a] = [..., {self._b_dim}, {self._a_dim}], got {list(X.shape)}"
             )
         Y = self._solve(X)
-        if not bool(torch.isfinite(Y).all()):
+        if check_finite and not bool(torch.isfinite(Y).all()):
             why = (
                 "the right-hand side already has non-finite entries"
                 if not bool(torch.isfinite(X).all())
@@ -263,11 +266,12 @@ class BlockInverse(abc.ABC):
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         """M⁻¹ vec(X) in matrix form for a checked X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``."""
 
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """M⁻¹ x on flat vectors in the column-major vec convention.
 
         Args:
             x: ``[p_i]`` or ``[p_i, k]``.
+            check_finite: as in :meth:`solve`.
 
         Returns:
             ``[p_i]`` or ``[p_i, k]``.
@@ -276,10 +280,10 @@ class BlockInverse(abc.ABC):
         self._check_operand(x, caller)
         p = self.shape[0]
         if x.ndim == 1 and x.shape[0] == p:
-            return vec(self.solve(unvec(x, self._b_dim, self._a_dim)))
+            return vec(self.solve(unvec(x, self._b_dim, self._a_dim), check_finite=check_finite))
         if x.ndim == 2 and x.shape[0] == p:
             # columns -> a batch [k, d_g, d_a] of matrices, solved at once
-            return vec(self.solve(unvec(x.T, self._b_dim, self._a_dim))).T
+            return vec(self.solve(unvec(x.T, self._b_dim, self._a_dim), check_finite=check_finite)).T
         raise ShapeError(f"{caller}: expected x [{p}] or [{p}, k] (p_i = d_a·d_g), got {list(x.shape)}")
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
