@@ -29,7 +29,7 @@ PLUGIN_DIRS = sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml
 #: kinds each distribution must provide, (family, kind); others it registers are listed too
 EXPECTED = {
     "curvlib-ekfac": {("approximators", "ekfac")},
-    "curvlib-grouped-newton": {("coarse_spaces", "grouped_direction")},
+    "curvlib-grouped-newton": {("coarse_spaces", "grouped_direction"), ("optimizers", "grouped_newton")},
 }
 
 

@@ -230,7 +230,7 @@ def test_registrar_rejects_bad_registrations():
 
 
 def test_every_family_has_a_hook():
-    assert FAMILIES == ("approximators", "dampings", "coarse_spaces", "curvatures", "layers")
+    assert FAMILIES == ("approximators", "dampings", "coarse_spaces", "curvatures", "layers", "optimizers")
     reg = Registry()
     for fam in FAMILIES:
         assert reg.family(fam).name == fam

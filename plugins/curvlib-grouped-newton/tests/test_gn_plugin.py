@@ -37,9 +37,11 @@ def test_discovered_by_load_registry(dist):
     assert (spec.plugin, spec.distribution) == ("grouped_newton", DIST)
     assert reg.plugins["grouped_newton"] == DIST
     assert reg.distribution_version(DIST) == dist.version
-    # it adds exactly one kind, and nothing to the other families
-    ours = [s.kind for fam in reg.families() for s in fam if s.distribution == DIST]
-    assert ours == ["grouped_direction"]
+    # it adds exactly two kinds: the coarse space and the optimizer
+    ours = [(s.family, s.kind) for fam in reg.families() for s in fam if s.distribution == DIST]
+    assert ours == [("coarse_spaces", "grouped_direction"), ("optimizers", "grouped_newton")]
+    opt = reg.optimizers.get("grouped_newton")
+    assert opt.metadata["needs_batch"] is True and opt.metadata["default_lr"] > 0
 
 
 def test_external_plugins_can_be_disabled(dist, monkeypatch):

@@ -24,11 +24,21 @@ name                     what runs
                          ``coarse_mode="previous"`` (additive, approximate coarse operator)
 ``block_ng``             block-diagonal natural gradient (4.51)–(4.52), Tikhonov damping
 ``exact_ng``             exact natural gradient through Woodbury (4.50), Tikhonov damping
+``<optimizer>``          any registered kind of the ``optimizers`` family (a third party's
+                         ``torch.optim.Optimizer``, e.g. ``grouped_newton``), built by its
+                         factory: ``factory(options).build(model, loss_fn, *, lr, generator,
+                         registry)``; its learning rate defaults to the kind's ``default_lr``
+                         metadata, ``needs_batch`` says whether ``step`` takes ``batch=(X, y)``
 =======================  =====================================================================
 
 A name that is none of these raises :class:`~curvlib.errors.UnknownKindError` listing the
 valid names (:func:`available_methods`). Nothing here hard-codes the approximator kinds:
-a third-party approximator installed as a plugin is a method under its own name.
+a third-party approximator installed as a plugin is a method under its own name, and so is
+a third-party optimizer (the ``optimizers`` family). Of the :class:`Hyperparameters`, such an
+optimizer receives ``lr`` and ``optimizer_options`` (validated against the kind's options
+model); the others (momentum, damping, …) are the natural-gradient and baseline settings and
+are not passed to it — its own knobs go in ``optimizer_options``. A grid search searches the
+learning rate only for it.
 
 Hyperparameters (:class:`Hyperparameters`) default per method family
 (:data:`DEFAULT_LR`, :data:`DEFAULT_DAMPING`); ``curvlib bench --grid`` replaces the
@@ -66,7 +76,7 @@ __all__ = [
     "resolve_method",
 ]
 
-Family = Literal["sgd", "adam", "natural_gradient"]
+Family = Literal["sgd", "adam", "natural_gradient", "optimizer"]
 
 #: The first-order baselines.
 FIRST_ORDER: tuple[str, ...] = ("sgd", "adam")
@@ -99,7 +109,10 @@ DEFAULT_KL_CLIP = 1e-3
 DEFAULT_SCHEDULE: dict[str, int] = {"update_every": 10, "invert_every": 20}
 
 #: Momentum of each family (thesis §3.3.2: β = 0.9 for SGD; none for natural gradient).
-DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "adam": 0.0, "natural_gradient": 0.0}
+DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "adam": 0.0, "natural_gradient": 0.0, "optimizer": 0.0}
+
+#: Learning rate of a plugin optimizer whose kind gives no ``default_lr`` metadata.
+DEFAULT_OPTIMIZER_LR = 1e-3
 
 
 class OptimizerUnavailableError(ConfigError):
@@ -132,6 +145,8 @@ class Hyperparameters(StrictModel):
         coarse_options: extra options of the coarse space kind.
         fallback: the optimizer natural gradient uses for parameters outside any layer
             (batch-norm scales, …): ``"sgd"`` or ``"adam"``.
+        optimizer_options: options of a plugin optimizer kind (``optimizers`` family), validated
+            against the kind's options model (e.g. ``{"cubic": 1e3, "period": 10}``).
     """
 
     lr: float = Field(gt=0)
@@ -148,6 +163,7 @@ class Hyperparameters(StrictModel):
     approximator_options: dict[str, Any] = Field(default_factory=dict)
     coarse_options: dict[str, Any] = Field(default_factory=dict)
     fallback: Literal["sgd", "adam"] = "sgd"
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- methods
@@ -159,7 +175,8 @@ class Method:
 
     Attributes:
         name: the name as given (``"kfac+residual"``).
-        family: ``"sgd"``, ``"adam"`` or ``"natural_gradient"``.
+        family: ``"sgd"``, ``"adam"``, ``"natural_gradient"`` or ``"optimizer"`` (a kind of
+            the ``optimizers`` plugin family).
         description: one line for tables and ``--list-methods``.
         approximator: the approximator kind (Kronecker natural gradient only; the
             ``block_ng``/``exact_ng`` references use the curvature itself).
@@ -168,6 +185,9 @@ class Method:
         coarse_mode: ``"multiplicative"`` (4.17) or ``"additive"`` (4.19).
         preconditioner: ``"kronecker"``, ``"block_natural_gradient"`` or
             ``"exact_natural_gradient"``.
+        optimizer: the ``optimizers`` kind (family ``"optimizer"`` only).
+        default_lr: that kind's default learning rate (its ``default_lr`` metadata).
+        needs_batch: that kind's ``step`` takes ``batch=(X, y)`` (its ``needs_batch`` metadata).
     """
 
     name: str
@@ -178,6 +198,9 @@ class Method:
     coarse_space: str | None = None
     coarse_mode: str = "multiplicative"
     preconditioner: str = "kronecker"
+    optimizer: str | None = None
+    default_lr: float | None = None
+    needs_batch: bool = False
 
     @property
     def is_natural_gradient(self) -> bool:
@@ -185,8 +208,12 @@ class Method:
 
     def default_hyperparameters(self, **overrides: Any) -> Hyperparameters:
         """The method's defaults (:data:`DEFAULT_LR`, …) with ``overrides`` (``None`` values ignored)."""
+        if self.family == "optimizer":
+            lr = self.default_lr if self.default_lr is not None else DEFAULT_OPTIMIZER_LR
+        else:
+            lr = DEFAULT_LR[self.family]
         values: dict[str, Any] = {
-            "lr": DEFAULT_LR[self.family],
+            "lr": lr,
             "momentum": DEFAULT_MOMENTUM[self.family],
         }
         if self.is_natural_gradient:
@@ -268,6 +295,8 @@ def available_methods(registry: Any) -> list[str]:
         if _PREVIOUS[1] in coarse and _PREVIOUS[0] not in coarse:
             names.append(f"kfac{COARSE_SEPARATOR}{_PREVIOUS[0]}")
     names += ["block_ng", "exact_ng"]
+    taken = set(names)
+    names += [k for k in _kinds(registry, "optimizers") if k not in taken]
     return names
 
 
@@ -275,10 +304,11 @@ def _unknown(name: str, registry: Any, why: str) -> UnknownKindError:
     approximators = ", ".join(_kinds(registry, "approximators")) or "(none registered)"
     coarse = _kinds(registry, "coarse_spaces")
     coarse_txt = ", ".join(coarse + ([_PREVIOUS[0]] if _PREVIOUS[1] in coarse else [])) or "(none registered)"
+    optimizers = ", ".join(_kinds(registry, "optimizers")) or "(none registered)"
     return UnknownKindError(
         f"unknown method {name!r}: {why}. Valid methods: {', '.join(available_methods(registry))}; "
         f"also <approximator>{TIKHONOV_SUFFIX} and <approximator>{COARSE_SEPARATOR}<coarse space> "
-        f"(approximators: {approximators}; coarse spaces: {coarse_txt})"
+        f"(approximators: {approximators}; coarse spaces: {coarse_txt}; optimizers: {optimizers})"
     )
 
 
@@ -300,6 +330,15 @@ def resolve_method(name: str, registry: Any) -> Method:
         damping = registry.approximators.get(name).metadata.get("default_damping", "heuristic")
         return Method(name, "natural_gradient", f"approximator {name!r}, {damping} damping",
                       approximator=name, damping_kind=damping)
+    if name in set(_kinds(registry, "optimizers")):
+        spec = registry.optimizers.get(name)
+        default_lr = spec.metadata.get("default_lr")
+        return Method(
+            name, "optimizer",
+            f"optimizer {name!r} ({spec.distribution})" + (f": {spec.description}" if spec.description else ""),
+            optimizer=name, default_lr=None if default_lr is None else float(default_lr),
+            needs_batch=bool(spec.metadata.get("needs_batch", False)),
+        )
     if COARSE_SEPARATOR in name:
         base_name, _, coarse_name = name.partition(COARSE_SEPARATOR)
         base = resolve_method(base_name, registry) if base_name else None
@@ -320,7 +359,7 @@ def resolve_method(name: str, registry: Any) -> Method:
         kind = name[: -len(TIKHONOV_SUFFIX)]
         return Method(name, "natural_gradient", f"approximator {kind!r}, Tikhonov damping (4.54)",
                       approximator=kind, damping_kind="tikhonov")
-    raise _unknown(name, registry, "not a baseline, an approximator kind or a two-level name")
+    raise _unknown(name, registry, "not a baseline, an approximator kind, an optimizer kind or a two-level name")
 
 
 # --------------------------------------------------------------------------- training steps
@@ -390,7 +429,10 @@ def build_training_step(
     """The optimizer of ``method`` on ``model`` with ``hp``, wrapped in a :class:`TrainingStep`.
 
     ``generator`` drives every random draw of the optimizer (the Monte Carlo targets of
-    the Fisher); ``registry`` resolves the approximator, damping and coarse space kinds.
+    the Fisher); ``registry`` resolves the approximator, damping, coarse space and
+    optimizer kinds. A plugin optimizer (family ``"optimizer"``) is built as
+    ``factory(options).build(model, loss_fn, lr=hp.lr, generator=generator, registry=registry)``
+    with ``options`` = ``hp.optimizer_options`` validated against the kind's model.
 
     Raises:
         OptimizerUnavailableError: a natural-gradient method without ``curvlib.optim``.
@@ -403,6 +445,8 @@ def build_training_step(
     if method.family == "adam":
         opt = torch.optim.Adam(params, lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay)
         return TrainingStep(model, loss_fn, opt)
+    if method.family == "optimizer":
+        return _build_plugin_optimizer(method, model, loss_fn, hp, generator=generator, registry=registry)
     ok, why = natural_gradient_available()
     if not ok:
         raise OptimizerUnavailableError(
@@ -425,3 +469,31 @@ def build_training_step(
         fallback=hp.fallback, generator=generator, registry=registry,
     )
     return TrainingStep(model, loss_fn, opt, needs_batch=True, preconditioner_config=_jsonable(config))
+
+
+def _build_plugin_optimizer(
+    method: Method,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    hp: Hyperparameters,
+    *,
+    generator: torch.Generator,
+    registry: Any,
+) -> TrainingStep:
+    """The optimizer of a kind of the ``optimizers`` family (:func:`build_training_step`)."""
+    assert method.optimizer is not None
+    spec, options = registry.optimizers.resolve({"kind": method.optimizer, **hp.optimizer_options})
+    builder = spec.factory(options)
+    build = getattr(builder, "build", None)
+    if not callable(build):
+        raise ConfigError(
+            f"optimizer kind {method.optimizer!r} ({spec.distribution}): its factory returned "
+            f"{type(builder).__name__}, which has no build(model, loss_fn, *, lr, generator, registry)"
+        )
+    opt = build(model, loss_fn, lr=hp.lr, generator=generator, registry=registry)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer kind {method.optimizer!r} ({spec.distribution}): build() returned "
+            f"{type(opt).__name__}, expected a torch.optim.Optimizer"
+        )
+    return TrainingStep(model, loss_fn, opt, needs_batch=method.needs_batch)

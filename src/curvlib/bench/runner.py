@@ -103,6 +103,7 @@ class MethodConfig(StrictModel):
     approximator_options: dict[str, Any] | None = None
     coarse_options: dict[str, Any] | None = None
     fallback: Literal["sgd", "adam"] | None = None
+    optimizer_options: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod

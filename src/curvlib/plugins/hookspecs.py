@@ -81,11 +81,29 @@ def curvlib_register_layers(registry: FamilyRegistrar) -> None:
     """
 
 
+@hookspec
+def curvlib_register_optimizers(registry: FamilyRegistrar) -> None:
+    """Register whole optimizers (``torch.optim.Optimizer`` subclasses) that ``curvlib bench``
+    runs by name like its built-in methods (``curvlib bench --methods <kind>``).
+
+    Call ``registry.add(kind, factory, options=OptionsModel, needs_batch=bool,
+    default_lr=float, description=...)``.  ``factory(options)`` (``options`` the validated
+    model) returns a builder whose
+    ``build(model, loss_fn, *, lr, generator, registry) -> torch.optim.Optimizer``
+    makes the optimizer of ``model``'s trainable parameters: ``lr`` is the benchmark's
+    learning rate (``--lr``; ``default_lr`` when the user gives none), ``generator`` a
+    seeded ``torch.Generator`` for any random draw, ``registry`` the plugin registry.
+    ``needs_batch=True``: the benchmark calls ``optimizer.step(batch=(X, y))`` after the
+    backward pass (as for :class:`curvlib.optim.NaturalGradient`); else ``step()``.
+    """
+
+
 HOOK_FAMILIES: dict[str, str] = {
     "curvlib_register_approximators": "approximators",
     "curvlib_register_dampings": "dampings",
     "curvlib_register_coarse_spaces": "coarse_spaces",
     "curvlib_register_curvatures": "curvatures",
     "curvlib_register_layers": "layers",
+    "curvlib_register_optimizers": "optimizers",
 }
 """Hook name -> family name, in the order families are registered."""

@@ -234,8 +234,8 @@ class Family:
 class Registry:
     """Every family's kinds, loaded from plugins.
 
-    Attributes ``approximators``, ``dampings``, ``coarse_spaces``, ``curvatures`` and
-    ``layers`` are :class:`Family` objects; :attr:`failures` lists plugins that did
+    Attributes ``approximators``, ``dampings``, ``coarse_spaces``, ``curvatures``,
+    ``layers`` and ``optimizers`` are :class:`Family` objects; :attr:`failures` lists plugins that did
     not load; :attr:`plugins` maps each loaded plugin name to its distribution.
     """
 
@@ -244,6 +244,7 @@ class Registry:
     coarse_spaces: Family
     curvatures: Family
     layers: Family
+    optimizers: Family
 
     def __init__(self) -> None:
         self._pm = pluggy.PluginManager(PROJECT_NAME)
