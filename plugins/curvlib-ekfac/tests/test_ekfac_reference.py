@@ -4,6 +4,8 @@ products with torch.kron, solves with torch.linalg."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import warnings
 
@@ -43,8 +45,7 @@ def redraw(stats, seed):
     a = torch.randn(stats.a.shape, generator=g, dtype=F64)
     if stats.has_bias:
         a[..., -1] = 1.0
-    return LayerStatistics(a=a, g=torch.randn(stats.g.shape, generator=g, dtype=F64), scale=stats.scale,
-                           spatial_shape=stats.spatial_shape, kernel_size=stats.kernel_size, has_bias=stats.has_bias)
+    return dataclasses.replace(stats, a=a, g=torch.randn(stats.g.shape, generator=g, dtype=F64))
 
 
 @few

@@ -57,6 +57,7 @@ A check can be run outside pytest too: ``TestEKFAC().test_fit_products_match_to_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -344,14 +345,11 @@ class ApproximatorConformance(_KindConformance):
     @staticmethod
     def redraw(stats: Any, seed: int) -> Any:
         """Statistics of the same layer shape as ``stats`` with new entries (a next batch)."""
-        from curvlib.curvatures.statistics import LayerStatistics
-
         a = _random(stats.a.shape, seed, stats.a)
         if stats.has_bias:
             a[..., -1] = 1.0
         g = _random(stats.g.shape, seed + 1, stats.g)
-        return LayerStatistics(a=a, g=g, scale=stats.scale, spatial_shape=stats.spatial_shape,
-                               kernel_size=stats.kernel_size, has_bias=stats.has_bias)
+        return dataclasses.replace(stats, a=a, g=g)
 
     def fit(self, stats: Any, previous: Any = None, **overrides: Any) -> Any:
         """``approximator(**overrides).fit(stats, previous=previous)``, checked to be a LayerFit."""
@@ -543,9 +541,8 @@ class ApproximatorConformance(_KindConformance):
                 _expect(not torch.allclose(alone, D2),
                         "expected the refresh with ema=0.5 to average in the previous fit (ρ = min(1 − 1/k, γ) = 0.5 at "
                         "k = 2); it equals a fit of the new statistics alone")
-            other = self.redraw(stats.__class__(
-                a=torch.cat([stats.a, stats.a[..., :1]], dim=-1), g=stats.g, scale=stats.scale,
-                spatial_shape=stats.spatial_shape, kernel_size=stats.kernel_size, has_bias=False), seed)
+            other = self.redraw(dataclasses.replace(
+                stats, a=torch.cat([stats.a, stats.a[..., :1]], dim=-1), has_bias=False), seed)
             try:
                 self.fit(other, previous=first)
             except CurvlibError:
@@ -568,8 +565,7 @@ class ApproximatorConformance(_KindConformance):
             good = self.fit(stats)
             a = stats.a.clone()
             a.view(-1)[0] = float("nan")
-            bad = stats.__class__(a=a, g=stats.g, scale=stats.scale, spatial_shape=stats.spatial_shape,
-                                  kernel_size=stats.kernel_size, has_bias=stats.has_bias)
+            bad = dataclasses.replace(stats, a=a)
             try:
                 out = self.fit(bad)
             except NumericalError:
