@@ -7,19 +7,11 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci",
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=30,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile("explore", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+from curvlib.testing.strategies import load_profile
+
+# the same profiles plugin authors load (curvlib.testing.strategies.load_profile)
+load_profile()
 
 # The test tensors are tiny: one intra-op thread is faster than two, and far faster when
 # the two cores are shared with other work.
