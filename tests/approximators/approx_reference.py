@@ -16,17 +16,12 @@ from curvlib.testing.references import position_pairs  # 0/1 [T, T] band mask �
 DT = torch.float64
 
 
-def _uniform(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
-    if stats.is_conv:
-        return stats.a, stats.g
-    return stats.a[:, None, :], stats.g[:, :, None, :]
-
-
 def dense_block(stats: LayerStatistics, radius: int | None = None) -> torch.Tensor:
-    """F_ii ``[p, p]`` (optionally restricted to the band ‖t − t'‖∞ ≤ radius, (3.35))."""
-    a, g = _uniform(stats)
+    """F_ii ``[p, p]`` of a one-use block (optionally restricted to the band ‖t − t'‖∞ ≤ radius, (3.35))."""
+    (use,) = stats.uses
+    a, g = use.a.dense(), use.g
     m, c, T, _ = g.shape
-    mask = position_pairs(stats.spatial_shape, radius) if stats.is_conv else torch.ones(1, 1, dtype=DT)
+    mask = position_pairs(use.geometry.shape, radius)
     p = stats.a_dim * stats.g_dim
     F = torch.zeros(p, p, dtype=DT)
     for b in range(m):

@@ -35,9 +35,9 @@ def test_linear_factors_equal_loops():
         A = torch.zeros(s.a_dim, s.a_dim, dtype=DT)
         G = torch.zeros(s.g_dim, s.g_dim, dtype=DT)
         for b in range(m):
-            A += torch.outer(s.a[b], s.a[b]) / m
+            A += torch.outer(s.a[b, 0], s.a[b, 0]) / m
             for j in range(c):
-                G += s.scale * torch.outer(s.g[b, j], s.g[b, j])
+                G += s.scale * torch.outer(s.g[b, j, 0], s.g[b, j, 0])
         (A_fit, G_fit), = approx[i].terms
         assert_close(A_fit, A, msg=f"layer {i} A")
         assert_close(G_fit, G, msg=f"layer {i} G")
@@ -178,8 +178,8 @@ def test_ema_follows_rho_over_three_refreshes():
     for k, s in enumerate(stats, start=1):
         fit = approximator.fit(s, previous=fit)
         rho = min(1 - 1 / k, gamma)
-        A_new = sum(torch.outer(s.a[b], s.a[b]) for b in range(s.m)) / s.m
-        G_new = s.scale * sum(torch.outer(s.g[b, j], s.g[b, j]) for b in range(s.m) for j in range(s.c))
+        A_new = sum(torch.outer(s.a[b, 0], s.a[b, 0]) for b in range(s.m)) / s.m
+        G_new = s.scale * sum(torch.outer(s.g[b, j, 0], s.g[b, j, 0]) for b in range(s.m) for j in range(s.c))
         A_exp = A_new if A_exp is None else rho * A_exp + (1 - rho) * A_new
         G_exp = G_new if G_exp is None else rho * G_exp + (1 - rho) * G_new
         assert fit.info.refresh == k and fit.info.rho == pytest.approx(rho)

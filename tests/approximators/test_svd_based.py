@@ -91,8 +91,8 @@ def test_kfac_corrected_fits_the_kfac_residual(mlp_fisher):
         s = mlp_fisher.statistics(i)
         (A, G), (P, Q) = approx[i].terms
         # the KFAC pair is kfac's own, from loops
-        A_ref = sum(torch.outer(s.a[b], s.a[b]) for b in range(s.m)) / s.m
-        G_ref = s.scale * sum(torch.outer(s.g[b, j], s.g[b, j]) for b in range(s.m) for j in range(s.c))
+        A_ref = sum(torch.outer(s.a[b, 0], s.a[b, 0]) for b in range(s.m)) / s.m
+        G_ref = s.scale * sum(torch.outer(s.g[b, j, 0], s.g[b, j, 0]) for b in range(s.m) for j in range(s.c))
         assert_close(A, A_ref)
         assert_close(G, G_ref)
         residual = mlp_fisher.block(i, i).to_dense() - torch.kron(A_ref, G_ref)
@@ -172,7 +172,7 @@ def test_conv_exact_band_equals_dense_block(conv_fisher, kind, rank, layer):
     M = conv_fisher.block(layer, layer).to_dense()
     assert_close(M, ref.dense_block(conv_fisher.statistics(layer)), msg="reference block")
     if kind == "kfac_corrected":
-        A, G = kfac_factors(conv_fisher.statistics(layer))
+        (A, G), = kfac_factors(conv_fisher.statistics(layer))
         _check_symmetric_fit(fit.terms[1:], M - torch.kron(A, G), L.a_dim, L.g_dim, 1)
     else:
         _check_symmetric_fit(fit.terms, M, L.a_dim, L.g_dim, rank)
@@ -194,8 +194,8 @@ def test_conv_unconstrained_equals_nearest_kronecker(conv_fisher, kind, layer):
 def test_conv_default_band_is_kernel_size(conv_fisher, layer):
     """Default band r = kernel size on 2-D positions (3.35), §3.4.3 — here smaller than the grid."""
     s = conv_fisher.statistics(layer)
-    r = max(s.kernel_size)
-    assert r < max(s.spatial_shape) - 1  # a real band, not every pair
+    r = max(s.geometry.kernel)
+    assert r < max(s.geometry.shape) - 1  # a real band, not every pair
     fit = approximate(conv_fisher, "deflation", layers=[layer], **TIGHT)[layer]
     _check_symmetric_fit(fit.terms, ref.dense_block(s, radius=r), s.a_dim, s.g_dim, 2)
     fit_any = approximate(conv_fisher, "deflation", layers=[layer], symmetric_factors=False, **TIGHT)[layer]

@@ -92,8 +92,7 @@ def damped_dense(F, lam: float) -> torch.Tensor:
 def factors(F, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A = (1/m) Σ_b Σ_t ā ā ᵀ, G = (scale/T) Σ_{b,c,t} g gᵀ (3.19), (3.29), by explicit sums."""
     s = F.statistics(i)
-    a = s.a if s.a.ndim == 3 else s.a[:, None, :]  # [m, T, a]
-    g = s.g if s.g.ndim == 4 else s.g[:, :, None, :]  # [m, c, T, g]
+    a, g = s.a, s.g  # [m, T, a], [m, c, T, g]
     m, T = a.shape[0], a.shape[1]
     # sums of explicit outer products ā ā ᵀ over (b, t) and g gᵀ over (b, c, t)
     A = (a[..., :, None] * a[..., None, :]).sum((0, 1)) / m

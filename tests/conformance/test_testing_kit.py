@@ -43,18 +43,24 @@ def test_rearrange_dense_maps_kronecker_products_to_outer_products(factors, fact
 @few
 @given(stats=layer_statistics(max_m=3, max_c=2, max_dim=3))
 def test_dense_block_is_the_sum_of_kronecker_products_of_per_position_vectors(stats):
-    """dense_block against a loop over (b, c) of torch.kron products (the definition (3.28))."""
-    a = stats.a if stats.is_conv else stats.a[:, None]
-    g = stats.g if stats.is_conv else stats.g[:, :, None]
+    """dense_block against a loop over (b, c) of per-pair gradients D_bc = Σ_u P_u(Σ_t g āᵀ),
+    formed as matrices with torch.outer and vectorized column-major (the definition (3.28))."""
     p = stats.a_dim * stats.g_dim
     F = torch.zeros(p, p, dtype=F64)
     for b in range(stats.m):
         for c in range(stats.c):
-            x = sum(torch.kron(a[b, t], g[b, c, t]) for t in range(stats.T))  # vec(D_bc) = Σ_t ā ⊗ g
+            D = torch.zeros(stats.g_dim, stats.a_dim, dtype=F64)
+            for u in stats.uses:
+                a = u.a.dense()
+                for t in range(u.T):
+                    M = torch.outer(u.g[b, c, t], a[b, t])
+                    D += M.T if u.transposed else M
+            x = D.T.reshape(-1)  # vec stacks columns
             F += torch.outer(x, x)
     assert_close(ref.dense_block(stats), stats.scale * F)
-    A, G = ref.dense_kfac_factors(stats)
-    if stats.m == stats.c == stats.T == 1:  # one pair: KFAC is exact
+    terms = ref.dense_kfac_factors(stats)
+    if stats.m == stats.c == 1 and len(stats.uses) == 1 and stats.uses[0].T == 1:  # one pair: KFAC is exact
+        (A, G), = terms
         assert_close(torch.kron(A, G), ref.dense_block(stats))
 
 
@@ -64,6 +70,9 @@ def test_band_mask_is_on_the_two_dimensional_grid():
     assert mask[2, 3] == 0  # (0, 2) and (1, 0): adjacent flat indices, two columns apart
     assert mask[0, 3] == 1  # (0, 0) and (1, 0): vertical neighbours, three flat indices apart
     assert torch.equal(ref.position_pairs((2, 3), None), torch.ones(6, 6, dtype=F64))
+    cube = ref.position_pairs((2, 2, 3), 1)  # 3-D: (0, 0, 0) and (1, 1, 1) are ∞-norm neighbours
+    assert cube[0, 1 * 6 + 1 * 3 + 1] == 1 and cube[0, 2] == 0
+    assert torch.equal(ref.position_pairs((), 0), torch.ones(1, 1, dtype=F64))
 
 
 @few
@@ -111,14 +120,17 @@ def test_weight_matrix_mapping_round_trips():
 @given(stats=layer_statistics(), seed=seeds)
 def test_layer_statistics_follow_the_contract(stats, seed):
     assert isinstance(stats, LayerStatistics)
-    assert stats.a.dtype == stats.g.dtype == F64
-    if stats.is_conv:
-        H, W = stats.spatial_shape
-        assert stats.a.shape[1] == stats.g.shape[2] == H * W and stats.kernel_size is not None
-    else:
-        assert stats.a.ndim == 2 and stats.g.ndim == 3
-    if stats.has_bias:
-        assert bool((stats.a[..., -1] == 1).all())
+    assert stats.dtype == F64
+    for u in stats.uses:
+        a = u.a.dense()
+        assert a.dtype == u.g.dtype == F64 and a.ndim == 3 and u.g.ndim == 4
+        assert a.shape[1] == u.g.shape[2] == u.geometry.T
+        if u.geometry.kind == "grid":
+            assert u.geometry.kernel is not None
+        if stats.has_bias and not u.transposed:
+            assert bool((a[..., -1] == 1).all())
+        if stats.has_bias and u.transposed:
+            assert bool((u.g[..., -1] == 0).all())
     assert stats.scale == pytest.approx(1 / (stats.m * stats.c))
 
 

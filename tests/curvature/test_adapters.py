@@ -152,10 +152,10 @@ def test_statistics_reproduce_per_sample_gradients(case, registry):
     st = op.statistics(0)
     L = op.layers[0]
     if L.spatial_shape is not None:
-        assert st.is_conv and st.T == out.shape[-2] * out.shape[-1] and L.spatial_shape == tuple(out.shape[-2:])
-        DW = torch.einsum("bctg,bta->bga", st.g, st.a)
+        assert st.geometry.kind == "grid" and st.geometry.shape == tuple(out.shape[-2:]) and L.spatial_shape == tuple(out.shape[-2:])
     else:
-        DW = torch.einsum("bcg,ba->bga", st.g, st.a)
+        assert st.geometry.kind == "none" and st.T == 1
+    DW = torch.einsum("bctg,bta->bga", st.g, st.a)
     layer = model[0].up if case == "convT-output-size" else model[0]
     assert st.c == 1 and st.scale == 1.0 / m and st.has_bias == (layer.bias is not None)
     assert_close(DW.transpose(1, 2).reshape(m, -1), expected)

@@ -235,9 +235,8 @@ def test_statistics_define_the_diagonal_blocks(case, registry):
     for i, L in enumerate(op.layers):
         st = op.statistics(i)
         assert (st.a_dim, st.g_dim, st.m, st.c) == (L.a_dim, L.g_dim, op.num_samples, 2)
-        assert st.spatial_shape == L.spatial_shape and st.kernel_size == L.kernel_size and st.has_bias == L.has_bias
-        g = st.g if st.is_conv else st.g.unsqueeze(2)
-        a = st.a if st.is_conv else st.a.unsqueeze(1)
+        assert st.has_bias == L.has_bias
+        g, a = st.g, st.a  # [m, c, T, d_g], [m, T, d_a] (T = 1 without positions)
         DW = torch.einsum("bctg,bta->bcag", g, a).reshape(st.m * st.c, -1)  # vec(DW̄) rows
         assert_close(op.block(i, i).to_dense(), st.scale * DW.T @ DW)
 

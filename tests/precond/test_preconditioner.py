@@ -123,7 +123,7 @@ def test_fisher_kfac_direction_from_captured_statistics(registry):
     blocks = []
     for i, L in enumerate(F.layers):
         s = F.statistics(i)
-        A = s.a.T @ s.a / s.m
+        A = s.a[:, 0].T @ s.a[:, 0] / s.m
         gg = s.g.reshape(-1, s.g_dim)
         G = s.scale * gg.T @ gg
         pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))

@@ -4,7 +4,6 @@ products with torch.kron, solves with torch.linalg."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import io
 import warnings
@@ -45,7 +44,7 @@ def redraw(stats, seed):
     a = torch.randn(stats.a.shape, generator=g, dtype=F64)
     if stats.has_bias:
         a[..., -1] = 1.0
-    return dataclasses.replace(stats, a=a, g=torch.randn(stats.g.shape, generator=g, dtype=F64))
+    return stats.replace(a=a, g=torch.randn(stats.g.shape, generator=g, dtype=F64))
 
 
 @few
@@ -53,7 +52,7 @@ def redraw(stats, seed):
 def test_basis_is_the_kfac_eigenbasis(stats):
     """Q_A, Q_G are orthogonal and diagonalize the KFAC factors of (3.19)/(3.29) summed by hand."""
     block = fit(stats).block
-    A, G = ref.dense_kfac_factors(stats)
+    (A, G), = ref.dense_kfac_factors(stats)
     for Q, M, name in ((block.evec_a, A, "A"), (block.evec_g, G, "G")):
         eye = torch.eye(Q.shape[0], dtype=F64)
         assert_close(Q.T @ Q, eye, msg=f"Q_{name} orthonormal")
@@ -78,7 +77,7 @@ def test_scalings_are_the_diagonal_of_the_dense_block_in_the_kfac_basis(stats):
 def test_frobenius_error_is_at_most_kfacs(stats):
     """‖F − F_EKFAC‖_F ≤ ‖F − A⊗G‖_F: the re-fitted diagonal is the best one in KFAC's basis."""
     F = ref.dense_block(stats)
-    A, G = ref.dense_kfac_factors(stats)
+    (A, G), = ref.dense_kfac_factors(stats)
     err_ekfac = torch.linalg.matrix_norm(F - fit(stats).block.to_dense())
     err_kfac = torch.linalg.matrix_norm(F - torch.kron(A, G))
     assert err_ekfac <= err_kfac * (1 + 1e-10) + 1e-12 * torch.linalg.matrix_norm(F), (float(err_ekfac), float(err_kfac))
@@ -90,7 +89,7 @@ def test_ekfac_improves_on_kfac_where_kfac_is_inexact():
     stats = LayerStatistics(a=torch.randn(20, 4, generator=g, dtype=F64), g=torch.randn(20, 1, 3, generator=g, dtype=F64),
                             scale=1 / 20)
     F = ref.dense_block(stats)
-    A, G = ref.dense_kfac_factors(stats)
+    (A, G), = ref.dense_kfac_factors(stats)
     err_ekfac = float(torch.linalg.matrix_norm(F - fit(stats).block.to_dense()))
     err_kfac = float(torch.linalg.matrix_norm(F - torch.kron(A, G)))
     assert err_ekfac < 0.95 * err_kfac, (err_ekfac, err_kfac)
@@ -115,8 +114,8 @@ def test_ema_projects_the_previous_fit_onto_the_new_basis(stats, seed, gamma):
     second = fit(nxt, previous=first, ema=gamma)
     rho = min(0.5, gamma)
     assert second.info.rho == rho and second.refresh == 2
-    A1, G1 = ref.dense_kfac_factors(stats)
-    A2, G2 = ref.dense_kfac_factors(nxt)
+    (A1, G1), = ref.dense_kfac_factors(stats)
+    (A2, G2), = ref.dense_kfac_factors(nxt)
     assert_close(second.state["A"], rho * A1 + (1 - rho) * A2)
     assert_close(second.state["G"], rho * G1 + (1 - rho) * G2)
     U = basis(second.block)
@@ -229,6 +228,6 @@ def test_layerfit_carries_the_factors_for_the_next_refresh():
     stats = LayerStatistics(a=torch.randn(4, 3, generator=g, dtype=F64), g=torch.randn(4, 2, 2, generator=g, dtype=F64), scale=1 / 8)
     out = fit(stats)
     assert isinstance(out, LayerFit) and out.info.method == "ekfac" and out.refresh == 1
-    A, G = ref.dense_kfac_factors(stats)
+    (A, G), = ref.dense_kfac_factors(stats)
     assert_close(out.state["A"], A)
     assert_close(out.state["G"], G)

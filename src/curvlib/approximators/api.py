@@ -279,17 +279,6 @@ class ApproximationError:
     error2: float
 
 
-def _stats64(s: LayerStatistics) -> LayerStatistics:
-    return LayerStatistics(
-        a=s.a.to(torch.float64),
-        g=s.g.to(torch.float64),
-        scale=s.scale,
-        spatial_shape=s.spatial_shape,
-        kernel_size=s.kernel_size,
-        has_bias=s.has_bias,
-    )
-
-
 def _dense_kronecker_sum(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Σ_k A_k ⊗ B_k as one dense matrix, accumulated row block by row block (p² memory, no
     K·p² intermediate as :meth:`KroneckerSum.to_dense` would form)."""
@@ -375,7 +364,7 @@ def approximation_error(
     out = []
     for i in idx:
         fit = approx[i]
-        stats = _stats64(F.statistics(i))
+        stats = F.statistics(i).to(torch.float64)
         if (stats.a_dim, stats.g_dim) != (fit.a_dim, fit.b_dim):
             raise ShapeError(
                 f"layer {i}: the operator's block has (d_a, d_g) = {(stats.a_dim, stats.g_dim)}, the fit "

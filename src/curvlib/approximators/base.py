@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -69,9 +69,17 @@ class ApproximatorOptions(StrictModel):
     Attributes:
         ema: γ ∈ [0, 1] of the exponential moving average of §3.1.2, ρ = min(1 − 1/k, γ)
             at the k-th refresh; ``None`` (default) fits each batch on its own (ρ = 0).
+        weight_sharing: how the positions of a weight-shared layer (a convolution, a
+            Linear layer on tokens, a module called several times) combine —
+            ``"expand"`` (default; KFC for convolutions) or ``"reduce"`` (Eschenhagen et al.
+            2023); see :mod:`curvlib.curvatures.factors`.  Layers without positions are
+            unaffected.
     """
 
     ema: float | None = Field(None, ge=0.0, le=1.0, description="EMA decay γ (ρ = min(1 − 1/k, γ)); None: no average")
+    weight_sharing: Literal["expand", "reduce"] = Field(
+        "expand", description="positions as extra samples ('expand') or summed first ('reduce')"
+    )
 
 
 # --------------------------------------------------------------------------- fit records
@@ -313,11 +321,11 @@ class BlockApproximator(abc.ABC):
 
     @abc.abstractmethod
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
-        """Fit the block F_ii = scale·Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ.
+        """Fit the block F_ii = scale·J_i J_iᵀ of :class:`~curvlib.curvatures.statistics.LayerStatistics`
+        (for one use: scale·Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ).
 
         Args:
-            stats: the layer's statistics (``a [m, d_a]`` / ``[m, T, d_a]``,
-                ``g [m, c, d_g]`` / ``[m, c, T, d_g]``).
+            stats: the layer's statistics (uses with their positions; see that class).
             previous: the previous fit of the same layer by the same kind (EMA, warm
                 start), or ``None``.
 
@@ -346,10 +354,10 @@ class BlockApproximator(abc.ABC):
                 f"{self.kind}: the previous fit has (d_a, d_g) = {(previous.a_dim, previous.b_dim)}, the statistics "
                 f"{(stats.a_dim, stats.g_dim)}"
             )
-        if previous.block.dtype != stats.a.dtype or previous.block.device != stats.a.device:
+        if previous.block.dtype != stats.dtype or previous.block.device != stats.device:
             raise DTypeDeviceError(
                 f"{self.kind}: the previous fit is {previous.block.dtype} on {previous.block.device}, the statistics "
-                f"are {stats.a.dtype} on {stats.a.device}"
+                f"are {stats.dtype} on {stats.device}"
             )
 
     def _begin_refresh(self, stats: LayerStatistics, previous: LayerFit | None) -> tuple[LayerFit | None, int]:
@@ -373,15 +381,11 @@ class BlockApproximator(abc.ABC):
     ) -> LayerFit | None:
         """``previous`` (with a :class:`NumericalWarning`) if ``stats`` hold non-finite values,
         :class:`NumericalError` if they do and there is no previous fit, else ``None``."""
-        bad_a = int((~torch.isfinite(stats.a)).sum())
-        bad_g = int((~torch.isfinite(stats.g)).sum())
+        bad_a, bad_g = stats.num_nonfinite()
         bad_scale = not math.isfinite(float(stats.scale))
         if not (bad_a or bad_g or bad_scale):
             return None
-        why = (
-            f"non-finite statistics (a {list(stats.a.shape)}: {bad_a} entries, g {list(stats.g.shape)}: {bad_g} "
-            f"entries, scale {stats.scale})"
-        )
+        why = f"non-finite statistics (activations: {bad_a} entries, gradients: {bad_g} entries, scale {stats.scale})"
         return self._fallback(why, previous, stacklevel=stacklevel)
 
     def _fallback(self, why: str, previous: LayerFit | None, *, stacklevel: int = 3) -> LayerFit:

@@ -2,7 +2,9 @@
 
 With n = m·c (sample b, column c) pairs, ordered b-major, and the per-pair gradient
 
-    D_n = Σ_t g_{n,t} ā_{b,t}ᵀ  ``[d_g, d_a]``        (3.27), a single term for Linear,
+    D_n = Σ_t g_{n,t} ā_{b,t}ᵀ  ``[d_g, d_a]``        (3.27), a single term for Linear
+
+(summed over the uses of a weight used several times; :mod:`curvlib.curvatures.statistics`),
 
 the block is F_ii = scale · Σ_n vec(D_n) vec(D_n)ᵀ = scale · J_i J_iᵀ with
 J_i = [vec(D_1) … vec(D_n)] ``[p_i, n]`` (4.48), (4.52).  :class:`ExactBlock` applies it
@@ -37,52 +39,15 @@ __all__ = ["ExactBlock", "ExactBlockApproximator", "ExactBlockOptions", "pair_gr
 _DENSE_WARN = 4096  # to_dense() of a larger block emits a PerformanceWarning
 
 
-def _views(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform views ā ``[m, T, d_a]`` and g ``[m, c, T, d_g]`` (T = 1 for Linear)."""
-    a, g = stats.a, stats.g
-    if stats.is_conv:
-        if a.ndim != 3 or g.ndim != 4:
-            raise ShapeError(f"conv statistics: expected a [m, T, d_a] and g [m, c, T, d_g], got {list(a.shape)} and {list(g.shape)}")
-        return a, g
-    if a.ndim != 2 or g.ndim != 3:
-        raise ShapeError(f"Linear statistics: expected a [m, d_a] and g [m, c, d_g], got {list(a.shape)} and {list(g.shape)}")
-    return a.unsqueeze(1), g.unsqueeze(2)
-
-
-def _pair_gradients(a3: torch.Tensor, g4: torch.Tensor) -> torch.Tensor:
-    """vec(D_n)ᵀ for every pair: ``[n, p_i]``, p_i = d_a·d_g (column-major vec of ``[d_g, d_a]``).
-
-    Dense: n·p_i entries (used by :meth:`ExactBlock.to_dense` and the conv Gram)."""
-    m, c, _, d_g = g4.shape
-    return torch.einsum("bctg,bta->bcag", g4, a3).reshape(m * c, a3.shape[-1] * d_g)
-
-
 def pair_gram(s1: LayerStatistics, s2: LayerStatistics | None = None) -> torch.Tensor:
-    """J_1ᵀ J_2 ``[n_1, n_2]``: the inner products ⟨D_n, D'_n'⟩ of the per-pair gradients (4.78)–(4.79).
-
-    Linear (one position): (ā_bᵀ ā'_b')(g_nᵀ g'_n'), a Hadamard product of two Gram
-    matrices, cost O(n_1 n_2 (d_a + d_g)).  Conv: the per-pair gradients D_n are formed
-    (n·p_i memory) and multiplied, cost O(n (T d_a d_g) + n_1 n_2 p_i).  ``scale`` is not
-    applied.
+    """J_1ᵀ J_2 ``[n_1, n_2]``: the inner products ⟨D_n, D'_n'⟩ of the per-pair gradients (4.78)–(4.79),
+    :meth:`LayerStatistics.gram <curvlib.curvatures.statistics.LayerStatistics.gram>` (costs there);
+    ``scale`` is not applied.
 
     Args:
         s1, s2: statistics of the same layer shape (``s2`` defaults to ``s1``).
     """
-    s2 = s1 if s2 is None else s2
-    if (s1.a_dim, s1.g_dim, s1.is_conv) != (s2.a_dim, s2.g_dim, s2.is_conv):
-        raise ShapeError(
-            f"pair_gram: statistics of different layer shapes: (d_a, d_g, conv) = {(s1.a_dim, s1.g_dim, s1.is_conv)} "
-            f"and {(s2.a_dim, s2.g_dim, s2.is_conv)}"
-        )
-    a1, g1 = _views(s1)
-    a2, g2 = _views(s2)
-    if not s1.is_conv:
-        c1, c2 = g1.shape[1], g2.shape[1]
-        Ka = (a1[:, 0] @ a2[:, 0].T).repeat_interleave(c1, 0).repeat_interleave(c2, 1)
-        return (g1.reshape(-1, s1.g_dim) @ g2.reshape(-1, s2.g_dim).T) * Ka
-    D1 = _pair_gradients(a1, g1)
-    D2 = D1 if s2 is s1 else _pair_gradients(a2, g2)
-    return D1 @ D2.T
+    return s1.gram(s2)
 
 
 class ExactBlock:
@@ -103,12 +68,8 @@ class ExactBlock:
             raise ConfigError(f"ExactBlock: expected LayerStatistics, got {type(stats).__name__}")
         if isinstance(dense_max, bool) or int(dense_max) != dense_max or dense_max < 0:
             raise ConfigError(f"ExactBlock: dense_max must be an int ≥ 0, got {dense_max!r}")
-        a3, g4 = _views(stats)
-        if a3.dtype != g4.dtype or a3.device != g4.device:
-            raise DTypeDeviceError(f"ExactBlock: a is {a3.dtype} on {a3.device}, g is {g4.dtype} on {g4.device}; expected the same")
         self.stats = stats
         self.dense_max = int(dense_max)
-        self._a3, self._g4 = a3, g4
         self._cache: tuple[float, str, Any] | None = None  # (λ, branch, factorization)
 
     # -- description ----------------------------------------------------------------------
@@ -130,11 +91,11 @@ class ExactBlock:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._a3.dtype
+        return self.stats.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._a3.device
+        return self.stats.device
 
     @property
     def scale(self) -> float:
@@ -143,7 +104,7 @@ class ExactBlock:
     @property
     def num_pairs(self) -> int:
         """n = m·c, the columns of J_i."""
-        return self._g4.shape[0] * self._g4.shape[1]
+        return self.stats.num_pairs
 
     def __repr__(self) -> str:
         return f"ExactBlock(a_dim={self.a_dim}, b_dim={self.b_dim}, n={self.num_pairs}, dtype={self.dtype}, device={self.device})"
@@ -154,16 +115,7 @@ class ExactBlock:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ExactBlock:
         """A copy with the statistics moved to ``dtype`` and/or ``device``."""
-        s = self.stats
-        moved = LayerStatistics(
-            a=s.a.to(device=device, dtype=dtype),
-            g=s.g.to(device=device, dtype=dtype),
-            scale=s.scale,
-            spatial_shape=s.spatial_shape,
-            kernel_size=s.kernel_size,
-            has_bias=s.has_bias,
-        )
-        return ExactBlock(moved, self.dense_max)
+        return ExactBlock(self.stats.to(dtype, device), self.dense_max)
 
     # -- J_i and J_iᵀ in matrix form ---------------------------------------------------------
     def _check_matrix(self, X: torch.Tensor, what: str) -> None:
@@ -175,8 +127,7 @@ class ExactBlock:
     def Jt(self, X: torch.Tensor) -> torch.Tensor:
         """J_iᵀ vec(X): ``[..., d_g, d_a]`` -> ``[..., n]``, (J_iᵀx)_n = Σ_t g_{n,t}ᵀ X ā_{b,t} (4.62)."""
         self._check_matrix(X, "Jt")
-        XA = torch.einsum("...ga,bta->...btg", X, self._a3)  # X ā_{b,t}, [..., m, T, d_g]
-        out = torch.einsum("bctg,...btg->...bc", self._g4, XA)
+        out = self.stats.jt_matrix(X.reshape(-1, self.b_dim, self.a_dim))
         return out.reshape(*X.shape[:-2], self.num_pairs)
 
     def J(self, w: torch.Tensor) -> torch.Tensor:
@@ -187,9 +138,8 @@ class ExactBlock:
             raise DTypeDeviceError(f"ExactBlock.J: the block is {self.dtype} on {self.device}, w is {w.dtype} on {w.device}")
         if w.ndim < 1 or w.shape[-1] != self.num_pairs:
             raise ShapeError(f"ExactBlock.J: expected w [..., {self.num_pairs}] (n = m·c), got {list(w.shape)}")
-        m, c = self._g4.shape[:2]
-        Gw = torch.einsum("...bc,bctg->...btg", w.reshape(*w.shape[:-1], m, c), self._g4)  # [..., m, T, d_g]
-        return torch.einsum("...btg,bta->...ga", Gw, self._a3)
+        out = self.stats.j_matrix(w.reshape(-1, self.num_pairs))
+        return out.reshape(*w.shape[:-1], self.b_dim, self.a_dim)
 
     # -- products -------------------------------------------------------------------------------
     def apply(self, X: torch.Tensor) -> torch.Tensor:
@@ -240,11 +190,10 @@ class ExactBlock:
         if self.p > _DENSE_WARN:
             warnings.warn(f"ExactBlock.to_dense() forms a dense {self.p} × {self.p} matrix", PerformanceWarning, stacklevel=2)
         out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
-        m = self._a3.shape[0]
-        c = self._g4.shape[1]
+        m, c = self.stats.m, self.stats.c
         step = max(1, (1 << 22) // max(1, c * self.p))
         for b0 in range(0, m, step):  # chunks of samples bound the n×p_i intermediate
-            D = _pair_gradients(self._a3[b0 : b0 + step], self._g4[b0 : b0 + step])
+            D = self.stats.pair_vectors(b0, min(b0 + step, m))
             out += D.T @ D
         return self.scale * out
 
@@ -321,29 +270,12 @@ class ExactBlock:
     # -- plain-container serialization ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Tensors, numbers, tuples and ``None`` only (``torch.load(weights_only=True)`` compatible)."""
-        s = self.stats
-        return {
-            "a": s.a,
-            "g": s.g,
-            "scale": float(s.scale),
-            "spatial_shape": None if s.spatial_shape is None else tuple(s.spatial_shape),
-            "kernel_size": None if s.kernel_size is None else tuple(s.kernel_size),
-            "has_bias": bool(s.has_bias),
-            "dense_max": self.dense_max,
-        }
+        return {"statistics": self.stats.state_dict(), "dense_max": self.dense_max}
 
     @classmethod
     def from_state_dict(cls, data: Mapping[str, Any]) -> ExactBlock:
         """Inverse of :meth:`state_dict`."""
-        stats = LayerStatistics(
-            a=data["a"],
-            g=data["g"],
-            scale=float(data["scale"]),
-            spatial_shape=None if data["spatial_shape"] is None else tuple(data["spatial_shape"]),
-            kernel_size=None if data["kernel_size"] is None else tuple(data["kernel_size"]),
-            has_bias=bool(data["has_bias"]),
-        )
-        return cls(stats, int(data["dense_max"]))
+        return cls(LayerStatistics.from_state_dict(data["statistics"]), int(data["dense_max"]))
 
 
 class ExactBlockOptions(StrictModel):

@@ -25,6 +25,13 @@ With the scaling of :class:`~curvlib.curvatures.statistics.LayerStatistics`
   parameters (not an approximation of it); the adapter also honours dilation and
   output_padding, which Relationship 1 does not cover.
 
+Any weight-shared layer (a Linear layer on tokens, a convolution of any dimension, a module
+called several times): the ``weight_sharing`` option picks KFAC-expand (default; KFC above)
+or KFAC-reduce (Eschenhagen et al. 2023), both defined in :mod:`curvlib.curvatures.factors`
+and both equal to (3.19) for one position.  A weight tied in transposed form (an
+embedding and an output layer) gives one term per orientation, so its fit is a Kronecker
+sum of two PSD terms (A₁⊗G₁ + G₂⊗A₂).
+
 EMA (§3.1.2): A and G are averaged with ρ = min(1 − 1/k, γ) (:func:`ema_rho`).
 Cost per refresh: two GEMMs, O(m·T·(d_a² + c·d_g²)).
 """
@@ -34,32 +41,16 @@ from __future__ import annotations
 import torch
 
 from curvlib.approximators.base import ApproximatorOptions, BlockApproximator, FitInfo, LayerFit, ema_rho
+from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.errors import ShapeError
 from curvlib.linalg import KroneckerSum
 
 __all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
 
 
-def kfac_factors(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KFAC / KFC factors of one batch (module docstring, (3.19), (3.30)).
-
-    Args:
-        stats: Linear (``a [m, d_a]``, ``g [m, c, d_g]``) or conv (``a [m, T, d_a]``,
-            ``g [m, c, T, d_g]``) statistics.
-
-    Returns:
-        ``(A [d_a, d_a], G [d_g, d_g])``, symmetric PSD, in the statistics' dtype and device.
-    """
-    m = stats.m
-    a = stats.a.reshape(-1, stats.a_dim)  # [m·T, d_a]
-    g = stats.g.reshape(-1, stats.g_dim)  # [m·c·T, d_g]
-    A = (a.T @ a) / m
-    G = (float(stats.scale) / stats.T) * (g.T @ g)
-    return 0.5 * (A + A.T), 0.5 * (G + G.T)
-
-
 class KFACOptions(ApproximatorOptions):
-    """Options of ``kfac``: only ``ema`` (γ of §3.1.2)."""
+    """Options of ``kfac``: ``ema`` (γ of §3.1.2) and ``weight_sharing`` (``"expand"``/``"reduce"``)."""
 
 
 class KFACApproximator(BlockApproximator):
@@ -69,14 +60,19 @@ class KFACApproximator(BlockApproximator):
     kind = "kfac"
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
-        """A one-term :class:`~curvlib.linalg.KroneckerSum` (A, G) (see :meth:`BlockApproximator.fit`)."""
+        """A :class:`~curvlib.linalg.KroneckerSum` (A, G) — one term, or one per orientation for a
+        weight tied in transposed form (see :meth:`BlockApproximator.fit`)."""
         kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
         rho = ema_rho(k, self.options.ema)
-        A, G = kfac_factors(stats)
+        terms = kfac_factors(stats, self.options.weight_sharing)
         if rho > 0:
-            (A0, G0), = previous.terms
-            A, G = rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G
+            if len(previous.terms) != len(terms):
+                raise ShapeError(
+                    f"kfac: the previous fit has {len(previous.terms)} Kronecker terms, this batch {len(terms)} "
+                    "(the layer's uses changed orientation); start a new fit with previous=None"
+                )
+            terms = [(rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G) for (A0, G0), (A, G) in zip(previous.terms, terms)]
         info = FitInfo(method=self.kind, refresh=k, rho=rho)
-        return LayerFit(block=KroneckerSum([(A, G)]), info=info, state={"refresh": k})
+        return LayerFit(block=KroneckerSum(terms), info=info, state={"refresh": k})

@@ -37,10 +37,14 @@ factors are PSD (Prop. 3.2).  ``symmetric_factors=False`` gives the unconstraine
 fit (3.25), each term projected on the symmetric or antisymmetric pairs, whichever holds
 it (a singular vector is one or the other up to rounding).
 
-Convolutions: Z(F) uses the band ‖t − t'‖∞ ≤ r on 2-D positions (3.35)–(3.36) with
-``band_radius`` r — ``"kernel"`` (default) the layer's kernel size max(k_h, k_w) as in
-§3.4.3, an int, or ``None`` for every pair (the exact block (3.28)).  The same ``scale``
-(no 1/T) as the exact block, which KFC's factors estimate too.
+Layers with positions (convolutions of any dimension, Linear layers on tokens, modules
+called several times): the fitted block is that of the ``weight_sharing`` setting
+(:func:`curvlib.curvatures.factors.z_operator`).  ``"expand"`` (default): Z(F) uses the band
+‖t − t'‖∞ ≤ r on the N-D positions (3.35)–(3.36) with ``band_radius`` r — ``"kernel"``
+(default) the layer's kernel size as in §3.4.3 (0 without a kernel: positions treated as
+independent samples, the block KFAC-expand approximates), an int, or ``None`` for every
+pair (the exact block (3.28)); the same ``scale`` (no 1/T) as the exact block, which KFC's
+factors estimate too.  ``"reduce"``: the block of the position-reduced statistics.
 
 Refreshes (§3.1.2): ρ = min(1 − 1/k, γ) with γ the ``ema`` option.  ``ema_mode``:
 
@@ -74,13 +78,12 @@ from curvlib.approximators.base import (
     ema_rho,
     ema_terms,
 )
-from curvlib.approximators.kfac import kfac_factors
+from curvlib.curvatures.factors import kfac_factors
+from curvlib.curvatures.factors import z_operator as _z_operator
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError, NumericalError
+from curvlib.errors import NumericalError
 from curvlib.linalg import (
-    ConvZOperator,
     KroneckerSum,
-    LinearZOperator,
     SVDResult,
     ZOperator,
     deflated,
@@ -109,27 +112,23 @@ Term = tuple[torch.Tensor, torch.Tensor]
 BandRadius = Annotated[int, Field(ge=0)] | Literal["kernel"] | None
 
 
-def z_operator(stats: LayerStatistics, band_radius: int | str | None = "kernel") -> ZOperator:
-    """The matrix-free Z(F_ii) of a layer's statistics (Prop. 3.1; (3.31)–(3.36) for conv).
+def z_operator(
+    stats: LayerStatistics, band_radius: int | str | None = "kernel", weight_sharing: str = "expand"
+) -> ZOperator:
+    """The matrix-free Z(F_ii) of a layer's statistics: :func:`curvlib.curvatures.factors.z_operator`
+    (Prop. 3.1; (3.31)–(3.36) on any position geometry; the block of the weight-sharing setting).
 
     Args:
-        stats: Linear or conv statistics.
-        band_radius: conv only: ``"kernel"`` (r = max(k_h, k_w), §3.4.3), an int r ≥ 0,
-            or ``None`` (every position pair, the exact block).
+        stats: the layer's statistics.
+        band_radius: ``"kernel"`` (r = the kernel size of a convolution, 0 for positions
+            without a kernel, §3.4.3), an int r ≥ 0, or ``None`` (every position pair, the
+            exact block).
+        weight_sharing: ``"expand"`` (the banded block) or ``"reduce"`` (the reduce block).
 
     Returns:
-        a :class:`~curvlib.linalg.LinearZOperator` or :class:`~curvlib.linalg.ConvZOperator`
-        ``[d_a², d_g²]``.
+        a :class:`~curvlib.linalg.ZOperator` ``[d_a², d_g²]``.
     """
-    if not stats.is_conv:
-        return LinearZOperator(stats.a, stats.g, stats.scale)
-    if band_radius == "kernel":
-        if stats.kernel_size is None:
-            raise ConfigError("band_radius='kernel' needs the conv statistics' kernel_size; got kernel_size=None")
-        radius: int | None = int(max(stats.kernel_size))
-    else:
-        radius = band_radius
-    return ConvZOperator(stats.a, stats.g, stats.spatial_shape, radius, stats.scale)
+    return _z_operator(stats, weight_sharing, band_radius)
 
 
 # --------------------------------------------------------------------------- options
@@ -148,8 +147,10 @@ class IterativeOptions(ApproximatorOptions):
         warm_start: start from the previous refresh's singular vectors.
         ema_mode: ``"factors"`` (average the terms factor-wise, §3.1.2) or ``"fisher"``
             (fit the EMA of the block itself); used when ``ema`` is set.
-        band_radius: conv layers: ``"kernel"`` (r = kernel size, §3.4.3), an int r ≥ 0,
-            or ``None`` (all position pairs, exact).
+        band_radius: layers with positions, ``weight_sharing="expand"``: ``"kernel"``
+            (r = the kernel size of a convolution, §3.4.3; 0 — positions as independent
+            samples, the block of KFAC-expand — for positions without a kernel), an int
+            r ≥ 0, or ``None`` (all position pairs, the exact block).
         seed: seed of the generator of random starts.
         symmetric_factors: fit with symmetric factors (the best such Kronecker sum);
             ``False``: the unconstrained best fit, which may contain antisymmetric pairs
@@ -243,8 +244,8 @@ class _SymmetricZ(ZOperator):
 
 
 def _zero_term(stats: LayerStatistics) -> Term:
-    z = stats.a.new_zeros
-    return z(stats.a_dim, stats.a_dim), z(stats.g_dim, stats.g_dim)
+    kw = {"dtype": stats.dtype, "device": stats.device}
+    return torch.zeros(stats.a_dim, stats.a_dim, **kw), torch.zeros(stats.g_dim, stats.g_dim, **kw)
 
 
 def _deflation_vanishes(base: ZOperator, terms: list[Term], generator: torch.Generator) -> bool:
@@ -307,8 +308,8 @@ class _SVDApproximator(BlockApproximator):
         opts = self.options
         rho = ema_rho(k, opts.ema)
         v0 = previous.state.get("v0") if (opts.warm_start and previous is not None) else None
-        generator = torch.Generator(device=stats.a.device).manual_seed(opts.seed)
-        op = z_operator(stats, opts.band_radius)
+        generator = torch.Generator(device=stats.device).manual_seed(opts.seed)
+        op = z_operator(stats, opts.band_radius, opts.weight_sharing)
         past = previous.terms if rho > 0 else None
         try:
             terms, solve = self._fit_batch(stats, op, past, rho, v0, generator)
@@ -468,7 +469,10 @@ class LanczosApproximator(_SVDApproximator):
 class KFACCorrectedApproximator(_SVDApproximator):
     """``kfac_corrected``: A⊗G + P⊗Q, KFAC plus the best rank-1 correction of F_ii − A⊗G (3.26).
 
-    (A, G) are the KFAC/KFC factors (:func:`~curvlib.approximators.kfac.kfac_factors`);
+    (A, G) are the KFAC/KFC factors (:func:`~curvlib.curvatures.factors.kfac_factors`, in the
+    chosen ``weight_sharing`` setting) of the block's untransposed uses — for a weight tied in
+    transposed form (an embedding and an output layer) the transposed uses' part of F is left
+    to the correction, which keeps the fit at two terms;
     (P, Q) come from the power SVD of Z(F − A⊗G) = Z(F) − vec(A)vec(G)ᵀ
     (:func:`~curvlib.linalg.deflated`).  The correction is usually indefinite; its sign
     follows :func:`~curvlib.linalg.factors_from_singular` (tr P > 0, else the largest
@@ -479,7 +483,7 @@ class KFACCorrectedApproximator(_SVDApproximator):
     kind = "kfac_corrected"
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
-        A, G = kfac_factors(stats)
+        A, G = kfac_factors(stats, self.options.weight_sharing)[0]
         if past is not None:  # KFAC's own factor EMA, in both modes
             (A0, G0) = past[0]
             A, G = rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G

@@ -382,9 +382,9 @@ def apply_operator(op: Any, X: torch.Tensor, what: str = "operator") -> torch.Te
 
 
 def kfc_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC factors of one layer from its :class:`~curvlib.curvatures.statistics.LayerStatistics`.
-
-    Linear (3.19), conv and transposed conv in the KFC form (3.29):
+    """KFAC factors of one layer from its :class:`~curvlib.curvatures.statistics.LayerStatistics`:
+    the leading term of :func:`curvlib.curvatures.factors.kfac_factors` (expand setting; KFC
+    (3.29) for convolutions),
 
         A = (1/m) Σ_b Σ_t ā_{b,t} ā_{b,t}ᵀ  ``[a_dim, a_dim]``,
         G = (scale/T) Σ_{b,c} Σ_t g_{b,c,t} g_{b,c,t}ᵀ  ``[g_dim, g_dim]``,
@@ -392,19 +392,13 @@ def kfc_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
     so that A ⊗ G equals the block C_ii = scale · Σ_{b,c} Σ_{t,t'} ā ā'ᵀ ⊗ g g'ᵀ (3.28)
     for a single sample and position.  (The split of the scale between A and G does not
     matter to anything computed from them here: eigenvectors, and the π-split (2.96),
-    which is invariant to A -> sA, G -> G/s.)  Used by the ``spectral`` coarse space when
-    the first level exposes no eigendecomposition, and by the ``previous`` mode.
+    which is invariant to A -> sA, G -> G/s.)  For a weight tied in transposed form the
+    term of the untransposed uses.  Used by the ``spectral`` coarse space when the first
+    level exposes no eigendecomposition, and by the ``previous`` mode.
     """
-    a, g = stats.a, stats.g
-    m = a.shape[0]
-    if a.ndim == 3:  # conv: a [m, T, d_a], g [m, c, T, d_g]
-        T = a.shape[1]
-        A = torch.einsum("mta,mtb->ab", a, a) / m
-        G = torch.einsum("mctg,mcth->gh", g, g) * (stats.scale / T)
-    else:
-        A = a.T @ a / m
-        G = torch.einsum("mcg,mch->gh", g, g) * stats.scale
-    return A, G
+    from curvlib.curvatures.factors import kfac_factors
+
+    return kfac_factors(stats, "expand")[0]
 
 
 # --------------------------------------------------------------------------- on a curvature

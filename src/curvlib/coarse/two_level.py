@@ -115,12 +115,13 @@ def exact_coarse_operator(curvature: Any, basis: CoarseBasis, damping: float) ->
 
 
 def _pooled(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spatially pooled statistics of one layer: ``(ã [m, a_dim], g̃ [m, c, g_dim])``,
-    ã = Σ_t ā_t and g̃ = T^{-1/2} Σ_t g_t (identity for a Linear layer, T = 1)."""
-    a, g = stats.a, stats.g
-    if a.ndim == 3:
-        T = a.shape[1]
-        return a.sum(1), g.sum(2) / math.sqrt(T)
+    """Position-pooled statistics of one layer: ``(ã [m, a_dim], g̃ [m, c, g_dim])``,
+    ã = Σ_t ā_t and g̃ = T^{-1/2} Σ_t g_t over the positions of the untransposed uses
+    (T their number; the identity for a Linear layer, T = 1)."""
+    uses = [u for u in stats.uses if u.transposed == stats.uses[0].transposed]
+    T = sum(u.T for u in uses)
+    a = sum(u.a.position_sum().a[:, 0] for u in uses)
+    g = sum(u.g.sum(2) for u in uses) / math.sqrt(T)
     return a, g
 
 
@@ -141,13 +142,16 @@ def tko_coarse_operator(
     F̄• is never formed: V_iᵀ(A_ij ⊗ G_ij)V_j = ⟨MAT(V_i), G_ij MAT(V_j) A_ijᵀ⟩ for every
     pair of columns, batched.
 
-    **Conv layers.**  Two layers have different sets of spatial positions, so positions
-    cannot be paired across layers.  Each layer's per-sample statistics are pooled over
+    **Layers with positions** (convolutions, Linear layers on tokens).  Two layers have
+    different sets of positions, so positions cannot be paired across layers.  Each layer's per-sample statistics are pooled over
     positions, ã_i = Σ_t ā_{i,t}, g̃_i = T_i^{-1/2} Σ_t g_{i,t}, and the cross factors use
     the pooled vectors.  The split keeps the scale of KFC: in KFC's own regime
     (positions uncorrelated and alike) E[ã_iã_iᵀ] ≈ E[Σ_t ā_tā_tᵀ] and
     E[g̃_ig̃_iᵀ] ≈ (1/T)E[Σ_t g_tg_tᵀ], the factors of (3.29).  A Linear layer is
-    unchanged (T = 1).  The diagonal blocks are the KFC blocks of (3.29).
+    unchanged (T = 1).  The diagonal blocks are the KFC blocks of (3.29).  A weight tied in
+    transposed form (embedding and output layer) enters F̄• through its untransposed uses
+    only (F̄• is an approximation of F• already; its transposed part has no factor on the
+    layer's own sides).
 
     F̄• need not be positive semi-definite (its off-diagonal blocks are not those of a
     Gram matrix); the coarse solve handles an indefinite operator.

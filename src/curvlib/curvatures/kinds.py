@@ -39,7 +39,9 @@ from curvlib.capture.hooks import backpropagate_columns, capture_forward, weight
 from curvlib.config import StrictModel
 from curvlib.curvatures.losses import Columns, LossModel, loss_model_for
 from curvlib.curvatures.operator import CurvatureOperator, HessianOperator
+from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import DTypeDeviceError, ShapeError, UnsupportedLossError
+from curvlib.linalg.geometry import Geometry
 
 __all__ = [
     "CapturedBatch",
@@ -208,17 +210,21 @@ class _StatisticsCurvature:
         cap = capture_batch(model, loss_model, batch, registry)
         columns, scale, samples = self._columns(loss_model, cap, generator)
         g = backpropagate_columns(cap.output, cap.layer_outputs, cap.adapters, columns.count, columns.get)
+        stats = [_layer_statistics(L, a, gi, scale) for L, a, gi in zip(cap.layers, cap.activations, g)]
         return CurvatureOperator(
             cap.layers,
             list(cap.excluded),
-            cap.activations,
-            g,
-            scale,
+            stats,
             kind=self.kind,
             loss=cap.loss,
             gradient=cap.gradient,
             sampled_targets=samples,
         )
+
+
+def _layer_statistics(L: LayerBlock, a: torch.Tensor, g: torch.Tensor, scale: float) -> LayerStatistics:
+    geometry = Geometry.none() if L.spatial_shape is None else Geometry.grid(L.spatial_shape, L.kernel_size)
+    return LayerStatistics(a, g, scale, geometry, has_bias=L.has_bias)
 
 
 class FisherCurvature(_StatisticsCurvature):

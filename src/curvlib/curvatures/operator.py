@@ -17,7 +17,10 @@ where J_i holds layer i's rows of J.  The products follow appendix 4.A/4.B:
 - (J_iᵀ u)_n = Σ_t g_{n,t}ᵀ U ā_{b,t} with U = MAT(u_i) ``[g_dim, a_dim]`` (4.59), (4.62);
 - MAT(J_i w) = Σ_{n,t} w_n g_{n,t} ā_{b,t}ᵀ (4.68), (4.71) — w_n multiplies all positions t
   of its own (sample, column) pair (the transposed-index trap of DESIGN.md §10);
-- (J_iᵀ J_i)_{nn'} = Σ_{t,t'} (g_{n,t}ᵀ g_{n',t'})(ā_{b,t}ᵀ ā_{b',t'}) (4.78), (4.79).
+- (J_iᵀ J_i)_{nn'} = Σ_{t,t'} (g_{n,t}ᵀ g_{n',t'})(ā_{b,t}ᵀ ā_{b',t'}) (4.78), (4.79);
+
+summed over the uses of a layer whose weight is used several times (implemented once, in
+:class:`~curvlib.curvatures.statistics.LayerStatistics`).
 
 ``J``/``Jt``/``JtJ`` exclude ``scale``.  Cost of one product C·v: two batched GEMM
 passes over each layer's statistics, O(m·T·c·a_dim·g_dim) (c back-propagated columns, T
@@ -240,13 +243,17 @@ class _BlockOperator(abc.ABC):
 class CurvatureOperator(_BlockOperator):
     """C = scale · J Jᵀ from captured per-sample statistics (``fisher``, ``empirical_fisher``, ``ggn``).
 
+    Layer i's part of J, its products and its Gram matrix are those of its
+    :class:`~curvlib.curvatures.statistics.LayerStatistics` (the one implementation of
+    J_i, J_iᵀ, J_iᵀJ_i for every layer type, weight-sharing geometry and number of uses).
+
     Attributes (beyond the shared ones: ``layers``, ``excluded``, ``shape``, ``dtype``,
     ``device``, ``num_samples``, ``loss``):
         kind: the curvature kind.
         scale: 1/(m·S) for ``fisher`` with S samples, 1/m otherwise.
         num_columns: c, the back-propagated columns per sample.
         num_pairs: n = m·c, the columns of J.
-        sampled_targets: the targets drawn for ``fisher`` (CE ``[m, S]`` class indices,
+        sampled_targets: the targets drawn for ``fisher`` (CE ``[m, S, *d]`` class indices,
             otherwise ``[m, S, *out]``); ``None`` for the other kinds.
     """
 
@@ -254,91 +261,44 @@ class CurvatureOperator(_BlockOperator):
         self,
         layers: Sequence[LayerBlock],
         excluded: Sequence[str],
-        activations: Sequence[torch.Tensor],
-        pre_activation_grads: Sequence[torch.Tensor],
-        scale: float,
+        statistics: Sequence[LayerStatistics],
         *,
         kind: str,
         loss: torch.Tensor,
         gradient: Sequence[torch.Tensor],
         sampled_targets: torch.Tensor | None = None,
     ) -> None:
-        m = activations[0].shape[0]
+        stats = list(statistics)
+        if len(stats) != len(layers) or not stats:
+            raise ShapeError(f"CurvatureOperator: expected one LayerStatistics per layer ({len(layers)}), got {len(stats)}")
+        m, c, scale = stats[0].m, stats[0].c, stats[0].scale
         super().__init__(layers, excluded, num_samples=m, loss=loss, gradient=gradient)
         self.kind = kind
         self.scale = float(scale)
         self.sampled_targets = sampled_targets
-        self._a = list(activations)
-        self._g = list(pre_activation_grads)
-        self.num_columns = int(self._g[0].shape[1])
-        self.num_pairs = m * self.num_columns
-        for L, a, g in zip(self.layers, self._a, self._g):
-            conv = L.spatial_shape is not None
-            if a.shape[-1] != L.a_dim or g.shape[-1] != L.g_dim or a.ndim != 2 + conv or g.ndim != 3 + conv:
+        for L, st in zip(self.layers, stats):
+            if (st.a_dim, st.g_dim) != (L.a_dim, L.g_dim) or (st.m, st.c) != (m, c) or st.scale != self.scale:
                 raise ShapeError(
-                    f"layer {L.name!r}: statistics a {list(a.shape)} and g {list(g.shape)} do not match "
-                    f"a_dim={L.a_dim}, g_dim={L.g_dim}"
+                    f"layer {L.name!r}: statistics with (d_a, d_g) = {(st.a_dim, st.g_dim)}, (m, c) = {(st.m, st.c)}, "
+                    f"scale {st.scale} do not match a_dim={L.a_dim}, g_dim={L.g_dim}, (m, c) = {(m, c)}, scale {self.scale}"
                 )
-
-    # uniform views: a3 [m, T, a_dim], g4 [m, c, T, g_dim] (T = 1 for Linear)
-    def _a3(self, i: int) -> torch.Tensor:
-        a = self._a[i]
-        return a if a.ndim == 3 else a.unsqueeze(1)
-
-    def _g4(self, i: int) -> torch.Tensor:
-        g = self._g[i]
-        return g if g.ndim == 4 else g.unsqueeze(2)
+        self._stats = stats
+        self.num_columns = int(c)
+        self.num_pairs = m * self.num_columns
 
     def statistics(self, i: int) -> LayerStatistics:
-        """Per-sample statistics of layer i (see :class:`LayerStatistics`; the block is
-        C_ii = scale · Σ_{b,c} Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ, (3.28))."""
-        L = self.layers[i]
-        return LayerStatistics(
-            a=self._a[i],
-            g=self._g[i],
-            scale=self.scale,
-            spatial_shape=L.spatial_shape,
-            kernel_size=L.kernel_size,
-            has_bias=L.has_bias,
-        )
+        """Per-sample statistics of layer i (see :class:`LayerStatistics`); the block is
+        C_ii = scale · J_i J_iᵀ (3.18), (3.28)."""
+        return self._stats[i]
 
     # -- Jacobian pieces (appendix 4.A.2, 4.B) -------------------------------------------
     def _Jt_i(self, i: int, U: torch.Tensor) -> torch.Tensor:
-        """U ``[p_i, k]`` -> J_iᵀ U ``[n, k]``; (J_iᵀu)_n = Σ_t g_{n,t}ᵀ MAT(u) ā_{b,t} (4.62)."""
-        L, a3, g4 = self.layers[i], self._a3(i), self._g4(i)
-        m, c, T, gd = g4.shape
-        k = U.shape[1]
-        UT = _matT_batch(U, L.g_dim, L.a_dim)  # [k, a, g]
-        # one GEMM per right-hand side over all (sample, position) rows: (U ā_{b,t}) ``[k, m·T, g]``
-        UA = torch.matmul(a3.reshape(1, m * T, -1), UT)
-        G = g4.reshape(m, c, T * gd)
-        if k == 1:  # a product and a sum beat m tiny batched GEMMs
-            return (G * UA.reshape(m, 1, T * gd)).sum(-1).reshape(m * c, 1)
-        return torch.bmm(G, UA.reshape(k, m, T * gd).permute(1, 2, 0)).reshape(m * c, k)
+        """U ``[p_i, k]`` -> J_iᵀ U ``[n, k]`` (4.62)."""
+        return self._stats[i].jt(U)
 
     def _J_i(self, i: int, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W ``[n, k]`` -> J_i W ``[p_i, k]`` (written into ``out`` if given);
-        MAT(J_i w) = Σ_{b,c,t} w_{b,c} g_{b,c,t} ā_{b,t}ᵀ (4.71)."""
-        L, a3, g4 = self.layers[i], self._a3(i), self._g4(i)
-        m, c, T, gd = g4.shape
-        k = W.shape[1]
-        G = g4.reshape(m, c, T * gd)
-        # weight every (sample, column) pair by its own w_{b,c} and sum the columns of each
-        # sample; the weight is shared by all positions t of that pair
-        if k == 1:
-            Gw = (G * W.reshape(m, c, 1)).sum(1)  # [m, T·g]
-        else:
-            Gw = torch.bmm(G.transpose(1, 2), W.reshape(m, c, k))  # [m, T·g, k]
-        Gw = Gw.reshape(m * T, gd * k)
-        # vec(M) for each column: the rows of [p_i, k] are (α, γ) pairs, so
-        # out.view(a, g·k) = Āᵀ Gw with Ā = [m·T, a] — one GEMM, no transpose copy
-        res = W.new_empty(L.p_i, k) if out is None else out
-        A = a3.reshape(m * T, -1).T
-        if W.requires_grad or A.requires_grad:
-            res = (A @ Gw).reshape(L.p_i, k)
-        else:
-            torch.mm(A, Gw, out=res.view(L.a_dim, gd * k))
-        return res
+        """W ``[n, k]`` -> J_i W ``[p_i, k]`` (written into ``out`` if given) (4.71)."""
+        return self._stats[i].j(W, out=out)
 
     def Jt_i(self, i: int, u: torch.Tensor) -> torch.Tensor:
         """J_iᵀ u: ``[p_i]`` -> ``[n]`` or ``[p_i, k]`` -> ``[n, k]`` (no ``scale``)."""
@@ -377,16 +337,8 @@ class CurvatureOperator(_BlockOperator):
         return out if not W.requires_grad else torch.cat(parts, dim=0)
 
     def JtJ_i(self, i: int) -> torch.Tensor:
-        """J_iᵀ J_i ``[n, n]`` (4.78)/(4.79), without forming J_i."""
-        a3, g4 = self._a3(i), self._g4(i)
-        m, c, T, gd = g4.shape
-        if T == 1:
-            A, G = a3[:, 0], g4[:, :, 0].reshape(m * c, gd)
-            Ka = (A @ A.T).repeat_interleave(c, 0).repeat_interleave(c, 1)
-            return (G @ G.T) * Ka
-        Ka = torch.einsum("bta,dua->btdu", a3, a3)  # [m, T, m, T]: ā_{b,t}ᵀ ā_{d,u}
-        H = torch.einsum("btdu,dfug->btdfg", Ka, g4)  # Σ_u (ā_{b,t}ᵀ ā_{d,u}) g_{d,f,u}
-        return torch.einsum("bctg,btdfg->bcdf", g4, H).reshape(m * c, m * c)
+        """J_iᵀ J_i ``[n, n]`` (4.78)/(4.79), without forming J_i for one use without positions."""
+        return self._stats[i].gram()
 
     def JtJ(self) -> torch.Tensor:
         """Jᵀ J = Σ_i J_iᵀ J_i ``[n, n]`` (4.78)/(4.79); C's nonzero spectrum is scale × its spectrum."""
@@ -405,8 +357,7 @@ class CurvatureOperator(_BlockOperator):
 
     def _dw_rows(self, i: int, b0: int, b1: int) -> torch.Tensor:
         """vec(DW̄_{i,n})ᵀ for the pairs n of samples b0..b1−1: ``[(b1−b0)·c, p_i]`` (dense export only)."""
-        a3, g4 = self._a3(i)[b0:b1], self._g4(i)[b0:b1]
-        return torch.einsum("bctg,bta->bcag", g4, a3).reshape(-1, self.layers[i].p_i)
+        return self._stats[i].pair_vectors(b0, b1)
 
     def _sample_chunks(self, width: int) -> list[tuple[int, int]]:
         """Sample ranges whose ``[chunk·c, width]`` row blocks hold at most ~4M entries."""

@@ -1,39 +1,58 @@
 """Matrix-free products with the rearranged Fisher block Z(F) (Prop. 3.1, (3.31)–(3.36)).
 
-For the block F = scale · Σ_b Σ_c ā_b ā_bᵀ ⊗ g_bc g_bcᵀ of a Linear layer (3.18),
-Prop. 3.1 gives Z(F)v and Z(F)ᵀu from the per-sample statistics alone:
+For one *use* of a layer — activation rows ā_{b,t} ``[d_a]`` (:class:`~curvlib.linalg.rows.Rows`)
+and back-propagated columns g_{b,c,t} ``[d_g]`` at the positions t of a
+:class:`~curvlib.linalg.geometry.Geometry` — the block restricted to an ∞-norm band of
+radius r is
 
-    MAT(Z(F) v)  = scale · Σ_b (Σ_c g_bcᵀ V g_bc) ā_b ā_bᵀ   = scale · Âᵀ diag(w) Â
-    MAT(Z(F)ᵀ u) = scale · Σ_b (ā_bᵀ U ā_b) Σ_c g_bc g_bcᵀ
+    F_r = scale · Σ_b Σ_c Σ_{‖t − t'‖∞ ≤ r} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ      (3.28), (3.35)
 
-with V = MAT(v) ``[d_g, d_g]``, U = MAT(u) ``[d_a, d_a]`` (column-major MAT, Def. 3.2).
-Convolutions add a double sum over spatial positions (3.28), optionally restricted to
-a band ‖t − t'‖∞ ≤ r on the 2-D positions (3.35)–(3.36).  Neither F nor Z(F) is ever
-formed: the cost is O(m·d²) per product (the exact cost is stated on each class).
+(r = ``None``: every pair, the exact block).  :class:`PositionZOperator` applies Z(F_r) and
+Z(F_r)ᵀ from the statistics alone, with no loop over samples or positions:
 
-:class:`AffineZOperator` adds known Kronecker terms to any of these operators, through
-Z(R ⊗ S) = vec(R) vec(S)ᵀ (§3.2.3.1): deflation, KFAC-corrected (3.26) and the EMA of
-the block itself.
+* one position (a Linear layer, T = 1) or r = 0 (positions treated as independent
+  samples — the block of KFAC-expand): Prop. 3.1 on the m·T rows,
+  MAT(Z(F)v) = scale·Σ_{b,t} (Σ_c g_{bct}ᵀ V g_{bct}) ā_{bt} ā_{bt}ᵀ and
+  MAT(Z(F)ᵀu) = scale·Σ_{b,c,t} (ā_{bt}ᵀ U ā_{bt}) g_{bct} g_{bct}ᵀ;
+* every pair (r = ``None`` or r ≥ max(shape) − 1): per (sample, column) the double sum
+  factorises into x xᵀ with x = vec(D), D = Σ_t g_t ā_tᵀ, so Z(F)v = scale·Σ vec(Dᵀ V D)
+  (:class:`ExactZOperator`);
+* a finite band on an N-D grid: a loop over the clipped offsets of every axis but the
+  last (never over samples or positions), the last axis handled by a ``[S, S]`` band mask
+  inside one batched GEMM — for a sequence there is no loop at all.
+
+:class:`SumZOperator` and :class:`TransposedZOperator` combine the uses of a layer whose
+weight is used several times (a module called repeatedly, tied parameters): Z is linear,
+and a use whose matrix enters the layer matrix transposed has the commuted block
+K F Kᵀ, for which Z(K F Kᵀ) = Z(F)ᵀ.  :class:`AffineZOperator` adds known Kronecker
+terms through Z(R ⊗ S) = vec(R) vec(S)ᵀ (§3.2.3.1): deflation, KFAC-corrected (3.26) and
+the EMA of the block itself.  Neither F nor Z(F) is ever formed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError
+from curvlib.linalg.geometry import Geometry, band_mask
 from curvlib.linalg.kron import KroneckerSum, unvec, vec
 from curvlib.linalg.operator import ZOperator
+from curvlib.linalg.rows import DenseRows, OneHotRows, Rows, as_rows
 
-__all__ = ["LinearZOperator", "ConvZOperator", "AffineZOperator", "deflated", "ema_combined"]
-
-
-def _check_statistics(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-    if not (a.is_floating_point() and g.is_floating_point()):
-        raise DTypeDeviceError(f"{name}: expected floating-point statistics, got a {a.dtype} and g {g.dtype}")
-    if a.dtype != g.dtype or a.device != g.device:
-        raise DTypeDeviceError(f"{name}: a is {a.dtype} on {a.device}, g is {g.dtype} on {g.device}; expected the same")
+__all__ = [
+    "AffineZOperator",
+    "ConvZOperator",
+    "ExactZOperator",
+    "LinearZOperator",
+    "PositionZOperator",
+    "SumZOperator",
+    "TransposedZOperator",
+    "deflated",
+    "ema_combined",
+]
 
 
 def _mats(X: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,11 +65,174 @@ def _vecs(Y: torch.Tensor) -> torch.Tensor:
     return vec(Y).T
 
 
-class LinearZOperator(ZOperator):
+class ExactZOperator(ZOperator):
+    """Z(F) for F = scale · Σ_n vec(D_n) vec(D_n)ᵀ from the per-(sample, column) gradients D_n.
+
+    MAT(Z(F)v) = scale·Σ_n D_nᵀ V D_n and MAT(Z(F)ᵀu) = scale·Σ_n D_n U D_nᵀ: for one
+    pair, x = vec(D), Z(x xᵀ)v = vec(Dᵀ MAT(v) D) (Prop. 3.1 with a single rank-one
+    term).  Cost per product with k vectors: O(k·n·d_a·d_g·(d_a + d_g)).
+
+    Args:
+        D: ``[n, d_g, d_a]``.
+        scale: the factor in front of the sum.
+    """
+
+    def __init__(self, D: torch.Tensor, scale: float) -> None:
+        if D.ndim != 3:
+            raise ShapeError(f"ExactZOperator: expected D [n, d_g, d_a], got {list(D.shape)}")
+        super().__init__(D.shape[2], D.shape[1], dtype=D.dtype, device=D.device)
+        self.D = D
+        self.scale = float(scale)
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        Vm = _mats(V, self.b_dim)  # [k, d_g, d_g]
+        VD = torch.einsum("kgh,nhj->kngj", Vm, self.D)  # [k, n, d_g, d_a]
+        return self.scale * _vecs(torch.einsum("ngi,kngj->kij", self.D, VD))
+
+    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+        Um = _mats(U, self.a_dim)  # [k, d_a, d_a]
+        DU = torch.einsum("ngi,kij->kngj", self.D, Um)  # [k, n, d_g, d_a]
+        return self.scale * _vecs(torch.einsum("kngj,nhj->kgh", DU, self.D))
+
+
+class PositionZOperator(ZOperator):
+    """Z(F_r) of one use with positions (module docstring), ``[d_a², d_g²]``.
+
+    Costs for k vectors (T positions, n = m·c pairs):
+
+    * T = 1 or r = 0: O(k·m·T·(c·d_g² + d_a²)) flops, O(k·m·c·T·d_g) memory;
+    * every pair: O(n·T·d_a·d_g) once (the D_n), then O(k·n·d_a·d_g·(d_a + d_g));
+    * a finite band on a grid (S_N the last axis, r_j = min(r, S_j − 1)):
+      O(k·m·(c·T·d_g² + Π_{j<N}(2r_j+1)·T·S_N·(c·d_g + d_a) + T·d_a²)), all in GEMMs
+      (the masked last-axis blocks do up to S_N/(2r+1) times the strictly needed pair
+      products, in exchange for one GEMM per offset).  One-hot rows are densified for a
+      finite band (a :class:`~curvlib.errors.PerformanceWarning`).
+
+    Args:
+        a: activation rows ``[m, T, d_a]`` (:class:`~curvlib.linalg.rows.Rows` or a tensor).
+        g: back-propagated columns ``[m, c, T, d_g]``.
+        geometry: the positions (``geometry.T == T``).
+        radius: the band radius r ≥ 0, or ``None`` for every pair.
+        scale: the factor in front of the sum.
+    """
+
+    def __init__(self, a: Rows | torch.Tensor, g: torch.Tensor, geometry: Geometry, radius: int | None, scale: float) -> None:
+        rows = as_rows(a)
+        name = type(self).__name__
+        if not g.is_floating_point() or rows.dtype != g.dtype or rows.device != g.device:
+            raise DTypeDeviceError(
+                f"{name}: expected floating statistics of one dtype and device; a is {rows.dtype} on {rows.device}, "
+                f"g is {g.dtype} on {g.device}"
+            )
+        m, T, d_a = rows.shape
+        if g.ndim != 4 or g.shape[0] != m or g.shape[2] != T or T != geometry.T:
+            raise ShapeError(
+                f"{name}: expected a [m, T, d_a] and g [m, c, T, d_g] with the same m and T = {geometry.T} positions of "
+                f"{geometry}; got a {[m, T, d_a]} and g {list(g.shape)}"
+            )
+        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
+            raise ConfigError(f"{name}: expected radius an int ≥ 0 or None, got {radius!r}")
+        super().__init__(d_a, g.shape[3], dtype=g.dtype, device=g.device)
+        self.rows = rows
+        self.g = g
+        self.geometry = geometry
+        self.radius = radius
+        self.scale = float(scale)
+        if T == 1 or radius == 0:
+            self._mode = "independent"
+        elif geometry.covers_all_pairs(radius):
+            self._mode = "exact"
+            m, c = g.shape[:2]
+            self._exact = ExactZOperator(rows.sample_outer(g).reshape(m * c, self.b_dim, self.a_dim), self.scale)
+        else:
+            self._mode = "band"
+            if isinstance(rows, OneHotRows):
+                warnings.warn(
+                    f"{name}: a finite band radius {radius} densifies one-hot rows ({m}×{T}×{d_a}); "
+                    "use radius 0 or None to keep them sparse",
+                    PerformanceWarning,
+                    stacklevel=2,
+                )
+            self._a = rows.dense()
+
+    @property
+    def a(self) -> torch.Tensor:
+        """The activation rows as a tensor ``[m, T, d_a]`` (dense copy for one-hot rows)."""
+        return self.rows.dense()
+
+    # -- T = 1 or r = 0 -------------------------------------------------------------------------
+    def _independent_matvec(self, Vm: torch.Tensor) -> torch.Tensor:
+        gV = torch.einsum("bctg,kgh->kbcth", self.g, Vm)  # [k, m, c, T, d_g]
+        w = (gV * self.g).sum(dim=(2, 4))  # [k, m, T]: Σ_c g_bctᵀ V g_bct
+        return self.rows.gram(w)
+
+    def _independent_rmatvec(self, Um: torch.Tensor) -> torch.Tensor:
+        s = self.rows.quadratic(Um)  # [k, m, T]: ā_btᵀ U ā_bt
+        m, c, T, d_g = self.g.shape
+        G = self.g.reshape(m * c * T, d_g)
+        w = s.unsqueeze(2).expand(-1, m, c, T).reshape(s.shape[0], -1)  # shared by the c columns
+        return (G.T * w[:, None, :]) @ G
+
+    # -- finite band on a grid --------------------------------------------------------------------
+    def _grid_views(self) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+        shape = self.geometry.shape
+        m, c, _, d_g = self.g.shape
+        return shape, self.g.reshape(m, c, *shape, d_g), self._a.reshape(m, *shape, self.a_dim)
+
+    def _band_matvec(self, Vm: torch.Tensor) -> torch.Tensor:
+        shape, g, a = self._grid_views()
+        k, S = Vm.shape[0], shape[-1]
+        band = band_mask(S, self.radius, dtype=self.dtype, device=self.device)
+        Vg = torch.einsum("kgh,bc...h->kbc...g", Vm, g)  # V g_t' at every position
+        # acc[t] = Σ_{t' in band(t)} (Σ_c g_tᵀ V g_t') ā_t', so MAT(Z(F)v) = Σ_t ā_t acc[t]ᵀ
+        acc = torch.zeros(k, *a.shape, dtype=self.dtype, device=self.device)
+        full = (slice(None),)
+        for sl_t, sl_s in self.geometry.band_offsets(self.radius):
+            gt = g[full * 2 + sl_t]  # [m, c, *o, S, d_g]
+            Vgs = Vg[full * 3 + sl_s]  # [k, m, c, *o, S, d_g]
+            P = torch.einsum("bc...jg,kbc...lg->kb...jl", gt, Vgs) * band
+            acc[full * 2 + sl_t] += P @ a[full + sl_s]
+        m = a.shape[0]
+        return torch.einsum("bti,kbtj->kij", self._a, acc.reshape(k, m, -1, self.a_dim))
+
+    def _band_rmatvec(self, Um: torch.Tensor) -> torch.Tensor:
+        shape, g, a = self._grid_views()
+        k, S = Um.shape[0], shape[-1]
+        band = band_mask(S, self.radius, dtype=self.dtype, device=self.device)
+        Ua = torch.einsum("kij,b...j->kb...i", Um, a)  # U ā_t' at every position
+        # acc[c, t] = Σ_{t' in band(t)} (ā_tᵀ U ā_t') g_{c,t'}, so MAT(Z(F)ᵀu) = Σ_{c,t} g_{c,t} acc[c, t]ᵀ
+        acc = torch.zeros(k, *g.shape, dtype=self.dtype, device=self.device)
+        full = (slice(None),)
+        for sl_t, sl_s in self.geometry.band_offsets(self.radius):
+            at = a[full + sl_t]  # [m, *o, S, d_a]
+            Uas = Ua[full * 2 + sl_s]  # [k, m, *o, S, d_a]
+            P = torch.einsum("b...ji,kb...li->kb...jl", at, Uas) * band
+            acc[full * 3 + sl_t] += P.unsqueeze(2) @ g[full * 2 + sl_s]
+        m, c = g.shape[:2]
+        return torch.einsum("bcth,kbctj->khj", self.g, acc.reshape(k, m, c, -1, self.b_dim))
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        if self._mode == "exact":
+            return self._exact._matvec(V)
+        Vm = _mats(V, self.b_dim)
+        out = self._independent_matvec(Vm) if self._mode == "independent" else self._band_matvec(Vm)
+        return self.scale * _vecs(out)
+
+    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+        if self._mode == "exact":
+            return self._exact._rmatvec(U)
+        Um = _mats(U, self.a_dim)
+        out = self._independent_rmatvec(Um) if self._mode == "independent" else self._band_rmatvec(Um)
+        return self.scale * _vecs(out)
+
+
+class LinearZOperator(PositionZOperator):
     """Z(F) for the Linear-layer block F = scale · Σ_b Σ_c ā_b ā_bᵀ ⊗ g_bc g_bcᵀ (Prop. 3.1).
 
     The c back-propagated columns of sample b (MC target samples, or columns of a square
-    root of the loss Hessian) share the activation ā_b.  Z(F) is ``[d_a², d_g²]``.
+    root of the loss Hessian) share the activation ā_b.  Z(F) is ``[d_a², d_g²]``; a
+    :class:`PositionZOperator` with no positions.
 
     Cost per product with k vectors: O(k·m·(c·d_g² + d_a²)) flops, O(k·m·c·d_g) memory.
 
@@ -61,7 +243,6 @@ class LinearZOperator(ZOperator):
     """
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
-        _check_statistics("LinearZOperator", a, g)
         if g.ndim == 2:
             g = g.unsqueeze(1)
         if a.ndim != 2 or g.ndim != 3 or a.shape[0] != g.shape[0]:
@@ -69,74 +250,12 @@ class LinearZOperator(ZOperator):
                 f"LinearZOperator: expected a [m, d_a] and g [m, c, d_g] or [m, d_g] with the same m; "
                 f"got a {list(a.shape)} and g {list(g.shape)}"
             )
-        super().__init__(a.shape[1], g.shape[2], dtype=a.dtype, device=a.device)
-        self.a = a
-        self.g = g
-        self.scale = float(scale)
-
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        Vm = _mats(V, self.b_dim)  # [k, d_g, d_g]
-        gV = torch.einsum("bci,kij->kbcj", self.g, Vm)  # [k, m, c, d_g]
-        w = (gV * self.g).sum(dim=(-1, -2))  # [k, m]: w_b = Σ_c g_bcᵀ V g_bc
-        out = (self.a.T * w[:, None, :]) @ self.a  # Âᵀ diag(w) Â, [k, d_a, d_a]
-        return self.scale * _vecs(out)
-
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        Um = _mats(U, self.a_dim)  # [k, d_a, d_a]
-        s = ((self.a @ Um) * self.a).sum(dim=-1)  # [k, m]: s_b = ā_bᵀ U ā_b
-        m, c, d_g = self.g.shape
-        G = self.g.reshape(m * c, d_g)
-        w = s.repeat_interleave(c, dim=1)  # [k, m·c]: sample weights shared by its c columns
-        out = (G.T * w[:, None, :]) @ G  # [k, d_g, d_g]
-        return self.scale * _vecs(out)
+        super().__init__(DenseRows(a.unsqueeze(1)), g.unsqueeze(2), Geometry.none(), None, scale)
 
 
-def _row_offsets(H: int, radius: int) -> Iterator[tuple[slice, slice]]:
-    """Row offsets δr with |δr| ≤ radius, clipped to the grid.
-
-    Yields ``(rows_t, rows_s)``: slices of the row axis of an ``[..., H, W, ·]`` view such
-    that row i of the first meets row i + δr of the second.
-    """
-    rh = min(radius, H - 1)
-    for dr in range(-rh, rh + 1):
-        yield slice(max(0, -dr), H - max(0, dr)), slice(max(0, dr), H - max(0, -dr))
-
-
-def _column_band(W: int, radius: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[W, W]`` 0/1 mask of the column pairs (j, l) with |j − l| ≤ radius."""
-    j = torch.arange(W, device=device)
-    return ((j[:, None] - j[None, :]).abs() <= radius).to(dtype)
-
-
-class ConvZOperator(ZOperator):
-    """Z(F) for a convolution block with a spatial band, (3.28) and (3.31)–(3.36).
-
-        F = scale · Σ_b Σ_c Σ_{(t,t') ∈ band} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ
-
-    Positions are 2-D, t = (row, col), flattened row-major as t = row·W + col; the band
-    is ‖t − t'‖∞ = max(|Δrow|, |Δcol|) ≤ r on the 2-D positions (3.35) — not on the
-    flattened index, which would wrap at row ends and miss vertical neighbours
-    (DESIGN.md §10).  ``radius=None`` keeps every pair: the exact block (3.28).  No
-    1/T factor is applied here; the caller's ``scale`` carries all of the scaling.
-
-    Costs for k vectors (d_a = activation dim, d_g = gradient dim, T = H·W):
-
-    * exact band (``radius=None``, or r ≥ max(H, W) − 1 which covers every pair): per
-      sample the double sum factorises, Σ_{t,t'} ā_t ā_t'ᵀ ⊗ g_t g_t'ᵀ = x xᵀ with
-      x = vec(D), D = Σ_t g_t ā_tᵀ, so MAT(Z(F)v) = scale·Σ Dᵀ V D and
-      MAT(Z(F)ᵀu) = scale·Σ D U Dᵀ: O(m·c·(T·d_a·d_g + k·d_a·d_g·(d_a + d_g))).
-    * finite r: a Python loop over the 2·r_h + 1 clipped row offsets δr
-      (r_h = min(r, H−1)) — never over samples or positions.  For each δr, every
-      pair of columns of rows i and i + δr is formed at once as a ``[W, W]`` block
-      (one batched GEMM) and masked to |Δcol| ≤ r, so the 2-D band (3.35) is applied
-      exactly.  V g_t' (resp. U ā_t') is computed once up front.  Z(F)·v costs
-      O(k·m·(c·T·d_g² + (2r_h+1)·T·W·(c·d_g + d_a) + T·d_a²)) flops, all in GEMMs, and
-      Z(F)ᵀ·u the same with the roles of (d_a) and (c, d_g) swapped; memory
-      O(k·m·(c·T·d_g + T·d_a + T·W)).  The masked column blocks do up to W/(2r+1)
-      times the strictly needed pair products; in exchange a loop over the (2r+1)²
-      2-D offsets (exact pair work, but one elementwise pass over ``[m, T, d_a]`` per
-      offset) becomes 2r+1 GEMMs.  That pays off when d_a is large (unfolded patches)
-      and on GPUs; for wide grids with tiny d_a the offset loop would be cheaper.
+class ConvZOperator(PositionZOperator):
+    """Z(F) for a 2-D convolution block with a spatial band, (3.28) and (3.31)–(3.36): a
+    :class:`PositionZOperator` on the grid ``spatial_shape`` (see its costs).
 
     Args:
         a: activations (unfolded patches) ā ``[m, T, d_a]``.
@@ -154,7 +273,6 @@ class ConvZOperator(ZOperator):
         radius: int | None,
         scale: float,
     ) -> None:
-        _check_statistics("ConvZOperator", a, g)
         if g.ndim == 3:
             g = g.unsqueeze(1)
         H, W = (int(s) for s in spatial_shape)
@@ -163,63 +281,65 @@ class ConvZOperator(ZOperator):
                 f"ConvZOperator: expected a [m, T, d_a] and g [m, c, T, d_g] or [m, T, d_g] with the same m "
                 f"and T = H·W = {H}·{W} = {H * W}; got a {list(a.shape)} and g {list(g.shape)}"
             )
-        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
-            raise ConfigError(f"ConvZOperator: expected radius an int ≥ 0 or None, got {radius!r}")
-        super().__init__(a.shape[2], g.shape[3], dtype=a.dtype, device=a.device)
-        self.a = a
-        self.g = g
-        self.spatial_shape = (H, W)
-        self.radius = radius
-        self.scale = float(scale)
-        self._exact = radius is None or radius >= max(H, W) - 1
-        if self._exact:
-            # D_bc = Σ_t g_{b,c,t} ā_{b,t}ᵀ = MAT of the per-(sample, column) gradient
-            m, c = g.shape[:2]
-            self._D = torch.einsum("bctg,bti->bcgi", g, a).reshape(m * c, self.b_dim, self.a_dim)
+        super().__init__(a, g, Geometry.grid((H, W)), radius, scale)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int]:
+        return self.geometry.shape  # type: ignore[return-value]
+
+
+class SumZOperator(ZOperator):
+    """Z(F_1 + … + F_k) = Σ_j Z(F_j) for operators of one shape, dtype and device.
+
+    Args:
+        ops: at least one :class:`ZOperator`.
+    """
+
+    def __init__(self, ops: Sequence[ZOperator]) -> None:
+        ops = list(ops)
+        if not ops:
+            raise ShapeError("SumZOperator: expected at least one operator, got none")
+        first = ops[0]
+        for j, op in enumerate(ops):
+            if op.shape != first.shape:
+                raise ShapeError(f"SumZOperator: operator {j} has shape {op.shape}, operator 0 {first.shape}")
+            if op.dtype != first.dtype or op.device != first.device:
+                raise DTypeDeviceError(
+                    f"SumZOperator: operator {j} is {op.dtype} on {op.device}, operator 0 {first.dtype} on {first.device}"
+                )
+        super().__init__(first.a_dim, first.b_dim, dtype=first.dtype, device=first.device)
+        self.ops = ops
 
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        Vm = _mats(V, self.b_dim)  # [k, d_g, d_g]
-        if self._exact:
-            VD = torch.einsum("kgh,nhj->kngj", Vm, self._D)  # [k, m·c, d_g, d_a]
-            out = torch.einsum("ngi,kngj->kij", self._D, VD)  # Σ Dᵀ V D
-            return self.scale * _vecs(out)
-        H, W = self.spatial_shape
-        m, c, T, d_g = self.g.shape
-        k = Vm.shape[0]
-        g = self.g.reshape(m, c, H, W, d_g)
-        a = self.a.reshape(m, H, W, self.a_dim)
-        band = _column_band(W, self.radius, dtype=self.dtype, device=self.device)
-        Vg = torch.einsum("kgh,bcxyh->kbcxyg", Vm, g)  # V g_t' for every position
-        # acc[t] = Σ_{t' in band(t)} (Σ_c g_tᵀ V g_t') ā_t', so MAT(Z(F)v) = Σ_t ā_t acc[t]ᵀ
-        acc = torch.zeros(k, m, H, W, self.a_dim, dtype=self.dtype, device=self.device)
-        for rt, rs in _row_offsets(H, self.radius):
-            # P[.., x, j, l] = Σ_c g_{(x, j)}ᵀ V g_{(x+δr, l)}, kept where |j − l| ≤ r
-            P = torch.einsum("bcxjg,kbcxlg->kbxjl", g[:, :, rt], Vg[:, :, :, rs]) * band
-            acc[:, :, rt] += P @ a[:, rs]
-        out = torch.einsum("bti,kbtj->kij", self.a, acc.reshape(k, m, T, self.a_dim))
-        return self.scale * _vecs(out)
+        out = self.ops[0]._matvec(V)
+        for op in self.ops[1:]:
+            out = out + op._matvec(V)
+        return out
 
     def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        Um = _mats(U, self.a_dim)  # [k, d_a, d_a]
-        if self._exact:
-            DU = torch.einsum("ngi,kij->kngj", self._D, Um)  # [k, m·c, d_g, d_a]
-            out = torch.einsum("kngj,nhj->kgh", DU, self._D)  # Σ D U Dᵀ
-            return self.scale * _vecs(out)
-        H, W = self.spatial_shape
-        m, c, T, d_g = self.g.shape
-        k = Um.shape[0]
-        g = self.g.reshape(m, c, H, W, d_g)
-        a = self.a.reshape(m, H, W, self.a_dim)
-        band = _column_band(W, self.radius, dtype=self.dtype, device=self.device)
-        Ua = torch.einsum("kij,bxyj->kbxyi", Um, a)  # U ā_t' for every position
-        # acc[c, t] = Σ_{t' in band(t)} (ā_tᵀ U ā_t') g_{c,t'}, so MAT(Z(F)ᵀu) = Σ_{c,t} g_{c,t} acc[c, t]ᵀ
-        acc = torch.zeros(k, m, c, H, W, d_g, dtype=self.dtype, device=self.device)
-        for rt, rs in _row_offsets(H, self.radius):
-            # P[.., x, j, l] = ā_{(x, j)}ᵀ U ā_{(x+δr, l)}, kept where |j − l| ≤ r
-            P = torch.einsum("bxji,kbxli->kbxjl", a[:, rt], Ua[:, :, rs]) * band
-            acc[:, :, :, rt] += P.unsqueeze(2) @ g[:, :, rs]
-        out = torch.einsum("bcth,kbctj->khj", self.g, acc.reshape(k, m, c, T, d_g))
-        return self.scale * _vecs(out)
+        out = self.ops[0]._rmatvec(U)
+        for op in self.ops[1:]:
+            out = out + op._rmatvec(U)
+        return out
+
+
+class TransposedZOperator(ZOperator):
+    """Z(K F Kᵀ) = Z(F)ᵀ, K the commutation matrix (vec(Xᵀ) = K vec(X)).
+
+    The block of a use whose matrix enters the layer matrix transposed (an embedding's
+    weight tied to an output layer's): ``op`` is Z of the use's own block ``[d_g², d_a²]``
+    in the layer's terms; this operator is ``[d_a², d_g²]``.
+    """
+
+    def __init__(self, op: ZOperator) -> None:
+        super().__init__(op.b_dim, op.a_dim, dtype=op.dtype, device=op.device)
+        self.op = op
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op._rmatvec(V)
+
+    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+        return self.op._matvec(U)
 
 
 TermsLike = KroneckerSum | Sequence[tuple[torch.Tensor, torch.Tensor]] | Iterable[tuple[torch.Tensor, torch.Tensor]]

@@ -58,7 +58,7 @@ from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 
 __all__ = ["Preconditioner", "UpdateInfo", "NotReadyError"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class NotReadyError(CurvlibError, RuntimeError):
@@ -129,8 +129,7 @@ def _curvature_state(F: Any) -> dict[str, Any]:
         "kind": F.kind,
         "scale": F.scale,
         "excluded": list(F.excluded),
-        "a": [s.a for s in stats],
-        "g": [s.g for s in stats],
+        "statistics": [s.state_dict() for s in stats],
         "loss": F.loss,
         "gradient": _flat_gradient_list(F),
         "sampled_targets": F.sampled_targets,
@@ -139,13 +138,12 @@ def _curvature_state(F: Any) -> dict[str, Any]:
 
 def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]) -> Any:
     from curvlib.curvatures.operator import CurvatureOperator
+    from curvlib.curvatures.statistics import LayerStatistics
 
     return CurvatureOperator(
         layers,
         state["excluded"],
-        list(state["a"]),
-        list(state["g"]),
-        state["scale"],
+        [LayerStatistics.from_state_dict(s) for s in state["statistics"]],
         kind=state["kind"],
         loss=state["loss"],
         gradient=list(state["gradient"]),

@@ -57,7 +57,6 @@ A check can be run outside pytest too: ``TestEKFAC().test_fit_products_match_to_
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -73,7 +72,7 @@ from torch.func import functional_call, grad, vmap
 from curvlib.errors import ConfigError, CurvlibError, NotPSDError, NumericalError, NumericalWarning, PerformanceWarning
 from curvlib.testing import references as ref
 from curvlib.testing.compare import assert_close, assert_psd, assert_symmetric, default_tolerances
-from curvlib.testing.strategies import layer_statistics, networks, seeds, spd_matrices
+from curvlib.testing.strategies import STATISTICS_KINDS, layer_statistics, networks, seeds, spd_matrices
 
 __all__ = [
     "ApproximatorConformance",
@@ -303,7 +302,9 @@ class ApproximatorConformance(_KindConformance):
       kind sets its solver tolerance);
     - ``exact_on_rank_one``: one sample, one column, one position gives F_ii = āāᵀ ⊗ ggᵀ;
       the fit must reproduce it (against :func:`~curvlib.testing.references.dense_block`);
-    - ``statistics_kinds``: which statistics the kind supports (``"linear"``, ``"conv"``);
+    - ``statistics_kinds``: which statistics the kind supports (default: every kind of
+      :data:`~curvlib.testing.strategies.STATISTICS_KINDS` — no positions, 1-/2-/3-D grids,
+      sequences, one-hot rows, several uses, tied transposed uses);
     - ``max_m``, ``max_c``, ``max_dim``, ``max_hw``: sizes of the drawn statistics;
     - ``tikhonov_options``: extra options of the ``tikhonov`` damping used by the inverse
       check (default ``{"method": "exact"}``: a dense Cholesky for sums of several terms);
@@ -319,7 +320,7 @@ class ApproximatorConformance(_KindConformance):
     psd: ClassVar[bool] = False
     psd_rtol: ClassVar[float | None] = None
     exact_on_rank_one: ClassVar[bool] = False
-    statistics_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
+    statistics_kinds: ClassVar[tuple[str, ...]] = STATISTICS_KINDS
     max_m: ClassVar[int] = 4
     max_c: ClassVar[int] = 2
     max_dim: ClassVar[int] = 4
@@ -344,12 +345,40 @@ class ApproximatorConformance(_KindConformance):
 
     @staticmethod
     def redraw(stats: Any, seed: int) -> Any:
-        """Statistics of the same layer shape as ``stats`` with new entries (a next batch)."""
-        a = _random(stats.a.shape, seed, stats.a)
-        if stats.has_bias:
-            a[..., -1] = 1.0
-        g = _random(stats.g.shape, seed + 1, stats.g)
-        return dataclasses.replace(stats, a=a, g=g)
+        """Statistics of the same layer shape as ``stats`` with new entries (a next batch):
+        every use keeps its geometry, orientation and kind of rows."""
+        from curvlib.curvatures.statistics import Use
+        from curvlib.linalg.rows import DenseRows, OneHotRows
+
+        uses = []
+        for k, u in enumerate(stats.uses):
+            s = seed + 2 * k
+            if isinstance(u.a, OneHotRows):
+                gen = torch.Generator().manual_seed(int(s))
+                idx = torch.randint(-1, u.a.dim, tuple(u.a.index.shape), generator=gen).to(u.a.device)
+                rows: Any = OneHotRows(idx, u.a.dim, dtype=u.a.dtype)
+            else:
+                a = _random(u.a.shape, s, u.a.dense())
+                if stats.has_bias and not u.transposed:
+                    a[..., -1] = 1.0
+                rows = DenseRows(a)
+            g = _random(u.g.shape, s + 1, u.g)
+            if stats.has_bias and u.transposed:  # a transposed use has no gradient for the bias column
+                g[..., -1] = 0.0
+            uses.append(Use(rows, g, u.geometry, u.transposed))
+        return stats.replace(uses=uses)
+
+    @staticmethod
+    def widened(stats: Any) -> Any:
+        """The statistics of a layer with one more column of W̄ (d_a + 1, no bias)."""
+        from curvlib.curvatures.statistics import Use
+
+        uses = [
+            Use(u.a, torch.cat([u.g, u.g[..., :1]], dim=-1), u.geometry, True) if u.transposed
+            else Use(u.a.pad(0, 1), u.g, u.geometry)
+            for u in stats.uses
+        ]
+        return stats.replace(uses=uses, has_bias=False)
 
     def fit(self, stats: Any, previous: Any = None, **overrides: Any) -> Any:
         """``approximator(**overrides).fit(stats, previous=previous)``, checked to be a LayerFit."""
@@ -366,8 +395,8 @@ class ApproximatorConformance(_KindConformance):
         _expect((int(block.a_dim), int(block.b_dim)) == (d_a, d_g),
                 f"{where}: expected block (a_dim, b_dim) = (d_a, d_g) = {(d_a, d_g)}, got {(block.a_dim, block.b_dim)}")
         _expect(tuple(block.shape) == (p, p), f"{where}: expected block.shape == (p_i, p_i) = {(p, p)}, got {tuple(block.shape)}")
-        _expect(block.dtype == stats.a.dtype and torch.device(block.device) == stats.a.device,
-                f"{where}: expected the block in the statistics' dtype/device {stats.a.dtype} on {stats.a.device}, "
+        _expect(block.dtype == stats.dtype and torch.device(block.device) == stats.device,
+                f"{where}: expected the block in the statistics' dtype/device {stats.dtype} on {stats.device}, "
                 f"got {block.dtype} on {block.device}")
         _expect(getattr(block, "terms", None) is not None or callable(getattr(block, "tikhonov_solve", None)),
                 f"{where}: expected the block to have `terms` (a Kronecker sum Σ A_k⊗B_k) or `tikhonov_solve(X, lam)` "
@@ -384,7 +413,7 @@ class ApproximatorConformance(_KindConformance):
         _expect(callable(getattr(obj, "fit", None)),
                 f"expected the factory of {self.kind!r} to build an object with fit(stats, previous=None); got {obj!r}")
 
-    @pytest.mark.parametrize("stats_kind", ["linear", "conv"])
+    @pytest.mark.parametrize("stats_kind", STATISTICS_KINDS)
     def test_fit_products_match_to_dense(self, stats_kind: str) -> None:
         """On random statistics: a LayerFit of this kind whose block's ``matvec``/``apply``
         equal products with its ``to_dense()``."""
@@ -399,14 +428,14 @@ class ApproximatorConformance(_KindConformance):
                     f"got {fit.info.method!r}")
             self._check_block(fit.block, stats, f"{self.kind} on {stats_kind} statistics")
             D = self._dense(fit.block)
-            _expect(D.shape == fit.block.shape and D.dtype == stats.a.dtype and bool(torch.isfinite(D).all()),
-                    f"expected to_dense() to be a finite {stats.a.dtype} matrix {tuple(fit.block.shape)}, got "
+            _expect(D.shape == fit.block.shape and D.dtype == stats.dtype and bool(torch.isfinite(D).all()),
+                    f"expected to_dense() to be a finite {stats.dtype} matrix {tuple(fit.block.shape)}, got "
                     f"{D.dtype} {tuple(D.shape)} with {int((~torch.isfinite(D)).sum())} non-finite entries")
             _assert_products(fit.block, D, stats.a_dim, stats.g_dim, seed, f"{self.kind} on {stats_kind} statistics")
 
         check()
 
-    @pytest.mark.parametrize("stats_kind", ["linear", "conv"])
+    @pytest.mark.parametrize("stats_kind", STATISTICS_KINDS)
     def test_fit_is_symmetric_and_psd(self, stats_kind: str) -> None:
         """The fitted block is symmetric, and PSD when the class declares ``psd = True``."""
         self._skip_unsupported(stats_kind)
@@ -421,7 +450,7 @@ class ApproximatorConformance(_KindConformance):
 
         check()
 
-    @pytest.mark.parametrize("stats_kind", ["linear", "conv"])
+    @pytest.mark.parametrize("stats_kind", STATISTICS_KINDS)
     def test_tikhonov_inverse_matches_dense_solve(self, stats_kind: str) -> None:
         """The ``tikhonov`` damping inverts the block: (F̂ + λI)⁻¹ v equals ``torch.linalg.solve``."""
         self._skip_unsupported(stats_kind)
@@ -456,8 +485,8 @@ class ApproximatorConformance(_KindConformance):
             block = self.fit(stats).block
             self._check_block(block, stats, where)
             D = self._dense(block)
-            _expect(D.dtype == dtype and D.device == stats.a.device,
-                    f"{where}: expected to_dense() in {dtype} on {stats.a.device}, got {D.dtype} on {D.device}")
+            _expect(D.dtype == dtype and D.device == stats.device,
+                    f"{where}: expected to_dense() in {dtype} on {stats.device}, got {D.dtype} on {D.device}")
             _assert_products(block, D, stats.a_dim, stats.g_dim, seed, where)
             D64 = D.to(torch.float64).cpu()
             lam = _safe_lambda(D64, self.lam_relative)
@@ -466,8 +495,8 @@ class ApproximatorConformance(_KindConformance):
                 inv = damping.invert(block)
             v = _random((D.shape[0],), seed, D)
             out = inv.matvec(v)
-            _expect(out.dtype == dtype and out.device == stats.a.device,
-                    f"{where}: expected the damped inverse's output in {dtype} on {stats.a.device}, got {out.dtype} on "
+            _expect(out.dtype == dtype and out.device == stats.device,
+                    f"{where}: expected the damped inverse's output in {dtype} on {stats.device}, got {out.dtype} on "
                     f"{out.device}")
             expected = torch.linalg.solve(D64 + lam * torch.eye(D64.shape[0], dtype=torch.float64), v.to(torch.float64).cpu())
             assert_close(out.cpu(), expected, dtype=dtype, msg=f"{where}: expected the damped inverse to match the dense solve")
@@ -541,8 +570,7 @@ class ApproximatorConformance(_KindConformance):
                 _expect(not torch.allclose(alone, D2),
                         "expected the refresh with ema=0.5 to average in the previous fit (ρ = min(1 − 1/k, γ) = 0.5 at "
                         "k = 2); it equals a fit of the new statistics alone")
-            other = self.redraw(dataclasses.replace(
-                stats, a=torch.cat([stats.a, stats.a[..., :1]], dim=-1), has_bias=False), seed)
+            other = self.redraw(self.widened(stats), seed)
             try:
                 self.fit(other, previous=first)
             except CurvlibError:
@@ -563,9 +591,10 @@ class ApproximatorConformance(_KindConformance):
         @given(stats=self.statistics(self.statistics_kinds[0]))
         def check(stats):
             good = self.fit(stats)
-            a = stats.a.clone()
-            a.view(-1)[0] = float("nan")
-            bad = dataclasses.replace(stats, a=a)
+            u0 = stats.uses[0]
+            g = u0.g.clone()
+            g.view(-1)[0] = float("nan")
+            bad = stats.replace(uses=(type(u0)(u0.a, g, u0.geometry, u0.transposed), *stats.uses[1:]))
             try:
                 out = self.fit(bad)
             except NumericalError:

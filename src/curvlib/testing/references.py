@@ -25,8 +25,10 @@ Sections:
   :func:`dense_hessian`; :func:`k_factor` (the per-sample loss convention of
   :mod:`curvlib.curvatures.losses`);
 - Kronecker algebra: :func:`kron_sum_dense`, :func:`rearrange_dense` (Z of Def. 3.3 by
-  loops), :func:`dense_block` (F_ii from :class:`~curvlib.curvatures.statistics.LayerStatistics`,
-  (3.18), (3.28)), :func:`dense_kfac_factors` ((3.19), (3.29)), :func:`dense_tikhonov_solve`.
+  loops), :func:`position_pairs` (the ∞-norm band on N-D positions by coordinate loops),
+  :func:`dense_block` (F_ii from :class:`~curvlib.curvatures.statistics.LayerStatistics`,
+  every use, geometry and orientation, (3.18), (3.28)), :func:`dense_kfac_factors`
+  ((3.19), (3.29), expand/reduce), :func:`dense_tikhonov_solve`.
 """
 
 from __future__ import annotations
@@ -301,59 +303,96 @@ def rearrange_dense(M: torch.Tensor, d_a: int, d_b: int) -> torch.Tensor:
     return Z
 
 
-def position_pairs(spatial_shape: tuple[int, int], radius: int | None) -> torch.Tensor:
-    """0/1 mask ``[T, T]`` of the position pairs with max(|Δrow|, |Δcol|) ≤ radius on the 2-D
-    grid (row-major t = row·W + col); all pairs for ``radius=None``."""
-    H, W = spatial_shape
-    T = H * W
+def position_pairs(shape: tuple[int, ...], radius: int | None) -> torch.Tensor:
+    """0/1 mask ``[T, T]`` of the position pairs with max_j |i_j − i'_j| ≤ radius on the N-D
+    grid ``shape`` (row-major, the last axis fastest); all pairs for ``radius=None``.
+    Written with explicit coordinate loops (``()`` is one position)."""
+    import itertools
+
+    coords = list(itertools.product(*[range(int(n)) for n in shape]))
+    T = len(coords)
     mask = torch.zeros(T, T, dtype=DT)
-    for t in range(T):
-        r, c = divmod(t, W)
-        for u in range(T):
-            r2, c2 = divmod(u, W)
-            if radius is None or max(abs(r - r2), abs(c - c2)) <= radius:
+    for t, p in enumerate(coords):
+        for u, q in enumerate(coords):
+            if radius is None or max((abs(x - y) for x, y in zip(p, q)), default=0) <= radius:
                 mask[t, u] = 1.0
     return mask
 
 
-def _uniform(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """ā ``[m, T, d_a]`` and g ``[m, c, T, d_g]`` (T = 1 for Linear), float64 on the CPU."""
-    a, g = stats.a.detach().to("cpu", DT), stats.g.detach().to("cpu", DT)
-    if stats.spatial_shape is not None:
-        return a, g
-    return a[:, None, :], g[:, :, None, :]
+def _use_vectors(use: Any) -> torch.Tensor:
+    """Per (sample, column, position) vectors vec(P(g āᵀ)) of one use, float64 CPU: ``[m, c, T, p]``.
+
+    Untransposed: vec(g āᵀ) = ā ⊗ g; transposed (the use's matrix enters W̄ transposed):
+    vec(ā gᵀ) = g ⊗ ā (``torch.kron`` order, column-major vec)."""
+    a = use.a.dense().detach().to("cpu", DT)
+    g = use.g.detach().to("cpu", DT)
+    m, c, T, _ = g.shape
+    first, second = (g, a) if use.transposed else (a, g)  # kron(first, second) per (b, c, t)
+    rows = []
+    for b in range(m):
+        for j in range(c):
+            for t in range(T):
+                f = first[b, j, t] if use.transposed else first[b, t]
+                s2 = second[b, t] if use.transposed else second[b, j, t]
+                rows.append(torch.kron(f, s2))
+    return torch.stack(rows).reshape(m, c, T, -1)
 
 
 def dense_block(stats: Any, radius: int | None = None) -> torch.Tensor:
-    """The exact sampled layer block from its statistics (float64, CPU):
+    """The sampled layer block from its statistics (float64, CPU), ``[p_i, p_i]``:
 
-        F_ii = scale · Σ_b Σ_c Σ_{t,t'} ā_{b,t} ā_{b,t'}ᵀ ⊗ g_{b,c,t} g_{b,c,t'}ᵀ      (3.18), (3.28)
+        F_ii = scale · Σ_b Σ_c Σ_{(u,t),(u',t')} x_{u,b,c,t} x_{u',b,c,t'}ᵀ,   x = vec(P_u(g āᵀ))   (3.18), (3.28)
 
-    built from the per-(sample, column, position) vectors ā_{b,t} ⊗ g_{b,c,t} = vec(g āᵀ)
-    (outer products flattened in Kronecker order, as ``torch.kron`` orders them) and the
-    position mask of :func:`position_pairs`, optionally restricted to the band
-    ‖t − t'‖∞ ≤ ``radius`` on the 2-D grid (3.35).  ``[p_i, p_i]``, p_i = d_a·d_g.
+    over every pair of (use, position) for ``radius=None`` (the exact block), and for an
+    int radius only the pairs of one use with ‖t − t'‖∞ ≤ radius on its grid (3.35) — the
+    banded block the Z-operators of the expand setting fit.
     """
-    a, g = _uniform(stats)
-    m, c, T, d_g = g.shape
-    d_a = a.shape[-1]
-    mask = position_pairs(stats.spatial_shape, radius) if stats.spatial_shape is not None else torch.ones(1, 1, dtype=DT)
-    # rows[b, c, t] = ā_{b,t} ⊗ g_{b,c,t}: entry α·d_g + γ is ā_α g_γ (Kronecker order)
-    rows = (a[:, None, :, :, None] * g[:, :, :, None, :]).reshape(m, c, T, d_a * d_g)
-    F = torch.einsum("bctp,tu,bcuq->pq", rows, mask, rows)
+    vecs = [_use_vectors(u) for u in stats.uses]
+    m, c = vecs[0].shape[:2]
+    p = stats.a_dim * stats.g_dim
+    F = torch.zeros(p, p, dtype=DT)
+    for b in range(m):
+        for j in range(c):
+            if radius is None:
+                x = torch.cat([v[b, j] for v in vecs]).sum(0)  # vec(D_{b,c})
+                F += torch.outer(x, x)
+                continue
+            for u, v in zip(stats.uses, vecs):
+                X = v[b, j]  # [T, p]
+                F += X.T @ position_pairs(u.geometry.shape, radius) @ X
     return float(stats.scale) * F
 
 
-def dense_kfac_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC/KFC factors by explicit sums of outer products (float64, CPU), (3.19), (3.29):
+def dense_kfac_factors(stats: Any, weight_sharing: str = "expand") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KFAC factors by explicit sums of outer products (float64, CPU), one term per
+    orientation of the uses (untransposed first), (3.19), (3.29), Eschenhagen et al. (2023):
 
-        A = (1/m) Σ_b Σ_t ā_{b,t} ā_{b,t}ᵀ,      G = (scale/T) Σ_{b,c,t} g_{b,c,t} g_{b,c,t}ᵀ.
+    * expand:  A = (1/m) Σ_b Σ_{u,t} ā ā ᵀ,   G = (scale/T) Σ_{b,c,u,t} g gᵀ,  T = Σ_u T_u;
+    * reduce:  â_b = (1/T) Σ_{u,t} ā_{u,b,t}, ĝ_{b,c} = Σ_{u,t} g_{u,b,c,t},
+               A = (1/m) Σ_b â â ᵀ,  G = scale Σ_{b,c} ĝ ĝᵀ;
+
+    a transposed group's term has its factors swapped (G ⊗ A in W̄'s order).
     """
-    a, g = _uniform(stats)
-    m, T = a.shape[0], a.shape[1]
-    A = (a[..., :, None] * a[..., None, :]).sum((0, 1)) / m
-    G = (g[..., :, None] * g[..., None, :]).sum((0, 1, 2)) * (float(stats.scale) / T)
-    return A, G
+    terms = []
+    for transposed in (False, True):
+        group = [u for u in stats.uses if u.transposed == transposed]
+        if not group:
+            continue
+        a = [u.a.dense().detach().to("cpu", DT) for u in group]
+        g = [u.g.detach().to("cpu", DT) for u in group]
+        m, T = a[0].shape[0], sum(x.shape[1] for x in a)
+        if weight_sharing == "expand":
+            A = sum((x[..., :, None] * x[..., None, :]).sum((0, 1)) for x in a) / m
+            G = sum((y[..., :, None] * y[..., None, :]).sum((0, 1, 2)) for y in g) * (float(stats.scale) / T)
+        else:
+            ah = sum(x.sum(1) for x in a) / T  # [m, d]
+            gh = sum(y.sum(2) for y in g)  # [m, c, d']
+            A = (ah[:, :, None] * ah[:, None, :]).sum(0) / m
+            G = (gh[..., :, None] * gh[..., None, :]).sum((0, 1)) * float(stats.scale)
+        terms.append((G, A) if transposed else (A, G))
+    if stats.uses[0].transposed:
+        terms.reverse()
+    return terms
 
 
 def dense_tikhonov_solve(M: torch.Tensor, X: torch.Tensor, lam: float) -> torch.Tensor:

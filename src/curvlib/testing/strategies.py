@@ -10,7 +10,8 @@ What there is:
   :func:`kronecker_factors`;
 - per-sample statistics: :func:`linear_statistics` / :func:`conv_statistics` (raw tensors)
   and :func:`layer_statistics` (a :class:`~curvlib.curvatures.statistics.LayerStatistics`,
-  what an approximator's ``fit`` receives);
+  what an approximator's ``fit`` receives, in every geometry of :data:`STATISTICS_KINDS`:
+  no positions, 1-/2-/3-D grids, sequences, one-hot rows, several uses, tied transposed uses);
 - small networks with a batch: :func:`networks` draws a :class:`NetworkCase` built by
   :func:`build_mlp`, :func:`build_cnn` or :func:`build_conv_autoencoder` (float64 by
   default, weights drawn from a seeded generator).
@@ -31,10 +32,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.curvatures.statistics import LayerStatistics, Use
+from curvlib.linalg.geometry import Geometry
+from curvlib.linalg.rows import DenseRows, OneHotRows
 
 __all__ = [
     "ARCHITECTURES",
+    "STATISTICS_KINDS",
     "NetworkCase",
     "build_conv_autoencoder",
     "build_cnn",
@@ -137,6 +141,18 @@ def conv_statistics(draw, *, max_m: int = 3, max_hw: int = 4, max_dim: int = 4, 
 # --------------------------------------------------------------------------- LayerStatistics
 
 
+#: The kinds of layer statistics :func:`layer_statistics` draws (one per position geometry
+#: and way of sharing a weight).
+STATISTICS_KINDS: tuple[str, ...] = ("linear", "conv", "sequence", "grid", "one_hot", "uses", "tied")
+
+
+def _rows(gen: torch.Generator, m: int, T: int, d_in: int, bias: bool) -> torch.Tensor:
+    a = torch.randn(m, T, d_in, generator=gen, dtype=torch.float64)
+    if bias:
+        a = torch.cat([a, torch.ones(m, T, 1, dtype=torch.float64)], dim=-1)
+    return a
+
+
 @st.composite
 def layer_statistics(
     draw,
@@ -150,52 +166,83 @@ def layer_statistics(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> LayerStatistics:
-    """Per-sample statistics of one layer, as a curvature operator captures them.
+    """Per-sample statistics of one layer block, as a curvature operator captures them.
 
     Args:
-        kind: ``"linear"`` (``a [m, d_a]``, ``g [m, c, d_g]``), ``"conv"``
-            (``a [m, T, d_a]``, ``g [m, c, T, d_g]``, T = H·W positions, row-major, with
-            ``spatial_shape = (H, W)`` and a drawn ``kernel_size``), or ``None`` (either).
+        kind: one of :data:`STATISTICS_KINDS`, or ``None`` (any):
+
+            - ``"linear"``: one use without positions (``a [m, 1, d_a]``, ``g [m, c, 1, d_g]``);
+            - ``"conv"``: one use on a 2-D grid (H, W) ≤ ``max_hw`` with a drawn kernel size;
+            - ``"sequence"``: a Linear layer on tokens, one use on a sequence of ≤ 2·``max_hw``
+              positions (no kernel);
+            - ``"grid"``: a Conv1d or Conv3d, one use on a 1-D or 3-D grid with a kernel;
+            - ``"one_hot"``: an embedding, one-hot rows of width d_a on a sequence (negative
+              indices — padding — included), no bias;
+            - ``"uses"``: a module called 2–3 times, each use on its own sequence;
+            - ``"tied"``: a weight shared by an output layer (an untransposed use on a
+              sequence, ``[d_g = tokens, d_a = width (+1)]``) and an embedding (a transposed
+              use with one-hot rows of width d_g).
         max_m, max_c: bounds on the samples m and the back-propagated columns c.
         max_dim: bound on d_in (d_a = d_in + 1 with a bias) and d_g.
-        max_hw: bound on H and W.
-        bias: whether ā carries the trailing 1 (``None``: drawn).
-        dtype, device: of ``a`` and ``g``.
+        max_hw: bound on the sizes of the position axes.
+        bias: whether ā carries the trailing 1 (``None``: drawn; always ``False`` for ``one_hot``).
+        dtype, device: of the statistics.
 
     Entries of ā (but the bias 1) and g are N(0, 1); ``scale = 1/(m·c)`` (the ``fisher``
     scaling with S = c samples).
     """
-    kind = kind if kind is not None else draw(st.sampled_from(["linear", "conv"]))
-    if kind not in ("linear", "conv"):
-        raise ValueError(f"layer_statistics: kind must be 'linear', 'conv' or None, got {kind!r}")
+    kind = kind if kind is not None else draw(st.sampled_from(STATISTICS_KINDS))
+    if kind not in STATISTICS_KINDS:
+        raise ValueError(f"layer_statistics: kind must be one of {STATISTICS_KINDS} or None, got {kind!r}")
     m = draw(dims(1, max_m))
     c = draw(dims(1, max_c))
     d_in = draw(dims(1, max_dim))
     d_g = draw(dims(1, max_dim))
-    has_bias = draw(st.booleans()) if bias is None else bool(bias)
-    if kind == "conv":
+    has_bias = False if kind == "one_hot" else (draw(st.booleans()) if bias is None else bool(bias))
+    gen = _gen(draw(seeds))
+
+    def grads(T: int, d: int) -> torch.Tensor:
+        return torch.randn(m, c, T, d, generator=gen, dtype=torch.float64)
+
+    def tokens(T: int, width: int) -> torch.Tensor:
+        return torch.randint(-1, width, (m, T), generator=gen)  # -1: a padding token (zero row)
+
+    uses: list[Use] = []
+    if kind == "linear":
+        uses.append(Use(DenseRows(_rows(gen, m, 1, d_in, has_bias)), grads(1, d_g), Geometry.none()))
+    elif kind == "conv":
         H, W = draw(dims(1, max_hw)), draw(dims(1, max_hw))
         kernel = (draw(dims(1, 3)), draw(dims(1, 3)))
-        T = H * W
-    g = _gen(draw(seeds))
-    if kind == "linear":
-        a = torch.randn(m, d_in, generator=g, dtype=torch.float64)
-        grads = torch.randn(m, c, d_g, generator=g, dtype=torch.float64)
-    else:
-        a = torch.randn(m, T, d_in, generator=g, dtype=torch.float64)
-        grads = torch.randn(m, c, T, d_g, generator=g, dtype=torch.float64)
-    if has_bias:
-        a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=torch.float64)], dim=-1)
-    a = a.to(dtype=dtype, device=device)
-    grads = grads.to(dtype=dtype, device=device)
-    return LayerStatistics(
-        a=a,
-        g=grads,
-        scale=1.0 / (m * c),
-        spatial_shape=(H, W) if kind == "conv" else None,
-        kernel_size=kernel if kind == "conv" else None,
-        has_bias=has_bias,
-    )
+        uses.append(Use(DenseRows(_rows(gen, m, H * W, d_in, has_bias)), grads(H * W, d_g), Geometry.grid((H, W), kernel)))
+    elif kind == "sequence":
+        T = draw(dims(1, 2 * max_hw))
+        uses.append(Use(DenseRows(_rows(gen, m, T, d_in, has_bias)), grads(T, d_g), Geometry.sequence(T)))
+    elif kind == "grid":
+        ndim = draw(st.sampled_from([1, 3]))
+        shape = tuple(draw(dims(1, max_hw if ndim == 1 else 2)) for _ in range(ndim))
+        kernel = tuple(draw(dims(1, 3)) for _ in range(ndim))
+        T = math.prod(shape)
+        geometry = Geometry.grid(shape, kernel) if ndim > 1 else Geometry.sequence(T, kernel[0])
+        uses.append(Use(DenseRows(_rows(gen, m, T, d_in, has_bias)), grads(T, d_g), geometry))
+    elif kind == "one_hot":
+        T = draw(dims(1, 2 * max_hw))
+        width = d_in + 1
+        uses.append(Use(OneHotRows(tokens(T, width), width, dtype=torch.float64), grads(T, d_g), Geometry.sequence(T)))
+    elif kind == "uses":
+        for _ in range(draw(st.integers(2, 3))):
+            T = draw(dims(1, max_hw))
+            uses.append(Use(DenseRows(_rows(gen, m, T, d_in, has_bias)), grads(T, d_g), Geometry.sequence(T)))
+    else:  # tied: W̄ [d_g = tokens, d_a = width (+ 1)]; the embedding's own matrix is [width, tokens]
+        T = draw(dims(1, max_hw))
+        uses.append(Use(DenseRows(_rows(gen, m, T, d_in, has_bias)), grads(T, d_g), Geometry.sequence(T)))
+        T2 = draw(dims(1, max_hw))
+        g_emb = grads(T2, d_in)
+        if has_bias:  # the embedding's use has no gradient for the output layer's bias
+            g_emb = torch.cat([g_emb, torch.zeros(m, c, T2, 1, dtype=torch.float64)], dim=-1)
+        rows = OneHotRows(tokens(T2, d_g), d_g, dtype=torch.float64)
+        uses.append(Use(rows, g_emb, Geometry.sequence(T2), transposed=True))
+    uses = [u.to(dtype, device) for u in uses]
+    return LayerStatistics(uses=uses, scale=1.0 / (m * c), has_bias=has_bias)
 
 
 # --------------------------------------------------------------------------- networks

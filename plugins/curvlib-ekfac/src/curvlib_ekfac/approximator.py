@@ -4,12 +4,15 @@ For one layer block (curvlib's :class:`~curvlib.curvatures.statistics.LayerStati
 
     F_ii = scale · Σ_n vec(D_n) vec(D_n)ᵀ,      D_n = Σ_t g_{n,t} ā_{b,t}ᵀ ``[d_g, d_a]``
 
-(n runs over the m·c (sample b, column c) pairs, t over the positions of a conv layer —
-one for Linear — so D_n is the per-pair gradient of (3.27), summed over positions
-*before* it is squared), EKFAC keeps KFAC's eigenbasis and re-fits its diagonal:
+(n runs over the m·c (sample b, column c) pairs, t over the positions of the layer — one
+for a Linear layer on ``[m, d_in]``, the output grid of a convolution, the tokens of a
+Linear layer on a sequence; summed over every use of a weight used several times — so
+D_n is the per-pair gradient of (3.27) (``stats.pair_gradients()``), summed over
+positions *before* it is squared), EKFAC keeps KFAC's eigenbasis and re-fits its diagonal:
 
 1. the KFAC/KFC factors A = (1/m) Σ_{b,t} ā āᵀ and G = (scale/T) Σ_{b,c,t} g gᵀ
-   ((3.19), (3.29); :func:`curvlib.approximators.kfac_factors`), and their
+   ((3.19), (3.29); :func:`curvlib.approximators.kfac_factors` in the ``weight_sharing``
+   setting, the leading term for a weight tied in transposed form), and their
    eigenvectors Q_A, Q_G;
 2. the second moments in that basis,
 
@@ -23,10 +26,10 @@ U diag(e_A ⊗ e_G) Uᵀ, is one of them, hence ‖F − F_EKFAC‖_F ≤ ‖F �
 block — Linear or conv.
 
 Cost per refresh: the two factor GEMMs of KFAC, two eigendecompositions O(d_a³ + d_g³),
-and the rotations ā Q_A, g Q_G.  For a Linear layer S is then one GEMM,
-S = scale · (Σ_c (g Q_G)²)ᵀ (ā Q_A)², O(m·c·d_g·d_a); a conv layer forms the rotated
+and the rotations ā Q_A, g Q_G.  For one use without positions S is then one GEMM,
+S = scale · (Σ_c (g Q_G)²)ᵀ (ā Q_A)², O(m·c·d_g·d_a); any other block forms the rotated
 per-pair gradients Q_Gᵀ D_n Q_A in chunks of at most ``max_chunk_entries`` entries,
-O(m·c·T·d_g·d_a) in all.
+O(m·c·(T·d_g·d_a + d_g·d_a·(d_g + d_a))) in all.
 
 Exponential moving average (§3.1.2 of the thesis, ρ = min(1 − 1/k, γ) at the k-th refresh,
 :func:`curvlib.approximators.ema_rho`).  The factors are averaged as KFAC averages them,
@@ -88,8 +91,7 @@ def ekfac_scalings(
     """S_ij = scale · Σ_n ((Q_Gᵀ D_n Q_A)_ij)², the diagonal of Uᵀ F_ii U in matrix form.
 
     Args:
-        stats: Linear (``a [m, d_a]``, ``g [m, c, d_g]``) or conv (``a [m, T, d_a]``,
-            ``g [m, c, T, d_g]``) statistics.
+        stats: the layer's statistics (any geometry, any number of uses).
         evec_a: Q_A ``[d_a, d_a]``.
         evec_g: Q_G ``[d_g, d_g]``.
         max_chunk_entries: memory bound of the conv path (module docstring).
@@ -97,20 +99,20 @@ def ekfac_scalings(
     Returns:
         S ``[d_g, d_a]``, entrywise ≥ 0, in the statistics' dtype and device.
     """
-    a_rot = stats.a @ evec_a  # rows ā_{b,t}ᵀ Q_A: [m, d_a] or [m, T, d_a]
-    g_rot = stats.g @ evec_g  # rows g_{n,t}ᵀ Q_G: [m, c, d_g] or [m, c, T, d_g]
     scale = float(stats.scale)
-    if not stats.is_conv:
+    (use,) = stats.uses if len(stats.uses) == 1 else (None,)
+    if use is not None and use.T == 1 and not use.transposed:
         # one position: (Q_Gᵀ D_n Q_A)_ij = (g̃_n)_i (ã_b)_j, so S = scale · (Σ_c g̃²)ᵀ ã²
+        a_rot = use.a.apply(evec_a.T.unsqueeze(0))[0, :, 0]  # rows ā_bᵀ Q_A: [m, d_a]
+        g_rot = use.g[:, :, 0] @ evec_g  # rows g_nᵀ Q_G: [m, c, d_g]
         return scale * (g_rot.square().sum(1).T @ a_rot.square())
-    m, c, T, d_g = g_rot.shape
-    d_a = a_rot.shape[-1]
+    m, c, d_g, d_a = stats.m, stats.c, stats.g_dim, stats.a_dim
     step = max(1, int(max_chunk_entries) // max(1, c * d_g * d_a))
-    S = a_rot.new_zeros(d_g, d_a)
+    S = torch.zeros(d_g, d_a, dtype=stats.dtype, device=stats.device)
     for b0 in range(0, m, step):
-        # rotated per-pair gradients Σ_t g̃_{n,t} ã_{b,t}ᵀ of the samples b0 … b0+step−1
-        R = torch.einsum("bctg,bta->bcga", g_rot[b0 : b0 + step], a_rot[b0 : b0 + step])
-        S += R.square().sum((0, 1))
+        # rotated per-pair gradients Q_Gᵀ D_n Q_A of the samples b0 … b0+step−1
+        R = evec_g.T @ stats.pair_gradients(b0, min(b0 + step, m)) @ evec_a
+        S += R.square().sum(0)
     return scale * S
 
 
@@ -139,7 +141,7 @@ class EKFACApproximator(BlockApproximator):
         if kept is not None:
             return kept
         rho = ema_rho(k, self.options.ema)
-        A, G = kfac_factors(stats)
+        (A, G), *_ = kfac_factors(stats, self.options.weight_sharing)
         if rho > 0:
             A = rho * previous.state["A"] + (1.0 - rho) * A
             G = rho * previous.state["G"] + (1.0 - rho) * G
