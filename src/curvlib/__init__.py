@@ -11,7 +11,8 @@ Subpackages follow the layering of DESIGN.md §2 (imports point downward only):
 from curvlib import approximators, coarse, damping, errors, linalg, optim, plugins, precond
 from curvlib.approximators import BlockDiagonalApproximation, approximate, approximation_error
 from curvlib.coarse.api import block_natural_gradient, exact_natural_gradient, two_level
-from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter, LayerBlock
+from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
+from curvlib.capture.layout import LayerBlock
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
 from curvlib.curvatures.statistics import LayerStatistics

@@ -210,3 +210,97 @@ class TestConvTranspose2dAdapterConformance(_Builtin, LayerAdapterConformance):
             nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
             nn.ConvTranspose2d(3, 2, (2, 3), stride=(1, 2), dilation=2, bias=False),
         ]
+
+
+class TestConv1dAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "conv1d"
+
+    def make_modules(self):
+        return [nn.Conv1d(2, 4, 3, padding=1, groups=2), nn.Conv1d(2, 2, 2, stride=2, dilation=2, bias=False)]
+
+
+class TestConv3dAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "conv3d"
+    spatial = 3
+
+    def make_modules(self):
+        return [nn.Conv3d(2, 3, 2, padding=(1, 0, 0)), nn.Conv3d(2, 2, (1, 2, 2), groups=2, bias=False)]
+
+
+class TestConvTranspose1dAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "conv_transpose1d"
+
+    def make_modules(self):
+        return [nn.ConvTranspose1d(2, 3, 3, stride=2, output_padding=1), nn.ConvTranspose1d(4, 2, 2, groups=2, bias=False)]
+
+
+class TestConvTranspose3dAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "conv_transpose3d"
+    spatial = 2
+
+    def make_modules(self):
+        return [nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1))]
+
+
+class TestEmbeddingAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "embedding"
+
+    def make_modules(self):
+        return [nn.Embedding(7, 3), nn.Embedding(5, 2, padding_idx=0)]
+
+    def make_input(self, module, m, generator):
+        return torch.randint(0, module.num_embeddings, (m, 4), generator=generator)
+
+
+class _NormInput:
+    def make_input(self, module, m, generator):
+        dtype = next(module.parameters()).dtype
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            shape = (2, *module.normalized_shape)
+        else:
+            C = module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+            shape = (C, 3)
+        return torch.randn(m, *shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+class TestLayerNormAdapterConformance(_NormInput, _Builtin, LayerAdapterConformance):
+    kind = "layer_norm"
+
+    def make_modules(self):
+        return [nn.LayerNorm(4), nn.LayerNorm((2, 3), bias=False)]
+
+
+class TestRMSNormAdapterConformance(_NormInput, _Builtin, LayerAdapterConformance):
+    kind = "rms_norm"
+
+    def make_modules(self):
+        return [nn.RMSNorm(4, eps=1e-5)]
+
+
+class TestGroupNormAdapterConformance(_NormInput, _Builtin, LayerAdapterConformance):
+    kind = "group_norm"
+
+    def make_modules(self):
+        return [nn.GroupNorm(2, 4)]
+
+
+class TestBatchNormAdapterConformance(_NormInput, _Builtin, LayerAdapterConformance):
+    kind = "batch_norm"
+
+    def make_modules(self):
+        bn = nn.BatchNorm1d(3)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        return [bn.eval()]  # running statistics: samples are independent
+
+
+class TestMultiheadAttentionAdapterConformance(_Builtin, LayerAdapterConformance):
+    kind = "multihead_attention"
+
+    def make_modules(self):
+        return [nn.MultiheadAttention(4, 2, batch_first=True), nn.MultiheadAttention(4, 1, batch_first=True, bias=False)]
+
+    def make_input(self, module, m, generator):
+        x = torch.randn(m, 5, 4, generator=generator, dtype=torch.float64).to(next(module.parameters()).dtype)
+        return (x, x, x)

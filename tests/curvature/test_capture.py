@@ -72,38 +72,71 @@ class SharedTwice(nn.Module):
         return self.fc(torch.tanh(self.fc(x)))
 
 
-def test_module_called_twice_is_an_error(registry):
+def _ggn_reference(model, op, loss_fn, X, y):
+    J = ref.per_sample_jacobians(model, op, X)
+    with torch.no_grad():
+        H = ref.per_sample_output_hessians(loss_fn, model(X), y)
+    return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / X.shape[0]
+
+
+def test_module_called_twice_has_one_use_per_call(registry):
+    """Weight sharing across calls: the block sums both uses and stays exact."""
     model = SharedTwice().to(DT)
-    with pytest.raises(UnsupportedLayerError, match=r"'fc' was called more than once.*weight sharing"):
-        curvature("ggn", model, nn.MSELoss(), (torch.randn(4, 3, dtype=DT), torch.zeros(4, 3, dtype=DT)), registry=registry)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    op = curvature("ggn", model, nn.MSELoss(), (X, y), registry=registry)
     assert hook_count(model) == 0
+    assert [L.name for L in op.layers] == ["fc"] and len(op.statistics(0).uses) == 2
+    assert_close(_dense(op), _ggn_reference(model, op, nn.MSELoss(), X, y))
 
 
-def test_tied_weights_are_an_error(registry):
+def test_tied_weights_are_one_block(registry):
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Tanh(), nn.Linear(3, 3, bias=False)).to(DT)
+    model[2].weight = model[0].weight
+    X, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    op = curvature("ggn", model, nn.MSELoss(), (X, y), registry=registry)
+    assert [L.name for L in op.layers] == ["0"] and op.params() == [model[0].weight] and op.excluded == []
+    assert_close(_dense(op), _ggn_reference(model, op, nn.MSELoss(), X, y))
+
+
+def test_tied_weights_with_separate_biases_are_refused(registry):
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).to(DT)
     model[2].weight = model[0].weight
-    with pytest.raises(UnsupportedLayerError, match=r"shared with module\(s\) \['2'\].*weight tying"):
+    with pytest.raises(UnsupportedLayerError, match=r"layers \['0', '2'\] share parameters but none of them uses all"):
         curvature("ggn", model, nn.MSELoss(), (torch.randn(4, 3, dtype=DT), torch.zeros(4, 3, dtype=DT)), registry=registry)
+
+
+def test_parameter_also_used_by_a_module_without_adapter_is_refused(registry):
+    odd = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Module())
+    odd[1].register_parameter("w", odd[0].weight)
+    with pytest.raises(UnsupportedLayerError, match=r"also registered by module\(s\) \['1'\]"):
+        curvature("ggn", odd.to(DT), nn.MSELoss(), (torch.randn(4, 2, dtype=DT), torch.zeros(4, 2, dtype=DT)), registry=registry)
 
 
 # -- excluded parameters ------------------------------------------------------------------------
-def test_batchnorm_parameters_are_excluded_with_a_warning(registry):
-    model, loss_fn, X, y, _ = ref.make_case("bn-ce-mean")
-    with pytest.warns(ExcludedParametersWarning, match=r"1\.weight: no layer adapter for BatchNorm1d") as rec:
-        op = curvature("ggn", model, loss_fn, (X, y), registry=registry)
-    assert "1.bias" in str(rec[0].message)
-    assert op.excluded == ["1.weight", "1.bias"]
-    assert [L.name for L in op.layers] == ["0", "3"]
+def test_parameters_without_adapter_are_excluded_with_a_warning(registry):
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 3)).to(DT)
+    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    with pytest.warns(ExcludedParametersWarning, match=r"(?s)NaturalGradient updates them.*1\.weight: no layer adapter for PReLU"):
+        op = curvature("ggn", model, nn.CrossEntropyLoss(), (X, y), registry=registry)
+    assert op.excluded == ["1.weight"]
+    assert [L.name for L in op.layers] == ["0", "2"]
     assert op.p == 5 * 5 + 3 * 6
+
+
+def test_batchnorm_parameters_are_a_block(registry):
+    model, loss_fn, X, y, _ = ref.make_case("bn-ce-mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = curvature("ggn", model, loss_fn, (X, y), registry=registry)
+    assert op.excluded == [] and [L.name for L in op.layers] == ["0", "1", "3"]
+    assert (op.layers[1].g_dim, op.layers[1].a_dim) == (10, 1)  # W̄ = [γ; β]
 
 
 def test_batchnorm_in_training_mode_warns_about_coupling(registry):
     model, loss_fn, X, y, _ = ref.make_case("bn-ce-mean")
     model.train()
     with pytest.warns(BatchCouplingWarning, match=r"\['1'\].*model.eval\(\)"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExcludedParametersWarning)
-            curvature("ggn", model, loss_fn, (X, y), registry=registry)
+        curvature("ggn", model, loss_fn, (X, y), registry=registry)
 
 
 def test_frozen_parameters_are_skipped_silently(registry):
@@ -161,7 +194,7 @@ def test_uncalled_layers_and_bare_parameters_are_excluded(registry):
 
 
 def test_no_adapted_layer_is_an_error(registry):
-    model = nn.Sequential(nn.BatchNorm1d(3)).to(DT)
+    model = nn.Sequential(nn.PReLU(3)).to(DT)
     with pytest.raises(UnsupportedLayerError, match="supported module types"):
         curvature("ggn", model, nn.MSELoss(), (torch.randn(4, 3, dtype=DT), torch.zeros(4, 3, dtype=DT)), registry=registry)
 

@@ -1,5 +1,5 @@
 """NaturalGradient: the update formula (weight decay, momentum, KL clipping), lr schedulers,
-param groups, the SGD/Adam fallback for BatchNorm, non-finite gradients, missing batches,
+param groups, the SGD/Adam fallback for parameters without an adapter, non-finite gradients, missing batches,
 closures, bit-identical resume from a checkpoint, and the natural-gradient references."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _backward(model, X, y, loss_fn=None):
 
 
 def _quiet():
-    """Silence the expected capture warnings (excluded BatchNorm parameters, batch coupling)."""
+    """Silence the expected capture warnings (excluded parameters, batch coupling)."""
     ctx = warnings.catch_warnings()
     ctx.__enter__()
     warnings.simplefilter("ignore", ExcludedParametersWarning)
@@ -199,12 +199,15 @@ def test_kl_clipping_scales_the_step_as_appendix_3E(registry, clip):
 
 
 @pytest.mark.parametrize("fallback", ["sgd", "adam"])
-def test_batchnorm_parameters_follow_the_fallback(registry, fallback):
+def test_parameters_without_adapter_follow_the_fallback(registry, fallback):
     ctx = _quiet()
     try:
-        model = _mlp(batch_norm=True)
-        bn = model[1]
-        assert isinstance(bn, nn.BatchNorm1d)
+        g = torch.Generator().manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3)).to(DT)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(0.6 * torch.randn(p.shape, generator=g, dtype=DT))
+        bn = model[1]  # no layer adapter: the fallback updates it
         opt = NaturalGradient(model, nn.CrossEntropyLoss(), {"damping": {"kind": "heuristic", "value": 1e-2}},
                               lr=0.05, momentum=0.8, weight_decay=1e-3, fallback=fallback,
                               adam_betas=(0.85, 0.99), adam_eps=1e-7, registry=registry)
@@ -224,7 +227,7 @@ def test_batchnorm_parameters_follow_the_fallback(registry, fallback):
             ref.step()
             for q, p in zip(ref_params, bn.parameters()):
                 assert_close(p.detach(), q.detach(), msg=f"{fallback} step {k}")
-        assert {"1.weight", "1.bias"} <= set(opt.preconditioner.excluded)
+        assert opt.preconditioner.excluded == ["1.weight"]
         pre2 = build_preconditioner(model, nn.CrossEntropyLoss(), opt.preconditioner.config, registry=registry)
         pre2.load_state_dict(_ckpt_roundtrip(opt.preconditioner.state_dict()))
         assert pre2.excluded == opt.preconditioner.excluded

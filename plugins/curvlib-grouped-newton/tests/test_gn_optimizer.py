@@ -103,7 +103,7 @@ def test_batch_is_required_when_the_rates_are_due():
 
 
 def test_uncovered_parameters_are_refused():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(F64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).to(F64)
     X, y = ref.data(8, 3, 2, seed=0)
     opt = GroupedNewton(model, nn.MSELoss())
     nn.MSELoss()(model(X), y).backward()

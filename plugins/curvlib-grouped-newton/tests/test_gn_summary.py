@@ -132,7 +132,7 @@ def test_two_level_with_zero_first_level_is_the_damped_grouped_newton_step(regis
 
 
 def test_excluded_parameters_are_refused():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
     X, y = ref.data(8, 3, 2, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,103 +1,130 @@
-"""Capture of per-sample layer statistics with forward hooks.
+"""Capture of per-sample layer statistics during one forward pass.
 
-:func:`capture_forward` is a context manager that installs one forward hook per adapted
-module (removed in ``finally``, even when the forward raises).  Each hook records
+:func:`capture_forward` is a context manager that makes every adapter see each call of its
+module (removed in ``finally``, even when the forward raises):
 
-- the activations ā of the layer (computed at once from the module's input, so a later
-  in-place change of that input cannot alter them), and
-- the module's output s (the pre-activation), kept in the autograd graph.
+* adapters with ``capture_via = "hook"`` share one forward hook per module (the groups of a
+  grouped convolution, for instance); the hook records each adapter's uses of the call
+  (activations computed at once from the input, so a later in-place change of the input
+  cannot alter them, and the module output, kept in the autograd graph) and hands the
+  rest of the network ``output.clone()``: an in-place operation downstream
+  (``nn.ReLU(inplace=True)``) then changes the clone, and ∂(·)/∂output stays the gradient
+  with respect to the pre-activation;
+* adapters with ``capture_via = "forward"`` replace the module's forward by theirs for the
+  duration (``nn.MultiheadAttention``, whose projections bypass module calls).
 
-The hook hands the rest of the network ``s.clone()`` instead of s: an in-place operation
-downstream (``nn.ReLU(inplace=True)``) then changes the clone, and ∂(·)/∂s stays the
-gradient with respect to the pre-activation.
+A module called several times records one set of uses per call.  Every use's rows must
+have the batch's m samples on their first axis (a module that puts the batch elsewhere
+raises a :class:`~curvlib.errors.ShapeError` naming it).
 
-Pre-activation gradients then come from plain ``torch.autograd.grad`` calls on the
-recorded outputs (no backward hooks): :func:`backpropagate_columns` back-propagates c
-"columns" r_c through the network output f and returns, per layer,
-g_{b,c} = J_{s,b}ᵀ r_{b,c} — per sample b, because a network without batch coupling makes
-∂(Σ_b r_bᵀ f_b)/∂s_b depend on sample b only.  Cost: one backward pass per column (c
-passes in all), memory ``O(m·c·T·d_g)`` per layer for g.
+Back-propagated columns then come from plain ``torch.autograd.grad`` calls on the recorded
+output tensors (no backward hooks): :func:`backpropagate_columns` back-propagates c columns
+r_c through the network output f and gives every use g_{b,c} = J_bᵀ r_{b,c} — per sample
+b, because a network without batch coupling makes ∂(Σ_b r_bᵀ f_b)/∂s_b depend on sample b
+only.  Cost: one backward pass per column (c in all), memory ``O(m·c·T·d_g)`` per use.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from curvlib.capture.adapters import LayerAdapter
-from curvlib.errors import UnsupportedLayerError
+from curvlib.capture.adapters.base import LayerAdapter, UseCapture
+from curvlib.errors import ShapeError, UnsupportedLayerError
 
-__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward", "weight_gradients"]
+__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward"]
 
 
 @dataclass
 class ForwardRecord:
-    """What :func:`capture_forward` recorded, one entry per adapter (in the adapters' order).
+    """What :func:`capture_forward` recorded: the uses of every adapter, in call order.
 
     Attributes:
-        activations: ā per layer, ``[m, a_dim]`` (Linear) or ``[m, T, a_dim]`` (conv), detached;
-            ``None`` for a module that was not called.
-        outputs: the module outputs s (in the graph), ``None`` if not called.
-        calls: how many times each module was called.
+        adapters: the adapters, in the order given.
+        batch_size: m, checked against every use's rows (``None``: not checked).
+        uses: one list of :class:`UseCapture` per adapter.
     """
 
     adapters: Sequence[LayerAdapter]
-    activations: list[torch.Tensor | None] = field(default_factory=list)
-    outputs: list[torch.Tensor | None] = field(default_factory=list)
-    calls: list[int] = field(default_factory=list)
+    batch_size: int | None = None
+    uses: list[list[UseCapture]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = len(self.adapters)
-        self.activations = [None] * n
-        self.outputs = [None] * n
-        self.calls = [0] * n
+        self.uses = [[] for _ in self.adapters]
+
+    def add(self, i: int, uses: Sequence[UseCapture]) -> None:
+        ad = self.adapters[i]
+        for u in uses:
+            if self.batch_size is not None and u.rows.m != self.batch_size:
+                raise ShapeError(
+                    f"{ad._label()}: its input has {u.rows.m} entries on the batch axis {ad.batch_dim}, the batch has "
+                    f"{self.batch_size} samples; curvlib needs the samples on that axis of every adapted layer (a model "
+                    "that moves the batch axis — e.g. a sequence-first transformer written by hand — is not supported)"
+                )
+        self.uses[i].extend(uses)
 
     def called(self) -> list[int]:
         """Indices of the adapters whose module was called in the forward."""
-        return [i for i, c in enumerate(self.calls) if c > 0]
+        return [i for i, u in enumerate(self.uses) if u]
 
 
-def _make_hook(record: ForwardRecord, i: int) -> Callable:
-    adapter = record.adapters[i]
-
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if record.calls[i] > 0:
-            raise UnsupportedLayerError(
-                f"{type(module).__name__} layer {adapter.name!r} was called more than once in one forward pass "
-                "(weight sharing); curvlib's per-layer statistics need each adapted module called once"
-            )
-        record.calls[i] += 1
-        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-            raise UnsupportedLayerError(
-                f"{type(module).__name__} layer {adapter.name!r}: expected a tensor input and a tensor output"
-            )
-        record.activations[i] = adapter.activations(args[0].detach(), output_shape=tuple(output.shape))
-        record.outputs[i] = output
+def _make_hook(record: ForwardRecord, indices: Sequence[int]) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            ad = record.adapters[indices[0]]
+            raise UnsupportedLayerError(f"{ad._label()}: expected a tensor output, got {type(output).__name__}")
+        for i in indices:
+            record.add(i, record.adapters[i].capture(args, kwargs, output))
         return output.clone()
 
     return hook
 
 
+class _ForwardPatch:
+    """Replaces ``module.forward`` by an adapter's capturing forward; ``remove()`` restores it."""
+
+    def __init__(self, adapter: LayerAdapter, record: ForwardRecord, i: int) -> None:
+        self.module = adapter.module
+        self._had = "forward" in self.module.__dict__
+        self._old = self.module.__dict__.get("forward")
+        self.module.forward = functools.partial(adapter.forward_with_capture, functools.partial(record.add, i))
+
+    def remove(self) -> None:
+        if self._had:
+            self.module.forward = self._old
+        else:
+            del self.module.forward
+
+
 @contextmanager
-def capture_forward(adapters: Sequence[LayerAdapter]) -> Iterator[ForwardRecord]:
-    """Install forward hooks on the adapters' modules for one forward pass.
+def capture_forward(adapters: Sequence[LayerAdapter], batch_size: int | None = None) -> Iterator[ForwardRecord]:
+    """Make every adapter record its module's calls during one forward pass.
 
     Usage::
 
-        with capture_forward(adapters) as record:
+        with capture_forward(adapters, batch_size=m) as record:
             f = model(X)
-        # record.activations[i], record.outputs[i]
+        # record.uses[i]: the uses of adapter i
 
-    The hooks are removed when the block exits, also when the forward raises.
+    The hooks (and replaced forwards) are removed when the block exits, also when the
+    forward raises.
     """
-    record = ForwardRecord(adapters)
-    handles = []
+    record = ForwardRecord(adapters, batch_size)
+    by_module: dict[int, tuple[torch.nn.Module, list[int]]] = {}
+    handles: list[Any] = []
     try:
         for i, ad in enumerate(adapters):
-            handles.append(ad.module.register_forward_hook(_make_hook(record, i)))
+            if ad.capture_via == "forward":
+                handles.append(_ForwardPatch(ad, record, i))
+            else:
+                by_module.setdefault(id(ad.module), (ad.module, []))[1].append(i)
+        for module, indices in by_module.values():
+            handles.append(module.register_forward_hook(_make_hook(record, indices), with_kwargs=True))
         yield record
     finally:
         for h in handles:
@@ -106,49 +133,39 @@ def capture_forward(adapters: Sequence[LayerAdapter]) -> Iterator[ForwardRecord]
 
 def backpropagate_columns(
     output: torch.Tensor,
-    layer_outputs: Sequence[torch.Tensor],
-    adapters: Sequence[LayerAdapter],
+    uses: Sequence[Sequence[UseCapture]],
     num_columns: int,
     column: Callable[[int], torch.Tensor],
-) -> list[torch.Tensor]:
-    """Back-propagate ``num_columns`` columns from the network output to every layer output.
+) -> list[list[torch.Tensor]]:
+    """Back-propagate ``num_columns`` columns from the network output to every use's outputs.
 
     Args:
         output: the network output f ``[m, *out]`` (in the graph).
-        layer_outputs: the recorded module outputs s_i (in the graph).
-        adapters: the matching adapters (turn ∂/∂s_i into g).
+        uses: the recorded uses, grouped as the caller likes (e.g. per adapter).
         num_columns: c.
         column: ``column(j)`` -> r_j ``[m, *out]``, the j-th column for every sample.
 
     Returns:
-        one g per layer: Linear ``[m, c, d_g]``; conv ``[m, c, T, d_g]``, with
-        g[b, j] = J_{s,b}ᵀ r_j[b].  One backward pass per column.
+        the columns g ``[m, c, T, d_g]`` of every use, grouped like ``uses``; one backward
+        pass per column.
     """
-    gs: list[torch.Tensor | None] = [None] * len(adapters)
+    tensors: list[torch.Tensor] = []
+    where: dict[int, int] = {}
+    for group in uses:
+        for u in group:
+            for t in u.outputs:
+                if id(t) not in where:
+                    where[id(t)] = len(tensors)
+                    tensors.append(t)
+    gs: list[list[torch.Tensor | None]] = [[None] * len(group) for group in uses]
     for j in range(num_columns):
         r = column(j)
-        grads = torch.autograd.grad(output, list(layer_outputs), grad_outputs=r, retain_graph=True, allow_unused=True)
-        for i, (ad, s, gr) in enumerate(zip(adapters, layer_outputs, grads)):
-            gj = ad.pre_activation_grads(torch.zeros_like(s) if gr is None else gr)
-            if gs[i] is None:
-                gs[i] = gj.new_empty((gj.shape[0], num_columns, *gj.shape[1:]))
-            gs[i][:, j] = gj
+        grads = torch.autograd.grad(output, tensors, grad_outputs=r, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
+        for gi, group in enumerate(uses):
+            for ui, u in enumerate(group):
+                gj = u.columns([grads[where[id(t)]] for t in u.outputs])
+                if gs[gi][ui] is None:
+                    gs[gi][ui] = gj.new_empty((gj.shape[0], num_columns, *gj.shape[1:]))
+                gs[gi][ui][:, j] = gj
     return gs  # type: ignore[return-value]
-
-
-def weight_gradients(
-    loss: torch.Tensor,
-    layer_outputs: Sequence[torch.Tensor],
-    adapters: Sequence[LayerAdapter],
-    activations: Sequence[torch.Tensor],
-) -> list[torch.Tensor]:
-    """∇_{W̄_i} loss for every layer from one backward pass to the layer outputs.
-
-    DW̄_i = Σ_{b,t} (∂loss/∂s_{b,t}) ā_{b,t}ᵀ (3.27).  Returns W̄-shaped ``[g_dim, a_dim]`` tensors.
-    """
-    grads = torch.autograd.grad(loss, list(layer_outputs), retain_graph=True, allow_unused=True)
-    out = []
-    for ad, s, gr, a in zip(adapters, layer_outputs, grads, activations):
-        g = ad.pre_activation_grads(torch.zeros_like(s) if gr is None else gr)
-        out.append(g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1]))
-    return out

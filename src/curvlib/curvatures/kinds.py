@@ -29,19 +29,21 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from curvlib.capture.adapters import (
+from curvlib.capture.adapters.base import UseCapture
+from curvlib.capture.hooks import backpropagate_columns, capture_forward
+from curvlib.capture.layout import (
+    BlockCandidate,
     LayerBlock,
+    blocks_params,
     find_layers,
     warn_batch_coupling,
     warn_excluded,
 )
-from curvlib.capture.hooks import backpropagate_columns, capture_forward, weight_gradients
 from curvlib.config import StrictModel
 from curvlib.curvatures.losses import Columns, LossModel, loss_model_for
 from curvlib.curvatures.operator import CurvatureOperator, HessianOperator
-from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.curvatures.statistics import LayerStatistics, Use
 from curvlib.errors import DTypeDeviceError, ShapeError, UnsupportedLossError
-from curvlib.linalg.geometry import Geometry
 
 __all__ = [
     "CapturedBatch",
@@ -77,18 +79,17 @@ class HessianOptions(StrictModel):
 
 @dataclass
 class CapturedBatch:
-    """One forward pass with hooks: layers, statistics sources and the loss.
+    """One forward pass with hooks: layer blocks, their recorded uses and the loss.
 
     Attributes:
-        layers: the called adapted layers, laid out in the flat vector.
+        layers: the called layer blocks, laid out in the flat vector.
         excluded: ``{qualified parameter name: reason}``.
         inputs: the model's positional inputs.
         target: the targets ``y``.
         output: the network output f ``[m, *out]`` (in the graph).
-        layer_outputs: module outputs s_i (in the graph).
-        activations: ā_i, ``[m, a_dim]`` or ``[m, T, a_dim]``.
+        uses: per block, the recorded uses of each of its adapters (primary first), in call order.
         loss: L as the user's loss module computes it (detached).
-        gradient: ∇_{W̄_i} L, ``[g_dim, a_dim]`` per layer.
+        gradient: ∇_{W̄_i} L, ``[g_dim, a_dim]`` per block.
     """
 
     layers: list[LayerBlock]
@@ -96,8 +97,7 @@ class CapturedBatch:
     inputs: tuple[torch.Tensor, ...]
     target: torch.Tensor
     output: torch.Tensor
-    layer_outputs: list[torch.Tensor]
-    activations: list[torch.Tensor]
+    uses: list[list[list[UseCapture]]]
     loss: torch.Tensor
     gradient: list[torch.Tensor]
 
@@ -105,9 +105,18 @@ class CapturedBatch:
     def num_samples(self) -> int:
         return int(self.output.shape[0])
 
-    @property
-    def adapters(self) -> list[Any]:
-        return [L.adapter for L in self.layers]
+    def statistics(self, columns: list[list[list[torch.Tensor]]], scale: float) -> list[LayerStatistics]:
+        """Each block's :class:`LayerStatistics` from its uses and their back-propagated columns
+        (``columns`` grouped like :attr:`uses`); tied adapters' uses placed in the block's W̄."""
+        out = []
+        for L, per_adapter, g_per_adapter in zip(self.layers, self.uses, columns):
+            uses = []
+            for placement, recorded, gs in zip(L.placements, per_adapter, g_per_adapter):
+                for u, g in zip(recorded, gs):
+                    rows, g = placement.place(u.rows, g, L.g_dim, L.a_dim)
+                    uses.append(Use(rows, g, u.geometry, placement.transposed))
+            out.append(LayerStatistics(uses=uses, scale=scale, has_bias=L.has_bias))
+        return out
 
 
 def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -118,8 +127,13 @@ def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     return inputs, y
 
 
+def _batch_size(inputs: tuple[Any, ...]) -> int | None:
+    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.ndim > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
 def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any) -> CapturedBatch:
-    """Discover the layers, run one hooked forward pass, check the loss, compute ∇L.
+    """Discover the layer blocks, run one hooked forward pass, check the loss, compute ∇L.
 
     Warns (:class:`~curvlib.capture.adapters.ExcludedParametersWarning`) about excluded
     parameters, including those of adapted modules the forward never called.
@@ -127,32 +141,41 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
     candidates, excluded = find_layers(model, registry)
     warn_batch_coupling(model, stacklevel=4)
     inputs, target = _split_batch(batch)
-    device = candidates[0].adapter.weight.device
+    first_param = next((p for c in candidates for p in c.adapter.params()), None)
+    device = first_param.device if first_param is not None else None
     for t in (*inputs, target):
-        if isinstance(t, torch.Tensor) and t.device != device:
+        if device is not None and isinstance(t, torch.Tensor) and t.device != device:
             raise DTypeDeviceError(f"batch tensor on {t.device}, the model's parameters are on {device}")
+    adapters = [ad for c in candidates for ad in c.adapters]
+    index = {id(ad): k for k, ad in enumerate(adapters)}
+    m = _batch_size(inputs)
     with torch.enable_grad():
-        with capture_forward([c.adapter for c in candidates]) as record:
+        with capture_forward(adapters, batch_size=m) as record:
             output = model(*inputs)
         if not isinstance(output, torch.Tensor):
             raise UnsupportedLossError(f"expected the model to return one tensor, got {type(output).__name__}")
         if not isinstance(target, torch.Tensor):
             raise UnsupportedLossError(f"expected a target tensor, got {type(target).__name__}")
+        if m is not None and output.ndim > 0 and output.shape[0] != m:
+            raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the inputs {m} samples")
         loss_model.check(output, target)
-        called = record.called()
-        for i, c in enumerate(candidates):
-            if i not in called:
-                for p in c.adapter.params():
-                    pname = next(n for n, q in c.adapter.module.named_parameters(recurse=False) if q is p)
-                    qual = f"{c.name}.{pname}" if c.name else pname
-                    excluded[qual] = f"{type(c.adapter.module).__name__} {c.name!r} was not called through its forward"
+        called = [c for c in candidates if any(record.uses[index[id(ad)]] for ad in c.adapters)]
+        for c in candidates:
+            if c not in called:
+                _exclude_uncalled(c, excluded)
         if not called:
             raise ShapeError("no adapted layer was called in the forward pass")
-        layers = LayerBlock.build([candidates[i] for i in called])
-        layer_outputs = [record.outputs[i] for i in called]
-        activations = [record.activations[i] for i in called]
+        layers = LayerBlock.build(called)
+        uses = [[record.uses[index[id(ad)]] for ad in L.adapters] for L in layers]
         loss = loss_model.loss_fn(output, target)
-        gradient = weight_gradients(loss, layer_outputs, [L.adapter for L in layers], activations)
+        params = blocks_params(layers)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+        where = {id(p): k for k, p in enumerate(params)}
+        gradient = [
+            L.adapter.params_to_matrix(L.adapter.pieces([grads[where[id(p)]] for p in L.adapter.params()]))
+            for L in layers
+        ]
     warn_excluded(excluded, stacklevel=4)
     return CapturedBatch(
         layers=layers,
@@ -160,11 +183,18 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         inputs=inputs,
         target=target,
         output=output,
-        layer_outputs=layer_outputs,
-        activations=activations,
+        uses=uses,
         loss=loss.detach(),
         gradient=gradient,
     )
+
+
+def _exclude_uncalled(c: BlockCandidate, excluded: dict[str, str]) -> None:
+    for ad in c.adapters:
+        own = {id(q): n for n, q in ad.module.named_parameters(recurse=False)}
+        for p in ad.params():
+            qual = f"{ad.name}.{own[id(p)]}" if ad.name else own[id(p)]
+            excluded[qual] = f"{type(ad.module).__name__} {ad.name!r} was not called through its forward"
 
 
 def _default_generator() -> torch.Generator:
@@ -209,8 +239,13 @@ class _StatisticsCurvature:
         loss_model = loss_model_for(loss_fn)
         cap = capture_batch(model, loss_model, batch, registry)
         columns, scale, samples = self._columns(loss_model, cap, generator)
-        g = backpropagate_columns(cap.output, cap.layer_outputs, cap.adapters, columns.count, columns.get)
-        stats = [_layer_statistics(L, a, gi, scale) for L, a, gi in zip(cap.layers, cap.activations, g)]
+        flat = [u for per_adapter in cap.uses for u in per_adapter]
+        g = backpropagate_columns(cap.output, flat, columns.count, columns.get)
+        grouped, k = [], 0
+        for per_adapter in cap.uses:
+            grouped.append(g[k : k + len(per_adapter)])
+            k += len(per_adapter)
+        stats = cap.statistics(grouped, scale)
         return CurvatureOperator(
             cap.layers,
             list(cap.excluded),
@@ -220,11 +255,6 @@ class _StatisticsCurvature:
             gradient=cap.gradient,
             sampled_targets=samples,
         )
-
-
-def _layer_statistics(L: LayerBlock, a: torch.Tensor, g: torch.Tensor, scale: float) -> LayerStatistics:
-    geometry = Geometry.none() if L.spatial_shape is None else Geometry.grid(L.spatial_shape, L.kernel_size)
-    return LayerStatistics(a, g, scale, geometry, has_bias=L.has_bias)
 
 
 class FisherCurvature(_StatisticsCurvature):

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvlib.capture.adapters import LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
+from curvlib.capture.layout import LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import CurvlibError, DTypeDeviceError, PerformanceWarning, ShapeError
 
@@ -113,7 +113,7 @@ class _BlockOperator(abc.ABC):
     ) -> None:
         self.layers: list[LayerBlock] = list(layers)
         self.excluded: list[str] = list(excluded)
-        w = self.layers[0].adapter.weight
+        w = self.layers[0].adapter.params()[0]
         self.dtype: torch.dtype = w.dtype
         self.device: torch.device = w.device
         self.num_samples = int(num_samples)

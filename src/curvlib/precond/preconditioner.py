@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlib.capture.adapters import (
+from curvlib.capture.layout import (
     LayerBlock,
     blocks_params,
     blocks_params_to_vector,
@@ -473,7 +473,7 @@ class Preconditioner:
             "generator": self.generator.get_state(),
             "layers": None
             if self._layers is None
-            else [{"name": L.name, "spatial_shape": L.spatial_shape} for L in self._layers],
+            else [{"name": L.name} for L in self._layers],
             "excluded": list(self._excluded),
             "damping": copy.deepcopy(self.damping.state_dict()),
             "inverted_damping": copy.deepcopy(self._inverted_damping_state),
@@ -576,7 +576,5 @@ class Preconditioner:
                 raise ConfigError(
                     f"{caller}: the state names layer {e['name']!r}; the model's adapted layers are {list(by_name)}"
                 )
-            if e.get("spatial_shape") is not None:
-                c.adapter.spatial_shape = tuple(e["spatial_shape"])
             chosen.append(c)
         return LayerBlock.build(chosen)

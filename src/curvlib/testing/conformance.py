@@ -26,8 +26,10 @@ CoarseSpaceConformance      columns finite, shapes match the partition; two-leve
                             never above the first level's (4.21) on small dense problems
 CurvatureConformance        products equal ``to_dense()`` equal :meth:`dense_reference`;
                             symmetric/PSD; statistics define the diagonal blocks
-LayerAdapterConformance     weight/bias ↔ W̄ ↔ vec round trip; the forward is W̄ ā; the
-                            statistics reproduce per-sample gradients from ``torch.func``
+LayerAdapterConformance     parameters ↔ W̄ ↔ vec round trip (against an independent
+                            mapping for built-in types); uses carry the batch and the
+                            block's dims; the captured statistics reproduce per-sample
+                            gradients from ``torch.func``; float32 kept
 ==========================  ===========================================================
 
 Every mixin also checks that the kind is registered (through an installed entry point
@@ -1104,8 +1106,11 @@ class LayerAdapterConformance(_KindConformance):
     """Checks of a layer adapter (family ``layers``).
 
     The subclass implements :meth:`make_modules` (modules of the adapted type, float64,
-    covering its options: bias or not, strides, paddings, …) and, for module types with
-    inputs other than ``[m, in_features]`` / ``[m, in_channels, H, W]``, :meth:`make_input`.
+    covering its options: bias or not, strides, paddings, groups, …) and, for module types
+    with inputs other than ``[m, in_features]`` / ``[m, in_channels, *spatial]``,
+    :meth:`make_input`; :meth:`output` picks the tensor output of modules that return a
+    tuple.  Every check runs the adapters through curvlib's own capture machinery
+    (:func:`~curvlib.capture.hooks.capture_forward`), as a curvature operator does.
     """
 
     family: ClassVar[str] = "layers"
@@ -1116,38 +1121,53 @@ class LayerAdapterConformance(_KindConformance):
         """Modules the adapter handles (float64)."""
         raise NotImplementedError(f"{type(self).__name__}: implement make_modules() returning modules of the adapted type")
 
-    def make_input(self, module: nn.Module, m: int, generator: torch.Generator) -> torch.Tensor:
-        """A batch of m inputs for ``module`` in its dtype."""
+    def make_input(self, module: nn.Module, m: int, generator: torch.Generator) -> Any:
+        """A batch of m inputs for ``module`` in its dtype (a tensor, or a tuple of arguments)."""
         dtype = next(module.parameters()).dtype
         if hasattr(module, "in_features"):
             return torch.randn(m, module.in_features, generator=generator, dtype=torch.float64).to(dtype)
         if hasattr(module, "in_channels"):
-            return torch.randn(m, module.in_channels, self.spatial, self.spatial, generator=generator,
+            nd = len(module.kernel_size)
+            return torch.randn(m, module.in_channels, *([self.spatial] * nd), generator=generator,
                                dtype=torch.float64).to(dtype)
         raise NotImplementedError(f"{type(self).__name__}: implement make_input(module, m, generator) for {type(module).__name__}")
 
-    def reference_matrix(self, module: nn.Module, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """W̄ = [W, b] written out independently for the module types
-        :mod:`~curvlib.testing.references` knows (Linear, Conv2d, ConvTranspose2d); ``None``
-        for other types (then only the round trip and the gradient checks apply)."""
-        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            return None
-        W = ref.weight_to_matrix(module, tensors[0].unsqueeze(0))[0]
-        if len(tensors) > 1:
-            W = torch.cat([W, tensors[1].reshape(-1, 1)], dim=1)
-        return W
+    def output(self, module: nn.Module, X: Any) -> torch.Tensor:
+        """The module's tensor output for input ``X`` (the first element of a tuple output)."""
+        out = module(*X) if isinstance(X, tuple) else module(X)
+        return out[0] if isinstance(out, tuple) else out
 
-    def adapter(self, module: nn.Module) -> Any:
-        """The adapter the registry builds for ``module``."""
-        return self.spec().factory(module, name="layer")
+    def reference_matrix(self, module: nn.Module, adapter: Any, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """W̄ written out independently (:mod:`~curvlib.testing.references`) for the built-in
+        module types; ``None`` for other types (then only the round trip and the gradient
+        checks apply).  ``tensors`` are shaped like ``adapter.params()``."""
+        from types import SimpleNamespace
+
+        known = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention, *ref._NORMS)
+        if not isinstance(module, known):
+            return None
+        block = SimpleNamespace(module=module, name="layer" + adapter.block_name[len(adapter.name):], has_bias=adapter.has_bias)
+        names = {id(p): n for n, p in module.named_parameters(recurse=False)}
+        named = {f"layer.{names[id(p)]}": t.unsqueeze(0) for p, t in zip(adapter.params(), tensors)}
+        return ref._block_matrix(block, named)[0]
+
+    def adapters(self, module: nn.Module) -> list[Any]:
+        """The adapters the registry creates for ``module`` (several for a grouped convolution)."""
+        made = self.spec().factory.create(module, name="layer")
+        _expect(bool(made), f"expected {self.kind!r} to create at least one adapter for {module}")
+        return made
 
     def _modules(self, dtype: torch.dtype = torch.float64) -> list[nn.Module]:
         mods = [copy.deepcopy(mod).to(dtype) for mod in self.make_modules()]
         _expect(bool(mods), f"{type(self).__name__}.make_modules() returned no module")
         return mods
 
-    def _params(self, adapter: Any, seed: int) -> list[torch.Tensor]:
-        return [_random(p.shape, seed + k, p) for k, p in enumerate(adapter.params())]
+    def _capture(self, mod: nn.Module, adapters: Sequence[Any], X: Any) -> tuple[Any, torch.Tensor]:
+        from curvlib.capture.hooks import capture_forward
+
+        with capture_forward(adapters, batch_size=self.batch_size) as record:
+            out = self.output(mod, X)
+        return record, out
 
     def test_module_types_are_registered(self) -> None:
         """The kind declares ``module_types`` metadata, and every module of :meth:`make_modules` is one."""
@@ -1157,80 +1177,88 @@ class LayerAdapterConformance(_KindConformance):
             _expect(isinstance(mod, types), f"expected {type(mod).__name__} to be one of the declared module_types {types}")
 
     def test_weight_bias_matrix_vector_round_trip(self) -> None:
-        """params -> W̄ ``[g_dim, a_dim]`` -> params and params -> vec(W̄) ``[p_i]`` -> params are
+        """pieces -> W̄ ``[g_dim, a_dim]`` -> pieces and pieces -> vec(W̄) ``[p_i]`` -> pieces are
         exact; vec stacks W̄'s columns; W̄ equals the independent reference where one exists."""
         for k, mod in enumerate(self._modules()):
-            ad = self.adapter(mod)
-            where = f"{self.kind} on {mod}"
-            tensors = self._params(ad, 10 * k)
-            W = ad.params_to_matrix(tensors)
-            _expect(tuple(W.shape) == (ad.g_dim, ad.a_dim),
-                    f"{where}: expected W̄ of shape [g_dim, a_dim] = {[ad.g_dim, ad.a_dim]}, got {list(W.shape)}")
-            _expect(ad.num_params == ad.a_dim * ad.g_dim == sum(t.numel() for t in tensors),
-                    f"{where}: expected num_params = a_dim·g_dim = the parameter count")
-            back = ad.matrix_to_params(W)
-            _expect(len(back) == len(tensors) and all(torch.equal(a, b) for a, b in zip(back, tensors)),
-                    f"{where}: expected matrix_to_params(params_to_matrix(params)) == params exactly")
-            v = ad.params_to_vector(tensors)
-            _expect(torch.equal(v, ref.vec(W)), f"{where}: expected params_to_vector == vec(W̄) (columns stacked)")
-            _expect(all(torch.equal(a, b) for a, b in zip(ad.vector_to_params(v), tensors)),
-                    f"{where}: expected vector_to_params(params_to_vector(params)) == params exactly")
-            expected = self.reference_matrix(mod, tensors)
-            if expected is not None:
-                _expect(torch.equal(W, expected), f"{where}: expected W̄ = [W, b] as DESIGN.md §1 maps it (references.weight_to_matrix)")
+            for ad in self.adapters(mod):
+                where = f"{self.kind} on {mod} ({ad.block_name})"
+                full = [_random(p.shape, 10 * k + j, p) for j, p in enumerate(ad.params())]
+                tensors = ad.pieces(full)
+                W = ad.params_to_matrix(tensors)
+                _expect(tuple(W.shape) == (ad.g_dim, ad.a_dim),
+                        f"{where}: expected W̄ of shape [g_dim, a_dim] = {[ad.g_dim, ad.a_dim]}, got {list(W.shape)}")
+                _expect(ad.num_params == ad.a_dim * ad.g_dim == sum(t.numel() for t in tensors),
+                        f"{where}: expected num_params = a_dim·g_dim = the parameter count of the block's pieces")
+                back = ad.matrix_to_params(W)
+                _expect(len(back) == len(tensors) and all(torch.equal(a, b) for a, b in zip(back, tensors)),
+                        f"{where}: expected matrix_to_params(params_to_matrix(pieces)) == pieces exactly")
+                v = ad.params_to_vector(tensors)
+                _expect(torch.equal(v, ref.vec(W)), f"{where}: expected params_to_vector == vec(W̄) (columns stacked)")
+                _expect(all(torch.equal(a, b) for a, b in zip(ad.vector_to_params(v), tensors)),
+                        f"{where}: expected vector_to_params(params_to_vector(pieces)) == pieces exactly")
+                expected = self.reference_matrix(mod, ad, full)
+                if expected is not None:
+                    _expect(torch.equal(W, expected), f"{where}: expected W̄ as DESIGN.md §1 maps it (references._block_matrix)")
 
-    def test_activations_reproduce_the_forward(self) -> None:
-        """The module's output at every position is W̄ ā_t: s ``[m, g_dim]`` or
-        ``[m, g_dim, H_out, W_out]`` equals ā W̄ᵀ (positions row-major)."""
+    def test_uses_have_the_batch_and_the_block_dims(self) -> None:
+        """Every call gives uses with rows ``[m, T, a_dim]`` on T = geometry.T positions."""
         for k, mod in enumerate(self._modules()):
-            ad = self.adapter(mod)
+            ads = self.adapters(mod)
             X = self.make_input(mod, self.batch_size, torch.Generator().manual_seed(k))
             with torch.no_grad():
-                s = mod(X)
-                a = ad.activations(X, output_shape=tuple(s.shape))
-                W = ad.to_matrix()
-            flat = s if s.ndim == 2 else s.flatten(2).transpose(1, 2)  # [m, T, g]
-            assert_close(a @ W.T, flat, msg=f"{self.kind} on {mod}: expected the module output == ā W̄ᵀ at every position")
+                record, _ = self._capture(mod, ads, X)
+            for ad, uses in zip(ads, record.uses):
+                _expect(bool(uses), f"{self.kind} on {mod}: expected {ad.block_name!r} to record at least one use")
+                for u in uses:
+                    m, T, d = u.rows.shape
+                    _expect((m, d) == (self.batch_size, ad.a_dim) and T == u.geometry.T,
+                            f"{self.kind} on {mod}: expected rows [m={self.batch_size}, T={u.geometry.T}, a_dim={ad.a_dim}], "
+                            f"got {[m, T, d]}")
 
     def test_statistics_reproduce_per_sample_gradients(self) -> None:
-        """D_b = Σ_t g_{b,t} ā_{b,t}ᵀ from :meth:`activations` and :meth:`pre_activation_grads`
-        equals the per-sample gradient ∇_{W̄} ℓ_b from ``torch.func`` (vmap of grad),
-        ℓ_b = Σ r_b ⊙ tanh(s_b)."""
+        """D_b = Σ_u Σ_t g_{b,t} ā_{b,t}ᵀ from the captured uses equals the per-sample gradient
+        ∇_{W̄} ℓ_b from ``torch.func`` (vmap of grad), ℓ_b = Σ r_b ⊙ tanh(s_b)."""
+        from curvlib.capture.hooks import backpropagate_columns
+        from curvlib.curvatures.statistics import LayerStatistics, Use
+
         for k, mod in enumerate(self._modules()):
-            ad = self.adapter(mod)
+            ads = self.adapters(mod)
             m = self.batch_size
             X = self.make_input(mod, m, torch.Generator().manual_seed(k))
-            out = mod(X)
-            R = _random(out.shape, 100 + k, out)
-            owned = dict(mod.named_parameters(recurse=False))
-            names = [next(n for n, q in owned.items() if q is p) for p in ad.params()]
+            record, s = self._capture(mod, ads, X)
+            f = torch.tanh(s)
+            R = _random(f.shape, 100 + k, f)
+            gs = backpropagate_columns(f, record.uses, 1, lambda j: R)
             frozen = {n: p.detach() for n, p in mod.named_parameters()}
             buffers = dict(mod.named_buffers())
+            trainable = [n for n, p in mod.named_parameters() if p.requires_grad]
+            args = X if isinstance(X, tuple) else (X,)
 
-            def ell(params, x, r):
-                s = functional_call(mod, {**frozen, **params, **buffers}, (x.unsqueeze(0),))
-                return (r.unsqueeze(0) * torch.tanh(s)).sum()
+            def ell(params, *xr):
+                *xs, r = xr
+                out = functional_call(mod, {**frozen, **params, **buffers}, tuple(x.unsqueeze(0) for x in xs))
+                out = out[0] if isinstance(out, tuple) else out
+                return (r.unsqueeze(0) * torch.tanh(out)).sum()
 
-            per_sample = vmap(grad(ell), in_dims=(None, 0, 0))({n: frozen[n] for n in names}, X, R)
-            expected = torch.stack([ad.params_to_matrix([per_sample[n][b] for n in names]) for b in range(m)])
-            s = mod(X)
-            (go,) = torch.autograd.grad((R * torch.tanh(s)).sum(), s)
-            g = ad.pre_activation_grads(go)
-            a = ad.activations(X.detach(), output_shape=tuple(s.shape))
-            if g.ndim == 2:
-                D = g[:, :, None] * a[:, None, :]
-            else:
-                D = torch.einsum("btg,bta->bga", g, a)
-            assert_close(D.detach(), expected.detach(),
-                         msg=f"{self.kind} on {mod}: expected Σ_t g_t ā_tᵀ == the per-sample gradient from torch.func")
+            per_sample = vmap(grad(ell), in_dims=(None, *([0] * (len(args) + 1))))({n: frozen[n] for n in trainable}, *args, R)
+            names = {id(p): n for n, p in mod.named_parameters()}
+            for ad, uses, g in zip(ads, record.uses, gs):
+                stats = LayerStatistics(uses=[Use(u.rows, gu, u.geometry) for u, gu in zip(uses, g)], scale=1.0)
+                expected = torch.stack(
+                    [ad.params_to_matrix(ad.pieces([per_sample[names[id(p)]][b] for p in ad.params()])) for b in range(m)]
+                )
+                assert_close(stats.pair_gradients().detach(), expected.detach(),
+                             msg=f"{self.kind} on {mod} ({ad.block_name}): expected Σ_t g_t ā_tᵀ == the per-sample "
+                                 "gradient from torch.func")
 
     def test_float32_module_keeps_its_dtype(self) -> None:
-        """A float32 module gives float32 activations and W̄."""
+        """A float32 module gives float32 rows and W̄."""
         for k, mod in enumerate(self._modules(torch.float32)):
-            ad = self.adapter(mod)
-            X = self.make_input(mod, 2, torch.Generator().manual_seed(k))
+            ads = self.adapters(mod)
+            X = self.make_input(mod, self.batch_size, torch.Generator().manual_seed(k))
             with torch.no_grad():
-                s = mod(X)
-            a = ad.activations(X, output_shape=tuple(s.shape))
-            _expect(a.dtype == torch.float32 and ad.to_matrix().dtype == torch.float32,
-                    f"{self.kind}: expected float32 activations and W̄ for a float32 module, got {a.dtype}, {ad.to_matrix().dtype}")
+                record, _ = self._capture(mod, ads, X)
+            for ad, uses in zip(ads, record.uses):
+                dtypes = {u.rows.dtype for u in uses} | {ad.to_matrix().dtype}
+                _expect(dtypes == {torch.float32},
+                        f"{self.kind}: expected float32 rows and W̄ for a float32 module, got {sorted(map(str, dtypes))}")

@@ -24,6 +24,12 @@ Sections:
   :func:`dense_fisher` (2.84, at given sampled targets), :func:`dense_ggn` (2.89),
   :func:`dense_hessian`; :func:`k_factor` (the per-sample loss convention of
   :mod:`curvlib.curvatures.losses`);
+- dense curvature matrices in torch's parameter layout, over an explicit list of parameter
+  tensors (each once, tied or not; the concatenation of p.reshape(-1) in list order; inputs
+  a tensor or a tuple of tensors): :func:`dense_ggn_params`,
+  :func:`dense_empirical_fisher_params`, :func:`dense_fisher_params`,
+  :func:`dense_hessian_params`, with :func:`per_sample_grads_params`,
+  :func:`per_sample_jacobians_params`, :func:`flatten_params`, :func:`unflatten_params`;
 - Kronecker algebra: :func:`kron_sum_dense`, :func:`rearrange_dense` (Z of Def. 3.3 by
   loops), :func:`position_pairs` (the ∞-norm band on N-D positions by coordinate loops),
   :func:`dense_block` (F_ii from :class:`~curvlib.curvatures.statistics.LayerStatistics`,
@@ -33,36 +39,46 @@ Sections:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev, vmap
+from torch.func import functional_call, grad, hessian, jacrev, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "DT",
     "current_vector",
     "dense_block",
     "dense_empirical_fisher",
+    "dense_empirical_fisher_params",
     "dense_fisher",
+    "dense_fisher_params",
     "dense_ggn",
+    "dense_ggn_params",
     "dense_hessian",
+    "dense_hessian_params",
     "dense_kfac_factors",
     "dense_tikhonov_solve",
     "flatten",
+    "flatten_params",
     "k_factor",
     "kron_sum_dense",
     "loss_gradient",
     "matrix_to_weight",
     "per_sample_grads",
     "per_sample_grads_dict",
+    "per_sample_grads_params",
     "per_sample_jacobians",
+    "per_sample_jacobians_params",
     "per_sample_output_hessians",
     "position_pairs",
     "rearrange_dense",
     "trainable_names",
     "unflatten",
+    "unflatten_params",
     "unvec",
     "vec",
     "weight_to_matrix",
@@ -83,28 +99,69 @@ def unvec(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def weight_to_matrix(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """A batch of weights ``[B, *weight.shape]`` -> W ``[B, g_dim, in_features]``."""
+    """A batch of weights ``[B, *weight.shape]`` -> W ``[B, g_dim, in_features]`` (one group)."""
     B = w.shape[0]
-    if isinstance(module, nn.ConvTranspose2d):
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return w.transpose(1, 2).reshape(B, w.shape[2], -1)
     return w.reshape(B, w.shape[1], -1)
 
 
 def matrix_to_weight(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
-    """W ``[g_dim, in_features]`` -> a tensor shaped like ``module.weight``."""
-    if isinstance(module, nn.ConvTranspose2d):
-        c_in, c_out, kh, kw = module.weight.shape
-        return W.reshape(c_out, c_in, kh, kw).transpose(0, 1)
+    """W ``[g_dim, in_features]`` -> a tensor shaped like ``module.weight`` (one group)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        c_in, c_out, *k = module.weight.shape
+        return W.reshape(c_out, c_in, *k).transpose(0, 1)
     return W.reshape(module.weight.shape)
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _block_parts(L: Any) -> tuple[str, list[tuple[str, slice | None]]]:
+    """The qualified parameter names (and row slices) of a block, from DESIGN.md §1 written
+    out per module type: ``(prefix, [(name, rows), ...])``.  Groups of a grouped convolution
+    are the blocks ``"<module>:group<j>"``."""
+    mod = L.module
+    mname, _, group = L.name.partition(":group")
+    pre = f"{mname}." if mname else ""
+    if isinstance(mod, _NORMS):
+        return pre, [(n, None) for n in ("weight", "bias") if getattr(mod, n, None) is not None and getattr(mod, n).requires_grad]
+    if isinstance(mod, nn.Embedding):
+        return pre, [("weight", None)]
+    if isinstance(mod, nn.MultiheadAttention):
+        return pre, [("in_proj_weight", None)] + ([("in_proj_bias", None)] if L.has_bias else [])
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
+        j, G = int(group), mod.groups
+        c_out, c_in = mod.out_channels // G, mod.in_channels // G
+        rows_w = slice(j * c_in, (j + 1) * c_in) if mod.transposed else slice(j * c_out, (j + 1) * c_out)
+        return pre, [("weight", rows_w)] + ([("bias", slice(j * c_out, (j + 1) * c_out))] if L.has_bias else [])
+    return pre, [("weight", None)] + ([("bias", None)] if L.has_bias else [])
+
+
+def _block_matrix(L: Any, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """W̄ ``[B, g_dim, a_dim]`` of one block from ``{qualified name: [B, *shape]}``."""
+    pre, parts = _block_parts(L)
+    T = [tensors[pre + n] if sl is None else tensors[pre + n][:, sl] for n, sl in parts]
+    B = T[0].shape[0]
+    mod = L.module
+    if isinstance(mod, _NORMS):  # W̄ = [γ; β], one column
+        return torch.cat([t.reshape(B, -1) for t in T], dim=1).unsqueeze(-1)
+    if isinstance(mod, nn.Embedding):  # W̄ = weightᵀ
+        return T[0].transpose(1, 2)
+    W = weight_to_matrix(mod, T[0])
+    if len(T) > 1:
+        W = torch.cat([W, T[1].unsqueeze(-1)], dim=-1)
+    return W
+
+
 def trainable_names(op: Any) -> list[str]:
-    """Qualified parameter names of ``op.layers`` in flat order (weight, then bias)."""
-    names = []
+    """Qualified parameter names of ``op.layers`` in flat order (each once)."""
+    names: list[str] = []
     for L in op.layers:
-        names.append(f"{L.name}.weight" if L.name else "weight")
-        if L.has_bias:
-            names.append(f"{L.name}.bias" if L.name else "bias")
+        pre, parts = _block_parts(L)
+        for n, _ in parts:
+            if pre + n not in names:
+                names.append(pre + n)
     return names
 
 
@@ -112,24 +169,60 @@ def flatten(op: Any, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``{qualified name: [B, *shape]}`` -> ``[B, p]`` in curvlib's flat order."""
     cols = []
     for L in op.layers:
-        pre = f"{L.name}." if L.name else ""
-        W = weight_to_matrix(L.module, tensors[pre + "weight"])
-        if L.has_bias:
-            W = torch.cat([W, tensors[pre + "bias"].unsqueeze(-1)], dim=-1)
+        W = _block_matrix(L, tensors)
         cols.append(W.transpose(1, 2).reshape(W.shape[0], -1))
     return torch.cat(cols, dim=1)
 
 
 def unflatten(op: Any, v: torch.Tensor) -> dict[str, torch.Tensor]:
     """A flat vector ``[p]`` -> ``{qualified name: tensor shaped like the parameter}``."""
+    params = dict(op_model_params(op))
+    out: dict[str, torch.Tensor] = {}
+    for L in op.layers:
+        Wbar = v[L.slice].reshape(L.a_dim, L.g_dim).T
+        pre, parts = _block_parts(L)
+        mod = L.module
+        if isinstance(mod, _NORMS):
+            k = 0
+            for n, _ in parts:
+                size = params[pre + n].numel()
+                out[pre + n] = Wbar[k : k + size, 0].reshape(params[pre + n].shape)
+                k += size
+            continue
+        if isinstance(mod, nn.Embedding):
+            out[pre + "weight"] = Wbar.T
+            continue
+        (wname, wsl), *rest = parts
+        full_w = params[pre + wname]
+        n_in = L.a_dim - int(bool(rest))
+        if wsl is None:
+            out[pre + wname] = Wbar[:, :n_in].reshape(full_w.shape) if isinstance(mod, nn.MultiheadAttention) else matrix_to_weight(mod, Wbar[:, :n_in])
+        else:
+            piece_shape = full_w[wsl].shape
+            w = out.setdefault(pre + wname, torch.zeros_like(full_w, dtype=v.dtype))
+            if mod.transposed:
+                c_in_g, c_out_g, *k = piece_shape
+                w[wsl] = Wbar[:, :n_in].reshape(c_out_g, c_in_g, *k).transpose(0, 1)
+            else:
+                w[wsl] = Wbar[:, :n_in].reshape(piece_shape)
+        if rest:
+            (bname, bsl), = rest
+            if bsl is None:
+                out[pre + bname] = Wbar[:, -1]
+            else:
+                b = out.setdefault(pre + bname, torch.zeros_like(params[pre + bname], dtype=v.dtype))
+                b[bsl] = Wbar[:, -1]
+    return out
+
+
+def op_model_params(op: Any) -> dict[str, torch.Tensor]:
+    """``{qualified name: parameter}`` of the model the blocks of ``op`` belong to (from the
+    blocks' modules; names as :func:`trainable_names` writes them)."""
     out = {}
     for L in op.layers:
-        pre = f"{L.name}." if L.name else ""
-        Wbar = v[L.slice].reshape(L.a_dim, L.g_dim).T
-        n_in = L.a_dim - int(L.has_bias)
-        out[pre + "weight"] = matrix_to_weight(L.module, Wbar[:, :n_in])
-        if L.has_bias:
-            out[pre + "bias"] = Wbar[:, -1]
+        pre, parts = _block_parts(L)
+        for n, _ in parts:
+            out[pre + n] = getattr(L.module, n)
     return out
 
 
@@ -181,7 +274,12 @@ def per_sample_output_hessians(
     loss_fn: nn.Module, outputs: torch.Tensor, Y: torch.Tensor, link: Callable | None = None
 ) -> torch.Tensor:
     """∇²_f ℓ_b at f_b (composed with ``link`` if given, e.g. a sigmoid before ``nn.BCELoss``):
-    ``[m, c, c]`` for outputs ``[m, *out]`` with c = prod(out)."""
+    ``[m, c, c]`` for outputs ``[m, *out]`` with c = prod(out).
+
+    ℓ_b is ``loss_fn`` on the one-sample batch b, the per-sample loss of every supported loss
+    (for K-dimensional cross-entropy, logits ``[m, C, *d]`` and targets ``[m, *d]``, "mean"
+    averages over the D positions of the sample: ℓ_b = (1/D) Σ_pos CE).
+    """
     shape = outputs.shape[1:]
 
     def ell(f, y):
@@ -203,26 +301,36 @@ def loss_gradient(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor
     return grad(L)(current_vector(op, model))
 
 
-def k_factor(loss_fn: nn.Module, c: int) -> float:
+def k_factor(loss_fn: nn.Module, c: int | Sequence[int]) -> float:
     """k with ℓ_b = k·NLL_b, the per-sample loss convention of :mod:`curvlib.curvatures.losses`:
-    cross-entropy 1; MSE 2 (reduction "sum") or 2/c ("mean"); BCE 1 ("sum") or 1/c ("mean"),
-    c = the number of outputs per sample."""
+    cross-entropy 1 (reduction "sum") or 1/D ("mean", D = prod(d) positions of logits
+    ``[m, C, *d]``); MSE 2 ("sum") or 2/c ("mean"); BCE 1 ("sum") or 1/c ("mean").
+
+    Args:
+        c: the per-sample output shape (``(C, *d)`` for cross-entropy), or the number of
+            outputs per sample c = prod(out); an int means one position (D = 1) for
+            cross-entropy.
+    """
+    shape = (int(c),) if isinstance(c, int) else tuple(int(n) for n in c)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return 1.0
+        positions = math.prod(shape[1:])
+        return 1.0 if loss_fn.reduction == "sum" else 1.0 / positions
+    outputs = math.prod(shape)
     if isinstance(loss_fn, nn.MSELoss):
-        return 2.0 if loss_fn.reduction == "sum" else 2.0 / c
-    return 1.0 if loss_fn.reduction == "sum" else 1.0 / c
+        return 2.0 if loss_fn.reduction == "sum" else 2.0 / outputs
+    return 1.0 if loss_fn.reduction == "sum" else 1.0 / outputs
 
 
-def _num_outputs(model: nn.Module, X: torch.Tensor) -> int:
+def _output_shape(model: nn.Module, X: torch.Tensor) -> tuple[int, ...]:
+    """The per-sample output shape ``out`` of ``model`` (outputs ``[m, *out]``)."""
     with torch.no_grad():
-        return model(X[:1]).numel()
+        return tuple(model(X[:1]).shape[1:])
 
 
 # --------------------------------------------------------------------------- dense curvature
 def dense_empirical_fisher(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """(1/m) Σ_b (1/k) ∇ℓ_b(y_b) ∇ℓ_b(y_b)ᵀ ``[p, p]`` (2.85), k = :func:`k_factor`."""
-    k = k_factor(loss_fn, _num_outputs(model, X))
+    k = k_factor(loss_fn, _output_shape(model, X))
     G = per_sample_grads(model, op, loss_fn, X, Y)
     return G.T @ G / (X.shape[0] * k)
 
@@ -237,7 +345,7 @@ def dense_fisher(
             operator keeps its draws in ``sampled_targets``).
     """
     m, S = sampled_targets.shape[:2]
-    k = k_factor(loss_fn, _num_outputs(model, X))
+    k = k_factor(loss_fn, _output_shape(model, X))
     out = 0
     for s in range(S):
         G = per_sample_grads(model, op, loss_fn, X, sampled_targets[:, s])
@@ -271,6 +379,175 @@ def dense_hessian(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor
         return val if loss_fn.reduction == "mean" else val / m
 
     return hessian(L)(current_vector(op, model))
+
+
+# --------------------------------------------------------------------------- torch's parameter layout
+# Dense curvature over an explicit list of parameter tensors (objects of ``model.parameters()``),
+# flattened as torch lays them out: the concatenation of p.reshape(-1) in list order.  The listed
+# tensors are substituted by identity under every name they have (a tied weight is one object
+# with several names), so each use of a tied weight contributes to its one slice.  Derivatives
+# are reverse-mode only: torch's embedding backward treats an ``nn.Embedding``'s padding row as
+# a constant, which forward-mode AD (jacfwd) does not; reverse-over-reverse matches autograd.
+# Attention runs on the math backend of ``scaled_dot_product_attention`` (composite ops): the
+# fused CPU kernel has no double backward and no vmap batching rule.
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _as_inputs(X: Inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(X) if isinstance(X, (tuple, list)) else (X,)
+
+
+def flatten_params(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors shaped like a parameter list -> torch's flat layout ``[p]`` (p.reshape(-1) concatenated)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_params(v: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[p]`` in torch's flat layout -> tensors shaped like ``params``."""
+    sizes = [q.numel() for q in params]
+    if v.shape != (sum(sizes),):
+        raise ValueError(f"unflatten_params: expected a vector [{sum(sizes)}], got {list(v.shape)}")
+    return [t.reshape(q.shape) for t, q in zip(v.split(sizes), params)]
+
+
+def _functional_model(model: nn.Module, params: Sequence[torch.Tensor]) -> Callable:
+    """``call(ps, inputs)``: ``model(*inputs)`` with ``params[i]`` replaced by ``ps[i]`` under
+    every name it has; the other parameters (detached) and the buffers as they are.
+
+    Raises:
+        ValueError: a tensor of ``params`` is not a parameter of ``model``, or is listed twice.
+    """
+    named = list(model.named_parameters(remove_duplicate=False))
+    owned = {id(p) for _, p in named}
+    index: dict[int, int] = {}
+    for i, q in enumerate(params):
+        if id(q) not in owned:
+            raise ValueError(f"params[{i}] (shape {list(q.shape)}) is not a parameter of {type(model).__name__}")
+        if id(q) in index:
+            raise ValueError(f"params[{i}] is params[{index[id(q)]}] again: list each parameter (tied or not) once")
+        index[id(q)] = i
+    fixed = {n: p.detach() for n, p in named if id(p) not in index}
+    substituted = [(n, index[id(p)]) for n, p in named if id(p) in index]
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+
+    def call(ps: Sequence[torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        state = {**fixed, **{n: ps[i] for n, i in substituted}, **buffers}
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(model, state, inputs, tie_weights=False, strict=True)
+
+    return call
+
+
+def _detached(params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(q.detach() for q in params)
+
+
+def _per_sample_loss(model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module) -> Callable:
+    """``ell(ps, xs, y)`` = ℓ_b: ``loss_fn`` on the one-sample batch of the unbatched inputs ``xs``
+    and target ``y`` (the per-sample convention of :mod:`curvlib.curvatures.losses`)."""
+    call = _functional_model(model, params)
+
+    def ell(ps, xs, y):
+        return loss_fn(call(ps, tuple(x.unsqueeze(0) for x in xs)), y.unsqueeze(0))
+
+    return ell
+
+
+def per_sample_grads_params(
+    model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module, X: Inputs, Y: torch.Tensor
+) -> torch.Tensor:
+    """∇_θ ℓ_b(y_b) of every sample in torch's flat layout of ``params``: ``[m, p]``.
+
+    ℓ_b = ``loss_fn`` on the one-sample batch b (one sample of every input tensor of ``X``).
+    """
+    inputs = _as_inputs(X)
+    grads = vmap(grad(_per_sample_loss(model, params, loss_fn)), in_dims=(None, 0, 0))(_detached(params), inputs, Y)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+
+def per_sample_jacobians_params(model: nn.Module, params: Sequence[torch.Tensor], X: Inputs) -> torch.Tensor:
+    """J_b = ∂f_b/∂θ of the flattened output f_b ``[c]`` (c = prod(out) for outputs ``[m, *out]``)
+    in torch's flat layout of ``params``: ``[m, c, p]``."""
+    call = _functional_model(model, params)
+    inputs = _as_inputs(X)
+
+    def f(ps, xs):
+        return call(ps, tuple(x.unsqueeze(0) for x in xs)).reshape(-1)
+
+    jac = vmap(jacrev(f), in_dims=(None, 0))(_detached(params), inputs)
+    return torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in jac], dim=2)
+
+
+def _outputs(model: nn.Module, X: Inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*_as_inputs(X))
+
+
+def dense_ggn_params(
+    model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module, X: Inputs, Y: torch.Tensor
+) -> torch.Tensor:
+    """(1/m) Σ_b J_bᵀ ∇²_f ℓ_b J_b ``[p, p]`` (2.89) in torch's flat layout of ``params``.
+
+    J_b from :func:`per_sample_jacobians_params`, ∇²_f ℓ_b ``[c, c]`` from
+    :func:`per_sample_output_hessians` (``torch.func.hessian`` of the one-sample loss).
+    """
+    J = per_sample_jacobians_params(model, params, X)
+    H = per_sample_output_hessians(loss_fn, _outputs(model, X), Y)
+    return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / J.shape[0]
+
+
+def dense_empirical_fisher_params(
+    model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module, X: Inputs, Y: torch.Tensor
+) -> torch.Tensor:
+    """(1/m) Σ_b (1/k) ∇ℓ_b(y_b) ∇ℓ_b(y_b)ᵀ ``[p, p]`` (2.85) in torch's flat layout of
+    ``params``; k = :func:`k_factor` of the per-sample output shape."""
+    k = k_factor(loss_fn, tuple(_outputs(model, X).shape[1:]))
+    G = per_sample_grads_params(model, params, loss_fn, X, Y)
+    return G.T @ G / (G.shape[0] * k)
+
+
+def dense_fisher_params(
+    model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module, X: Inputs, sampled_targets: torch.Tensor
+) -> torch.Tensor:
+    """The Monte Carlo Fisher (2.84) at given targets in torch's flat layout of ``params``:
+    (1/(m·S)) Σ_{b,s} (1/k) ∇ℓ_b(ŷ_{b,s}) ∇ℓ_b(ŷ_{b,s})ᵀ ``[p, p]``.
+
+    Args:
+        sampled_targets: ``[m, S, ...]``, draw s of sample b at ``[b, s]`` (cross-entropy
+            ``[m, S, *d]``; a ``fisher`` operator keeps its draws in ``sampled_targets``).
+    """
+    m, S = sampled_targets.shape[:2]
+    k = k_factor(loss_fn, tuple(_outputs(model, X).shape[1:]))
+    out = 0
+    for s in range(S):
+        G = per_sample_grads_params(model, params, loss_fn, X, sampled_targets[:, s])
+        out = out + G.T @ G
+    return out / (m * S * k)
+
+
+def dense_hessian_params(
+    model: nn.Module, params: Sequence[torch.Tensor], loss_fn: nn.Module, X: Inputs, Y: torch.Tensor
+) -> torch.Tensor:
+    """∇²_θ (1/m) Σ_b ℓ_b ``[p, p]`` in torch's flat layout of ``params`` (the "mean" loss; a
+    "sum" loss divided by m) on the whole batch.
+
+    Row i is e_iᵀ ∇²L, one reverse-over-reverse product (``torch.func.vjp`` of
+    ``torch.func.grad``) per basis vector, in a Python loop: under ``vmap`` (``jacrev(jacrev)``,
+    ``hessian``) torch 2.13 returns wrong mixed second derivatives of ``F.layer_norm`` (weight ×
+    input block, an asymmetric "Hessian").
+    """
+    call = _functional_model(model, params)
+    inputs = _as_inputs(X)
+    m = int(Y.shape[0])
+
+    def L(theta):
+        val = loss_fn(call(unflatten_params(theta, params), inputs), Y)
+        return val if loss_fn.reduction == "mean" else val / m
+
+    theta = flatten_params(_detached(params))
+    _, row = vjp(grad(L), theta)
+    eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
+    return torch.stack([row(e)[0] for e in eye])
 
 
 # --------------------------------------------------------------------------- Kronecker algebra
