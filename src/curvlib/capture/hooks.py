@@ -63,8 +63,11 @@ class ForwardRecord:
             if self.batch_size is not None and u.rows.m != self.batch_size:
                 raise ShapeError(
                     f"{ad._label()}: its input has {u.rows.m} entries on the batch axis {ad.batch_dim}, the batch has "
-                    f"{self.batch_size} samples; curvlib needs the samples on that axis of every adapted layer (a model "
-                    "that moves the batch axis — e.g. a sequence-first transformer written by hand — is not supported)"
+                    f"{self.batch_size} samples; per-sample curvature needs the samples on that axis of every adapted "
+                    "layer.  A layer applied to an input without the batch axis (a positional embedding on "
+                    "torch.arange(T)) mixes the samples' gradients: give it the batch axis "
+                    "(pos(torch.arange(T).expand(m, T))); a model that moves the batch axis by hand (a sequence-first "
+                    "transformer built from plain layers) is not supported"
                 )
         self.uses[i].extend(uses)
 

@@ -33,16 +33,19 @@ def curvature(
         F.to_dense()          # [p, p] (PerformanceWarning)
         F.to_scipy()          # scipy LinearOperator, float64 numpy in/out
         F.layers              # LayerBlock: name, module, kind, a_dim, g_dim, p_i, slice, param_shapes
-        F.statistics(i)       # LayerStatistics of layer i
-        F.excluded            # qualified names of parameters left out (no adapter)
+        F.statistics(i)       # LayerStatistics of layer i (uses, geometry, scale)
+        F.params()            # the parameters, each once (the order of list-shaped vectors)
+        F.excluded            # qualified names of parameters left out (no adapter, …)
 
     Args:
         kind: a registered curvature kind — ``"fisher"`` (true Fisher, Monte Carlo (2.84)),
             ``"empirical_fisher"`` (2.85), ``"ggn"`` (2.89), ``"hessian"`` — or a mapping
             ``{"kind": ..., **options}`` / an options model with a ``kind`` field.
-        model: any ``nn.Module``; its Linear/Conv2d/ConvTranspose2d modules (and those of
-            layer plugins) are the layers, other trainable parameters are excluded with an
-            :class:`~curvlib.capture.adapters.ExcludedParametersWarning`.
+        model: any ``nn.Module``; the modules with a layer adapter (Linear, Conv1d/2d/3d and
+            their transposes with any groups, Embedding, LayerNorm/RMSNorm/GroupNorm/BatchNorm,
+            MultiheadAttention, and those of layer plugins) are the layer blocks — called
+            several times or with tied weights as well; other trainable parameters are
+            excluded with an :class:`~curvlib.capture.adapters.ExcludedParametersWarning`.
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` or
             ``nn.BCELoss`` (on sigmoid outputs), reduction "mean" or "sum".  The per-sample
             convention is documented in :mod:`curvlib.curvatures.losses`; every operator is
@@ -62,8 +65,10 @@ def curvature(
         UnknownKindError: ``kind`` is not registered (the message lists the known kinds).
         ConfigError: invalid options.
         UnsupportedLossError: unsupported loss, reduction, output or target shape.
-        UnsupportedLayerError: an adapted module is misconfigured (groups ≠ 1), shared
-            (weight tying) or called twice in one forward.
+        UnsupportedLayerError: parameters are shared in a way no layer block can hold
+            (two layers tying a weight with separate biases; a parameter also registered by
+            a module without an adapter).
+        ShapeError: an adapted layer's input lacks the batch axis.
     """
     if registry is None:
         from curvlib.plugins import load_registry

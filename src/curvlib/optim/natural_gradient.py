@@ -26,8 +26,8 @@ of group G with learning rate α_G, momentum μ_G and weight decay η_G:
 5. momentum on the preconditioned direction: b ← μ_G b + Δ (b = Δ at the first step);
    θ ← θ − α_G b (without momentum θ ← θ − α_G Δ).
 
-Parameters the preconditioner does not cover (modules without a layer adapter, such as
-BatchNorm, listed in ``F.excluded``) are updated from g by the ``fallback``:
+Parameters the preconditioner does not cover (modules without a layer adapter or with an
+unsupported configuration, listed in ``F.excluded``) are updated from g by the ``fallback``:
 
 - ``"sgd"``: b ← μ_G b + g, θ ← θ − α_G b (``torch.optim.SGD`` with momentum, no dampening);
 - ``"adam"``: m ← β₁ m + (1 − β₁) g, v ← β₂ v + (1 − β₂) g², θ ← θ − α_G m̂ / (√v̂ + ε)

@@ -162,8 +162,8 @@ class Preconditioner:
     :meth:`apply` computes.
 
     Args:
-        model: the network; its adapted layers (Linear, Conv2d, ConvTranspose2d, plugins)
-            are preconditioned.
+        model: the network; its adapted layers (every layer plugin: Linear, convolutions,
+            embeddings, norms, attention, third-party adapters) are preconditioned.
         loss_fn: the loss module (see :func:`curvlib.curvature`).
         resolved: the :class:`~curvlib.precond.config.ResolvedConfig`.
         generator: the ``torch.Generator`` of the Monte Carlo targets (default: a
