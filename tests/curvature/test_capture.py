@@ -14,7 +14,7 @@ from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWar
 from curvlib.capture.hooks import capture_forward
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.kinds import FisherOptions
-from curvlib.errors import ConfigError, UnknownKindError, UnsupportedLayerError, UnsupportedLossError
+from curvlib.errors import ConfigError, ShapeError, UnknownKindError, UnsupportedLayerError, UnsupportedLossError
 from curvlib.plugins import load_registry
 from curvlib.testing import assert_close
 
@@ -300,3 +300,39 @@ def test_device_is_preserved_on_cuda(kind, registry):
     if kind != "hessian":
         assert op.statistics(0).a.device.type == "cuda"
         assert_close(out.cpu(), (_dense(op) @ v).cpu())
+
+
+class _PositionalOnArange(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(5, 3), nn.Embedding(4, 3), nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.out(self.tok(x) + self.pos(torch.arange(x.shape[1]))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("m", [3, 4])
+def test_layer_without_the_batch_axis_is_refused_even_when_its_length_equals_the_batch(m, registry):
+    """pos(arange(T)) has no per-sample statistics; with T = m the shapes cannot tell, the
+    probe backward can (its gradient reaches every sample)."""
+    model = _PositionalOnArange().to(DT)
+    x = torch.randint(0, 5, (m, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ShapeError, match=r"'pos'.*torch\.arange\(T\)"):
+        curvature("ggn", model, nn.CrossEntropyLoss(), (x, x), registry=registry)
+    assert hook_count(model) == 0
+
+
+class _SampleMixing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h - h.mean(0, keepdim=True))  # couples the samples before b
+
+
+def test_a_model_that_mixes_samples_is_refused(registry):
+    model = _SampleMixing().to(DT)
+    with pytest.raises(ShapeError, match=r"'a'.*combines samples"):
+        curvature("ggn", model, nn.MSELoss(), (torch.randn(4, 3, dtype=DT), torch.zeros(4, 2, dtype=DT)), registry=registry)

@@ -37,7 +37,7 @@ import torch
 from curvlib.capture.adapters.base import LayerAdapter, UseCapture
 from curvlib.errors import ShapeError, UnsupportedLayerError
 
-__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward"]
+__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward", "check_samples_independent"]
 
 
 @dataclass
@@ -172,3 +172,50 @@ def backpropagate_columns(
                     gs[gi][ui] = gj.new_empty((gj.shape[0], num_columns, *gj.shape[1:]))
                 gs[gi][ui][:, j] = gj
     return gs  # type: ignore[return-value]
+
+
+def check_samples_independent(
+    output: torch.Tensor, record: ForwardRecord, *, generator_seed: int = 0
+) -> None:
+    """Verify that every recorded use holds per-sample quantities on its batch axis.
+
+    One backward pass of a random column that is nonzero for sample 0 only: at every
+    recorded output, the gradient must vanish exactly at the other samples.  It does not
+    when a layer's input has no batch axis — a positional embedding on ``torch.arange(T)``,
+    which a shape check cannot tell from a batch when T = m — or when the model combines
+    samples before the layer; per-sample statistics of such a layer would be silently
+    wrong, so this raises.  Cost: one backward pass to the recorded outputs.  Skipped for
+    a batch of one sample.
+
+    Raises:
+        ShapeError: naming the first layer whose output gradient mixes samples.
+    """
+    m = output.shape[0] if output.ndim else 0
+    if m < 2:
+        return
+    tensors, owners = [], []
+    seen: set[int] = set()
+    for ad, uses in zip(record.adapters, record.uses):
+        for u in uses:
+            for t in u.outputs:
+                if id(t) not in seen and t.requires_grad:
+                    seen.add(id(t))
+                    tensors.append(t)
+                    owners.append((ad, u.batch_dim))
+    if not tensors:
+        return
+    gen = torch.Generator().manual_seed(generator_seed)
+    r = torch.zeros_like(output)
+    r[0] = torch.randn(output.shape[1:], generator=gen, dtype=torch.float64).to(dtype=output.dtype, device=output.device)
+    grads = torch.autograd.grad(output, tensors, grad_outputs=r, retain_graph=True, allow_unused=True)
+    for (ad, bd), gr in zip(owners, grads):
+        if gr is None:
+            continue
+        g = gr.movedim(bd, 0) if bd else gr
+        if g.shape[0] != m or bool(g[1:].ne(0).any()):
+            raise ShapeError(
+                f"{ad._label()}: a backward pass from sample 0 reaches other samples at its output (axis {bd}), so its "
+                "statistics would not be per sample.  Its input has no batch axis — e.g. a positional embedding on "
+                "torch.arange(T): give it the batch axis, pos(torch.arange(T).expand(m, T)) — or the model combines "
+                "samples before it"
+            )

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from curvlib.capture.adapters.base import UseCapture
-from curvlib.capture.hooks import backpropagate_columns, capture_forward
+from curvlib.capture.hooks import backpropagate_columns, capture_forward, check_samples_independent
 from curvlib.capture.layout import (
     BlockCandidate,
     LayerBlock,
@@ -133,7 +133,10 @@ def _batch_size(inputs: tuple[Any, ...]) -> int | None:
 
 
 def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any) -> CapturedBatch:
-    """Discover the layer blocks, run one hooked forward pass, check the loss, compute ∇L.
+    """Discover the layer blocks, run one hooked forward pass, check the loss and that every
+    layer's statistics are per sample (:func:`~curvlib.capture.hooks.check_samples_independent`,
+    one backward pass; skipped when BatchNorm in training mode couples the samples anyway),
+    compute ∇L.
 
     Warns (:class:`~curvlib.capture.adapters.ExcludedParametersWarning`) about excluded
     parameters, including those of adapted modules the forward never called.
@@ -159,6 +162,8 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         if m is not None and output.ndim > 0 and output.shape[0] != m:
             raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the inputs {m} samples")
         loss_model.check(output, target)
+        if not _batch_coupled(model):  # BatchNorm in training mode mixes samples by design (warned above)
+            check_samples_independent(output, record)
         called = [c for c in candidates if any(record.uses[index[id(ad)]] for ad in c.adapters)]
         for c in candidates:
             if c not in called:
@@ -187,6 +192,10 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         loss=loss.detach(),
         gradient=gradient,
     )
+
+
+def _batch_coupled(model: nn.Module) -> bool:
+    return any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in model.modules())
 
 
 def _exclude_uncalled(c: BlockCandidate, excluded: dict[str, str]) -> None:

@@ -93,12 +93,14 @@ class UseCapture:
         geometry: the T positions.
         columns: the gradients of ``outputs`` for one back-propagated column (zeros where
             a gradient does not reach) -> g ``[m, T, g_dim]``.
+        batch_dim: the axis of each output that holds the samples.
     """
 
     rows: Rows
     outputs: tuple[torch.Tensor, ...]
     geometry: Geometry
     columns: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    batch_dim: int = 0
 
 
 class LayerAdapter(abc.ABC):

@@ -83,4 +83,4 @@ class EmbeddingAdapter(LayerAdapter):
         def columns(grads: Sequence[torch.Tensor]) -> torch.Tensor:
             return self._batch_first(grads[0], "output gradient").reshape(m, T, d)
 
-        return [UseCapture(rows, (output,), Geometry.of_positions(pos), columns)]
+        return [UseCapture(rows, (output,), Geometry.of_positions(pos), columns, self.batch_dim)]

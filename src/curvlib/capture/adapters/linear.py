@@ -111,4 +111,4 @@ class LinearAdapter(AffineAdapter):
         def columns(grads: Sequence[torch.Tensor]) -> torch.Tensor:
             return self._batch_first(grads[0], "output gradient").reshape(m, T, d_out)
 
-        return [UseCapture(rows, (output,), Geometry.of_positions(pos), columns)]
+        return [UseCapture(rows, (output,), Geometry.of_positions(pos), columns, self.batch_dim)]

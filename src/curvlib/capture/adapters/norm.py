@@ -107,7 +107,7 @@ class NormAdapter(LayerAdapter):
             return torch.cat(parts, dim=1).unsqueeze(1)
 
         rows = DenseRows(xb.new_ones(m, 1, 1))
-        return [UseCapture(rows, (output,), Geometry.none(), columns)]
+        return [UseCapture(rows, (output,), Geometry.none(), columns, self.batch_dim)]
 
 
 class LayerNormAdapter(NormAdapter):
