@@ -1,29 +1,34 @@
 """Supported losses and curvlib's per-sample loss convention.
 
-Supported: ``nn.CrossEntropyLoss`` (logits ``[m, C]``, class-index targets ``[m]``),
+Supported: ``nn.CrossEntropyLoss`` (logits ``[m, C]`` with class-index targets ``[m]``, or
+torch's K-dimensional form: logits ``[m, C, *d]`` with targets ``[m, *d]``, e.g. a language
+model's ``[m, V, T]`` with next-token targets ``[m, T]``),
 ``nn.MSELoss`` (outputs ``[m, *out]``, targets of the same shape), ``nn.BCEWithLogitsLoss``
 (logits ``[m, *out]``, targets in [0, 1] of the same shape) and ``nn.BCELoss`` applied to
 probabilities ``[m, *out]`` (sigmoid outputs); ``reduction`` "mean" or "sum".  Class
 weights, ``pos_weight``, ``label_smoothing`` and ``ignore_index`` targets are rejected.
 
 **The convention (the library's, once).**  Let c be the number of output entries per
-sample (``prod(out)``; C classes for cross-entropy).  The loss L of a batch of m samples is
-split into per-sample terms ℓ_b with
+sample (``prod(out)``; c = C·D for cross-entropy with C classes at D = prod(d) positions,
+D = 1 for logits ``[m, C]``).  The loss L of a batch of m samples is split into per-sample
+terms ℓ_b with
 
     L = (1/m) Σ_b ℓ_b   (reduction "mean"),        L = Σ_b ℓ_b   (reduction "sum"),
 
 so for ``MSELoss``/``BCE*`` with "mean", ℓ_b keeps the 1/c of the average over the output
-entries; the batch factor 1/m is undone exactly once, by this definition.  Each ℓ_b is
-k · NLL_b for a probabilistic model of the targets:
+entries, and for cross-entropy with "mean" (torch averages over the m·D entries) ℓ_b keeps
+the 1/D of the average over the positions; the batch factor 1/m is undone exactly once, by
+this definition.  Each ℓ_b is k · NLL_b for a probabilistic model of the targets:
 
-===================  ==========================  ===========================
-loss                 model p(y | f)              k ("sum" / "mean")
-===================  ==========================  ===========================
-CrossEntropyLoss     categorical(softmax f)      1 / 1
-MSELoss              Gaussian N(f, I)            2 / 2/c   (NLL = ½‖y − f‖²)
-BCEWithLogitsLoss    Bernoulli(sigmoid f)        1 / 1/c
-BCELoss              Bernoulli(f)                1 / 1/c
-===================  ==========================  ===========================
+===================  ===================================  ===========================
+loss                 model p(y | f)                       k ("sum" / "mean")
+===================  ===================================  ===========================
+CrossEntropyLoss     categorical(softmax f[:, pos]) at    1 / 1/D
+                     each of the D positions, independent (NLL_b = Σ_pos CE_{b,pos})
+MSELoss              Gaussian N(f, I)                     2 / 2/c   (NLL = ½‖y − f‖²)
+BCEWithLogitsLoss    Bernoulli(sigmoid f)                 1 / 1/c
+BCELoss              Bernoulli(f)                         1 / 1/c
+===================  ===================================  ===========================
 
 Every curvature is a per-sample mean C = (1/m) Σ_b C_b of matrices built from "columns"
 r ∈ R^{c} back-propagated from the output f (§2.2.4; ``J_b`` = ∂f_b/∂θ):
@@ -145,22 +150,27 @@ class LossModel(abc.ABC):
 
     @abc.abstractmethod
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """S draws ŷ ~ p(· | f) per sample: CE ``[m, S]`` (class indices), others ``[m, S, *out]``.
+        """S draws ŷ ~ p(· | f) per sample: CE ``[m, S, *d]`` (class indices, for logits
+        ``[m, C, *d]``), others ``[m, S, *out]``.
 
         Drawn on ``generator``'s device, returned on ``output``'s device.
         """
 
     def target_column(self, samples: torch.Tensor, s: int) -> torch.Tensor:
-        """The s-th draw, shaped like a target: ``samples[:, s]``."""
+        """The s-th draw, shaped like a target: ``samples[:, s]`` (CE ``[m, *d]``, others ``[m, *out]``)."""
         return samples[:, s]
 
 
 class CrossEntropyLossModel(LossModel):
-    """``nn.CrossEntropyLoss``: logits ``[m, C]``, class indices ``[m]``; k = 1.
+    """``nn.CrossEntropyLoss``: logits ``[m, C, *d]``, class indices ``[m, *d]`` (``d = ()``:
+    logits ``[m, C]``, targets ``[m]``); D = prod(d) positions, k = 1 ("sum") or 1/D ("mean").
 
-    GGN columns: ∇²_f ℓ = diag(p) − ppᵀ = Σ_j r_j r_jᵀ with r_j = √p_j (e_j − p), j = 1..C
-    (c = C columns); r_j is √p_j times the Fisher column of class j, so Σ_j p_j-weighted
-    MC columns reproduce it exactly.
+    ℓ_b = k Σ_pos CE(f_b[:, pos], y_b[pos]), so ∇²_f ℓ_b = k · blockdiag_pos(diag(p_pos) − p_pos p_posᵀ)
+    with p_pos = softmax(f_b[:, pos]).  GGN columns: r_{j,pos} = √k √p_{j,pos} (e_j − p_pos) at
+    position pos and zero at the others (c = C·D columns, column n = j·D + pos, the order of the
+    flattened output ``[C, *d]``): Σ_j r_{j,pos} r_{j,pos}ᵀ = k (diag(p_pos) − p_pos p_posᵀ).
+    r_{j,pos} is √(k p_{j,pos}) times the gradient of CE at pos for class j, so p-weighted MC
+    columns reproduce the block exactly.
     """
 
     loss_type = nn.CrossEntropyLoss
@@ -170,12 +180,15 @@ class CrossEntropyLossModel(LossModel):
         self._reject("label_smoothing", lambda v: not v, "label_smoothing=0")
 
     def check(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        if output.ndim != 2:
-            raise UnsupportedLossError(f"CrossEntropyLoss: expected logits [m, C], got {list(output.shape)}")
-        if target.shape != output.shape[:1] or target.is_floating_point() or target.is_complex():
+        if output.ndim < 2:
             raise UnsupportedLossError(
-                f"CrossEntropyLoss: expected integer class-index targets [{output.shape[0]}], got "
-                f"{target.dtype} {list(target.shape)} (probability targets are not supported)"
+                f"CrossEntropyLoss: expected logits [m, C] or [m, C, *d], got {list(output.shape)}"
+            )
+        expected = [output.shape[0], *output.shape[2:]]
+        if list(target.shape) != expected or target.is_floating_point() or target.is_complex():
+            raise UnsupportedLossError(
+                f"CrossEntropyLoss: expected integer class-index targets {expected} for logits "
+                f"{list(output.shape)}, got {target.dtype} {list(target.shape)} (probability targets are not supported)"
             )
         C = output.shape[1]
         bad = (target < 0) | (target >= C)
@@ -185,18 +198,39 @@ class CrossEntropyLossModel(LossModel):
                 f"(ignore_index={self.loss_fn.ignore_index} targets are not supported)"
             )
 
+    @staticmethod
+    def num_positions(output: torch.Tensor) -> int:
+        """D = prod(d) for logits ``[m, C, *d]`` (1 for ``[m, C]``)."""
+        return math.prod(output.shape[2:])
+
     def k(self, output: torch.Tensor) -> float:
-        return 1.0
+        return 1.0 if self.reduction == "sum" else 1.0 / self.num_positions(output)
+
+    def _probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        """softmax over the classes, positions flattened: ``[m, C, D]``."""
+        return torch.softmax(output.detach().reshape(output.shape[0], output.shape[1], -1), dim=1)
 
     def ggn_columns(self, output: torch.Tensor) -> Columns:
-        p = torch.softmax(output.detach(), dim=1)
-        root_p = p.sqrt()
-        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-        return Columns(p.shape[1], lambda j: root_p[:, j : j + 1] * (eye[j] - p))
+        p = self._probabilities(output)  # [m, C, D]
+        m, C, D = p.shape
+        scaled_root_p = (self.k(output) * p).sqrt()
+        eye = torch.eye(C, dtype=p.dtype, device=p.device)
+
+        def get(n: int) -> torch.Tensor:
+            j, pos = divmod(n, D)
+            r = torch.zeros_like(p)
+            r[:, :, pos] = scaled_root_p[:, j, pos : pos + 1] * (eye[j] - p[:, :, pos])
+            return r.reshape(output.shape)
+
+        return Columns(C * D, get)
 
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        p = torch.softmax(output.detach(), dim=1).to(generator.device)
-        return torch.multinomial(p, num_samples, replacement=True, generator=generator).to(output.device)
+        p = self._probabilities(output)  # [m, C, D]
+        m, C, D = p.shape
+        rows = p.transpose(1, 2).reshape(m * D, C).to(generator.device)  # row b·D + pos
+        draws = torch.multinomial(rows, num_samples, replacement=True, generator=generator)  # [m·D, S]
+        draws = draws.reshape(m, D, num_samples).transpose(1, 2)  # [m, S, D]
+        return draws.reshape(m, num_samples, *output.shape[2:]).to(output.device)
 
 
 class _ElementwiseLossModel(LossModel):

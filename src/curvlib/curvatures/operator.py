@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlib.capture.layout import LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
 from curvlib.curvatures.statistics import LayerStatistics
@@ -384,7 +385,9 @@ class HessianOperator(_BlockOperator):
 
     Each product call re-runs the forward pass on the stored batch (so a model with dropout
     should be in eval mode, and BatchNorm in training mode updates its running statistics
-    each call); the k columns of a ``[p, k]`` input share that forward pass.  There are no
+    each call), with scaled-dot-product attention on its math kernel (the fused CPU/GPU
+    kernels have no double backward); the k columns of a ``[p, k]`` input share that
+    forward pass.  There are no
     Kronecker statistics: :meth:`statistics` raises :class:`NoStatisticsError`.
     """
 
@@ -412,7 +415,8 @@ class HessianOperator(_BlockOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         params = self.params()
         out = torch.empty_like(V)
-        with torch.enable_grad():
+        # fused attention kernels have no double backward: the math kernel computes the same function
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             L = self.loss_model.mean_loss(self.model(*self._inputs), self._target)
             grads = torch.autograd.grad(L, params, create_graph=True, allow_unused=True)
             live = [(gr, p) for gr, p in zip(grads, params) if gr is not None and gr.requires_grad]
