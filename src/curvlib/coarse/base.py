@@ -118,21 +118,25 @@ class Partition:
 
     @classmethod
     def parameter_tensors(cls, curvature: Any) -> Partition:
-        """One group per parameter tensor (weight, bias), seed 004's canonical partition.
+        """One group per parameter tensor of each layer block (weight, bias; γ, β; a group's
+        rows of a sliced weight), seed 004's canonical partition.
 
-        In vec(W̄) = vec([W, b]) the weight is the first (a_dim − 1)·g_dim rows of the
-        layer's slice (all of them without a bias) and the bias the last g_dim rows.
+        Which rows of a block's vec(W̄) hold which parameter is read from the block's
+        adapter (each piece mapped through ``params_to_vector``); in vec([W, b]) the weight
+        is the first (a_dim − 1)·g_dim rows and the bias the last g_dim.
         """
-        groups, names = [], []
+        groups: list[Group] = []
+        names = []
         for L in curvature.layers:
-            s = L.slice
-            if L.has_bias:
-                cut = s.start + (L.a_dim - 1) * L.g_dim
-                groups += [slice(s.start, cut), slice(cut, s.stop)]
-                names += [f"{L.name}.weight", f"{L.name}.bias"]
-            else:
-                groups.append(s)
-                names.append(f"{L.name}.weight")
+            ad = L.adapter
+            own = {id(q): n for n, q in ad.module.named_parameters(recurse=False)}
+            pieces = ad.pieces(ad.params())
+            marks = ad.params_to_vector([torch.full(q.shape, float(k), dtype=torch.float64) for k, q in enumerate(pieces)])
+            for k, p in enumerate(ad.params()):
+                rows = (marks == k).nonzero().squeeze(1) + L.slice.start
+                lo, hi = int(rows[0]), int(rows[-1]) + 1
+                groups.append(slice(lo, hi) if hi - lo == rows.numel() else rows)
+                names.append(f"{L.name}.{own.get(id(p), 'param')}")
         return cls(groups, _num_params(curvature), names=names)
 
     @classmethod

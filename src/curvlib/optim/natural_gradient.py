@@ -267,13 +267,13 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _kl_scale(self, pre: Any, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """ν = min(1, sqrt(c / Σ_i |Δ_iᵀ g_i|)) (appendix 3.E), a 0-d tensor on the device."""
+        index = {id(p): k for k, p in enumerate(pre.params())}
         dots = []
-        j = 0
-        for L in pre.layers:
-            n = len(L.adapter.params())
-            dot = sum((d * g).sum() for d, g in zip(directions[j : j + n], grads[j : j + n]))
-            dots.append(dot.abs())
-            j += n
+        for L in pre.layers:  # layer i's entries: its pieces of the parameters (a group's rows, a tied weight once)
+            ad = L.adapter
+            d_i = ad.pieces([directions[index[id(p)]] for p in ad.params()])
+            g_i = ad.pieces([grads[index[id(p)]] for p in ad.params()])
+            dots.append(sum((d * g).sum() for d, g in zip(d_i, g_i)).abs())
         total = torch.stack(dots).sum()
         # total = 0 gives c/0 = inf and ν = 1: nothing to clip
         return torch.clamp(torch.sqrt(self.kl_clip / total), max=1.0)
