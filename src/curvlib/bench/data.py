@@ -2,8 +2,8 @@
 
 Nothing is downloaded: every loader reads files shipped inside an installed PyPI
 package, located with :func:`importlib.util.find_spec` *without importing* the package
-(importing scikit-learn alone costs more than a second), or a file the user points to
-with ``path=``.
+(importing scikit-learn alone costs more than a second), the running interpreter's own
+standard-library sources (the text corpus), or a file the user points to with ``path=``.
 
 ========================  ==========================================  ===========================
 loader                    data                                        shipped by (``pip install``)
@@ -14,13 +14,22 @@ loader                    data                                        shipped by
 :func:`load_faces`        200 LFW crops, 25×25 (100 faces, 100 not)   ``scikit-image``
 :func:`load_digits`       1,797 digits, 8×8                           ``scikit-learn``
 :func:`make_curves`       generated CURVES images, 28×28              (nothing: generated)
+:func:`load_char_corpus`  characters of Python standard-library       (nothing: the running
+                          source, as next-character windows (or of    interpreter's ``stdlib``)
+                          the user's text files, ``path=``)
 ========================  ==========================================  ===========================
 
-Every loader returns a :class:`Dataset` of float32 inputs in ``[0, 1]`` flattened to
+The image loaders return a :class:`Dataset` of float32 inputs in ``[0, 1]`` flattened to
 ``[n, d]`` (``image_shape`` says how to fold them back) and int64 labels where the data
 has any.  Unless a file already fixes the split (MNIST idx ``t10k-*`` files), the
 train/test split is a permutation drawn from ``numpy.random.default_rng(seed)``: the
 same seed gives the same split on every machine.
+
+:func:`load_char_corpus` returns a :class:`TokenDataset` instead: int64 windows of
+``T`` character ids ``[n, T]`` and, as targets, the ``T`` characters that follow each
+one (the same window shifted by one position), in a :class:`CharVocabulary` of printable
+ASCII plus one "unknown" id; its train/test split is by position in the text (the test
+part is the end of the corpus).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import gzip
 import importlib.util
 import math
 import struct
+import sysconfig
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +48,15 @@ import torch
 from curvlib.errors import ConfigError, CurvlibError, ShapeError
 
 __all__ = [
+    "ASCII_VOCABULARY",
+    "CharVocabulary",
     "Dataset",
+    "STDLIB_CORPUS_MODULES",
+    "TokenDataset",
+    "load_char_corpus",
+    "read_text_corpus",
+    "stdlib_corpus_files",
+    "token_windows",
     "MissingDataPackageError",
     "DataFileError",
     "load_mnist",
@@ -146,6 +164,139 @@ class Dataset:
             y_test=None if self.y_test is None else self.y_test[te],
             description=f"{self.description} (subset: {self.X_train[tr].shape[0]} train, "
             f"{self.X_test[te].shape[0]} test)",
+        )
+
+
+@dataclass(frozen=True)
+class CharVocabulary:
+    """A character vocabulary: id ``i < len(chars)`` is the character ``chars[i]``; every
+    other character (non-ASCII letters, form feeds, ``\\r`` …) maps to one extra id,
+    :attr:`unknown_id` ``= len(chars)``, so the vocabulary has ``len(chars) + 1`` ids.
+
+    Attributes:
+        chars: the known characters, each once, in id order.
+        unknown_text: what :meth:`decode` writes for the unknown id.
+    """
+
+    chars: str
+    unknown_text: str = "\ufffd"
+
+    def __post_init__(self) -> None:
+        if not self.chars or len(set(self.chars)) != len(self.chars):
+            raise ConfigError(f"CharVocabulary: chars must be non-empty and without repeats, got {self.chars!r}")
+
+    @property
+    def size(self) -> int:
+        """``V``: the known characters and the unknown id."""
+        return len(self.chars) + 1
+
+    @property
+    def unknown_id(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` as ids: ``[len(text)]`` int64 in ``[0, V)``."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        top = max(map(ord, self.chars))
+        table = np.full(top + 1, self.unknown_id, dtype=np.int64)
+        table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        return np.where(codes <= top, table[np.minimum(codes, top)], self.unknown_id).astype(np.int64)
+
+    def decode(self, ids: np.ndarray | torch.Tensor | list[int]) -> str:
+        """Ids ``[n]`` back to text (the unknown id becomes :attr:`unknown_text`)."""
+        flat = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.size):
+            raise ConfigError(f"CharVocabulary.decode: ids must lie in [0, {self.size}), got "
+                              f"[{flat.min()}, {flat.max()}]")
+        return "".join(self.chars[i] if i < len(self.chars) else self.unknown_text for i in flat.tolist())
+
+
+#: Tab, newline and the 95 printable ASCII characters ``' '``–``'~'`` (97 characters, ids
+#: 0–96); everything else is the unknown id 97 (``V = 98``). Python source is almost
+#: entirely ASCII: of the 2.2 million characters of the standard-library corpus on CPython
+#: 3.11, 8 are unknown.
+ASCII_VOCABULARY = CharVocabulary("\t\n" + "".join(chr(c) for c in range(32, 127)))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenDataset:
+    """Next-token prediction windows of a token stream, split into train and test.
+
+    Row ``i`` of ``X`` holds ``T`` consecutive token ids and row ``i`` of ``y`` the ``T``
+    tokens one position later (the window shifted by one): the target of position ``t``
+    is the token that follows it.  Built by :func:`token_windows`.
+
+    Attributes:
+        name: short id (``"stdlib_chars"``, ...).
+        X_train: ``[n_train, T]`` int64 token ids in ``[0, V)``.
+        y_train: ``[n_train, T]`` int64, the next token of each position.
+        X_test: ``[n_test, T]`` int64 (``n_test`` may be 0).
+        y_test: ``[n_test, T]`` int64.
+        vocabulary: the ids' meaning; ``V = vocabulary.size``.
+        description: one line on what the text is and how it was split.
+        source: where it came from (the files read).
+    """
+
+    name: str
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    vocabulary: CharVocabulary
+    description: str
+    source: str
+
+    def __post_init__(self) -> None:
+        T = self.X_train.shape[1] if self.X_train.ndim == 2 else None
+        for split, X, y in (("train", self.X_train, self.y_train), ("test", self.X_test, self.y_test)):
+            if X.ndim != 2 or X.shape[1] != T or T < 1:
+                raise ShapeError(f"TokenDataset {self.name!r}: X_{split} must be [n, T] with the same T ≥ 1 "
+                                 f"for both splits, got {tuple(X.shape)} (X_train {tuple(self.X_train.shape)})")
+            if X.dtype != torch.int64 or y.dtype != torch.int64 or y.shape != X.shape:
+                raise ShapeError(f"TokenDataset {self.name!r}: X_{split} and y_{split} must both be int64 "
+                                 f"[n, T], got {X.dtype} {tuple(X.shape)} and {y.dtype} {tuple(y.shape)}")
+            for label, ids in (("X", X), ("y", y)):
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocabulary.size):
+                    raise ShapeError(f"TokenDataset {self.name!r}: {label}_{split} ids must lie in "
+                                     f"[0, {self.vocabulary.size}), got [{int(ids.min())}, {int(ids.max())}]")
+
+    @property
+    def n_train(self) -> int:
+        """Training windows (rows)."""
+        return self.X_train.shape[0]
+
+    @property
+    def n_test(self) -> int:
+        return self.X_test.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """``T``, the tokens of one window."""
+        return self.X_train.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        """``V``."""
+        return self.vocabulary.size
+
+    @property
+    def n_classes(self) -> int:
+        """The classes of the per-position cross-entropy: ``V``."""
+        return self.vocabulary.size
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> TokenDataset:
+        """The first ``n_train`` training and ``n_test`` test windows (``None`` keeps all):
+        a contiguous stretch from the start of each split's text (windows are in text order)."""
+        for label, k, n in (("n_train", n_train, self.n_train), ("n_test", n_test, self.n_test)):
+            if k is not None and not 0 <= k <= n:
+                raise ConfigError(f"TokenDataset {self.name!r}: {label} must be in [0, {n}], got {k}")
+        tr = slice(None) if n_train is None else slice(0, n_train)
+        te = slice(None) if n_test is None else slice(0, n_test)
+        return replace(
+            self,
+            X_train=self.X_train[tr], y_train=self.y_train[tr], X_test=self.X_test[te], y_test=self.y_test[te],
+            description=f"{self.description} (subset: {self.X_train[tr].shape[0]} train, "
+            f"{self.X_test[te].shape[0]} test windows)",
         )
 
 
@@ -561,3 +712,193 @@ def load_curves(
     return _dataset("curves", images.reshape(m, h * w), None, image_shape=(1, h, w),
                     test_fraction=test_fraction, seed=seed,
                     description=f"{m} CURVES images from {file.name}, [0, 1]", source=str(file))
+
+
+# --------------------------------------------------------------------------- text: next-character windows
+#: The standard-library modules :func:`stdlib_corpus_files` reads, in this order: large,
+#: long-lived pure-Python modules, present in every CPython from 3.9 on (one missing from an
+#: interpreter is skipped, and the data set's description names it). About 2 MB of source
+#: on CPython 3.11, prose (docstrings, comments) and code; the corpus is their
+#: concatenation, cut at ``max_chars``, so its end — the test part — comes from the modules
+#: reached last.
+STDLIB_CORPUS_MODULES: tuple[str, ...] = (
+    "argparse", "typing", "inspect", "dataclasses", "functools", "collections", "enum", "difflib",
+    "textwrap", "shutil", "subprocess", "threading", "logging", "statistics", "fractions", "random",
+    "heapq", "string", "pprint", "configparser", "tarfile", "pickle", "ast", "tokenize", "doctest",
+    "pydoc", "unittest.case", "contextlib", "traceback", "tempfile", "ipaddress", "optparse", "_pydecimal",
+)
+
+
+def _stdlib_dir() -> Path:
+    # The interpreter's own library directory (inside a virtual environment: the base
+    # interpreter's), where the pure-Python modules live as source files.
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_corpus_files(stdlib: str | Path | None = None) -> tuple[list[Path], list[str]]:
+    """The source files of :data:`STDLIB_CORPUS_MODULES`, in that order.
+
+    A module ``a.b`` is ``a/b.py`` or the package file ``a/b/__init__.py`` under the
+    standard-library directory (``sysconfig.get_paths()["stdlib"]`` of the running
+    interpreter unless ``stdlib`` is given). Nothing is imported or downloaded.
+
+    Returns:
+        ``(files, missing)``: the files found, and the modules that have no source file there.
+
+    Raises:
+        DataFileError: none of the modules has a source file (an interpreter shipped
+            without its library sources): pass ``path=`` to text files instead.
+    """
+    root = Path(stdlib) if stdlib is not None else _stdlib_dir()
+    files: list[Path] = []
+    missing: list[str] = []
+    for module in STDLIB_CORPUS_MODULES:
+        stem = root.joinpath(*module.split("."))
+        for candidate in (stem.with_name(stem.name + ".py"), stem / "__init__.py"):
+            if candidate.is_file():
+                files.append(candidate)
+                break
+        else:
+            missing.append(module)
+    if not files:
+        raise DataFileError(
+            f"load_char_corpus: the standard library at {root} has none of the source files of "
+            f"{', '.join(STDLIB_CORPUS_MODULES[:4])}, … (an interpreter without its library sources?); "
+            "pass path= to a text file or a folder of text files"
+        )
+    return files, missing
+
+
+def _text_files(path: Path) -> list[Path]:
+    """``path`` itself, or every regular file under the folder ``path`` (hidden names skipped),
+    sorted by their path relative to it."""
+    if path.is_file():
+        return [path]
+    def hidden(f: Path) -> bool:
+        return any(part.startswith(".") for part in f.relative_to(path).parts)
+
+    files = sorted((f for f in path.rglob("*") if f.is_file() and not hidden(f)),
+                   key=lambda f: f.relative_to(path).as_posix())
+    if not files:
+        raise DataFileError(f"load_char_corpus: the folder {str(path)!r} holds no files")
+    return files
+
+
+def read_text_corpus(files: list[Path], max_chars: int | None = None) -> tuple[str, list[Path]]:
+    """The concatenated text of ``files``, in order, cut at ``max_chars`` characters.
+
+    Files are decoded as UTF-8 (undecodable bytes become U+FFFD, hence the unknown id) with
+    universal newlines (``\\r\\n`` and ``\\r`` read as ``\\n``); reading stops once
+    ``max_chars`` characters are there.
+
+    Returns:
+        ``(text, used)``: the text and the files it came from.
+    """
+    if max_chars is not None and max_chars < 2:
+        raise ConfigError(f"read_text_corpus: max_chars must be ≥ 2, got {max_chars}")
+    parts: list[str] = []
+    used: list[Path] = []
+    total = 0
+    for file in files:
+        if max_chars is not None and total >= max_chars:
+            break
+        with open(file, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        parts.append(text)
+        used.append(file)
+        total += len(text)
+    text = "".join(parts)
+    return (text if max_chars is None else text[:max_chars]), used
+
+
+def token_windows(ids: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile a token stream into windows of ``T + 1`` tokens: inputs and next-token targets.
+
+    Window ``i`` covers tokens ``[i·T, i·T + T]``: its first ``T`` are row ``i`` of ``X``,
+    its last ``T`` row ``i`` of ``y``. Consecutive windows share one token, so every token
+    but the first is a target exactly once, with a context of 0 to ``T − 1`` tokens before it.
+
+    Args:
+        ids: ``[L]`` int64 token ids.
+        seq_len: ``T`` ≥ 1.
+
+    Returns:
+        ``(X, y)``, both ``[n, T]`` int64 with ``n = (L − 1) // T`` (a tail shorter than a
+        window is dropped).
+    """
+    if seq_len < 1:
+        raise ConfigError(f"token_windows: seq_len must be ≥ 1, got {seq_len}")
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    n = max(0, (ids.shape[0] - 1) // seq_len)
+    X = ids[: n * seq_len].reshape(n, seq_len)
+    y = ids[1: n * seq_len + 1].reshape(n, seq_len)
+    return torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def load_char_corpus(
+    path: str | Path | None = None,
+    *,
+    seq_len: int = 64,
+    max_chars: int | None = 1_000_000,
+    test_fraction: float = 0.1,
+    vocabulary: CharVocabulary = ASCII_VOCABULARY,
+) -> TokenDataset:
+    """Characters of real text as next-character windows, for a character-level language model.
+
+    Text: ``path=None`` reads the running interpreter's own standard-library sources
+    (:func:`stdlib_corpus_files`: the modules of :data:`STDLIB_CORPUS_MODULES` in order, from
+    ``sysconfig.get_paths()["stdlib"]``) — real text every Python installation has, read
+    offline. ``path`` may name a text file, or a folder whose files (hidden ones skipped) are
+    read in the order of their sorted relative paths. The text is cut at ``max_chars``
+    characters (``None``: all of it); the same interpreter always gives the same text.
+
+    Ids: ``vocabulary`` (default :data:`ASCII_VOCABULARY`: tab, newline and printable ASCII,
+    everything else one unknown id; ``V = 98``).
+
+    Split by position: the last ``round(L·test_fraction)`` characters are the test text, the
+    rest the training text; each is tiled into windows of ``T + 1`` characters by
+    :func:`token_windows` (no window crosses the boundary). Training batches draw these
+    windows in a random order.
+
+    Returns:
+        a :class:`TokenDataset` with ``X``, ``y`` ``[n, seq_len]`` int64.
+
+    Raises:
+        DataFileError: no text (``path`` missing or empty, an interpreter without sources),
+            or too little for one training window.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if seq_len < 1:
+        raise ConfigError(f"load_char_corpus: seq_len must be ≥ 1, got {seq_len}")
+    if path is None:
+        root = _stdlib_dir()
+        files, missing = stdlib_corpus_files(root)
+        what = f"Python {sysconfig.get_python_version()} standard-library source"
+        where = str(root)
+    else:
+        folder = _user_file(path, "load_char_corpus")
+        files, missing = _text_files(folder), []
+        what = f"text from {folder.name}"
+        where = str(folder)
+    text, used = read_text_corpus(files, max_chars)
+    ids = vocabulary.encode(text)
+    n_test_chars = int(round(len(ids) * test_fraction))
+    cut = len(ids) - n_test_chars
+    X_train, y_train = token_windows(ids[:cut], seq_len)
+    X_test, y_test = token_windows(ids[cut:], seq_len)
+    if X_train.shape[0] == 0:
+        raise DataFileError(f"load_char_corpus: {len(ids)} characters of {what} ({where}) leave {cut} for "
+                            f"training, fewer than one window of seq_len + 1 = {seq_len + 1}")
+    n_unknown = int((ids == vocabulary.unknown_id).sum())
+    names = [f.relative_to(where).as_posix() if path is None or Path(where).is_dir() else f.name for f in used]
+    skipped = f"; not in this interpreter: {', '.join(missing)}" if missing else ""
+    return TokenDataset(
+        name="stdlib_chars" if path is None else "text_chars",
+        X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, vocabulary=vocabulary,
+        description=f"{len(ids):,} characters of {what} ({len(used)} files), {vocabulary.size} ids "
+        f"({n_unknown:,} characters unknown); split by position: first {cut:,} characters train "
+        f"({X_train.shape[0]} windows of {seq_len}+1), last {n_test_chars:,} test ({X_test.shape[0]} windows)"
+        f"{skipped}",
+        source=f"{where}: {', '.join(names)}",
+    )

@@ -1,8 +1,8 @@
 """The optimization methods ``curvlib bench`` compares, by name, and how to build each.
 
 A *method* is a name the user types (``--methods sgd adam kfac kfac+residual``) resolved
-against the plugin registry into a :class:`Method`: a first-order baseline (SGD, Adam)
-or a natural-gradient optimizer (:class:`curvlib.optim.NaturalGradient`) with one
+against the plugin registry into a :class:`Method`: a first-order baseline (SGD, Adam,
+AdamW) or a natural-gradient optimizer (:class:`curvlib.optim.NaturalGradient`) with one
 :class:`curvlib.precond.PreconditionerConfig`.
 
 =======================  =====================================================================
@@ -10,12 +10,23 @@ name                     what runs
 =======================  =====================================================================
 ``sgd``                  ``torch.optim.SGD``, momentum β = 0.9 (thesis §3.3.2)
 ``adam``                 ``torch.optim.Adam``, (β₁, β₂) = (0.9, 0.999) (thesis §3.3.2)
+``adamw``                ``torch.optim.AdamW``, (β₁, β₂) = (0.9, 0.999), decoupled weight decay
+                         (:data:`DEFAULT_WEIGHT_DECAY`: 0.01) on the weight matrices, kernels
+                         and embeddings (parameters with ≥ 2 dimensions), none on biases and
+                         normalization scales
 ``kfac``                 approximator ``kfac``, heuristic (π-split) damping (2.95)–(2.96)
 ``kfac_tikhonov``        approximator ``kfac``, Tikhonov damping (A ⊗ G + λI)⁻¹ (4.54), §4.4.2
 ``<kind>``               any registered approximator kind — ``kpsvd``, ``deflation``,
                          ``lanczos``, ``kfac_corrected``, ``exact_block``, or a third party's —
                          with heuristic damping
 ``<kind>_tikhonov``      the same approximator with Tikhonov damping
+``<kind>_reduce``        the same approximator with the approximator option
+                         ``weight_sharing="reduce"`` (KFAC-reduce, Eschenhagen et al. 2023: the
+                         positions of a weight-shared layer — a convolution's patches, a
+                         transformer's tokens — summed before the factors are formed) instead
+                         of ``"expand"`` (positions as extra samples); for kinds whose options
+                         have ``weight_sharing``. Combines with the others:
+                         ``kfac_reduce_tikhonov``, ``kfac_reduce+residual``
 ``<kind>+<coarse>``      two-level: approximator ``<kind>`` with the registered coarse space
                          ``<coarse>`` (``residual``, ``nicolaides``, ``spectral``, ``krylov``,
                          ``taylor``, …), multiplicative correction (4.17)
@@ -49,7 +60,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -65,10 +76,13 @@ __all__ = [
     "DEFAULT_KL_CLIP",
     "DEFAULT_LR",
     "DEFAULT_SCHEDULE",
+    "DEFAULT_WEIGHT_DECAY",
     "FIRST_ORDER",
     "Hyperparameters",
     "Method",
     "OptimizerUnavailableError",
+    "REDUCE_SUFFIX",
+    "TIKHONOV_SUFFIX",
     "TrainingStep",
     "available_methods",
     "build_training_step",
@@ -76,10 +90,10 @@ __all__ = [
     "resolve_method",
 ]
 
-Family = Literal["sgd", "adam", "natural_gradient", "optimizer"]
+Family = Literal["sgd", "adam", "adamw", "natural_gradient", "optimizer"]
 
 #: The first-order baselines.
-FIRST_ORDER: tuple[str, ...] = ("sgd", "adam")
+FIRST_ORDER: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 #: Separator of a two-level method name, ``<approximator>+<coarse space>``.
 COARSE_SEPARATOR = "+"
@@ -87,12 +101,20 @@ COARSE_SEPARATOR = "+"
 #: Suffix selecting Tikhonov damping instead of the heuristic π-split (§4.4.2).
 TIKHONOV_SUFFIX = "_tikhonov"
 
+#: Suffix selecting KFAC-reduce: the approximator option ``weight_sharing="reduce"``.
+REDUCE_SUFFIX = "_reduce"
+
 #: Learning rate used when neither the user nor a grid search gives one: picked from short
 #: grid searches (:mod:`curvlib.bench.grid`) on the default problem (``mnist_autoencoder``,
 #: ``small=True``, batch 512) — a starting point, not a tuned optimum for other problems.
 #: For natural gradient it is the largest step α_max, the KL clipping (:data:`DEFAULT_KL_CLIP`)
 #: shortening it (appendix 3.E).
-DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 3e-3, "natural_gradient": 1.0}
+#: AdamW takes Adam's.
+DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 3e-3, "adamw": 3e-3, "natural_gradient": 1.0}
+
+#: Weight decay of each family unless set: none, except AdamW's decoupled decay, whose
+#: ``torch.optim.AdamW`` default 0.01 is kept (applied to parameters with ≥ 2 dimensions only).
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 1e-2}
 
 #: Damping λ used when neither the user nor a grid search gives one: the best of the
 #: 3 × 3 × 3 (lr × λ × KL clip) grid on the default problem for KFAC (final training loss
@@ -109,7 +131,8 @@ DEFAULT_KL_CLIP = 1e-3
 DEFAULT_SCHEDULE: dict[str, int] = {"update_every": 10, "invert_every": 20}
 
 #: Momentum of each family (thesis §3.3.2: β = 0.9 for SGD; none for natural gradient).
-DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "adam": 0.0, "natural_gradient": 0.0, "optimizer": 0.0}
+DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "adam": 0.0, "adamw": 0.0, "natural_gradient": 0.0,
+                                      "optimizer": 0.0}
 
 #: Learning rate of a plugin optimizer whose kind gives no ``default_lr`` metadata.
 DEFAULT_OPTIMIZER_LR = 1e-3
@@ -127,8 +150,9 @@ class Hyperparameters(StrictModel):
 
     Attributes:
         lr: learning rate α.
-        momentum: heavy-ball β (SGD, natural gradient); unused by Adam (its β₁ = 0.9).
-        weight_decay: L2 coefficient (§4.3 uses 1e-3 for every optimizer).
+        momentum: heavy-ball β (SGD, natural gradient); unused by Adam and AdamW (β₁ = 0.9).
+        weight_decay: L2 coefficient (§4.3 uses 1e-3 for every optimizer); for AdamW the
+            decoupled decay (default :data:`DEFAULT_WEIGHT_DECAY`).
         damping: λ of the natural-gradient methods (its meaning is the damping kind's).
         damping_kind: ``"heuristic"`` or ``"tikhonov"`` (or any registered damping kind);
             ``None``: the method's own choice.
@@ -175,8 +199,8 @@ class Method:
 
     Attributes:
         name: the name as given (``"kfac+residual"``).
-        family: ``"sgd"``, ``"adam"``, ``"natural_gradient"`` or ``"optimizer"`` (a kind of
-            the ``optimizers`` plugin family).
+        family: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"natural_gradient"`` or ``"optimizer"``
+            (a kind of the ``optimizers`` plugin family).
         description: one line for tables and ``--list-methods``.
         approximator: the approximator kind (Kronecker natural gradient only; the
             ``block_ng``/``exact_ng`` references use the curvature itself).
@@ -188,6 +212,9 @@ class Method:
         optimizer: the ``optimizers`` kind (family ``"optimizer"`` only).
         default_lr: that kind's default learning rate (its ``default_lr`` metadata).
         needs_batch: that kind's ``step`` takes ``batch=(X, y)`` (its ``needs_batch`` metadata).
+        approximator_options: options of the approximator the name fixes (``_reduce``:
+            ``{"weight_sharing": "reduce"}``), as ``(option, value)`` pairs; the
+            hyperparameters' ``approximator_options`` may add others but not contradict these.
     """
 
     name: str
@@ -201,6 +228,7 @@ class Method:
     optimizer: str | None = None
     default_lr: float | None = None
     needs_batch: bool = False
+    approximator_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def is_natural_gradient(self) -> bool:
@@ -215,6 +243,7 @@ class Method:
         values: dict[str, Any] = {
             "lr": lr,
             "momentum": DEFAULT_MOMENTUM[self.family],
+            "weight_decay": DEFAULT_WEIGHT_DECAY.get(self.family, 0.0),
         }
         if self.is_natural_gradient:
             values["damping"] = DEFAULT_DAMPING
@@ -241,7 +270,12 @@ class Method:
             curvature["mc_samples"] = hp.mc_samples
         config: dict[str, Any] = {"curvature": curvature, "damping": damping, "preconditioner": self.preconditioner}
         if self.approximator is not None:
-            config["approximator"] = {"kind": self.approximator, **hp.approximator_options}
+            fixed = dict(self.approximator_options)
+            clash = {k: v for k, v in hp.approximator_options.items() if k in fixed and v != fixed[k]}
+            if clash:
+                raise ConfigError(f"method {self.name!r} sets approximator options {fixed}; "
+                                  f"approximator_options {clash} contradict them")
+            config["approximator"] = {"kind": self.approximator, **fixed, **hp.approximator_options}
         elif hp.approximator_options:
             raise ConfigError(f"method {self.name!r} uses no approximator; got approximator_options "
                               f"{hp.approximator_options}")
@@ -258,6 +292,7 @@ class Method:
 _FIXED: dict[str, Method] = {
     "sgd": Method("sgd", "sgd", "SGD with momentum 0.9"),
     "adam": Method("adam", "adam", "Adam, betas (0.9, 0.999)"),
+    "adamw": Method("adamw", "adamw", "AdamW, betas (0.9, 0.999), decoupled weight decay (tensors with >= 2 dims)"),
     "block_ng": Method(
         "block_ng", "natural_gradient", "block-diagonal natural gradient (4.51)-(4.52), Tikhonov damping",
         damping_kind="tikhonov", preconditioner="block_natural_gradient",
@@ -289,6 +324,8 @@ def available_methods(registry: Any) -> list[str]:
     names = list(FIRST_ORDER)
     if "kfac" in approximators:
         names += ["kfac", "kfac_tikhonov"]
+        if _has_weight_sharing(registry, "kfac"):
+            names.append(f"kfac{REDUCE_SUFFIX}")
     names += [k for k in approximators if k != "kfac"]
     if "kfac" in approximators:
         names += [f"kfac{COARSE_SEPARATOR}{c}" for c in coarse]
@@ -307,7 +344,8 @@ def _unknown(name: str, registry: Any, why: str) -> UnknownKindError:
     optimizers = ", ".join(_kinds(registry, "optimizers")) or "(none registered)"
     return UnknownKindError(
         f"unknown method {name!r}: {why}. Valid methods: {', '.join(available_methods(registry))}; "
-        f"also <approximator>{TIKHONOV_SUFFIX} and <approximator>{COARSE_SEPARATOR}<coarse space> "
+        f"also <approximator>{TIKHONOV_SUFFIX}, <approximator>{REDUCE_SUFFIX} and "
+        f"<approximator>{COARSE_SEPARATOR}<coarse space> "
         f"(approximators: {approximators}; coarse spaces: {coarse_txt}; optimizers: {optimizers})"
     )
 
@@ -328,8 +366,7 @@ def resolve_method(name: str, registry: Any) -> Method:
     if name in approximators:
         # a kind may name the damping its blocks need (EKFAC's exact-like block: tikhonov)
         damping = registry.approximators.get(name).metadata.get("default_damping", "heuristic")
-        return Method(name, "natural_gradient", f"approximator {name!r}, {damping} damping",
-                      approximator=name, damping_kind=damping)
+        return Method(name, "natural_gradient", _describe(name, damping, ()), approximator=name, damping_kind=damping)
     if name in set(_kinds(registry, "optimizers")):
         spec = registry.optimizers.get(name)
         default_lr = spec.metadata.get("default_lr")
@@ -353,13 +390,48 @@ def resolve_method(name: str, registry: Any) -> Method:
             desc = f"{base.description}, two-level with coarse space {coarse_name!r}"
         if coarse_name not in coarse:
             raise _unknown(name, registry, f"coarse space {coarse_name!r} is not registered")
-        return Method(name, "natural_gradient", desc, approximator=base.approximator,
-                      damping_kind=base.damping_kind, coarse_space=coarse_name, coarse_mode=mode)
-    if name.endswith(TIKHONOV_SUFFIX) and name[: -len(TIKHONOV_SUFFIX)] in approximators:
-        kind = name[: -len(TIKHONOV_SUFFIX)]
-        return Method(name, "natural_gradient", f"approximator {kind!r}, Tikhonov damping (4.54)",
-                      approximator=kind, damping_kind="tikhonov")
+        return replace(base, name=name, description=desc, coarse_space=coarse_name, coarse_mode=mode)
+    for suffix in (TIKHONOV_SUFFIX, REDUCE_SUFFIX):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return _with_suffix(name, suffix, registry)
     raise _unknown(name, registry, "not a baseline, an approximator kind, an optimizer kind or a two-level name")
+
+
+def _has_weight_sharing(registry: Any, kind: str) -> bool:
+    """Whether the options of approximator ``kind`` have a ``weight_sharing`` field."""
+    return "weight_sharing" in registry.approximators.get(kind).options.model_fields
+
+
+def _with_suffix(name: str, suffix: str, registry: Any) -> Method:
+    """``<base>_tikhonov`` (Tikhonov damping (4.54)) or ``<base>_reduce`` (KFAC-reduce) of the
+    one-level approximator method ``<base>``."""
+    base_name = name[: -len(suffix)]
+    try:
+        base = resolve_method(base_name, registry)
+    except UnknownKindError:
+        raise _unknown(name, registry, f"{base_name!r} is not an approximator method") from None
+    if base.approximator is None or base.preconditioner != "kronecker" or base.coarse_space is not None:
+        raise _unknown(name, registry, f"{base_name!r} is not an approximator method")
+    damping, options = base.damping_kind, base.approximator_options
+    if suffix == TIKHONOV_SUFFIX:
+        damping = "tikhonov"
+    else:
+        if not _has_weight_sharing(registry, base.approximator):
+            raise _unknown(name, registry, f"approximator {base.approximator!r} has no weight_sharing option")
+        if dict(options).get("weight_sharing") == "reduce":
+            raise _unknown(name, registry, f"{base_name!r} already reduces")
+        options = (*options, ("weight_sharing", "reduce"))
+    return replace(base, name=name, damping_kind=damping, approximator_options=options,
+                   description=_describe(base.approximator, damping, options))
+
+
+def _describe(approximator: str, damping_kind: str | None, options: tuple[tuple[str, Any], ...]) -> str:
+    """``"approximator 'kfac'[, weight sharing reduce (KFAC-reduce)], <damping>"``."""
+    parts = [f"approximator {approximator!r}"]
+    if dict(options).get("weight_sharing") == "reduce":
+        parts.append("weight sharing reduce (KFAC-reduce)")
+    parts.append("Tikhonov damping (4.54)" if damping_kind == "tikhonov" else f"{damping_kind} damping")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- training steps
@@ -444,6 +516,13 @@ def build_training_step(
         return TrainingStep(model, loss_fn, opt)
     if method.family == "adam":
         opt = torch.optim.Adam(params, lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay)
+        return TrainingStep(model, loss_fn, opt)
+    if method.family == "adamw":
+        # the usual practice (GPT-2, timm): decay the weight matrices, kernels and embeddings,
+        # not the biases and normalization scales/shifts (vectors)
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=(0.9, 0.999))
         return TrainingStep(model, loss_fn, opt)
     if method.family == "optimizer":
         return _build_plugin_optimizer(method, model, loss_fn, hp, generator=generator, registry=registry)

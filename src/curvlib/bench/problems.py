@@ -17,6 +17,9 @@ builder                        model (widths of the Linear layers, or layers) / 
 ``digits_mlp``                 64-15-15-15-15-10, CE, 1,000 8×8 digits (the seed-002 figure)
 ``mnist_cnn``                  2 × (Conv2d 5×5, ReLU, max-pool) + Linear, CE, MNIST
 ``mnist_conv_autoencoder``     2 strided Conv2d + 2 ConvTranspose2d (output_padding), BCE, MNIST
+``mnist_resnet``               conv-BN stem + 3 residual blocks (BatchNorm2d) + avg pool, CE, MNIST
+``char_lm``                    4-block causal transformer LM, tied embedding, CE per character,
+                               Python standard-library source text
 =============================  ============================================================
 
 Every builder has the signature ``builder(*, small=False, seed=0, path=None) -> Problem``:
@@ -24,17 +27,21 @@ Every builder has the signature ``builder(*, small=False, seed=0, path=None) -> 
 * ``small=True`` keeps the depth and the kind of every layer but shrinks hidden widths
   (and the MNIST/CURVES training sets), for tests and the quick benchmark. The default
   is the real architecture.
-* ``seed`` seeds the data: the train/test split and the generated CURVES images.
+* ``seed`` seeds the data: the train/test split and the generated CURVES images (the
+  text of ``char_lm`` is split by position and does not depend on it).
   Model weights are seeded separately, by the argument of :attr:`Problem.model_fn`.
 * ``path`` replaces the shipped data with the user's own files: a folder of MNIST idx
   files (full MNIST, or Fashion-MNIST as the thesis used for the narrow linear network),
-  a ``.npy`` of face images, a digits csv, or a ``.npy`` of CURVES images.
+  a ``.npy`` of face images, a digits csv, a ``.npy`` of CURVES images, or a text file or
+  folder of text files for ``char_lm``.
 
 Conventions shared by all models:
 
 * Inputs are flattened ``[B, d]`` rows of :class:`~curvlib.bench.data.Dataset`; the conv
   models unflatten to ``[B, 1, 28, 28]`` themselves (an ``nn.Unflatten`` first layer), so
-  every problem feeds its data the same way.
+  every image problem feeds its data the same way. The language model (``char_lm``) takes
+  windows of token ids ``[B, T]`` of a :class:`~curvlib.bench.data.TokenDataset` and
+  returns logits ``[B, V, T]``, its targets the next tokens ``[B, T]``.
 * A sigmoid output followed by binary cross-entropy (the thesis's choice) is written as
   a linear output layer producing **logits** and ``nn.BCEWithLogitsLoss``: the same
   function, computed stably, and the form curvature code expects (the model's output is
@@ -45,23 +52,34 @@ Conventions shared by all models:
 * Weights are drawn from the distribution PyTorch uses by default for Linear and conv
   layers, U(−1/√fan_in, 1/√fan_in) for weights and biases, but from a seeded
   ``torch.Generator``: the module is built on the ``meta`` device and initialized
-  afterwards, so building a model never touches the global RNG. Batch norms start at
-  weight 1, bias 0, running mean 0, running variance 1. The thesis does not state an
-  initialization.
+  afterwards, so building a model never touches the global RNG. Batch and layer norms
+  start at weight 1, bias 0 (running mean 0, running variance 1); attention and embeddings
+  as :func:`init_module` says. The thesis does not state an initialization.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from curvlib.bench.data import DataFileError, Dataset, load_curves, load_digits, load_faces, load_mnist
+from curvlib.bench.data import (
+    DataFileError,
+    Dataset,
+    TokenDataset,
+    load_char_corpus,
+    load_curves,
+    load_digits,
+    load_faces,
+    load_mnist,
+)
+from curvlib.bench.models import CharTransformer, ResidualBlock
 from curvlib.errors import ConfigError
 
 __all__ = [
@@ -82,6 +100,9 @@ __all__ = [
     "digits_mlp",
     "mnist_cnn",
     "mnist_conv_autoencoder",
+    "mnist_resnet",
+    "char_lm",
+    "MODERN_METHODS",
 ]
 
 # The thesis's architectures, appendix 3.D and §4.3.3 (widths of the Linear layers).
@@ -90,33 +111,80 @@ FACES_AUTOENCODER_WIDTHS = (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625)
 CURVES_AUTOENCODER_WIDTHS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
 DEEP_LINEAR_BN_WIDTHS = (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10)
 
-Task = Literal["autoencoder", "classification"]
+Task = Literal["autoencoder", "classification", "next_token"]
 
 
 # --------------------------------------------------------------------------- models
-def init_module(module: nn.Module, generator: torch.Generator) -> nn.Module:
+def init_module(module: nn.Module, generator: torch.Generator, *, embedding_std: float = 1.0) -> nn.Module:
     """(Re-)initialize every parameter and buffer of ``module`` in place from ``generator``.
 
-    Linear, Conv2d and ConvTranspose2d: weight and bias U(−b, b), ``b = 1/√fan_in`` with
-    ``fan_in = weight.shape[1] · prod(kernel)`` (PyTorch's default distribution; for a
-    transposed convolution, whose weight is ``[c_in, c_out, k, k]``, this is PyTorch's
-    own count too). Batch norms: :meth:`reset_parameters`. A module of any other kind
-    that owns parameters raises :class:`~curvlib.errors.ConfigError`.
+    The distributions are PyTorch's defaults, drawn from ``generator``:
+
+    * Linear, Conv2d and ConvTranspose2d: weight and bias U(−b, b), ``b = 1/√fan_in`` with
+      ``fan_in = weight.shape[1] · prod(kernel)`` (for a transposed convolution, whose
+      weight is ``[c_in, c_out, k, k]``, this is PyTorch's own count too);
+    * Embedding: N(0, ``embedding_std``²) — PyTorch's N(0, 1) by default; a model whose
+      output head shares the embedding (tied weights) wants a smaller scale (``char_lm``
+      uses ``1/√d``); the padding row, if any, is zero;
+    * MultiheadAttention: Glorot-uniform input projections, zero input-projection bias, the
+      output projection as a Linear layer but with a zero bias;
+    * batch and layer norms: :meth:`reset_parameters` (weight 1, bias 0, running mean 0,
+      running variance 1).
+
+    A parameter shared by several modules (tied weights) is drawn once, by the first module
+    that holds it in ``module.named_modules()`` order. A module of any other kind that owns
+    parameters or buffers raises :class:`~curvlib.errors.ConfigError`.
     """
-    for name, sub in module.named_modules():
-        if isinstance(sub, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            fan_in = sub.weight.shape[1] * math.prod(sub.weight.shape[2:])
-            bound = 1.0 / math.sqrt(fan_in)
-            with torch.no_grad():
-                nn.init.uniform_(sub.weight, -bound, bound, generator=generator)
-                if sub.bias is not None:
-                    nn.init.uniform_(sub.bias, -bound, bound, generator=generator)
-        elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            sub.reset_parameters()
-        elif any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False)):
-            raise ConfigError(f"init_module: no initialization rule for {name or 'the root'} "
-                              f"({type(sub).__name__})")
+    done: set[int] = set()  # ids of the parameters already drawn (tied weights: once)
+
+    def fresh(*params: torch.Tensor | None) -> list[torch.Tensor]:
+        todo = [q for q in params if q is not None and id(q) not in done]
+        done.update(id(q) for q in todo)
+        return todo
+
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            if isinstance(sub, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                fan_in = sub.weight.shape[1] * math.prod(sub.weight.shape[2:])
+                bound = 1.0 / math.sqrt(fan_in)
+                for q in fresh(sub.weight, sub.bias):
+                    nn.init.uniform_(q, -bound, bound, generator=generator)
+            elif isinstance(sub, nn.Embedding):
+                for q in fresh(sub.weight):
+                    nn.init.normal_(q, 0.0, embedding_std, generator=generator)
+                    if sub.padding_idx is not None:
+                        q[sub.padding_idx].zero_()
+            elif isinstance(sub, nn.MultiheadAttention):
+                projections = [sub.in_proj_weight] if sub.in_proj_weight is not None else \
+                    [sub.q_proj_weight, sub.k_proj_weight, sub.v_proj_weight]
+                for q in fresh(*projections):
+                    nn.init.xavier_uniform_(q, generator=generator)
+                for q in fresh(sub.bias_k, sub.bias_v):
+                    nn.init.xavier_normal_(q, generator=generator)
+                bound = 1.0 / math.sqrt(sub.out_proj.weight.shape[1])
+                for q in fresh(sub.out_proj.weight):
+                    nn.init.uniform_(q, -bound, bound, generator=generator)
+                for q in fresh(sub.in_proj_bias, sub.out_proj.bias):
+                    q.zero_()
+            elif isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+                fresh(*sub.parameters(recurse=False))
+                sub.reset_parameters()
+            elif any(id(q) not in done for q in sub.parameters(recurse=False)) \
+                    or any(True for _ in sub.buffers(recurse=False)):
+                raise ConfigError(f"init_module: no initialization rule for {name or 'the root'} "
+                                  f"({type(sub).__name__})")
     return module
+
+
+def _shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The places ``(owner, attribute)`` of each parameter held by more than one module."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, sub in module.named_modules(remove_duplicate=False):
+        for attr, param in sub.named_parameters(recurse=False):
+            places.setdefault(id(param), [])
+            if all(owner is not sub for owner, _ in places[id(param)]):
+                places[id(param)].append((sub, attr))
+    return [where for where in places.values() if len(where) > 1]
 
 
 @dataclass(frozen=True)
@@ -125,11 +193,13 @@ class ModelFactory:
 
     Attributes:
         build: a function returning the (uninitialized) module; it is called on the
-            ``meta`` device, then materialized on the CPU and initialized by
-            :func:`init_module`.
+            ``meta`` device, then materialized on the CPU and initialized by ``init``.
+            Parameters it shares between modules (tied weights) stay shared.
+        init: ``init(module, generator)`` draws every parameter; default :func:`init_module`.
     """
 
     build: Callable[[], nn.Module]
+    init: Callable[[nn.Module, torch.Generator], nn.Module] = init_module
 
     def __call__(
         self,
@@ -151,8 +221,13 @@ class ModelFactory:
             generator = torch.Generator().manual_seed(int(seed))
         with torch.device("meta"):
             module = self.build()
+        tied = _shared_parameters(module)
         module = module.to_empty(device="cpu").to(torch.float32)
-        init_module(module, generator)
+        for places in tied:  # to_empty gives every holder of a tied parameter its own copy: re-tie
+            first_owner, first_attr = places[0]
+            for owner, attr in places[1:]:
+                setattr(owner, attr, getattr(first_owner, first_attr))
+        self.init(module, generator)
         return module.to(device=device, dtype=dtype)
 
 
@@ -182,39 +257,59 @@ class Problem:
         model_fn: ``model_fn(seed=0, *, device=None, dtype=torch.float32) -> nn.Module``,
             a fresh seeded model (:class:`ModelFactory`). The model maps inputs
             ``[B, d]`` to outputs ``[B, d]`` (auto-encoders; logits or values) or
-            ``[B, n_classes]`` (classifiers; logits).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a stock torch loss, mean-reduced.
-        dataset: the data; inputs are ``dataset.X_*`` rows ``[n, d]``.
+            ``[B, n_classes]`` (classifiers; logits); a next-token model maps token ids
+            ``[B, T]`` to logits ``[B, V, T]``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a stock torch loss, mean-reduced
+            (for next-token prediction: the mean over the ``B·T`` positions).
+        dataset: the data: a :class:`~curvlib.bench.data.Dataset` (inputs ``dataset.X_*``
+            rows ``[n, d]``) or, for ``task="next_token"``, a
+            :class:`~curvlib.bench.data.TokenDataset` (windows ``[n, T]`` of token ids).
         batch_size: the thesis's batch size where it gives one, at most ``n_train``.
         description: architecture, activations, loss, data, and what was chosen where
             the source is silent.
-        task: ``"autoencoder"`` (targets are the inputs) or ``"classification"``
-            (targets are the int64 labels).
+        task: ``"autoencoder"`` (targets are the inputs), ``"classification"`` (targets
+            are the int64 labels) or ``"next_token"`` (targets are the int64 next tokens
+            ``[B, T]`` of a :class:`~curvlib.bench.data.TokenDataset`).
         widths: the widths of the Linear layers in order for the fully-connected
-            models, ``None`` for the conv models.
+            models, ``None`` for the others.
+        loss_unit: what one unit of the loss is, for reports (``"nats/char"``); ``None``:
+            unstated.
+        default_methods: the methods ``curvlib bench`` runs on this problem when none are
+            given; ``None``: the benchmark's defaults
+            (:data:`curvlib.bench.runner.DEFAULT_METHODS`).
+        hyperparameter_defaults: per method family (``"sgd"``, ``"adam"``, ``"adamw"``,
+            ``"natural_gradient"``), settings that replace the family's defaults on this
+            problem (e.g. ``{"adam": {"lr": 1e-3}}``); the user's settings still win.
     """
 
     name: str
     model_fn: ModelFactory
     loss_fn: nn.Module
-    dataset: Dataset
+    dataset: Dataset | TokenDataset
     batch_size: int
     description: str
     task: Task
     widths: tuple[int, ...] | None = None
+    loss_unit: str | None = None
+    default_methods: tuple[str, ...] | None = None
+    hyperparameter_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"Problem {self.name!r}: batch_size must be ≥ 1, got {self.batch_size}")
+        if (self.task == "next_token") != isinstance(self.dataset, TokenDataset):
+            raise ConfigError(f"Problem {self.name!r}: task {self.task!r} with a {type(self.dataset).__name__}; "
+                              "next-token prediction needs a TokenDataset and a TokenDataset needs next_token")
         if self.task == "classification" and self.dataset.y_train is None:
             raise ConfigError(f"Problem {self.name!r}: a classification problem needs labelled data")
 
     def targets(self, X: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The loss targets for inputs ``X [B, d]`` and labels ``y [B]``: ``X`` or ``y``."""
+        """The loss targets for inputs ``X [B, d]`` and labels ``y [B]`` (``X``, or ``y``),
+        or for token windows ``X [B, T]`` and their next tokens ``y [B, T]`` (``y``)."""
         if self.task == "autoencoder":
             return X
         if y is None:
-            raise ConfigError(f"Problem {self.name!r}: classification targets need labels")
+            raise ConfigError(f"Problem {self.name!r}: {self.task} targets need labels")
         return y
 
     def batches(
@@ -224,9 +319,9 @@ class Problem:
         split: Literal["train", "test"] = "train",
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of ``(inputs [B, d], targets [B, d] or [B])`` in an order drawn
-        from ``generator`` (``B = batch_size``; the last batch may be smaller unless
-        ``drop_last``)."""
+        """One epoch of ``(inputs, targets)`` in an order drawn from ``generator``:
+        ``([B, d], [B, d] or [B])``, or for next-token prediction ``([B, T], [B, T])``
+        (``B = batch_size``; the last batch may be smaller unless ``drop_last``)."""
         if split not in ("train", "test"):
             raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
         X = self.dataset.X_train if split == "train" else self.dataset.X_test
@@ -238,17 +333,23 @@ class Problem:
             yield X[idx], self.targets(X[idx], None if y is None else y[idx])
 
 
-def _problem(name: str, *, build: Callable[[], nn.Module], loss_fn: nn.Module, dataset: Dataset,
-             batch_size: int, description: str, task: Task, widths: tuple[int, ...] | None = None) -> Problem:
+def _problem(name: str, *, build: Callable[[], nn.Module], loss_fn: nn.Module, dataset: Dataset | TokenDataset,
+             batch_size: int, description: str, task: Task, widths: tuple[int, ...] | None = None,
+             init: Callable[[nn.Module, torch.Generator], nn.Module] = init_module, loss_unit: str | None = None,
+             default_methods: tuple[str, ...] | None = None,
+             hyperparameter_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Problem:
     return Problem(
         name=name,
-        model_fn=ModelFactory(build),
+        model_fn=ModelFactory(build, init),
         loss_fn=loss_fn,
         dataset=dataset,
         batch_size=min(batch_size, dataset.n_train),
         description=description,
         task=task,
         widths=widths,
+        loss_unit=loss_unit,
+        default_methods=default_methods,
+        hyperparameter_defaults=dict(hyperparameter_defaults or {}),
     )
 
 
@@ -474,6 +575,98 @@ def mnist_conv_autoencoder(*, small: bool = False, seed: int = 0, path: str | Pa
     )
 
 
+#: The comparison the modern-architecture problems run by default: the first-order
+#: baselines (Adam is the reference of the time-to-target), KFAC with both treatments of
+#: weight sharing (expand: positions are extra samples; reduce: summed first), KPSVD,
+#: corrected KFAC and one two-level method.
+MODERN_METHODS: tuple[str, ...] = (
+    "sgd", "adam", "adamw", "kfac", "kfac_reduce", "kpsvd", "kfac_corrected", "kfac+residual",
+)
+
+
+def char_lm(*, small: bool = False, seed: int = 0, path: str | Path | None = None) -> Problem:
+    """A decoder-only character-level transformer language model on Python source code.
+
+    Model (:class:`~curvlib.bench.models.CharTransformer`): token and learned position
+    embeddings (d = 128), 4 pre-norm transformer blocks (4 heads of causal self-attention,
+    then a 128-512-128 GELU MLP, LayerNorm before each, no dropout), a final LayerNorm and an
+    output head tied to the token embedding; logits ``[B, V, T]`` with cross-entropy, the
+    mean over the ``B·T`` predicted characters (nats/char). Embeddings are drawn from
+    N(0, 1/d) (tied to the head, PyTorch's N(0, 1) would start with logits of scale √d),
+    the rest with PyTorch's defaults.
+
+    Data (:func:`~curvlib.bench.data.load_char_corpus`): the first 1,000,000 characters of
+    the running interpreter's standard-library sources (``argparse``, ``typing``,
+    ``inspect``, … in a fixed order; nothing downloaded), 98 character ids (tab, newline,
+    printable ASCII, one unknown id), the last 10 % of the text held out as the test set,
+    windows of T + 1 = 65 characters (inputs: the first 64, targets: the next character of
+    each), batch size 64 windows. ``path``: a text file or a folder of text files instead.
+    ``seed`` does not change the data (the split is by position).
+
+    ``small``: d = 32, 2 heads, 2 blocks, MLP 32-128-32, T = 32, the first 200,000 characters.
+
+    Learning rates (:attr:`Problem.hyperparameter_defaults`; the best of a short grid, 200
+    steps ``small``, 300 full): SGD 0.1 (``small``) / 0.03 (SGD at 0.3 diverges on the full
+    model), Adam and AdamW 1e-2 / 1e-3.
+    """
+    if small:
+        seq_len, d, heads, layers, d_ff, max_chars = 32, 32, 2, 2, 128, 200_000
+        sgd_lr, adam_lr = 0.1, 1e-2
+    else:
+        seq_len, d, heads, layers, d_ff, max_chars = 64, 128, 4, 4, 512, 1_000_000
+        sgd_lr, adam_lr = 0.03, 1e-3
+    data = load_char_corpus(path, seq_len=seq_len, max_chars=max_chars)
+    vocab = data.vocab_size
+
+    def build() -> nn.Module:
+        return CharTransformer(vocab, seq_len, d, heads, layers, d_ff)
+
+    return _problem(
+        "char_lm", build=build, loss_fn=nn.CrossEntropyLoss(), dataset=data, batch_size=64, task="next_token",
+        init=functools.partial(init_module, embedding_std=d ** -0.5), loss_unit="nats/char",
+        default_methods=MODERN_METHODS,
+        hyperparameter_defaults={"sgd": {"lr": sgd_lr}, "adam": {"lr": adam_lr}, "adamw": {"lr": adam_lr}},
+        description=f"character transformer LM: d={d}, {layers} pre-norm blocks ({heads}-head causal attention, "
+        f"{d}-{d_ff}-{d} GELU MLP), tied {vocab}x{d} embedding/head, T={seq_len}, cross-entropy per character",
+    )
+
+
+def mnist_resnet(*, small: bool = False, seed: int = 0, path: str | Path | None = None) -> Problem:
+    """A small ResNet with batch normalization on 28×28 MNIST.
+
+    ``[B, 784] → [B, 1, 28, 28]`` → stem Conv2d(1→16, 3×3, pad 1) + BatchNorm2d + ReLU →
+    three :class:`~curvlib.bench.models.ResidualBlock` (conv3×3-BN-ReLU-conv3×3-BN plus
+    the shortcut, then ReLU): 16→16 at 28×28 (identity shortcut), 16→32 with stride 2
+    (→ 14×14) and 32→64 with stride 2 (→ 7×7), both with a 1×1-conv + BN shortcut →
+    global average pool ``[B, 64]`` → Linear(64→10) → cross-entropy; batch size 128.
+    The convolutions have no bias (each is followed by a batch norm); the batch norms
+    train on batch statistics (``model.train()``) and evaluate with their running ones.
+    ``small``: 8, 16 and 32 channels, 1,024 images. Adam and AdamW learning rate 1e-2 (the best
+    of {1e-3, 3e-3, 1e-2} after 200 steps at both sizes; SGD's default 0.3 was best of
+    {0.03, 0.1, 0.3}).
+    """
+    c = 8 if small else 16
+    data = _mnist(small, seed, path, "mnist_resnet")
+
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),  # [B, c, 28, 28]
+            ResidualBlock(c, c),                                                      # [B, c, 28, 28]
+            ResidualBlock(c, 2 * c, stride=2),                                        # [B, 2c, 14, 14]
+            ResidualBlock(2 * c, 4 * c, stride=2),                                    # [B, 4c, 7, 7]
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10),
+        )
+
+    return _problem(
+        "mnist_resnet", build=build, loss_fn=nn.CrossEntropyLoss(), dataset=data, batch_size=128,
+        task="classification", default_methods=MODERN_METHODS,
+        hyperparameter_defaults={"adam": {"lr": 1e-2}, "adamw": {"lr": 1e-2}},
+        description=f"ResNet on MNIST: conv3x3({c})-BN-ReLU, residual blocks {c}->{c}, {c}->{2 * c}/2, "
+        f"{2 * c}->{4 * c}/2 (conv-BN-ReLU-conv-BN + shortcut), global average pool, linear(10), cross-entropy",
+    )
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "mnist_autoencoder": mnist_autoencoder,
     "faces_autoencoder": faces_autoencoder,
@@ -484,5 +677,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "digits_mlp": digits_mlp,
     "mnist_cnn": mnist_cnn,
     "mnist_conv_autoencoder": mnist_conv_autoencoder,
+    "mnist_resnet": mnist_resnet,
+    "char_lm": char_lm,
 }
 """Builder of each problem by name: ``PROBLEMS[name](small=..., seed=..., path=...)``."""

@@ -1,7 +1,8 @@
 """What ``curvlib bench`` reports: time-to-target, the summary table, the plots.
 
 * :func:`time_to_target` — the first evaluation point of a curve at or below a target loss;
-* :func:`summarize` — per problem, the final training and test losses of each method,
+* :func:`summarize` — per problem, the final training and test losses of each method
+  (also in bits when the loss is in nats: bits/char for a character language model),
   the steps and the training time it took to reach the target loss (by default Adam's
   best final training loss × 1.05), and the ratio of each method's time-to-target to
   Adam's; also the time per step relative to SGD's;
@@ -22,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "TargetHit",
+    "bits_unit",
     "format_summary",
     "plot_runs",
     "rich_summary",
@@ -82,6 +84,18 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def bits_unit(loss_unit: str | None) -> str | None:
+    """The unit of the loss in bits when ``loss_unit`` is in nats (``"nats/char"`` →
+    ``"bits/char"``), else ``None``."""
+    if loss_unit is not None and loss_unit.startswith("nats/"):
+        return "bits/" + loss_unit[len("nats/"):]
+    return None
+
+
+def _bits(nats: float | None) -> float | None:
+    return None if nats is None else nats / math.log(2.0)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None
@@ -98,10 +112,12 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
     exists (then no time-to-target is reported).
 
     Returns ``{"target_margin", "problems": {problem: {"target_loss", "target_source",
-    "runs": [row, ...]}}}``; each row holds ``method``, ``status``, ``lr``, ``damping``,
-    ``final_train_loss``, ``final_test_loss``, ``steps``, ``train_time``,
-    ``time_per_step``, ``step_time_vs_sgd`` (this method's mean step time ÷ SGD's),
-    ``steps_to_target``, ``time_to_target`` and ``time_to_target_vs_adam``.
+    "loss_unit", "bits_unit", "runs": [row, ...]}}}``; each row holds ``method``,
+    ``status``, ``lr``, ``damping``, ``final_train_loss``, ``final_test_loss``,
+    ``final_train_bits`` and ``final_test_bits`` (the losses ÷ ln 2 when ``loss_unit`` is
+    in nats, e.g. bits/char; else ``None``), ``steps``, ``train_time``, ``time_per_step``,
+    ``step_time_vs_sgd`` (this method's mean step time ÷ SGD's), ``steps_to_target``,
+    ``time_to_target`` and ``time_to_target_vs_adam``.
     """
     problems: dict[str, dict[str, Any]] = {}
     order: list[str] = []
@@ -126,16 +142,21 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
                 r.eval_step, r.eval_wall_time, r.eval_train_loss, target)
         step_time = {r.method: (r.total_time / r.steps_done if r.steps_done else None) for r in runs}
         ref_hit = hits.get(REFERENCE_METHOD)
+        loss_unit = next((r.loss_unit for r in runs if r.loss_unit), None)
+        in_bits = bits_unit(loss_unit)
         rows = []
         for r in runs:
             hit = hits[r.method]
+            train, test = _finite(r.final_train_loss), _finite(r.final_test_loss)
             rows.append({
                 "method": r.method,
                 "status": r.status,
                 "lr": r.hyperparameters.get("lr"),
                 "damping": r.hyperparameters.get("damping"),
-                "final_train_loss": _finite(r.final_train_loss),
-                "final_test_loss": _finite(r.final_test_loss),
+                "final_train_loss": train,
+                "final_test_loss": test,
+                "final_train_bits": _bits(train) if in_bits else None,
+                "final_test_bits": _bits(test) if in_bits else None,
                 "steps": r.steps_done,
                 "train_time": r.total_time,
                 "time_per_step": step_time[r.method],
@@ -144,7 +165,8 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
                 "time_to_target": None if hit is None else hit.time,
                 "time_to_target_vs_adam": None if hit is None or ref_hit is None else _ratio(hit.time, ref_hit.time),
             })
-        problems[name] = {"target_loss": target, "target_source": source, "runs": rows}
+        problems[name] = {"target_loss": target, "target_source": source, "loss_unit": loss_unit,
+                          "bits_unit": in_bits, "runs": rows}
     return {"target_margin": target_margin, "problems": problems}
 
 
@@ -165,6 +187,17 @@ _COLUMNS = (
 )
 
 
+def _columns(problem: dict[str, Any]) -> tuple[tuple[str, str, str, str], ...]:
+    """:data:`_COLUMNS`, with the final losses in bits after the test loss when the loss is in nats."""
+    unit = problem.get("bits_unit")
+    if not unit:
+        return _COLUMNS
+    at = [key for key, *_ in _COLUMNS].index("final_test_loss") + 1
+    bits = (("final_train_bits", f"train {unit}", "{:.4g}", f"tr {unit}"),
+            ("final_test_bits", f"test {unit}", "{:.4g}", f"te {unit}"))
+    return _COLUMNS[:at] + bits + _COLUMNS[at:]
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
@@ -175,15 +208,17 @@ def _header(name: str, problem: dict[str, Any]) -> str:
     target = problem["target_loss"]
     if target is None:
         return f"{name}: no target loss (no adam run; pass --target-loss)"
-    return f"{name}: target training loss {target:.5g} ({problem['target_source']})"
+    unit = f" {problem['loss_unit']}" if problem.get("loss_unit") else ""
+    return f"{name}: target training loss {target:.5g}{unit} ({problem['target_source']})"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as plain-text tables, one per problem."""
     blocks = []
     for name, problem in summary["problems"].items():
-        header = [title for _, title, _, _ in _COLUMNS]
-        body = [[_cell(row[key], fmt) for key, _, fmt, _ in _COLUMNS] for row in problem["runs"]]
+        columns = _columns(problem)
+        header = [title for _, title, _, _ in columns]
+        body = [[_cell(row.get(key), fmt) for key, _, fmt, _ in columns] for row in problem["runs"]]
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
 
         def line(cells: list[str]) -> str:
@@ -204,10 +239,11 @@ def rich_summary(summary: dict[str, Any]) -> list[Any]:
         table = Table(title=_header(name, problem), title_justify="left",
                       caption="T: target loss; s→T: training seconds to reach it; ÷adam: that time ÷ Adam's",
                       caption_justify="left")
-        for i, (_, _, _, short) in enumerate(_COLUMNS):
+        columns = _columns(problem)
+        for i, (_, _, _, short) in enumerate(columns):
             table.add_column(short, justify="left" if i == 0 else "right", no_wrap=True)
         for row in problem["runs"]:
-            table.add_row(*[_cell(row[key], fmt) for key, _, fmt, _ in _COLUMNS])
+            table.add_row(*[_cell(row.get(key), fmt) for key, _, fmt, _ in columns])
         tables.append(table)
     return tables
 
@@ -265,8 +301,10 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
         ]
         if any(any(v is not None for v in r.eval_test_loss) for r in runs):
             panels.append(("test_loss_vs_epoch", "epoch", "test loss", "eval_epoch", "eval_test_loss"))
+        unit = next((r.loss_unit for r in runs if r.loss_unit), None)
         for suffix, xlabel, ylabel, xkey, ykey in panels:
-            fig, ax = _figure(f"{problem}: {ylabel} vs {xlabel.split(' [')[0]}", xlabel, ylabel)
+            fig, ax = _figure(f"{problem}: {ylabel} vs {xlabel.split(' [')[0]}", xlabel,
+                              f"{ylabel} [{unit}]" if unit else ylabel)
             plotted = False
             for r, color in zip(runs, colors):
                 xs, ys = _points(getattr(r, xkey), getattr(r, ykey))

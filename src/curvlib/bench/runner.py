@@ -43,6 +43,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from curvlib.bench.data import TokenDataset
 from curvlib.bench.methods import Hyperparameters, Method, build_training_step, resolve_method
 from curvlib.bench.problems import PROBLEMS, Problem
 from curvlib.config import StrictModel, validate_options
@@ -68,7 +69,9 @@ __all__ = [
 ]
 
 #: Problems and methods of a bare ``curvlib bench``: the thesis's MNIST auto-encoder
-#: (``small=True``) with the baselines and the KFAC family of chapter 3.
+#: (``small=True``) with the baselines and the KFAC family of chapter 3. A problem that
+#: names its own :attr:`~curvlib.bench.problems.Problem.default_methods` (``char_lm``,
+#: ``mnist_resnet``) runs those instead when no methods are given.
 DEFAULT_PROBLEMS: tuple[str, ...] = ("mnist_autoencoder",)
 DEFAULT_METHODS: tuple[str, ...] = ("sgd", "adam", "kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
 DEFAULT_STEPS = 200
@@ -152,7 +155,9 @@ class BenchConfig(StrictModel):
 
     Attributes:
         problems: names from :data:`curvlib.bench.problems.PROBLEMS`.
-        methods: method names or :class:`MethodConfig` entries.
+        methods: method names or :class:`MethodConfig` entries, run on every problem;
+            ``None`` (the default): each problem's own ``default_methods``, else
+            :data:`DEFAULT_METHODS` (:meth:`methods_for`).
         steps / epochs: run length, in optimizer steps or in passes over the training
             set (at most one of them; neither: :data:`DEFAULT_STEPS` steps).
         batch_size: ``None``: each problem's own (the thesis's) batch size.
@@ -187,7 +192,7 @@ class BenchConfig(StrictModel):
     """
 
     problems: tuple[str, ...] = DEFAULT_PROBLEMS
-    methods: tuple[MethodConfig, ...] = tuple(MethodConfig(name=m) for m in DEFAULT_METHODS)
+    methods: tuple[MethodConfig, ...] | None = None
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
@@ -239,7 +244,9 @@ class BenchConfig(StrictModel):
 
     @field_validator("methods")
     @classmethod
-    def _some_methods(cls, methods: tuple[MethodConfig, ...]) -> tuple[MethodConfig, ...]:
+    def _some_methods(cls, methods: tuple[MethodConfig, ...] | None) -> tuple[MethodConfig, ...] | None:
+        if methods is None:
+            return None
         if not methods:
             raise ValueError("at least one method is needed")
         names = [m.name for m in methods]
@@ -259,10 +266,19 @@ class BenchConfig(StrictModel):
         """Validate ``data`` (raises :class:`~curvlib.errors.ConfigError` naming the fields)."""
         return validate_options(cls, dict(data), where=where)  # type: ignore[return-value]
 
-    def hyperparameters(self, method: Method, entry: MethodConfig) -> Hyperparameters:
+    def methods_for(self, problem: Problem) -> tuple[MethodConfig, ...]:
+        """The methods run on ``problem``: :attr:`methods`, or when that is ``None`` the
+        problem's ``default_methods``, else :data:`DEFAULT_METHODS`."""
+        if self.methods is not None:
+            return self.methods
+        return tuple(MethodConfig(name=m) for m in (problem.default_methods or DEFAULT_METHODS))
+
+    def hyperparameters(self, method: Method, entry: MethodConfig, problem: Problem | None = None) -> Hyperparameters:
         """The settings of ``method``: its :class:`MethodConfig` entry, then the global
-        values, then the method's defaults."""
-        values = {k: getattr(self, k) for k in _GLOBAL_HP if getattr(self, k) is not None}
+        values, then the defaults ``problem`` gives the method's family
+        (:attr:`~curvlib.bench.problems.Problem.hyperparameter_defaults`), then the method's defaults."""
+        values = dict(problem.hyperparameter_defaults.get(method.family, {})) if problem is not None else {}
+        values.update({k: getattr(self, k) for k in _GLOBAL_HP if getattr(self, k) is not None})
         if not method.is_natural_gradient:
             for key in ("damping", "damping_kind", "kl_clip", "update_every", "invert_every", "ema", "mc_samples"):
                 values.pop(key, None)
@@ -459,7 +475,9 @@ class RunRecord:
         hyperparameters: the :class:`~curvlib.bench.methods.Hyperparameters` used, as a dict.
         preconditioner_config: the ``PreconditionerConfig`` as a dict (``None`` for SGD/Adam).
         optimizer: the optimizer class's qualified name.
-        seed, batch_size, steps_planned, steps_per_epoch, n_train, n_test, small: the setting.
+        seed, batch_size, steps_planned, steps_per_epoch, n_train, n_test, small: the setting
+            (``n_train``, ``n_test``: inputs — windows for a next-token problem).
+        loss_unit: what one unit of the loss is (``"nats/char"``), ``None`` when unstated.
         train_loss: ``[steps]`` the loss of each batch, before its step.
         wall_time: ``[steps]`` cumulative timed seconds after each step.
         eval_step, eval_epoch, eval_wall_time, eval_train_loss, eval_test_loss: at each
@@ -487,6 +505,7 @@ class RunRecord:
     n_train: int
     n_test: int
     small: bool
+    loss_unit: str | None = None
     train_loss: list[float] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     eval_step: list[int] = field(default_factory=list)
@@ -569,16 +588,28 @@ def versions() -> dict[str, Any]:
     }
 
 
+#: Inputs per forward pass of :func:`evaluate`, and for a next-token problem the tokens
+#: (``EVAL_CHUNK_TOKENS // T`` windows: long chunks of a transformer run slower on a CPU).
+EVAL_CHUNK = 2048
+EVAL_CHUNK_TOKENS = 4096
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, problem: Problem, split: Literal["train", "test"], *,
-             limit: int | None = None, chunk: int = 2048) -> float | None:
-    """The mean loss of ``model`` (in eval mode) over the first ``limit`` inputs of ``split``.
+             limit: int | None = None, chunk: int | None = None) -> float | None:
+    """The mean loss of ``model`` (in eval mode) over the first ``limit`` inputs of ``split``
+    (for a next-token problem: windows, the loss the mean over their tokens).
 
-    ``loss_fn`` is mean-reduced, so chunk means are recombined weighted by chunk size.
-    Returns ``None`` for an empty split.
+    ``loss_fn`` is mean-reduced, so chunk means are recombined weighted by chunk size
+    (windows all have ``T`` tokens). ``chunk``: inputs per forward pass; ``None``:
+    :data:`EVAL_CHUNK`, or ``EVAL_CHUNK_TOKENS // T`` windows. Returns ``None`` for an
+    empty split.
     """
     X = problem.dataset.X_train if split == "train" else problem.dataset.X_test
     y = problem.dataset.y_train if split == "train" else problem.dataset.y_test
+    if chunk is None:
+        chunk = max(1, EVAL_CHUNK_TOKENS // problem.dataset.seq_len) if isinstance(problem.dataset, TokenDataset) \
+            else EVAL_CHUNK
     n = X.shape[0] if limit is None else min(limit, X.shape[0])
     if n == 0:
         return None
@@ -683,7 +714,8 @@ def train(
         preconditioner_config=stepper.preconditioner_config,
         optimizer=f"{type(stepper.optimizer).__module__}.{type(stepper.optimizer).__qualname__}",
         seed=seed, batch_size=problem.batch_size, steps_planned=steps, steps_per_epoch=spe,
-        n_train=problem.dataset.n_train, n_test=problem.dataset.n_test, small=small, versions=versions(),
+        n_train=problem.dataset.n_train, n_test=problem.dataset.n_test, small=small, loss_unit=problem.loss_unit,
+        versions=versions(),
     )
 
     def log_eval(step: int, elapsed: float) -> bool:
@@ -774,12 +806,15 @@ def _run_steps(config: BenchConfig, problem: Problem) -> int:
     return config.steps if config.steps is not None else DEFAULT_STEPS
 
 
-def resolve_methods(config: BenchConfig, registry: Any) -> list[tuple[Method, MethodConfig]]:
-    """Every configured method resolved against ``registry`` (all checked before anything runs)."""
-    resolved = []
-    for entry in config.methods:
-        resolved.append((resolve_method(entry.name, registry), entry))
-    return resolved
+def resolve_methods(config: BenchConfig, registry: Any, problem: Problem | None = None
+                    ) -> list[tuple[Method, MethodConfig]]:
+    """The methods run on ``problem`` (:meth:`BenchConfig.methods_for`; without a problem:
+    the configured ones, else :data:`DEFAULT_METHODS`) resolved against ``registry``."""
+    if problem is not None:
+        entries = config.methods_for(problem)
+    else:
+        entries = config.methods or tuple(MethodConfig(name=m) for m in DEFAULT_METHODS)
+    return [(resolve_method(entry.name, registry), entry) for entry in entries]
 
 
 def run_bench(
@@ -818,7 +853,10 @@ def run_bench(
         from curvlib.plugins import load_registry
 
         registry = load_registry()
-    methods = resolve_methods(config, registry)
+    if config.methods is not None:
+        resolve_methods(config, registry)  # a misspelt name fails before any data is loaded
+    problems = [build_problem(config, name) for name in config.problems]
+    methods = {problem.name: resolve_methods(config, registry, problem) for problem in problems}
     out_dir = Path(out) if out is not None else (Path(config.out) if config.out else default_out(config.name))
     out_dir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
@@ -831,15 +869,17 @@ def run_bench(
     grids: dict[tuple[str, str], Any] = {}
     try:
         config_path = out_dir / "config.json"
-        config_path.write_text(json.dumps({"config": config.model_dump(mode="json"), "versions": versions()},
-                                          indent=1) + "\n")
+        config_path.write_text(json.dumps({
+            "config": config.model_dump(mode="json"),
+            "methods_by_problem": {name: [entry.name for _, entry in run] for name, run in methods.items()},
+            "versions": versions(),
+        }, indent=1) + "\n")
         files.append(config_path)
-        for problem_name in config.problems:
-            problem = build_problem(config, problem_name)
+        for problem in problems:
             steps = _run_steps(config, problem)
             warm_up(problem, config.warmup_steps)
-            for method, entry in methods:
-                hp = config.hyperparameters(method, entry)
+            for method, entry in methods[problem.name]:
+                hp = config.hyperparameters(method, entry, problem)
                 grid_info = None
                 if config.grid is not None:
                     grid_steps = config.grid.steps or max(10, steps // 4)
