@@ -108,9 +108,16 @@ def bench_config_from_args(args: argparse.Namespace) -> Any:
         if everyone is not None:
             data[key] = everyone
         if per:
-            from curvlib.bench.runner import DEFAULT_METHODS
+            from curvlib.bench.problems import default_methods_of
+            from curvlib.bench.runner import DEFAULT_METHODS, DEFAULT_PROBLEMS
 
-            entries = [e if isinstance(e, dict) else {"name": e} for e in data.get("methods", DEFAULT_METHODS)]
+            run = data.get("methods")
+            if run is None:  # each problem's own list: the union, in order
+                run = []
+                for prob in data.get("problems") or DEFAULT_PROBLEMS:
+                    own = default_methods_of(prob) or DEFAULT_METHODS
+                    run += [n for n in own if n not in run]
+            entries = [e if isinstance(e, dict) else {"name": e} for e in run]
             names = [e["name"] for e in entries]
             for name, x in per.items():
                 if name not in names:
@@ -137,7 +144,8 @@ def _list_methods(registry: Any) -> None:
     from curvlib.bench.methods import resolve_method
 
     out = sys.stdout
-    out.write("methods (also <approximator>_tikhonov and <approximator>+<coarse space>):\n")
+    out.write("methods (also <approximator>_reduce for KFAC-reduce weight sharing, <approximator>_tikhonov and "
+              "<approximator>+<coarse space>):\n")
     for name in _available(registry):
         out.write(f"  {name:<24} {resolve_method(name, registry).description}\n")
 

@@ -295,3 +295,32 @@ def test_a_third_party_approximator_kind_is_a_method_by_name(tiny, tmp_path):
     # the default registry does not know it: the error lists what it does know
     with pytest.raises(UnknownKindError, match="Valid methods: sgd, adam"):
         resolve_method("throwaway_kfac", load_registry(external=False))
+
+
+def test_a_failing_step_marks_the_run_failed_and_keeps_its_curve(tiny, registry, tmp_path, monkeypatch):
+    """A method that raises mid-run loses only its own run: status "failed", the error kept,
+    the steps done so far recorded, the JSON valid."""
+    import curvlib.bench.runner as runner
+
+    real = runner.build_training_step
+
+    def flaky(*args, **kwargs):
+        stepper = real(*args, **kwargs)
+        calls = {"n": 0}
+        step = stepper.step
+
+        def failing(X, y):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom at step 3")
+            return step(X, y)
+
+        stepper.step = failing
+        return stepper
+
+    monkeypatch.setattr(runner, "build_training_step", flaky)
+    record = train(tiny, resolve_method("sgd", registry), Hyperparameters(lr=0.1), steps=6, seed=0, registry=registry)
+    assert record.status == "failed" and record.error == "RuntimeError: boom at step 3"
+    assert record.steps_done == 2 and record.eval_train_loss[-1] is None
+    path = record.write(tmp_path / "r.json")
+    assert json.loads(path.read_text())["error"] == "RuntimeError: boom at step 3"

@@ -103,6 +103,7 @@ __all__ = [
     "mnist_resnet",
     "char_lm",
     "MODERN_METHODS",
+    "default_methods_of",
 ]
 
 # The thesis's architectures, appendix 3.D and §4.3.3 (widths of the Linear layers).
@@ -584,6 +585,12 @@ MODERN_METHODS: tuple[str, ...] = (
 )
 
 
+def default_methods_of(name: str) -> tuple[str, ...] | None:
+    """The methods ``curvlib bench`` runs on problem ``name`` when none are given (``None``:
+    the runner's :data:`~curvlib.bench.runner.DEFAULT_METHODS`)."""
+    return MODERN_METHODS if name in ("char_lm", "mnist_resnet") else None
+
+
 def char_lm(*, small: bool = False, seed: int = 0, path: str | Path | None = None) -> Problem:
     """A decoder-only character-level transformer language model on Python source code.
 
@@ -624,7 +631,7 @@ def char_lm(*, small: bool = False, seed: int = 0, path: str | Path | None = Non
     return _problem(
         "char_lm", build=build, loss_fn=nn.CrossEntropyLoss(), dataset=data, batch_size=64, task="next_token",
         init=functools.partial(init_module, embedding_std=d ** -0.5), loss_unit="nats/char",
-        default_methods=MODERN_METHODS,
+        default_methods=default_methods_of("char_lm"),
         hyperparameter_defaults={"sgd": {"lr": sgd_lr}, "adam": {"lr": adam_lr}, "adamw": {"lr": adam_lr}},
         description=f"character transformer LM: d={d}, {layers} pre-norm blocks ({heads}-head causal attention, "
         f"{d}-{d_ff}-{d} GELU MLP), tied {vocab}x{d} embedding/head, T={seq_len}, cross-entropy per character",
@@ -660,7 +667,7 @@ def mnist_resnet(*, small: bool = False, seed: int = 0, path: str | Path | None 
 
     return _problem(
         "mnist_resnet", build=build, loss_fn=nn.CrossEntropyLoss(), dataset=data, batch_size=128,
-        task="classification", default_methods=MODERN_METHODS,
+        task="classification", default_methods=default_methods_of("mnist_resnet"),
         hyperparameter_defaults={"adam": {"lr": 1e-2}, "adamw": {"lr": 1e-2}},
         description=f"ResNet on MNIST: conv3x3({c})-BN-ReLU, residual blocks {c}->{c}, {c}->{2 * c}/2, "
         f"{2 * c}->{4 * c}/2 (conv-BN-ReLU-conv-BN + shortcut), global average pool, linear(10), cross-entropy",

@@ -486,7 +486,9 @@ class RunRecord:
             steps_per_epoch), the timed seconds so far, the mean loss over the training
             inputs (the first ``eval_train_limit``) and over the test set (``None`` when
             there is none), in ``model.eval()`` mode.
-        status: ``"ok"``, ``"diverged"`` (a non-finite loss stopped it) or ``"early_stopped"``.
+        status: ``"ok"``, ``"diverged"`` (a non-finite loss stopped it), ``"early_stopped"``
+            or ``"failed"`` (a step raised; ``error`` says what, and the other runs go on).
+        error: ``"<ExceptionType>: <message>"`` of a failed run, else ``None``.
         grid: the grid search that chose the learning rate / damping, if any.
         versions: python, torch, numpy, curvlib, platform, torch threads.
     """
@@ -514,6 +516,7 @@ class RunRecord:
     eval_train_loss: list[float | None] = field(default_factory=list)
     eval_test_loss: list[float | None] = field(default_factory=list)
     status: str = "ok"
+    error: str | None = None
     grid: dict[str, Any] | None = None
     versions: dict[str, Any] = field(default_factory=dict)
 
@@ -737,7 +740,12 @@ def train(
     for step in range(1, steps + 1):
         X, y = next(batches)
         t0 = time.perf_counter()
-        loss = float(stepper.step(X, y))
+        try:
+            loss = float(stepper.step(X, y))
+        except Exception as exc:  # one method's failure must not lose the rest of a long job
+            record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+            progress.message(f"[{label}] step {step} failed: {record.error}")
+            break
         elapsed += time.perf_counter() - t0
         record.train_loss.append(loss)
         record.wall_time.append(elapsed)
@@ -757,7 +765,7 @@ def train(
             if patience is not None and stale >= patience and step < steps:
                 record.status = "early_stopped"
                 break
-    if record.status == "diverged" and (not record.eval_step or record.eval_step[-1] != record.steps_done):
+    if record.status in ("diverged", "failed") and (not record.eval_step or record.eval_step[-1] != record.steps_done):
         record.eval_step.append(record.steps_done)
         record.eval_epoch.append(record.steps_done / spe)
         record.eval_wall_time.append(elapsed)
