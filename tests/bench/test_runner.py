@@ -26,14 +26,6 @@ NG_OK, NG_WHY = natural_gradient_available()
 needs_ng = pytest.mark.skipif(not NG_OK, reason=f"curvlib.optim is not importable: {NG_WHY}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run fastest on one thread (and immune to a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def registry():

@@ -46,23 +46,28 @@ def _loss(case) -> float:
         return float(case.loss_fn(out, case.y))
 
 
+def _train(case, config, steps: int = 4) -> tuple[NaturalGradient, float, float]:
+    """``steps`` natural-gradient steps on the case's one batch: (optimizer, loss before, loss after)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm coupling
+        opt = NaturalGradient(case.model, case.loss_fn, config, lr=0.2, kl_clip=1e-2,
+                              generator=torch.Generator().manual_seed(0))
+        before = _loss(case)
+        for _ in range(steps):
+            opt.zero_grad()
+            out = case.model(*case.X) if isinstance(case.X, tuple) else case.model(case.X)
+            case.loss_fn(out, case.y).backward()
+            opt.step(batch=(case.X, case.y))
+        return opt, before, _loss(case)
+
+
 @pytest.mark.parametrize(("model", "approx"), list(_cases()))
 def test_natural_gradient_lowers_the_loss(model, approx):
     case = MODELS[model]()
     if model == "resnet":
         case.model.train()  # BatchNorm with the batch's statistics (coupled samples, warned)
     config = {"approximator": APPROXIMATORS[approx], "damping": {"kind": "heuristic", "value": 1e-2}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BatchNorm coupling
-        opt = NaturalGradient(case.model, case.loss_fn, config, lr=0.2, kl_clip=1e-2,
-                              generator=torch.Generator().manual_seed(0))
-        before = _loss(case)
-        for _ in range(4):
-            opt.zero_grad()
-            out = case.model(*case.X) if isinstance(case.X, tuple) else case.model(case.X)
-            case.loss_fn(out, case.y).backward()
-            opt.step(batch=(case.X, case.y))
-        after = _loss(case)
+    opt, before, after = _train(case, config)
     assert opt.preconditioner.excluded == []
     assert {id(p) for p in opt.preconditioner.params()} == {id(p) for p in case.model.parameters()}
     assert after < before, f"{model} with {approx}: loss {before:.4f} -> {after:.4f}"
@@ -75,15 +80,5 @@ def test_two_level_natural_gradient_lowers_the_loss(model, coarse):
     """A two-level KFAC (§4) over the same blocks: the coarse space spans every layer type."""
     case = MODELS[model]()
     config = {"approximator": {"kind": "kfac"}, "damping": {"kind": "heuristic", "value": 1e-2}, **coarse}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = NaturalGradient(case.model, case.loss_fn, config, lr=0.2, kl_clip=1e-2,
-                              generator=torch.Generator().manual_seed(0))
-        before = _loss(case)
-        for _ in range(4):
-            opt.zero_grad()
-            out = case.model(*case.X) if isinstance(case.X, tuple) else case.model(case.X)
-            case.loss_fn(out, case.y).backward()
-            opt.step(batch=(case.X, case.y))
-        after = _loss(case)
+    opt, before, after = _train(case, config)
     assert opt.preconditioner.excluded == [] and after < before, f"{model}: loss {before:.4f} -> {after:.4f}"

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from curvlib.bench.models import ResidualBlock
+
 __all__ = [
     "ModelCase",
     "TinyMixedModel",
@@ -213,25 +215,6 @@ def tiny_transformer_lm(
 
 
 # --------------------------------------------------------------------------- residual network
-class _ResidualBlock(nn.Module):
-    """relu(BN(conv(relu(BN(conv(x))))) + shortcut(x)); the shortcut is the identity, or a
-    strided 1×1 conv + BN when the shape changes."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-
 class TinyResNet(nn.Module):
     """images ``[m, c_in, H, W]`` -> logits ``[m, classes]``: stem conv(3×3) + BN + ReLU, an
     identity block at ``width`` channels, a strided block to ``2·width`` channels (1×1-conv
@@ -240,10 +223,10 @@ class TinyResNet(nn.Module):
     def __init__(self, c_in: int = 1, width: int = 4, classes: int = 5, *, downsample: bool = True) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        blocks = [_ResidualBlock(width, width, 1)]
+        blocks = [ResidualBlock(width, width, 1)]
         c_out = width
         if downsample:
-            blocks.append(_ResidualBlock(width, 2 * width, 2))
+            blocks.append(ResidualBlock(width, 2 * width, 2))
             c_out = 2 * width
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
