@@ -71,9 +71,6 @@ class ForwardRecord:
                 )
         self.uses[i].extend(uses)
 
-    def called(self) -> list[int]:
-        """Indices of the adapters whose module was called in the forward."""
-        return [i for i, u in enumerate(self.uses) if u]
 
 
 def _make_hook(record: ForwardRecord, indices: Sequence[int]) -> Callable:

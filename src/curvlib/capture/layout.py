@@ -45,6 +45,7 @@ __all__ = [
     "BlockCandidate",
     "LayerBlock",
     "Placement",
+    "batch_coupled_modules",
     "blocks_params",
     "blocks_params_to_vector",
     "blocks_vector_to_params",
@@ -440,9 +441,14 @@ def warn_excluded(excluded: dict[str, str], *, stacklevel: int = 3) -> None:
     )
 
 
+def batch_coupled_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that couple the samples of a batch: BatchNorm in training mode."""
+    return [n for n, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training]
+
+
 def warn_batch_coupling(model: nn.Module, *, stacklevel: int = 3) -> None:
     """Warn (:class:`BatchCouplingWarning`) if a BatchNorm module of ``model`` is in training mode."""
-    coupled = [n for n, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training]
+    coupled = batch_coupled_modules(model)
     if coupled:
         warnings.warn(
             f"BatchNorm module(s) {coupled} are in training mode: batch statistics couple the samples, so the "

@@ -34,6 +34,7 @@ from curvlib.capture.hooks import backpropagate_columns, capture_forward, check_
 from curvlib.capture.layout import (
     BlockCandidate,
     LayerBlock,
+    batch_coupled_modules,
     blocks_params,
     find_layers,
     warn_batch_coupling,
@@ -162,7 +163,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         if m is not None and output.ndim > 0 and output.shape[0] != m:
             raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the inputs {m} samples")
         loss_model.check(output, target)
-        if not _batch_coupled(model):  # BatchNorm in training mode mixes samples by design (warned above)
+        if not batch_coupled_modules(model):  # BatchNorm in training mode mixes samples by design (warned above)
             check_samples_independent(output, record)
         called = [c for c in candidates if any(record.uses[index[id(ad)]] for ad in c.adapters)]
         for c in candidates:
@@ -192,10 +193,6 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         loss=loss.detach(),
         gradient=gradient,
     )
-
-
-def _batch_coupled(model: nn.Module) -> bool:
-    return any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in model.modules())
 
 
 def _exclude_uncalled(c: BlockCandidate, excluded: dict[str, str]) -> None:

@@ -234,11 +234,6 @@ class LayerStatistics:
     def device(self) -> torch.device:
         return self.uses[0].g.device
 
-    @property
-    def positions(self) -> int:
-        """Σ_u T_u, the positions of all uses."""
-        return sum(u.T for u in self.uses)
-
     def _single(self, what: str) -> Use:
         if len(self.uses) != 1:
             raise ShapeError(f"LayerStatistics.{what}: this block has {len(self.uses)} uses; iterate over .uses")
@@ -274,10 +269,6 @@ class LayerStatistics:
     # -- copies -------------------------------------------------------------------------------
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerStatistics:
         return LayerStatistics(uses=[u.to(dtype, device) for u in self.uses], scale=self.scale, has_bias=self.has_bias)
-
-    def select(self, b0: int, b1: int) -> LayerStatistics:
-        """The statistics of samples b0 … b1 − 1 (same scale)."""
-        return LayerStatistics(uses=[u.select(b0, b1) for u in self.uses], scale=self.scale, has_bias=self.has_bias)
 
     def num_nonfinite(self) -> tuple[int, int]:
         """(non-finite entries of the rows, of the columns), summed over uses."""
@@ -353,7 +344,8 @@ class LayerStatistics:
         b1 = self.m if b1 is None else b1
         D = None
         for use in self.uses:
-            Du = use.a.select(b0, b1).sample_outer(use.g[b0:b1])  # [mb, c, own d_g, own d_a]
+            part = use.select(b0, b1)
+            Du = part.a.sample_outer(part.g)  # [mb, c, own d_g, own d_a]
             if use.transposed:
                 Du = Du.transpose(-1, -2)
             D = Du if D is None else D + Du

@@ -132,18 +132,6 @@ class Geometry:
         for combo in itertools.product(*ranges):
             yield tuple(c[0] for c in combo), tuple(c[1] for c in combo)
 
-    def pair_mask(self, radius: int | None, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-        """0/1 mask ``[T, T]`` of the pairs with ‖t − t'‖∞ ≤ ``radius`` (all for ``None``).
-
-        O(T²) memory: a reference for tests and small layers, not a hot path.
-        """
-        T = self.T
-        if not self.shape or radius is None:
-            return torch.ones(T, T, dtype=dtype, device=device)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in self.shape], indexing="ij"), dim=-1).reshape(T, -1)
-        dist = (coords[:, None, :] - coords[None, :, :]).abs().amax(dim=-1)
-        return (dist <= radius).to(dtype=dtype, device=device)
-
     def __repr__(self) -> str:
         k = "" if self.kernel is None else f", kernel={self.kernel}"
         return f"Geometry({self.kind!r}, {self.shape}{k})"

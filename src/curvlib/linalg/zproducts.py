@@ -155,11 +155,6 @@ class PositionZOperator(ZOperator):
                 )
             self._a = rows.dense()
 
-    @property
-    def a(self) -> torch.Tensor:
-        """The activation rows as a tensor ``[m, T, d_a]`` (dense copy for one-hot rows)."""
-        return self.rows.dense()
-
     # -- T = 1 or r = 0 -------------------------------------------------------------------------
     def _independent_matvec(self, Vm: torch.Tensor) -> torch.Tensor:
         gV = torch.einsum("bctg,kgh->kbcth", self.g, Vm)  # [k, m, c, T, d_g]
