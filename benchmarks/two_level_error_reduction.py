@@ -66,7 +66,7 @@ import torch
 import curvlib
 from curvlib.approximators.api import approximate
 from curvlib.bench.problems import PROBLEMS
-from curvlib.coarse import exact_natural_gradient, two_level
+from curvlib import exact_natural_gradient, two_level
 from curvlib.damping.api import damped_inverse
 from curvlib.errors import NumericalWarning, PerformanceWarning
 from curvlib.plugins import load_registry

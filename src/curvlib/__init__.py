@@ -10,7 +10,7 @@ Subpackages follow the layering of DESIGN.md §2 (imports point downward only):
 
 from curvlib import approximators, coarse, damping, errors, linalg, optim, plugins, precond
 from curvlib.approximators import BlockDiagonalApproximation, approximate, approximation_error
-from curvlib.coarse.api import block_natural_gradient, exact_natural_gradient, two_level
+from curvlib.coarse.api import two_level
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
 from curvlib.capture.layout import LayerBlock
 from curvlib.curvatures.api import curvature
@@ -20,6 +20,7 @@ from curvlib.damping import BlockDiagonalInverse, damped_inverse
 from curvlib.errors import CurvlibError, NumericalWarning, PerformanceWarning
 from curvlib.optim import NaturalGradient
 from curvlib.precond import Preconditioner, PreconditionerConfig, build_preconditioner
+from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
 
 __version__ = "0.1.0"
 

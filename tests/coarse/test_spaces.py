@@ -9,7 +9,14 @@ import coarse_reference as ref
 from curvlib.approximators.api import approximate
 from curvlib.coarse import CoarseBasis, Partition, two_level
 from curvlib.damping.api import damped_inverse
-from curvlib.linalg import KroneckerEigen, unvec
+from curvlib.linalg import (
+    BlockDiagonalOperator,
+    DampedKroneckerFactors,
+    FactorEigenbasis,
+    KroneckerEigen,
+    LayerBlockOperator,
+    unvec,
+)
 from curvlib.plugins import load_registry
 from curvlib.testing import assert_close
 
@@ -121,37 +128,43 @@ def test_spectral_column_is_the_smallest_eigenvector(arch, kind, registry):
         assert s.numel() == 1 or s[1:].max() < 1e-10 * s[0]
 
 
-class _ExposesEigen:
-    """A first level that exposes its per-layer KroneckerEigen, as a damping may."""
+class _Wrapped(LayerBlockOperator):
+    """A first-level block applying ``inner``; subclasses declare one capability."""
 
-    def __init__(self, inv, F):
-        self.inv = inv
-        self.slices = inv.slices
-        self.blocks = []
-        for i in range(len(F.layers)):
-            Ad, Gd = ref.pi_damped(*ref.factors(F, i), LAM)
-            blk = type("Blk", (), {})()
-            blk.eigen = KroneckerEigen.from_factors(Ad, Gd)
-            self.blocks.append(blk)
+    def __init__(self, inner):
+        self.inner = inner
 
-    def __matmul__(self, x):
-        return self.inv @ x
+    a_dim = property(lambda self: self.inner.a_dim)
+    b_dim = property(lambda self: self.inner.b_dim)
+    dtype = property(lambda self: self.inner.dtype)
+    device = property(lambda self: self.inner.device)
+
+    def _apply(self, X):
+        return self.inner._apply(X)
 
 
-class _FactorsOnly:
-    """A first level exposing only its blocks' damped factors (no eigendecomposition)."""
+class _EigenBlock(_Wrapped, FactorEigenbasis):
+    def __init__(self, inner, eig):
+        super().__init__(inner)
+        self._eig = eig
 
-    def __init__(self, inv):
-        self.inv = inv
-        self.slices = inv.slices
-        self.blocks = []
-        for b in inv.blocks:
-            blk = type("Blk", (), {})()
-            blk.damped_factors = b.damped_factors
-            self.blocks.append(blk)
+    eigen = property(lambda self: self._eig)
 
-    def __matmul__(self, x):
-        return self.inv @ x
+
+class _FactorsBlock(_Wrapped, DampedKroneckerFactors):
+    damped_factors = property(lambda self: self.inner.damped_factors)
+
+
+def _ExposesEigen(inv, F):
+    """A first level whose blocks declare their per-layer KroneckerEigen, as a damping may."""
+    blocks = [_EigenBlock(b, KroneckerEigen.from_factors(*ref.pi_damped(*ref.factors(F, i), LAM)))
+              for i, b in enumerate(inv.blocks)]
+    return BlockDiagonalOperator(blocks, inv.slices)
+
+
+def _FactorsOnly(inv):
+    """A first level whose blocks declare only their damped factors (no eigendecomposition)."""
+    return BlockDiagonalOperator([_FactorsBlock(b) for b in inv.blocks], inv.slices)
 
 
 def test_spectral_sources_agree(registry):

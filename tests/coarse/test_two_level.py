@@ -9,8 +9,8 @@ import torch
 
 import coarse_reference as ref
 from curvlib.approximators.api import approximate
+from curvlib.precond.references import BlockNaturalGradient
 from curvlib.coarse import (
-    BlockNaturalGradient,
     CoarseBasis,
     CoarseSpace,
     Partition,

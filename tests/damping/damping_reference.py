@@ -9,9 +9,11 @@ with a dense ``eigh`` of the whole matrix, never factor by factor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+
 
 import torch
+
+from curvlib.linalg import BlockDiagonalOperator, ShiftSolvable
 
 F64 = torch.float64
 
@@ -105,52 +107,34 @@ def assert_solve_accuracy(actual: torch.Tensor, expected: torch.Tensor, M: torch
     assert bool((err <= bound).all()), f"error {err.tolist()} above κ·tol bound {bound.tolist()} (κ = {cond:.3e})"
 
 
-@dataclass
-class FakeApproximation:
-    """A stand-in for the approximators' BlockDiagonalApproximation: blocks and slices."""
-
-    blocks: list
-    slices: list = field(default_factory=list)
-    p: int | None = None  # the flat size; default: the blocks' sizes summed
-
-    def __post_init__(self):
-        if not self.slices:
-            start = 0
-            for b in self.blocks:
-                p = b.a_dim * b.b_dim
-                self.slices.append(slice(start, start + p))
-                start += p
-
-    @property
-    def shape(self):
-        p = self.p if self.p is not None else sum(b.a_dim * b.b_dim for b in self.blocks)
-        return (p, p)
-
-    @property
-    def dtype(self):
-        return self.blocks[0].dtype
-
-    @property
-    def device(self):
-        return self.blocks[0].device
+def FakeApproximation(blocks, slices=None, p=None):
+    """A block-diagonal approximation without the approximators: the typed
+    :class:`~curvlib.linalg.BlockDiagonalOperator` the dampings consume (slices default to
+    the blocks one after another)."""
+    if not slices:
+        slices, start = [], 0
+        for b in blocks:
+            slices.append(slice(start, start + b.a_dim * b.b_dim))
+            start += b.a_dim * b.b_dim
+    return BlockDiagonalOperator(list(blocks), list(slices), p=p)
 
 
-class FakeExactBlock:
-    """A stand-in for the approximators' ExactBlock: a dense PSD block F [p, p] with the
-    documented interface (``tikhonov_solve`` returns (F + λI)⁻¹ vec(X) in matrix form)."""
+class FakeExactBlock(ShiftSolvable):
+    """A stand-in for the approximators' ExactBlock: a dense PSD block F [p, p] declaring the
+    ShiftSolvable capability (``tikhonov_solve`` returns (F + λI)⁻¹ vec(X) in matrix form)."""
 
     def __init__(self, F: torch.Tensor, a_dim: int, b_dim: int) -> None:
         self.F = F
-        self.a_dim, self.b_dim = a_dim, b_dim
-        self.shape = F.shape
-        self.dtype, self.device = F.dtype, F.device
+        self._a_dim, self._b_dim = a_dim, b_dim
         self.calls = 0
 
-    def matvec(self, x):
-        return self.F @ x
+    a_dim = property(lambda self: self._a_dim)
+    b_dim = property(lambda self: self._b_dim)
+    dtype = property(lambda self: self.F.dtype)
+    device = property(lambda self: self.F.device)
 
-    def to_dense(self):
-        return self.F
+    def _apply(self, X):
+        return unvec((self.F @ vec(X).T).T, self._b_dim, self._a_dim)
 
     def tikhonov_solve(self, X, lam):
         self.calls += 1

@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from curvlib.errors import DTypeDeviceError, ShapeError
-from curvlib.linalg.kron import KroneckerSum, kron, kron_matvec, unvec, vec
+from curvlib.linalg.kron import kron, kron_matvec, unvec, vec
+from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.testing.compare import assert_close, default_tolerances
 from curvlib.testing.strategies import dims, matrices, seeds, spd_matrices
 

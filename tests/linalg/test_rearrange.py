@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from curvlib.errors import NumericalError, ShapeError
-from curvlib.linalg.kron import KroneckerSum
+from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.linalg.rearrange import factors_from_singular, nearest_kronecker, rearrange, unrearrange
 from curvlib.testing.compare import assert_close, default_tolerances
 from curvlib.testing.strategies import dims, linear_statistics, matrices, seeds

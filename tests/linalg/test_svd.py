@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
-from curvlib.linalg.operator import DenseZOperator
+from curvlib.linalg.zproducts import DenseZOperator
 from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
 from curvlib.testing.compare import assert_close
 from curvlib.testing.strategies import dims, seeds

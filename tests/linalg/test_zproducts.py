@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
-from curvlib.linalg.kron import KroneckerSum
-from curvlib.linalg.operator import DenseZOperator
+from curvlib.linalg.kronecker_sum import KroneckerSum
+from curvlib.linalg.zproducts import DenseZOperator
 from curvlib.linalg.rearrange import rearrange
 from curvlib.linalg.zproducts import AffineZOperator, ConvZOperator, LinearZOperator, deflated, ema_combined
 from curvlib.testing.compare import assert_close

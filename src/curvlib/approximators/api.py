@@ -29,17 +29,16 @@ from curvlib.approximators.base import LayerFit
 from curvlib.approximators.exact import ExactBlock, pair_gram
 from curvlib.approximators.svd_based import z_operator
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError
-from curvlib.linalg import KroneckerSum, vec
+from curvlib.errors import ConfigError, ShapeError
+from curvlib.linalg import BlockDiagonalOperator, KroneckerSum, VectorLayout, vec
 
 __all__ = ["ApproximationError", "BlockDiagonalApproximation", "approximate", "approximation_error"]
 
-_DENSE_WARN = 4096  # to_dense() above this many rows emits a PerformanceWarning
-
-
-class BlockDiagonalApproximation:
+class BlockDiagonalApproximation(BlockDiagonalOperator):
     """diag(F̂_11, …, F̂_ℓℓ): one fitted block per layer of a curvature operator (3.20).
 
+    A :class:`~curvlib.linalg.BlockDiagonalOperator`: ``approx @ v`` for ``v [p]``, ``[p, k]``
+    or a list shaped like the operator's parameters, the operator algebra, ``to_dense``.
     Indexed by the layer's index in the operator (``F.layers``), so ``approx[i]`` is the
     :class:`~curvlib.approximators.base.LayerFit` of layer i.  When only some layers were
     fitted (``approximate(..., layers=[...])``), the others act as zero blocks.
@@ -59,6 +58,8 @@ class BlockDiagonalApproximation:
         names: Mapping[int, str],
         slices: Mapping[int, slice],
         p: int,
+        *,
+        layout: VectorLayout | None = None,
     ) -> None:
         if not fits:
             raise ShapeError("BlockDiagonalApproximation: expected at least one layer fit, got none")
@@ -66,18 +67,8 @@ class BlockDiagonalApproximation:
         self.layer_indices: tuple[int, ...] = tuple(sorted(fits))
         self._fits = {i: fits[i] for i in self.layer_indices}
         self.names: tuple[str, ...] = tuple(names[i] for i in self.layer_indices)
-        self.slices: tuple[slice, ...] = tuple(slices[i] for i in self.layer_indices)
-        self.p = int(p)
-        first = self._fits[self.layer_indices[0]].block
-        for i, sl in zip(self.layer_indices, self.slices):
-            blk = self._fits[i].block
-            if sl.stop - sl.start != blk.shape[0]:
-                raise ShapeError(f"layer {i}: slice of {sl.stop - sl.start} rows for a block {list(blk.shape)}")
-            if blk.dtype != first.dtype or blk.device != first.device:
-                raise DTypeDeviceError(
-                    f"layer {i}: block is {blk.dtype} on {blk.device}, layer {self.layer_indices[0]}'s is "
-                    f"{first.dtype} on {first.device}"
-                )
+        super().__init__([self._fits[i].block for i in self.layer_indices], [slices[i] for i in self.layer_indices],
+                         p=p, layout=layout)
 
     # -- container ---------------------------------------------------------------------
     def __getitem__(self, i: int) -> LayerFit:
@@ -100,66 +91,8 @@ class BlockDiagonalApproximation:
         """The :class:`LayerFit` of each fitted layer, in ``layer_indices`` order."""
         return [self._fits[i] for i in self.layer_indices]
 
-    @property
-    def blocks(self) -> list[KroneckerSum | ExactBlock]:
-        """Each fitted layer's block (``fit.block``)."""
-        return [f.block for f in self.fits]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.blocks[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.blocks[0].device
-
     def __repr__(self) -> str:
         return f"BlockDiagonalApproximation(kind={self.kind!r}, layers={list(self.layer_indices)}, p={self.p}, dtype={self.dtype})"
-
-    # -- products ------------------------------------------------------------------------
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """F̂·v, block by block.
-
-        Args:
-            v: the flat curvlib vector ``[p]`` or k of them ``[p, k]``.
-
-        Returns:
-            the same shape; rows of layers that were not fitted are 0.
-        """
-        if not isinstance(v, torch.Tensor):
-            raise ShapeError(f"BlockDiagonalApproximation.matvec: expected a tensor, got {type(v).__name__}")
-        if v.dtype != self.dtype or v.device != self.device:
-            raise DTypeDeviceError(
-                f"BlockDiagonalApproximation.matvec: blocks are {self.dtype} on {self.device}, v is {v.dtype} on {v.device}"
-            )
-        if v.ndim not in (1, 2) or v.shape[0] != self.p:
-            raise ShapeError(f"BlockDiagonalApproximation.matvec: expected v [{self.p}] or [{self.p}, k], got {list(v.shape)}")
-        out = torch.zeros_like(v)
-        for sl, blk in zip(self.slices, self.blocks):
-            out[sl] = blk.matvec(v[sl])
-        return out
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v)
-
-    def to_dense(self) -> torch.Tensor:
-        """The block-diagonal ``[p, p]`` matrix (tests and small models; PerformanceWarning above p = 4096)."""
-        if self.p > _DENSE_WARN:
-            warnings.warn(
-                f"BlockDiagonalApproximation.to_dense() forms a dense {self.p} × {self.p} matrix",
-                PerformanceWarning,
-                stacklevel=2,
-            )
-        out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PerformanceWarning)  # warned once above, for the whole matrix
-            for sl, blk in zip(self.slices, self.blocks):
-                out[sl, sl] = blk.to_dense()
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (``torch.load(weights_only=True)`` compatible); see :meth:`from_state_dict`."""
@@ -255,6 +188,7 @@ def approximate(
         names={i: F.layers[i].name for i in idx},
         slices={i: F.layers[i].slice for i in idx},
         p=F.p,
+        layout=F.layout,
     )
 
 

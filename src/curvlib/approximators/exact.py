@@ -32,7 +32,7 @@ from curvlib.approximators.base import BlockApproximator, FitInfo, LayerFit
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError
-from curvlib.linalg import WoodburySolver, eigh_safe, matvec_from_matrix_form, unvec, vec
+from curvlib.linalg import ShiftSolvable, WoodburySolver, eigh_safe, unvec, vec
 
 __all__ = ["ExactBlock", "ExactBlockApproximator", "ExactBlockOptions", "pair_gram"]
 
@@ -50,12 +50,12 @@ def pair_gram(s1: LayerStatistics, s2: LayerStatistics | None = None) -> torch.T
     return s1.gram(s2)
 
 
-class ExactBlock:
+class ExactBlock(ShiftSolvable):
     """The exact sampled block F_ii = scale·J_i J_iᵀ ``[p_i, p_i]`` of one layer (module docstring).
 
-    Presents the same product interface as :class:`~curvlib.linalg.KroneckerSum`
-    (``a_dim``, ``b_dim``, ``shape``, ``dtype``, ``device``, ``matvec``, ``apply``,
-    ``to_dense``, ``trace``, ``frobenius_norm``) plus :meth:`tikhonov_solve`.
+    A :class:`~curvlib.linalg.ShiftSolvable` layer block: the operator products of every
+    curvlib operator, ``apply`` (matrix form), ``trace``, ``frobenius_norm``, and the exact
+    damped solve :meth:`tikhonov_solve` that the ``tikhonov`` damping uses.
 
     Args:
         stats: the layer's statistics (held, not copied).
@@ -118,15 +118,9 @@ class ExactBlock:
         return ExactBlock(self.stats.to(dtype, device), self.dense_max)
 
     # -- J_i and J_iᵀ in matrix form ---------------------------------------------------------
-    def _check_matrix(self, X: torch.Tensor, what: str) -> None:
-        if X.dtype != self.dtype or X.device != self.device:
-            raise DTypeDeviceError(f"ExactBlock.{what}: the block is {self.dtype} on {self.device}, X is {X.dtype} on {X.device}")
-        if X.ndim < 2 or tuple(X.shape[-2:]) != (self.b_dim, self.a_dim):
-            raise ShapeError(f"ExactBlock.{what}: expected X [..., {self.b_dim}, {self.a_dim}] (d_g, d_a), got {list(X.shape)}")
-
     def Jt(self, X: torch.Tensor) -> torch.Tensor:
         """J_iᵀ vec(X): ``[..., d_g, d_a]`` -> ``[..., n]``, (J_iᵀx)_n = Σ_t g_{n,t}ᵀ X ā_{b,t} (4.62)."""
-        self._check_matrix(X, "Jt")
+        self._check_matrix(X, "ExactBlock.Jt")
         out = self.stats.jt_matrix(X.reshape(-1, self.b_dim, self.a_dim))
         return out.reshape(*X.shape[:-2], self.num_pairs)
 
@@ -142,24 +136,10 @@ class ExactBlock:
         return out.reshape(*w.shape[:-1], self.b_dim, self.a_dim)
 
     # -- products -------------------------------------------------------------------------------
-    def apply(self, X: torch.Tensor) -> torch.Tensor:
-        """F_ii vec(X) in matrix form, scale·MAT(J_i J_iᵀ vec(X)).
-
-        Cost O(k·m·c·T·d_a·d_g) for k matrices.
-
-        Args:
-            X: ``[..., d_g, d_a]``.
-
-        Returns:
-            ``[..., d_g, d_a]``.
-        """
+    def _apply(self, X: torch.Tensor) -> torch.Tensor:
+        """F_ii vec(X) in matrix form, scale·MAT(J_i J_iᵀ vec(X)), for ``X [k, d_g, d_a]``.
+        Cost O(k·m·c·T·d_a·d_g)."""
         return self.J(self.scale * self.Jt(X))
-
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """F_ii·x: ``[p_i]`` -> ``[p_i]`` or ``[p_i, k]`` -> ``[p_i, k]`` (column-major vec of ``[d_g, d_a]``)."""
-        return matvec_from_matrix_form(self.apply, x, self.b_dim, self.a_dim, "ExactBlock.matvec")
-
-    __matmul__ = matvec
 
     def gram(self) -> torch.Tensor:
         """J_iᵀ J_i ``[n, n]`` (no ``scale``); see :func:`pair_gram` for the cost."""
@@ -220,7 +200,7 @@ class ExactBlock:
         lam_f = float(lam)
         if not (math.isfinite(lam_f) and lam_f > 0):
             raise ConfigError(f"ExactBlock.tikhonov_solve: the damping λ must be finite and > 0, got {lam_f}")
-        self._check_matrix(X, "tikhonov_solve")
+        self._check_matrix(X, "ExactBlock.tikhonov_solve")
         batch = X.shape[:-2]
         cols = vec(X).reshape(-1, self.p).T  # [p_i, k]
         if self.p <= self.dense_max:

@@ -236,10 +236,10 @@ class _SymmetricZ(ZOperator):
         super().__init__(op.a_dim, op.b_dim, dtype=op.dtype, device=op.device)
         self.op = op
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return _sym_columns(self.op.matvec(_sym_columns(V, self.b_dim)), self.a_dim)
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         return _sym_columns(self.op.rmatvec(_sym_columns(U, self.a_dim)), self.b_dim)
 
 

@@ -39,10 +39,12 @@ from torch import nn
 
 from curvlib.capture.adapters.base import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
 from curvlib.errors import ShapeError, UnsupportedLayerError
+from curvlib.linalg.operator import VectorLayout
 from curvlib.linalg.rows import Rows
 
 __all__ = [
     "BlockCandidate",
+    "BlocksLayout",
     "LayerBlock",
     "Placement",
     "batch_coupled_modules",
@@ -235,6 +237,25 @@ def blocks_vector_to_params(layers: Sequence[LayerBlock], v: torch.Tensor, p: in
                 out[k] = torch.zeros(q.shape, dtype=v.dtype, device=v.device)
             out[k][sl] = piece
     return out  # type: ignore[return-value]
+
+
+class BlocksLayout(VectorLayout):
+    """The list form of the flat curvlib vector of ``layers``: one tensor per unique adapted
+    parameter (:func:`blocks_params`), the layout every operator over a model carries."""
+
+    def __init__(self, layers: Sequence[LayerBlock]) -> None:
+        self.layers = list(layers)
+        self.p = self.layers[-1].slice.stop if self.layers else 0
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(q.shape) for q in blocks_params(self.layers)]
+
+    def to_vector(self, tensors: Sequence[torch.Tensor], caller: str) -> torch.Tensor:
+        return blocks_params_to_vector(self.layers, tensors, caller)
+
+    def to_tensors(self, v: torch.Tensor, caller: str) -> list[torch.Tensor]:
+        return blocks_vector_to_params(self.layers, v, self.p, caller)
 
 
 # --------------------------------------------------------------------------- discovery

@@ -1,5 +1,6 @@
-"""Coarse spaces and two-level preconditioners (thesis §4.2), and exact / block-diagonal
-natural gradient by Woodbury (§4.4.1) as reference preconditioners.
+"""Coarse spaces and two-level preconditioners (thesis §4.2).  (Exact and block-diagonal
+natural gradient by Woodbury (§4.4.1), the reference preconditioners, are in
+:mod:`curvlib.precond.references`.)
 
 - :mod:`~curvlib.coarse.base`: :class:`Partition` of the parameter vector,
   :class:`CoarseBasis` R₀ᵀ = diag(V_1 … V_S) (4.23), :class:`CoarseContext`, the
@@ -8,15 +9,11 @@ natural gradient by Woodbury (§4.4.1) as reference preconditioners.
   ``taylor`` (registered by :mod:`~curvlib.coarse.plugin`);
 - :mod:`~curvlib.coarse.two_level`: :class:`TwoLevelPreconditioner` (multiplicative,
   additive, Tselepidis–Kohler–Orvieto), exact matrix-free F_coarse, the error reduction (4.46);
-- :mod:`~curvlib.coarse.natural_gradient`: :class:`ExactNaturalGradient` (4.50),
-  :class:`BlockNaturalGradient` (4.52);
-- :mod:`~curvlib.coarse.api`: :func:`two_level`, :func:`exact_natural_gradient`,
-  :func:`block_natural_gradient`.
+- :mod:`~curvlib.coarse.api`: :func:`two_level`.
 """
 
-from curvlib.coarse.api import block_natural_gradient, exact_natural_gradient, two_level
+from curvlib.coarse.api import two_level
 from curvlib.coarse.base import CoarseBasis, CoarseContext, CoarseSpace, Partition, kfc_factors
-from curvlib.coarse.natural_gradient import BlockNaturalGradient, ExactNaturalGradient
 from curvlib.coarse.spaces import (
     KrylovCoarseSpace,
     KrylovOptions,
@@ -39,12 +36,10 @@ from curvlib.coarse.two_level import (
 )
 
 __all__ = [
-    "BlockNaturalGradient",
     "CoarseBasis",
     "CoarseContext",
     "CoarseSolveInfo",
     "CoarseSpace",
-    "ExactNaturalGradient",
     "KrylovCoarseSpace",
     "KrylovOptions",
     "NicolaidesCoarseSpace",
@@ -58,9 +53,7 @@ __all__ = [
     "TaylorOptions",
     "TwoLevelPreconditioner",
     "TwoLevelSolution",
-    "block_natural_gradient",
     "exact_coarse_operator",
-    "exact_natural_gradient",
     "kfc_factors",
     "solve_coarse",
     "tko_coarse_operator",

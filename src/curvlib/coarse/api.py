@@ -1,18 +1,19 @@
-"""``curvlib.two_level``, ``curvlib.exact_natural_gradient``, ``curvlib.block_natural_gradient``."""
+"""``curvlib.two_level``: a two-level preconditioner from a first level, a curvature and a coarse space."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel
 
 from curvlib.coarse.base import CoarseSpace, Partition
-from curvlib.coarse.natural_gradient import BlockNaturalGradient, ExactNaturalGradient
 from curvlib.coarse.two_level import Mode, TwoLevelPreconditioner
 from curvlib.errors import ConfigError
+from curvlib.linalg import DenseOperator
 
-__all__ = ["block_natural_gradient", "exact_natural_gradient", "two_level"]
+__all__ = ["two_level"]
 
 
 def two_level(
@@ -41,9 +42,11 @@ def two_level(
         curvlib.two_level(inv, F, "taylor", damping=1e-3, order=3)
 
     Args:
-        first_level: M ≈ F•⁻¹ (a KFAC inverse from ``damped_inverse``, a
-            :class:`~curvlib.coarse.natural_gradient.BlockNaturalGradient`, a dense
-            ``[p, p]`` tensor, anything with ``@`` on ``[p]``), or ``None`` for zero.
+        first_level: M ≈ F•⁻¹, any curvlib :class:`~curvlib.linalg.LinearOperator` (a KFAC
+            inverse from ``damped_inverse``, a
+            :class:`~curvlib.precond.references.BlockNaturalGradient`, an operator expression),
+            a dense symmetric ``[p, p]`` tensor (wrapped in a
+            :class:`~curvlib.linalg.DenseOperator`), or ``None`` for zero.
         curvature: the exact curvature operator F of the same batch (``curvlib.curvature``).
         coarse_space: a registered kind (``"nicolaides"``, ``"spectral"``, ``"krylov"``,
             ``"residual"``, ``"taylor"``, or a plugin's), a mapping ``{"kind": ..., **options}``,
@@ -75,28 +78,8 @@ def two_level(
 
             registry = load_registry()
         space = registry.coarse_spaces.create(coarse_space, **options)
+    if isinstance(first_level, torch.Tensor):
+        first_level = DenseOperator(first_level, symmetric=True)
     return TwoLevelPreconditioner(
         first_level, curvature, space, damping, mode, partition=partition, rcond=rcond, tko_diagonal=tko_diagonal
     )
-
-
-def exact_natural_gradient(curvature: Any, damping: float) -> ExactNaturalGradient:
-    """(F + λI)⁻¹ as an operator, exact, via Woodbury on JᵀJ ``[n, n]`` (4.50), (4.78)–(4.79).
-
-    Example::
-
-        ng = curvlib.exact_natural_gradient(F, damping=1e-3)
-        ng @ F.gradient_vector()          # [p]; also [p, k] and lists shaped like F.params()
-    """
-    return ExactNaturalGradient(curvature, damping)
-
-
-def block_natural_gradient(curvature: Any, damping: float) -> BlockNaturalGradient:
-    """diag_i (F_ii + λI)⁻¹ as an operator, exact per layer via Woodbury on J_iᵀJ_i (4.52).
-
-    Example::
-
-        bng = curvlib.block_natural_gradient(F, damping=1e-3)
-        pre = curvlib.two_level(bng, F, "residual", damping=1e-3)
-    """
-    return BlockNaturalGradient(curvature, damping)

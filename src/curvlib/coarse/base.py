@@ -30,14 +30,15 @@ import torch
 from pydantic import BaseModel
 
 from curvlib.config import NoOptions, validate_options
+from curvlib.curvatures.factors import kfac_factors
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
+from curvlib.linalg import BlockDiagonalOperator
 
 __all__ = [
     "CoarseBasis",
     "CoarseContext",
     "CoarseSpace",
     "Partition",
-    "apply_operator",
     "kfc_factors",
 ]
 
@@ -114,7 +115,7 @@ class Partition:
     @classmethod
     def layers(cls, curvature: Any) -> Partition:
         """One group per layer block, ``F.layers[i].slice`` (4.9): the default."""
-        return cls([L.slice for L in curvature.layers], _num_params(curvature), names=[L.name for L in curvature.layers])
+        return cls([L.slice for L in curvature.layers], curvature.shape[0], names=[L.name for L in curvature.layers])
 
     @classmethod
     def parameter_tensors(cls, curvature: Any) -> Partition:
@@ -137,7 +138,7 @@ class Partition:
                 lo, hi = int(rows[0]), int(rows[-1]) + 1
                 groups.append(slice(lo, hi) if hi - lo == rows.numel() else rows)
                 names.append(f"{L.name}.{own.get(id(p), 'param')}")
-        return cls(groups, _num_params(curvature), names=names)
+        return cls(groups, curvature.shape[0], names=names)
 
     @classmethod
     def singletons(cls, p: int) -> Partition:
@@ -212,13 +213,6 @@ class Partition:
                     pos = mask.nonzero().squeeze(1)
                     out.append((i, pos, grp[mask] - s.start))
         return out
-
-
-def _num_params(op: Any) -> int:
-    p = getattr(op, "p", None)
-    if p is None:
-        p = op.shape[0]
-    return int(p)
 
 
 # --------------------------------------------------------------------------- basis
@@ -358,33 +352,6 @@ class CoarseBasis:
 
 
 # --------------------------------------------------------------------------- operators
-def apply_operator(op: Any, X: torch.Tensor, what: str = "operator") -> torch.Tensor:
-    """op·X for ``X [p, k]`` -> ``[p, k]``.
-
-    ``op`` is a dense ``[p, p]`` tensor, an object with ``matmat`` (curvlib operators), or
-    any object with ``@`` on flat vectors ``[p]``; when its ``@`` does not take ``[p, k]``
-    (raises :class:`ShapeError`), the k columns are applied one by one.
-    """
-    if X.ndim != 2:
-        raise ShapeError(f"{what}: expected [p, k], got {list(X.shape)}")
-    if isinstance(op, torch.Tensor):
-        Y = op @ X
-    elif callable(getattr(op, "matmat", None)):
-        Y = op.matmat(X)
-    elif X.shape[1] == 1:
-        Y = (op @ X[:, 0]).unsqueeze(1)
-    else:
-        try:
-            Y = op @ X
-        except ShapeError:
-            Y = torch.stack([op @ X[:, j] for j in range(X.shape[1])], dim=1)
-    if not isinstance(Y, torch.Tensor) or Y.shape != X.shape:
-        raise ShapeError(f"{what}: mapped {list(X.shape)} to {list(getattr(Y, 'shape', []))}; expected the same shape")
-    if Y.dtype != X.dtype or Y.device != X.device:
-        raise DTypeDeviceError(f"{what}: input is {X.dtype} on {X.device}, output is {Y.dtype} on {Y.device}")
-    return Y
-
-
 def kfc_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """KFAC factors of one layer from its :class:`~curvlib.curvatures.statistics.LayerStatistics`:
     the leading term of :func:`curvlib.curvatures.factors.kfac_factors` (expand setting; KFC
@@ -400,8 +367,6 @@ def kfc_factors(stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
     term of the untransposed uses.  Used by the ``spectral`` coarse space when the first
     level exposes no eigendecomposition, and by the ``previous`` mode.
     """
-    from curvlib.curvatures.factors import kfac_factors
-
     return kfac_factors(stats, "expand")[0]
 
 
@@ -418,24 +383,17 @@ class _OnCurvature:
         return self.curvature.device
 
 
-class _SquareOnCurvature(_OnCurvature):
-    """An operator ``[p, p]`` on the curvature's parameter space (subclasses define ``p``)."""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-
 # --------------------------------------------------------------------------- context
 @dataclass
 class CoarseContext(_OnCurvature):
     """What a coarse space may use to build its basis, with cached intermediate vectors.
 
     Attributes:
-        curvature: the exact curvature operator F (``@`` on ``[p, k]``, ``layers``).
+        curvature: the exact curvature operator F (a :class:`~curvlib.linalg.LinearOperator`
+            with ``layers``).
         damping: λ of F• = F + λI (4.2).
-        first_level: the first-level approximate inverse M ≈ F•⁻¹ (KFAC: F•KFAC⁻¹), or
-            ``None`` for a zero first level.
+        first_level: the first-level approximate inverse M ≈ F•⁻¹ (KFAC: F•KFAC⁻¹), a
+            :class:`~curvlib.linalg.LinearOperator`, or ``None`` for a zero first level.
         partition: the groups of the coarse basis.
         u: the vector being preconditioned ``[p]`` (``None`` for spaces that do not use it).
         layer_eigen: ``i -> (v_A [a_dim], v_G [g_dim])``, the eigenvectors of the smallest
@@ -463,11 +421,11 @@ class CoarseContext(_OnCurvature):
         """M·X for ``X [p, k]`` (zero when there is no first level)."""
         if self.first_level is None:
             return torch.zeros_like(X)
-        return apply_operator(self.first_level, X, "first level")
+        return self.first_level.matmat(X)
 
     def apply_damped(self, X: torch.Tensor) -> torch.Tensor:
         """F•X = F X + λX for ``X [p, k]`` (4.55): λ added once."""
-        return apply_operator(self.curvature, X, "curvature") + self.damping * X
+        return self.curvature.matmat(X) + self.damping * X
 
     def block_apply_first(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """R_g M R_gᵀ v_g for each group: ``pieces[g] [p_g, k_g]`` -> ``[p_g, k_g]``.
@@ -479,8 +437,7 @@ class CoarseContext(_OnCurvature):
         if self.first_level is None:
             return [torch.zeros_like(v) for v in pieces]
         part = self.partition
-        blocks = getattr(self.first_level, "slices", None)
-        if blocks is not None and part.nests(list(blocks)):
+        if isinstance(self.first_level, BlockDiagonalOperator) and part.nests(list(self.first_level.slices)):
             # no block of M couples two groups: one product of the stacked pieces
             K = max(v.shape[1] for v in pieces)
             X = pieces[0].new_zeros(self.p, K)

@@ -32,7 +32,14 @@ from pydantic import AliasChoices, Field
 from curvlib.coarse.base import CoarseBasis, CoarseContext, CoarseSpace, kfc_factors
 from curvlib.config import NoOptions, StrictModel
 from curvlib.errors import ConfigError
-from curvlib.linalg import KroneckerEigen, eigh_safe, vec
+from curvlib.linalg import (
+    BlockDiagonalOperator,
+    DampedKroneckerFactors,
+    FactorEigenbasis,
+    KroneckerEigen,
+    eigh_safe,
+    vec,
+)
 
 __all__ = [
     "KrylovCoarseSpace",
@@ -110,46 +117,34 @@ class NicolaidesCoarseSpace(CoarseSpace):
         return CoarseBasis(ctx.partition, cols)
 
 
-def first_level_eigen(first_level: Any, i: int) -> KroneckerEigen | None:
-    """The eigendecomposition the first level computed for layer i, if it exposes one.
+def _first_level_block(first_level: Any, i: int) -> Any:
+    """Layer i's block of a block-diagonal first level, or ``None``."""
+    if isinstance(first_level, BlockDiagonalOperator) and 0 <= i < len(first_level.blocks):
+        return first_level.blocks[i]
+    return None
 
-    Looks for ``first_level.blocks[i].eigen`` (or a block that is itself a
-    :class:`~curvlib.linalg.KroneckerEigen`).  Returns ``None`` when there is none.
-    """
-    blocks = getattr(first_level, "blocks", None)
-    if blocks is None:
-        return None
-    try:
-        block = blocks[i]
-    except (IndexError, TypeError, KeyError):
-        return None
-    if isinstance(block, KroneckerEigen):
-        return block
-    eig = getattr(block, "eigen", None)
-    return eig if isinstance(eig, KroneckerEigen) else None
+
+def first_level_eigen(first_level: Any, i: int) -> KroneckerEigen | None:
+    """The eigendecomposition the first level computed for layer i, when its block declares
+    one (:class:`~curvlib.linalg.FactorEigenbasis`); ``None`` otherwise."""
+    block = _first_level_block(first_level, i)
+    return block.eigen if isinstance(block, FactorEigenbasis) else None
 
 
 def first_level_factors(first_level: Any, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The damped Kronecker factors ``(A [d_a, d_a], G [d_g, d_g])`` the first level inverts
-    for layer i (``first_level.blocks[i].damped_factors``, e.g. the π-split inverse of the
-    ``heuristic`` damping), or ``None``."""
-    blocks = getattr(first_level, "blocks", None)
-    try:
-        block = blocks[i] if blocks is not None else None
-    except (IndexError, TypeError, KeyError):
-        return None
-    factors = getattr(block, "damped_factors", None)
-    if isinstance(factors, tuple) and len(factors) == 2 and all(isinstance(f, torch.Tensor) for f in factors):
-        return factors
-    return None
+    for layer i, when its block declares them (:class:`~curvlib.linalg.DampedKroneckerFactors`,
+    e.g. the π-split inverse of the ``heuristic`` damping); ``None`` otherwise."""
+    block = _first_level_block(first_level, i)
+    return block.damped_factors if isinstance(block, DampedKroneckerFactors) else None
 
 
 def _factor_eigvecs(first_level: Any, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Smallest-eigenvalue eigenvectors of the first level's damped factors of layer i
     (decomposed with ``eigh_safe``), or ``None`` without factors.
 
-    Only for first levels whose blocks expose ``damped_factors`` but no ``eigen``: the
-    built-in dampings expose ``eigen``, so nothing is decomposed twice for them.
+    Only for first levels whose blocks declare damped factors but no eigenbasis: the
+    built-in dampings declare an eigenbasis, so nothing is decomposed twice for them.
     """
     factors = first_level_factors(first_level, i)
     if factors is None:

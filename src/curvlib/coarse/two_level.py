@@ -63,13 +63,11 @@ from curvlib.coarse.base import (
     CoarseContext,
     CoarseSpace,
     Partition,
-    _SquareOnCurvature,
-    apply_operator,
     kfc_factors,
 )
 from curvlib.curvatures.operator import CurvatureOperator, NoStatisticsError
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
-from curvlib.linalg import pi_split, unvec
+from curvlib.linalg import LinearOperator, VectorLayout, pi_split, unvec
 
 __all__ = [
     "CoarseSolveInfo",
@@ -109,7 +107,7 @@ def exact_coarse_operator(curvature: Any, basis: CoarseBasis, damping: float) ->
         Fc = curvature.scale * (W.T @ W) + damping * gram
     else:
         P = basis.dense()
-        FP = apply_operator(curvature, P, "curvature")
+        FP = curvature.matmat(P)
         Fc = P.to(f64).T @ FP.to(f64) + damping * gram
     return 0.5 * (Fc + Fc.T)
 
@@ -311,7 +309,7 @@ class TwoLevelSolution:
 
 
 # --------------------------------------------------------------------------- preconditioner
-class TwoLevelPreconditioner(_SquareOnCurvature):
+class TwoLevelPreconditioner(LinearOperator):
     """ζ_2L ≈ F•⁻¹u: a first level plus a coarse correction (thesis §4.2).
 
     Args:
@@ -368,19 +366,25 @@ class TwoLevelPreconditioner(_SquareOnCurvature):
         self.coarse_space = coarse_space
         self.damping = lam
         self.mode: str = mode
-        p = int(getattr(curvature, "p", curvature.shape[0]))
+        if not isinstance(curvature, LinearOperator):
+            raise ConfigError(f"two_level: curvature must be a curvlib operator (curvlib.curvature(...)), "
+                              f"got {type(curvature).__name__}")
+        if first_level is not None and not isinstance(first_level, LinearOperator):
+            raise ConfigError(f"two_level: first_level must be a curvlib LinearOperator or None, got "
+                              f"{type(first_level).__name__} (wrap a dense matrix in curvlib.linalg.DenseOperator)")
+        p = curvature.shape[0]
         self.partition = partition if partition is not None else Partition.layers(curvature)
         if self.partition.p != p:
             raise ShapeError(f"two_level: the partition covers {self.partition.p} rows, the curvature has p = {p}")
-        shape = getattr(first_level, "shape", None)
-        if first_level is not None and shape is not None and tuple(shape) != (p, p):
-            raise ShapeError(f"two_level: first level has shape {tuple(shape)}, expected ({p}, {p})")
         if first_level is not None:
-            fl_dtype, fl_device = getattr(first_level, "dtype", None), getattr(first_level, "device", None)
-            if fl_dtype is not None and fl_dtype != curvature.dtype:
-                raise DTypeDeviceError(f"two_level: first level dtype {fl_dtype} differs from the curvature's {curvature.dtype}")
-            if fl_device is not None and torch.device(fl_device) != torch.device(curvature.device):
-                raise DTypeDeviceError(f"two_level: first level device {fl_device} differs from the curvature's {curvature.device}")
+            if tuple(first_level.shape) != (p, p):
+                raise ShapeError(f"two_level: first level has shape {tuple(first_level.shape)}, expected ({p}, {p})")
+            if first_level.dtype != curvature.dtype:
+                raise DTypeDeviceError(f"two_level: first level dtype {first_level.dtype} differs from the curvature's "
+                                       f"{curvature.dtype}")
+            if torch.device(first_level.device) != torch.device(curvature.device):
+                raise DTypeDeviceError(f"two_level: first level device {first_level.device} differs from the "
+                                       f"curvature's {curvature.device}")
         if mode == "previous":
             try:
                 curvature.statistics(0)
@@ -401,6 +405,22 @@ class TwoLevelPreconditioner(_SquareOnCurvature):
         return self.partition.p
 
     @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.curvature.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.curvature.device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self.curvature.layout
+
+    @property
     def info(self) -> CoarseSolveInfo | None:
         """Diagnostics of the last coarse problem solved (``None`` before the first product)."""
         return self._last_infos[-1] if self._last_infos else None
@@ -417,19 +437,7 @@ class TwoLevelPreconditioner(_SquareOnCurvature):
 
     # -- internals --------------------------------------------------------------------------
     def _as_matrix(self, u: Any, what: str) -> tuple[torch.Tensor, str]:
-        if isinstance(u, (list, tuple)):
-            return self.curvature.params_to_vector(list(u)).unsqueeze(1), "list"
-        if not isinstance(u, torch.Tensor):
-            raise ShapeError(f"TwoLevelPreconditioner.{what}: expected a tensor or a list of tensors, got {type(u).__name__}")
-        if u.dtype != self.dtype or u.device != self.device:
-            raise DTypeDeviceError(
-                f"TwoLevelPreconditioner.{what}: operator is {self.dtype} on {self.device}, vector is {u.dtype} on {u.device}"
-            )
-        if u.ndim == 1 and u.shape[0] == self.p:
-            return u.unsqueeze(1), "vector"
-        if u.ndim == 2 and u.shape[0] == self.p:
-            return u, "matrix"
-        raise ShapeError(f"TwoLevelPreconditioner.{what}: expected [{self.p}] or [{self.p}, k], got {list(u.shape)}")
+        return self._normalise(u, self.p, f"TwoLevelPreconditioner.{what}")
 
     def _context(self, u: torch.Tensor | None = None, zeta: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None) -> CoarseContext:
@@ -506,21 +514,27 @@ class TwoLevelPreconditioner(_SquareOnCurvature):
         return Z1 + C, Z1, R, C, parts
 
     # -- public API ------------------------------------------------------------------------------
-    def matvec(self, u: Any) -> Any:
-        """ζ_2L for u ``[p]`` -> ``[p]``, ``[p, k]`` -> ``[p, k]``, or a list shaped like
-        ``F.params()`` -> the same (4.11)/(4.17), (4.19) or (4.47) by :attr:`mode`."""
-        U, form = self._as_matrix(u, "matvec")
-        Z = self._run(U)[0]
-        if form == "list":
-            return self.curvature.vector_to_params(Z[:, 0])
-        return Z[:, 0] if form == "vector" else Z
+    def _matmat(self, U: torch.Tensor) -> torch.Tensor:
+        """ζ_2L for ``U [p, k]`` (4.11)/(4.17), (4.19) or (4.47) by :attr:`mode`."""
+        return self._run(U)[0]
 
-    __matmul__ = matvec
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        """The adjoint of the two-level map, for a basis that does not depend on u.
 
-    def matmat(self, U: torch.Tensor) -> torch.Tensor:
-        """ζ_2L column by column for ``U [p, k]`` -> ``[p, k]``."""
-        X, _ = self._as_matrix(U, "matmat")
-        return self._run(X)[0]
+        Additive modes are symmetric (M + R₀ᵀC⁻¹R₀ with symmetric M and C).  The
+        multiplicative P = M + R₀ᵀC⁻¹R₀(I − F•M) has Pᵀ = M + (I − MF•)R₀ᵀC⁻¹R₀ (M, F•, C
+        symmetric).  With a u-dependent basis the map is not linear and has no adjoint."""
+        if self.coarse_space.depends_on_input:
+            raise NotImplementedError(
+                f"TwoLevelPreconditioner: coarse space {self.coarse_space.kind!r} builds its basis from u, so "
+                "u -> ζ is not linear and has no adjoint"
+            )
+        if self.mode != "multiplicative":
+            return self._matmat(U)
+        ctx = self._context()
+        prob = self._static_problem()
+        C = prob.basis.prolong(prob.solver.solve(prob.basis.restrict(U).to(torch.float64)).to(self.dtype))
+        return ctx.apply_first(U) + C - ctx.apply_first(ctx.apply_damped(C))
 
     def solve(
         self,
@@ -563,7 +577,7 @@ class TwoLevelPreconditioner(_SquareOnCurvature):
                          C: torch.Tensor) -> torch.Tensor:
         """𝔈(β) − 𝔈(0) for β ``[n, k]``, residuals R ``[p, k]`` and corrections C = R₀ᵀβ ``[p, k]``
         -> ``[k]`` float64: ⟨F•c, c⟩ − 2⟨c, r⟩ per column (module docstring)."""
-        FC = apply_operator(self.curvature, C, "curvature") + self.damping * C
+        FC = self.curvature.matmat(C) + self.damping * C
         C64, R64 = C.to(torch.float64), R.to(torch.float64)
         return (C64 * FC.to(torch.float64)).sum(0) - 2.0 * (C64 * R64).sum(0)
 

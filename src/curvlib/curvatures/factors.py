@@ -44,7 +44,7 @@ import torch
 from curvlib.curvatures.statistics import LayerStatistics, Use
 from curvlib.errors import ConfigError
 from curvlib.linalg.geometry import Geometry
-from curvlib.linalg.operator import ZOperator
+from curvlib.linalg.zproducts import ZOperator
 from curvlib.linalg.rows import DenseRows
 from curvlib.linalg.zproducts import ExactZOperator, PositionZOperator, SumZOperator, TransposedZOperator
 

@@ -34,21 +34,19 @@ back-propagation, re-running the model once per product call.
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvlib.capture.layout import LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
+from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import CurvlibError, DTypeDeviceError, PerformanceWarning, ShapeError
+from curvlib.linalg.operator import LinearOperator
+from curvlib.errors import CurvlibError, ShapeError
 
 __all__ = ["CurvatureBlock", "CurvatureOperator", "HessianOperator", "LayerBlock", "NoStatisticsError"]
 
-Vector = torch.Tensor | Sequence[torch.Tensor]
 
 
 class NoStatisticsError(CurvlibError, NotImplementedError):
@@ -65,21 +63,33 @@ def _matT_batch(U: torch.Tensor, g_dim: int, a_dim: int) -> torch.Tensor:
     return U.T.reshape(U.shape[1], a_dim, g_dim)
 
 
-class CurvatureBlock:
+class CurvatureBlock(LinearOperator):
     """The (i, j) block C_ij ``[p_i, p_j]`` of a curvature operator, as an operator."""
 
     def __init__(self, parent: _BlockOperator, i: int, j: int) -> None:
         self.parent, self.i, self.j = parent, i, j
-        self.shape = (parent.layers[i].p_i, parent.layers[j].p_i)
-        self.dtype, self.device = parent.dtype, parent.device
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """C_ij·v: ``[p_j]`` -> ``[p_i]``, or ``[p_j, k]`` -> ``[p_i, k]``."""
-        V, squeeze = self.parent._as_columns(v, self.shape[1], f"block({self.i}, {self.j})")
-        out = self.parent._block_matmat(self.i, self.j, V)
-        return out.squeeze(1) if squeeze else out
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.parent.layers[self.i].p_i, self.parent.layers[self.j].p_i)
 
-    __matmul__ = matvec
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self.i == self.j
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.parent._block_matmat(self.i, self.j, V)
+
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self.parent._block_matmat(self.j, self.i, U)  # C_ijᵀ = C_ji
 
     def to_dense(self) -> torch.Tensor:
         """C_ij as a dense ``[p_i, p_j]`` matrix."""
@@ -89,7 +99,7 @@ class CurvatureBlock:
         return f"CurvatureBlock({self.parent.layers[self.i].name!r}, {self.parent.layers[self.j].name!r}, shape={self.shape})"
 
 
-class _BlockOperator(abc.ABC):
+class _BlockOperator(LinearOperator):
     """Shared interface: shapes, vector <-> parameter conversions, products, blocks, exports.
 
     Attributes:
@@ -102,6 +112,8 @@ class _BlockOperator(abc.ABC):
     """
 
     kind: str = ""
+    symmetric = True
+    dense_warning_size = 0  # a curvature matrix is p × p: forming it always deserves the warning
 
     def __init__(
         self,
@@ -115,8 +127,9 @@ class _BlockOperator(abc.ABC):
         self.layers: list[LayerBlock] = list(layers)
         self.excluded: list[str] = list(excluded)
         w = self.layers[0].adapter.params()[0]
-        self.dtype: torch.dtype = w.dtype
-        self.device: torch.device = w.device
+        self._dtype: torch.dtype = w.dtype
+        self._device: torch.device = w.device
+        self._layout = BlocksLayout(self.layers)
         self.num_samples = int(num_samples)
         self.loss = loss
         self._gradient = list(gradient)
@@ -130,6 +143,19 @@ class _BlockOperator(abc.ABC):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.p, self.p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def layout(self) -> BlocksLayout:
+        """The list form of vectors: tensors shaped like :meth:`params`."""
+        return self._layout
 
     def params(self) -> list[torch.Tensor]:
         """The adapted parameters (weight, then bias when trainable, layer by layer): the order
@@ -149,45 +175,14 @@ class _BlockOperator(abc.ABC):
         return torch.cat([G.T.reshape(-1) for G in self._gradient])
 
     def _as_columns(self, v: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, bool]:
-        """Check dtype/device/shape: ``[n]`` or ``[n, k]`` -> (``[n, k]``, was-a-vector)."""
+        """Check dtype/device/shape of a tensor: ``[n]`` or ``[n, k]`` -> (``[n, k]``, was-a-vector)."""
+        caller = f"{type(self).__name__}.{what}"
         if not isinstance(v, torch.Tensor):
-            raise ShapeError(f"{type(self).__name__}.{what}: expected a tensor, got {type(v).__name__}")
-        if v.dtype != self.dtype or v.device != self.device:
-            raise DTypeDeviceError(
-                f"{type(self).__name__}.{what}: operator is {self.dtype} on {self.device}, vector is {v.dtype} on {v.device}"
-            )
-        if v.ndim == 1 and v.shape[0] == n:
-            return v.unsqueeze(1), True
-        if v.ndim == 2 and v.shape[0] == n:
-            return v, False
-        raise ShapeError(f"{type(self).__name__}.{what}: expected [{n}] or [{n}, k], got {list(v.shape)}")
+            raise ShapeError(f"{caller}: expected a tensor, got {type(v).__name__}")
+        X, form = self._normalise(v, n, caller)
+        return X, form == "vector"
 
     # -- products ----------------------------------------------------------------------
-    def matvec(self, v: Vector) -> Vector:
-        """C·v, exact.
-
-        Args:
-            v: the flat curvlib vector ``[p]``, a matrix of k vectors ``[p, k]``, or a list of
-                tensors shaped like :meth:`params`.
-
-        Returns:
-            the product in the same form as ``v``.
-        """
-        if isinstance(v, (list, tuple)):
-            out = self._matmat(self.params_to_vector(v).unsqueeze(1)).squeeze(1)
-            return self.vector_to_params(out)
-        V, squeeze = self._as_columns(v, self.p, "matvec")
-        out = self._matmat(V)
-        return out.squeeze(1) if squeeze else out
-
-    def __matmul__(self, v: Vector) -> Vector:
-        return self.matvec(v)
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """C·V for ``V [p, k]`` -> ``[p, k]``."""
-        V, _ = self._as_columns(V, self.p, "matmat")
-        return self._matmat(V)
-
     def block(self, i: int, j: int) -> CurvatureBlock:
         """The (i, j) layer block C_ij ``[p_i, p_j]`` as an operator (``matvec``, ``shape``, ``to_dense``)."""
         n = len(self.layers)
@@ -211,26 +206,6 @@ class _BlockOperator(abc.ABC):
 
     def _dense(self) -> torch.Tensor:
         return self._matmat(torch.eye(self.p, dtype=self.dtype, device=self.device))
-
-    def to_dense(self) -> torch.Tensor:
-        """C as a dense ``[p, p]`` matrix (small models and tests; emits :class:`PerformanceWarning`)."""
-        warnings.warn(
-            f"{type(self).__name__}.to_dense() forms a dense {self.p} × {self.p} matrix", PerformanceWarning, stacklevel=2
-        )
-        return self._dense()
-
-    def to_scipy(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` ``(p, p)``: float64 numpy in and out
-        (converted to the operator's dtype/device for the product); symmetric."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def mm(x: np.ndarray) -> np.ndarray:
-            x = np.asarray(x)
-            X = torch.as_tensor(x.reshape(self.p, -1), dtype=self.dtype, device=self.device)
-            out = self._matmat(X).detach().to(torch.float64).cpu().numpy()
-            return out.reshape(x.shape)
-
-        return LinearOperator((self.p, self.p), matvec=mm, rmatvec=mm, matmat=mm, rmatmat=mm, dtype=np.float64)
 
     def statistics(self, i: int) -> LayerStatistics:
         """:class:`LayerStatistics` of layer i."""

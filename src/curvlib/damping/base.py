@@ -9,12 +9,13 @@ different thing in every optimizer"):
 - ``heuristic``: [(A_1 + π√λ I) ⊗ (B_1 + π⁻¹√λ I) (+ A_2⊗B_2)]⁻¹, the π-split (2.95)–(2.96);
 - ``levenberg_marquardt``: either of the two, with λ adapted from the reduction ratio.
 
-Blocks are duck-typed (the approximators' result types are not imported here):
+Blocks declare what they offer through the capability classes of :mod:`curvlib.linalg.blocks`
+(the approximators' result types are not imported here):
 
-- *Kronecker-sum blocks* have ``terms``, a sequence of pairs ``(A_k [d_a, d_a],
-  B_k [d_g, d_g])`` meaning Σ_k A_k ⊗ B_k (:class:`curvlib.linalg.KroneckerSum`);
-- *exact blocks* have ``tikhonov_solve(X [..., d_g, d_a], lam)`` returning the already
-  damped (F_ii + λI)⁻¹ vec(X) in matrix form, plus ``a_dim``, ``b_dim``, ``dtype``, ``device``.
+- :class:`~curvlib.linalg.KroneckerFactored` blocks expose ``terms``, pairs ``(A_k [d_a, d_a],
+  B_k [d_g, d_g])`` meaning Σ_k A_k ⊗ B_k (e.g. :class:`curvlib.linalg.KroneckerSum`);
+- :class:`~curvlib.linalg.ShiftSolvable` blocks solve ``tikhonov_solve(X [..., d_g, d_a], lam)``,
+  the already damped (F_ii + λI)⁻¹ vec(X) in matrix form (e.g. the exact block).
 
 Orientation (DESIGN.md §1): a layer's gradient in matrix form is X ``[d_g, d_a]``
 (= W̄'s shape ``[d_out, d_in+1]``), its flat form is the column-major vec(X) ``[p_i]``,
@@ -44,14 +45,12 @@ from curvlib.errors import (
     NumericalWarning,
     ShapeError,
 )
-from curvlib.linalg import unvec, vec
+from curvlib.linalg import KroneckerFactored, LayerBlockOperator, ShiftSolvable
 
 __all__ = [
     "BlockInverse",
     "Damping",
     "InverseInfo",
-    "block_terms",
-    "is_exact_block",
     "psd_part_terms",
 ]
 
@@ -59,25 +58,11 @@ __all__ = [
 # --------------------------------------------------------------------------- block typing
 
 
-def block_terms(block: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
-    """The Kronecker terms ``((A_k [d_a, d_a], B_k [d_g, d_g]), ...)`` of a Kronecker-sum
-    block, or ``None`` for a block without ``terms`` (an exact block)."""
-    terms = getattr(block, "terms", None)
-    if terms is None:
-        return None
-    return tuple((A, B) for A, B in terms)
-
-
-def is_exact_block(block: Any) -> bool:
-    """True for an exact-block-like object: no ``terms``, a callable ``tikhonov_solve``."""
-    return getattr(block, "terms", None) is None and callable(getattr(block, "tikhonov_solve", None))
-
-
 def _check_block(block: Any, caller: str) -> None:
-    if block_terms(block) is None and not is_exact_block(block):
+    if not isinstance(block, (KroneckerFactored, ShiftSolvable)):
         raise ConfigError(
-            f"{caller}: expected a Kronecker-sum block (with .terms, e.g. a KroneckerSum) or an "
-            f"exact block (with .tikhonov_solve(X, lam)); got {type(block).__name__}"
+            f"{caller}: expected a KroneckerFactored block (Σ A_k⊗B_k with .terms, e.g. a KroneckerSum) or a "
+            f"ShiftSolvable block (with an exact .tikhonov_solve(X, lam), e.g. an ExactBlock); got {type(block).__name__}"
         )
 
 
@@ -163,12 +148,15 @@ class InverseInfo:
     certified_definite: bool | None = None
 
 
-class BlockInverse(abc.ABC):
+class BlockInverse(LayerBlockOperator):
     """An applied damped inverse M⁻¹ of one layer block, M ``[p_i, p_i]``, p_i = d_a·d_g.
 
-    Public methods check and normalize shapes, dtype and device; subclasses implement
-    :meth:`_solve` on matrices ``[..., d_g, d_a]`` only.  Every result is checked to be
-    finite: a non-finite result raises :class:`NumericalError` (never a silent NaN).
+    A :class:`~curvlib.linalg.LayerBlockOperator`: ``@``/``matvec`` on flat vectors, the
+    matrix form :meth:`solve` (= ``apply``), the operator algebra.  Subclasses implement
+    :meth:`_solve` on matrices ``[k, d_g, d_a]`` only.  Every public result is checked to be
+    finite: a non-finite result raises :class:`NumericalError` (never a silent NaN);
+    block-diagonal callers apply the private product and check the assembled direction
+    once (one host sync per application, not one per layer).
 
     Args:
         a_dim: d_a (activation side, ``d_in + 1`` for a Linear layer with bias).
@@ -196,12 +184,6 @@ class BlockInverse(abc.ABC):
         return self._b_dim
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(p_i, p_i)`` with p_i = d_a·d_g."""
-        p = self._a_dim * self._b_dim
-        return (p, p)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self._dtype
 
@@ -222,80 +204,30 @@ class BlockInverse(abc.ABC):
         )
 
     # ---- products ------------------------------------------------------------------
-    def _check_operand(self, x: torch.Tensor, caller: str) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise ShapeError(f"{caller}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self._dtype or x.device != self._device:
-            raise DTypeDeviceError(
-                f"{caller}: the inverse is {self._dtype} on {self._device}, the operand is {x.dtype} on {x.device}"
-            )
-
-    def solve(self, X: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
-        """M⁻¹ vec(X) in matrix form.
-
-        Args:
-            X: ``[..., d_g, d_a]``.
-            check_finite: raise on a non-finite result.  The check reads a value back to
-                the host; block-diagonal callers pass ``False`` and check the assembled
-                direction once (one host sync per application, not one per layer).
-
-        Returns:
-            ``[..., d_g, d_a]``.
-
-        Raises:
-            ShapeError, DTypeDeviceError: X does not fit.
-            NumericalError: the result is not finite.
-        """
-        caller = f"{type(self).__name__}.solve"
-        self._check_operand(X, caller)
-        if X.ndim < 2 or tuple(X.shape[-2:]) != (self._b_dim, self._a_dim):
-            raise ShapeError(
-                f"{caller}: expected X [..., d_g, d_a] = [..., {self._b_dim}, {self._a_dim}], got {list(X.shape)}"
-            )
-        Y = self._solve(X)
-        if check_finite and not bool(torch.isfinite(Y).all()):
+    def _check_result(self, Y: torch.Tensor, X: torch.Tensor, caller: str) -> None:
+        if not bool(torch.isfinite(Y).all()):
             why = (
                 "the right-hand side already has non-finite entries"
                 if not bool(torch.isfinite(X).all())
                 else "the inverse produced them from a finite right-hand side"
             )
             raise NumericalError(f"{caller}: the result {list(Y.shape)} has non-finite entries: {why}")
-        return Y
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ vec(X) in matrix form: X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``.
+
+        Raises:
+            ShapeError, DTypeDeviceError: X does not fit.
+            NumericalError: the result is not finite.
+        """
+        return self.apply(X)
+
+    def _apply(self, X: torch.Tensor) -> torch.Tensor:
+        return self._solve(X)
 
     @abc.abstractmethod
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
-        """M⁻¹ vec(X) in matrix form for a checked X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``."""
-
-    def matvec(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
-        """M⁻¹ x on flat vectors in the column-major vec convention.
-
-        Args:
-            x: ``[p_i]`` or ``[p_i, k]``.
-            check_finite: as in :meth:`solve`.
-
-        Returns:
-            ``[p_i]`` or ``[p_i, k]``.
-        """
-        caller = f"{type(self).__name__}.matvec"
-        self._check_operand(x, caller)
-        p = self.shape[0]
-        if x.ndim == 1 and x.shape[0] == p:
-            return vec(self.solve(unvec(x, self._b_dim, self._a_dim), check_finite=check_finite))
-        if x.ndim == 2 and x.shape[0] == p:
-            # columns -> a batch [k, d_g, d_a] of matrices, solved at once
-            return vec(self.solve(unvec(x.T, self._b_dim, self._a_dim), check_finite=check_finite)).T
-        raise ShapeError(f"{caller}: expected x [{p}] or [{p}, k] (p_i = d_a·d_g), got {list(x.shape)}")
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            return self.matvec(x)
-        return NotImplemented
-
-    def to_dense(self) -> torch.Tensor:
-        """M⁻¹ as a dense ``[p_i, p_i]`` matrix, column j = M⁻¹ e_j (a reference for tests
-        and small blocks: it solves p_i right-hand sides)."""
-        p = self.shape[0]
-        return self.matvec(torch.eye(p, dtype=self._dtype, device=self._device))
+        """M⁻¹ vec(X) in matrix form for a checked X ``[k, d_g, d_a]`` -> ``[k, d_g, d_a]``."""
 
 
 # --------------------------------------------------------------------------- Damping
@@ -321,6 +253,8 @@ class Damping(abc.ABC):
 
     kind: ClassVar[str] = ""
     options_model: ClassVar[type[StrictModel]]
+    #: λ adapts from the reduction ratio through :meth:`update` (the optimizer measures it)
+    adaptive: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None, /, **overrides: Any) -> None:
         self._options = self._validate_options(options, overrides)
@@ -357,6 +291,30 @@ class Damping(abc.ABC):
         """The current λ (its meaning is stated by the kind)."""
         return float(self._options.value)
 
+    @property
+    def formula_kind(self) -> str:
+        """The kind whose formula λ follows (``tikhonov``, ``heuristic``, …): the kind itself,
+        or for a wrapper such as ``levenberg_marquardt`` the kind it wraps."""
+        return self.kind
+
+    def update(self, reduction_ratio: float | torch.Tensor) -> float:
+        """Adapt λ from a reduction ratio (adaptive kinds only); returns the new λ.
+
+        Raises:
+            ConfigError: the kind is not :attr:`adaptive`.
+        """
+        raise ConfigError(f"damping {self.kind!r} is not adaptive: it has no update(reduction_ratio)")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.  A stateless kind checks the state is its own.
+
+        Raises:
+            ConfigError: the state belongs to another kind or another λ.
+        """
+        if not isinstance(state, Mapping) or dict(state) != self.state_dict():
+            raise ConfigError(f"{type(self).__name__}.load_state_dict: the damping {self!r} cannot load the state "
+                              f"{state!r}: it differs from its own {self.state_dict()!r}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(value={self.value:.3e})"
 
@@ -383,9 +341,8 @@ class Damping(abc.ABC):
         if previous is not None:
             self._check_previous(block, previous, caller)
         try:
-            terms = block_terms(block)
-            if terms is not None:
-                _check_finite_terms(terms, caller)
+            if isinstance(block, KroneckerFactored):
+                _check_finite_terms(block.terms, caller)
             return self._invert(block)
         except (NumericalError, NotPSDError) as exc:
             if previous is None:

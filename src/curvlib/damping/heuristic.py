@@ -44,9 +44,17 @@ import torch
 from pydantic import Field
 
 from curvlib.config import StrictModel
-from curvlib.damping.base import BlockInverse, Damping, InverseInfo, block_terms, is_exact_block
+from curvlib.damping.base import BlockInverse, Damping, InverseInfo
 from curvlib.errors import ConfigError, NotPSDError, NumericalWarning
-from curvlib.linalg import KroneckerEigen, TwoTermKroneckerInverse, eigh_safe, pi_split
+from curvlib.linalg import (
+    DampedKroneckerFactors,
+    FactorEigenbasis,
+    KroneckerEigen,
+    KroneckerFactored,
+    TwoTermKroneckerInverse,
+    eigh_safe,
+    pi_split,
+)
 
 __all__ = ["HeuristicOptions", "HeuristicDamping", "PiSplitInverse", "TwoTermHeuristicInverse"]
 
@@ -77,13 +85,12 @@ class HeuristicDamping(Damping):
     options_model = HeuristicOptions
 
     def _invert(self, block: Any) -> BlockInverse:
-        if is_exact_block(block):
+        if not isinstance(block, KroneckerFactored):
             raise ConfigError(
                 f"damping 'heuristic': the π-split (2.95) needs Kronecker factors, but {type(block).__name__} "
-                "is an exact block; use the 'tikhonov' damping for exact blocks"
+                "is not KroneckerFactored (an exact block); use the 'tikhonov' damping for it"
             )
-        terms = block_terms(block)
-        assert terms is not None
+        terms = block.terms
         lam = self.value
         if len(terms) == 1:
             A, B = _sign_normalized(*terms[0])
@@ -103,7 +110,7 @@ def _shifts(lam: float, pi: float) -> tuple[float, float]:
     return pi * root, root / pi
 
 
-class PiSplitInverse(BlockInverse):
+class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
     """[(A + π√λI) ⊗ (B + π⁻¹√λI)]⁻¹, exact, from eigendecompositions of the damped factors.
 
     Args:
@@ -128,8 +135,8 @@ class PiSplitInverse(BlockInverse):
         self._e_a, self._Q_a = e_a.clamp_min(shift_a), Q_a
         self._e_b, self._Q_b = e_b.clamp_min(shift_b), Q_b
         self.pi = float(pi)
-        self.damped_factors = (Ad, Bd)
-        self.eigen = KroneckerEigen(eval_a=self._e_a, evec_a=Q_a, eval_b=self._e_b, evec_b=Q_b)
+        self._damped_factors = (Ad, Bd)
+        self._eigen = KroneckerEigen(eval_a=self._e_a, evec_a=Q_a, eval_b=self._e_b, evec_b=Q_b)
         super().__init__(
             a_dim=A.shape[0],
             b_dim=B.shape[0],
@@ -137,6 +144,14 @@ class PiSplitInverse(BlockInverse):
             device=A.device,
             info=InverseInfo(kind=kind, method="eigen", lam=float(lam), pi=self.pi, n_clamped=n_clamped),
         )
+
+    @property
+    def damped_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._damped_factors
+
+    @property
+    def eigen(self) -> KroneckerEigen:
+        return self._eigen
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         Q_a, Q_b = self._Q_a, self._Q_b
@@ -156,7 +171,7 @@ def _clamped_factor(M: torch.Tensor, shift: float) -> torch.Tensor:
     return (Q * e.clamp_min(shift)) @ Q.T
 
 
-class TwoTermHeuristicInverse(BlockInverse):
+class TwoTermHeuristicInverse(BlockInverse, DampedKroneckerFactors):
     """[(A + π√λI)⊗(B + π⁻¹√λI) + C⊗D]⁻¹ by §3.2.5 with the floor rule of the module docstring.
 
     Args:
@@ -201,7 +216,7 @@ class TwoTermHeuristicInverse(BlockInverse):
             fallback = "psd_leading_factors"
         self.inverse = inv
         self.pi = float(pi)
-        self.damped_factors = (Ad, Bd)
+        self._damped_factors = (Ad, Bd)
         super().__init__(
             a_dim=A.shape[0],
             b_dim=B.shape[0],
@@ -211,6 +226,10 @@ class TwoTermHeuristicInverse(BlockInverse):
                 kind=kind, method="two_term", lam=float(lam), pi=self.pi, n_clamped=inv.n_clamped, fallback=fallback
             ),
         )
+
+    @property
+    def damped_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._damped_factors
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         return self.inverse.solve(X)

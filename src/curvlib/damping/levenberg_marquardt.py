@@ -117,6 +117,7 @@ class LevenbergMarquardtDamping(Damping):
 
     kind = "levenberg_marquardt"
     options_model = LevenbergMarquardtOptions
+    adaptive = True
 
     def __init__(self, options: Any = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
@@ -137,6 +138,11 @@ class LevenbergMarquardtDamping(Damping):
     def num_updates(self) -> int:
         """How many times :meth:`update` ran."""
         return self._num_updates
+
+    @property
+    def formula_kind(self) -> str:
+        """The inner kind: λ has its meaning."""
+        return self.options.inner
 
     @property
     def inner(self) -> Damping:

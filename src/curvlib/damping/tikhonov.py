@@ -48,12 +48,10 @@ from curvlib.damping.base import (
     BlockInverse,
     Damping,
     InverseInfo,
-    block_terms,
-    is_exact_block,
     psd_part_terms,
 )
 from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, PerformanceWarning
-from curvlib.linalg import KroneckerEigen, KroneckerSum, eigh_safe, pcg
+from curvlib.linalg import FactorEigenbasis, KroneckerEigen, KroneckerFactored, KroneckerSum, eigh_safe, pcg
 
 __all__ = [
     "TikhonovOptions",
@@ -95,10 +93,9 @@ class TikhonovDamping(Damping):
     def _invert(self, block: Any) -> BlockInverse:
         opts: TikhonovOptions = self.options
         lam = self.value
-        if is_exact_block(block):
+        if not isinstance(block, KroneckerFactored):  # a ShiftSolvable block (checked by invert)
             return ExactBlockTikhonovInverse(block, lam, kind=self.kind)
-        terms = block_terms(block)
-        assert terms is not None
+        terms = block.terms
         if len(terms) == 1:
             A, B = terms[0]
             return EigenTikhonovInverse(_shifted_eigen(A, B, lam), lam, kind=self.kind)
@@ -111,7 +108,7 @@ class TikhonovDamping(Damping):
 # --------------------------------------------------------------------------- one term
 
 
-class EigenTikhonovInverse(BlockInverse):
+class EigenTikhonovInverse(BlockInverse, FactorEigenbasis):
     """(A⊗B + λI)⁻¹ in the joint eigenbasis of A and B (4.54).
 
         X ↦ Q_b [(Q_bᵀ X Q_a) ⊘ (max(e_b e_aᵀ, 0) + λ)] Q_aᵀ
@@ -130,8 +127,12 @@ class EigenTikhonovInverse(BlockInverse):
             info=InverseInfo(kind=kind, method="eigen", lam=float(lam)),
         )
         self._eig = eig
-        self.eigen = eig  # public: reused by the spectral coarse space (4.28)–(4.30)
+        self._eigen = eig  # reused by the spectral coarse space (4.28)–(4.30)
         self._lam = float(lam)
+
+    @property
+    def eigen(self) -> KroneckerEigen:
+        return self._eigen
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         return self._eig.tikhonov_solve(X, self._lam)

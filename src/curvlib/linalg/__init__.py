@@ -1,5 +1,10 @@
 """Pure tensor kernels of curvlib (no ``torch.nn``).
 
+- one operator base with a lazy algebra: :class:`LinearOperator` (sum, scalar multiple,
+  product, adjoint, ``to_dense``, ``to_scipy``; flat, matrix and list operands);
+- layer blocks and their declared capabilities (:class:`KroneckerFactored`,
+  :class:`ShiftSolvable`, :class:`FactorEigenbasis`, :class:`DampedKroneckerFactors`) and
+  :class:`BlockDiagonalOperator`;
 - Kronecker algebra in the column-major ``vec`` convention (§3.1.1): :func:`vec`,
   :func:`unvec`, :func:`kron`, :func:`kron_matvec`, :class:`KroneckerSum`;
 - the zigzag rearrangement Z (Def. 3.3) and best Kronecker-sum fits (Thm 3.14):
@@ -30,8 +35,26 @@ from curvlib.linalg.inverse import (
     pi_split,
     woodbury_solve,
 )
-from curvlib.linalg.kron import KroneckerSum, kron, kron_matvec, matvec_from_matrix_form, unvec, vec
-from curvlib.linalg.operator import DenseZOperator, ZOperator
+from curvlib.linalg.blocks import (
+    BlockDiagonalOperator,
+    DampedKroneckerFactors,
+    FactorEigenbasis,
+    KroneckerFactored,
+    LayerBlockOperator,
+    ShiftSolvable,
+)
+from curvlib.linalg.kron import kron, kron_matvec, matvec_from_matrix_form, unvec, vec
+from curvlib.linalg.kronecker_sum import KroneckerSum
+from curvlib.linalg.operator import (
+    AdjointOperator,
+    DenseOperator,
+    IdentityOperator,
+    LinearOperator,
+    ProductOperator,
+    ScaledOperator,
+    SumOperator,
+    VectorLayout,
+)
 from curvlib.linalg.rearrange import (
     NearestKronecker,
     factors_from_singular,
@@ -42,6 +65,8 @@ from curvlib.linalg.rearrange import (
 from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
 from curvlib.linalg.zproducts import (
     AffineZOperator,
+    DenseZOperator,
+    ZOperator,
     ConvZOperator,
     LinearZOperator,
     deflated,
@@ -49,6 +74,20 @@ from curvlib.linalg.zproducts import (
 )
 
 __all__ = [
+    "BlockDiagonalOperator",
+    "DampedKroneckerFactors",
+    "FactorEigenbasis",
+    "KroneckerFactored",
+    "LayerBlockOperator",
+    "ShiftSolvable",
+    "AdjointOperator",
+    "DenseOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "ProductOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "VectorLayout",
     "AffineZOperator",
     "ConvZOperator",
     "DenseZOperator",

@@ -1,88 +1,539 @@
-"""The matrix-free operator interface shared by the SVD solvers and the Z-products.
+"""One operator base for every linear operator of curvlib, with a lazy algebra.
 
-A :class:`ZOperator` stands for the rearranged block Z(M) ∈ R^{d_a² × d_b²} of
-Def. 3.3 (M ≈ Σ_k A_k ⊗ B_k with A_k [d_a, d_a], B_k [d_b, d_b]); only its products
-with vectors are ever computed.  Public methods check shapes; subclasses implement
-``_matvec``/``_rmatvec`` (the scipy ``LinearOperator`` split).
+Modelled on scipy's ``LinearOperator`` (``scipy/sparse/linalg/_interface.py``): the public
+:meth:`LinearOperator.matvec` / :meth:`~LinearOperator.matmat` / ``@`` check and normalise
+their operand **once** and subclasses implement only the private :meth:`~LinearOperator._matmat`
+(and :meth:`~LinearOperator._rmatmat` for the adjoint) on a checked ``[n, k]`` matrix.
+
+Accepted operands (the result comes back in the same form):
+
+- a flat vector ``[n]``;
+- k vectors as the columns of a matrix ``[n, k]``;
+- a list of tensors, one per parameter (shapes given by the operator's
+  :class:`VectorLayout`, e.g. ``model.parameters()``-shaped gradients), for operators over a
+  model's parameters.
+
+Combining operators is lazy: ``A + B``, ``A - B``, ``-A``, ``c * A``, ``A / c``, ``A @ B`` and
+``A.T`` (the adjoint, ``A.H`` the same for real operators) return new operators whose
+products call the operands' products; nothing is densified.  The algebra is pushed
+through the adjoint ((AB)ᵀ = BᵀAᵀ, (A + B)ᵀ = Aᵀ + Bᵀ, (cA)ᵀ = cAᵀ, (Aᵀ)ᵀ = A).  Shapes,
+dtypes and devices are checked when operators are combined, naming both sides.
+
+``(F1 + 0.5 * F2) @ v`` therefore is F1·v + 0.5·F2·v, computed with two products.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import abc
+import warnings
+from collections.abc import Sequence
+from numbers import Real
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from curvlib.errors import DTypeDeviceError, ShapeError
+from curvlib.errors import DTypeDeviceError, PerformanceWarning, ShapeError
 
-__all__ = ["ZOperator", "DenseZOperator"]
+__all__ = [
+    "AdjointOperator",
+    "DenseOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "ProductOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "VectorLayout",
+]
+
+Operand = torch.Tensor | Sequence[torch.Tensor]
 
 
-class ZOperator(ABC):
-    """Matrix-free Z(M) of shape ``[a_dim², b_dim²]``.
+class VectorLayout(abc.ABC):
+    """How an operator's flat vector ``[n]`` is split into a list of tensors.
 
-    ``matvec(v)`` computes Z(M)·v for ``v [b_dim²]`` (or ``[b_dim², k]``) and returns
-    ``[a_dim²]`` (or ``[a_dim², k]``); ``rmatvec(u)`` computes Z(M)ᵀ·u.  Vectors use
-    the column-major ``vec`` of Def. 3.2, so ``MAT(v)`` is ``[b_dim, b_dim]``.
+    Operators over a model's parameters carry one, so that their products accept and return
+    lists of parameter-shaped tensors (e.g. ``[p.grad for p in params]``).
     """
 
-    def __init__(self, a_dim: int, b_dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
-        self.a_dim = int(a_dim)
-        self.b_dim = int(b_dim)
-        self.dtype = dtype
-        self.device = torch.device(device)
+    @property
+    @abc.abstractmethod
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each tensor of the list form."""
+
+    @abc.abstractmethod
+    def to_vector(self, tensors: Sequence[torch.Tensor], caller: str) -> torch.Tensor:
+        """A list shaped like :attr:`shapes` -> the flat vector ``[n]``."""
+
+    @abc.abstractmethod
+    def to_tensors(self, v: torch.Tensor, caller: str) -> list[torch.Tensor]:
+        """The flat vector ``[n]`` -> a list shaped like :attr:`shapes`."""
+
+
+def _describe(op: Any) -> str:
+    return f"{type(op).__name__} {list(op.shape)} ({op.dtype} on {op.device})"
+
+
+class LinearOperator(abc.ABC):
+    """A linear map ``[m, n]`` applied matrix-free (module docstring).
+
+    Subclasses define :attr:`shape`, :attr:`dtype`, :attr:`device` and :meth:`_matmat`;
+    optionally :meth:`_rmatmat` (the adjoint; symmetric operators set ``symmetric = True``
+    and get it for free), :attr:`layout` (for list operands) and :meth:`_check_result`
+    (e.g. a finiteness check of the result).
+
+    Class attributes:
+        symmetric: the operator equals its adjoint (curvature matrices, their inverses).
+        dense_warning_size: :meth:`to_dense` emits a :class:`PerformanceWarning` when the
+            larger dimension exceeds it.
+    """
+
+    symmetric: ClassVar[bool] = False
+    dense_warning_size: ClassVar[int] = 4096
+
+    # -- description -----------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``: products map ``[n]`` to ``[m]``."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype every operand must have."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The device every operand must live on."""
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        """How the flat vector maps to a list of tensors (``None``: no list form)."""
+        return None
+
+    # -- what subclasses implement ---------------------------------------------------------
+    @abc.abstractmethod
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """A·X for a checked ``X [n, k]`` -> ``[m, k]``."""
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        """Aᵀ·Y for a checked ``Y [m, k]`` -> ``[n, k]``."""
+        if self.symmetric:
+            return self._matmat(Y)
+        raise NotImplementedError(f"{type(self).__name__} does not implement its adjoint product")
+
+    def _check_result(self, Y: torch.Tensor, X: torch.Tensor, caller: str) -> None:
+        """Called on every public product's result ``Y`` (operand ``X``); default: nothing."""
+
+    # -- checks --------------------------------------------------------------------------
+    def _normalise(self, x: Operand, n: int, caller: str) -> tuple[torch.Tensor, str]:
+        """Operand -> (``[n, k]``, form) with form ``"vector"``, ``"matrix"`` or ``"list"``."""
+        if isinstance(x, (list, tuple)):
+            layout = self.layout
+            if layout is None:
+                raise ShapeError(f"{caller}: {type(self).__name__} has no list form; pass a tensor [{n}] or [{n}, k]")
+            x = layout.to_vector(list(x), caller)
+            form = "list"
+        elif not isinstance(x, torch.Tensor):
+            raise ShapeError(f"{caller}: expected a tensor [{n}] / [{n}, k] or a list of tensors, got {type(x).__name__}")
+        else:
+            form = "vector" if x.ndim == 1 else "matrix"
+        if x.dtype != self.dtype or x.device != self.device:
+            raise DTypeDeviceError(
+                f"{caller}: the operator is {self.dtype} on {self.device}, the operand is {x.dtype} on {x.device}"
+            )
+        if x.ndim == 1 and x.shape[0] == n:
+            return x.unsqueeze(1), form
+        if x.ndim == 2 and x.shape[0] == n:
+            return x, form
+        raise ShapeError(f"{caller}: expected [{n}] or [{n}, k], got {list(x.shape)}")
+
+    def _restore(self, Y: torch.Tensor, form: str, caller: str) -> Operand:
+        if form == "matrix":
+            return Y
+        if form == "list":
+            assert self.layout is not None
+            return self.layout.to_tensors(Y[:, 0], caller)
+        return Y[:, 0]
+
+    # -- public products --------------------------------------------------------------------
+    def matvec(self, x: Operand) -> Operand:
+        """A·x for x ``[n]``, ``[n, k]`` or a list shaped like :attr:`layout` (same form out)."""
+        caller = f"{type(self).__name__}.matvec"
+        X, form = self._normalise(x, self.shape[1], caller)
+        Y = self._matmat(X)
+        self._check_result(Y, X, caller)
+        return self._restore(Y, form, caller)
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """A·X for ``X [n, k]`` -> ``[m, k]``."""
+        caller = f"{type(self).__name__}.matmat"
+        if not isinstance(X, torch.Tensor) or X.ndim != 2:
+            raise ShapeError(f"{caller}: expected a matrix [{self.shape[1]}, k], got {_shape_of(X)}")
+        X, _ = self._normalise(X, self.shape[1], caller)
+        Y = self._matmat(X)
+        self._check_result(Y, X, caller)
+        return Y
+
+    def rmatvec(self, y: Operand) -> Operand:
+        """Aᵀ·y for y ``[m]``, ``[m, k]`` or a list (same form out)."""
+        caller = f"{type(self).__name__}.rmatvec"
+        Y, form = self._normalise(y, self.shape[0], caller)
+        X = self._rmatmat(Y)
+        self._check_result(X, Y, caller)
+        return self._restore(X, form, caller)
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        """Aᵀ·Y for ``Y [m, k]`` -> ``[n, k]``."""
+        caller = f"{type(self).__name__}.rmatmat"
+        if not isinstance(Y, torch.Tensor) or Y.ndim != 2:
+            raise ShapeError(f"{caller}: expected a matrix [{self.shape[0]}, k], got {_shape_of(Y)}")
+        Y, _ = self._normalise(Y, self.shape[0], caller)
+        X = self._rmatmat(Y)
+        self._check_result(X, Y, caller)
+        return X
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            return ProductOperator(self, other)
+        if isinstance(other, (torch.Tensor, list, tuple)):
+            return self.matvec(other)
+        return NotImplemented
+
+    # -- lazy algebra --------------------------------------------------------------------
+    def __add__(self, other: Any) -> LinearOperator:
+        if isinstance(other, LinearOperator):
+            return SumOperator((self, other))
+        return NotImplemented
+
+    def __radd__(self, other: Any) -> LinearOperator:
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:  # sum([A, B, ...])
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> LinearOperator:
+        if isinstance(other, LinearOperator):
+            return SumOperator((self, ScaledOperator(other, -1.0)))
+        return NotImplemented
+
+    def __neg__(self) -> LinearOperator:
+        return ScaledOperator(self, -1.0)
+
+    def __mul__(self, c: Any) -> LinearOperator:
+        if isinstance(c, bool) or not isinstance(c, Real):
+            return NotImplemented
+        return ScaledOperator(self, float(c))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> LinearOperator:
+        if isinstance(c, bool) or not isinstance(c, Real):
+            return NotImplemented
+        return ScaledOperator(self, 1.0 / float(c))
+
+    def adjoint(self) -> LinearOperator:
+        """Aᵀ as an operator (``self`` for a symmetric operator)."""
+        return self if self.symmetric else AdjointOperator(self)
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transpose (= adjoint: curvlib's operators are real)."""
+        return self.adjoint()
+
+    H = T
+
+    # -- exports ---------------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """A as a dense ``[m, n]`` matrix, column j = A e_j (tests and small operators;
+        :class:`PerformanceWarning` above :attr:`dense_warning_size`)."""
+        m, n = self.shape
+        if max(m, n) > self.dense_warning_size:
+            warnings.warn(f"{type(self).__name__}.to_dense() forms a dense {m} × {n} matrix", PerformanceWarning,
+                          stacklevel=2)
+        return self._matmat(torch.eye(n, dtype=self.dtype, device=self.device))
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` of the same shape: float64 numpy in and out,
+        converted to the operator's dtype and device for each product."""
+        from scipy.sparse.linalg import LinearOperator as ScipyOperator  # scipy is optional at import time
+
+        m, n = self.shape
+
+        def wrap(fn, rows: int):
+            def apply(x: np.ndarray) -> np.ndarray:
+                x = np.asarray(x)
+                X = torch.as_tensor(x.reshape(rows, -1), dtype=self.dtype, device=self.device)
+                out = fn(X).detach().to(torch.float64).cpu().numpy()
+                return out.reshape(-1) if x.ndim == 1 else out
+            return apply
+
+        return ScipyOperator((m, n), matvec=wrap(self.matmat, n), rmatvec=wrap(self.rmatmat, m),
+                             matmat=wrap(self.matmat, n), rmatmat=wrap(self.rmatmat, m), dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"<{_describe(self)}>"
+
+
+def _shape_of(x: Any) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_combinable(ops: Sequence[LinearOperator], what: str, shapes_equal: bool = True) -> None:
+    first = ops[0]
+    for other in ops[1:]:
+        if shapes_equal and tuple(other.shape) != tuple(first.shape):
+            raise ShapeError(f"{what}: shapes differ: {_describe(first)} and {_describe(other)}")
+        if other.dtype != first.dtype or other.device != first.device:
+            raise DTypeDeviceError(f"{what}: dtypes/devices differ: {_describe(first)} and {_describe(other)}")
+
+
+def _first_layout(ops: Sequence[LinearOperator]) -> VectorLayout | None:
+    return next((op.layout for op in ops if op.layout is not None), None)
+
+
+class SumOperator(LinearOperator):
+    """A₁ + A₂ + … (lazy); all terms of one shape, dtype and device."""
+
+    def __init__(self, terms: Sequence[LinearOperator]) -> None:
+        flat: list[LinearOperator] = []
+        for t in terms:
+            if not isinstance(t, LinearOperator):
+                raise ShapeError(f"SumOperator: expected LinearOperator terms, got {type(t).__name__}")
+            flat.extend(t.terms if isinstance(t, SumOperator) else (t,))
+        _check_combinable(flat, "operator sum")
+        self.terms: tuple[LinearOperator, ...] = tuple(flat)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.a_dim**2, self.b_dim**2)
+        return tuple(self.terms[0].shape)
 
-    def _check(self, x: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, bool]:
-        if x.dtype != self.dtype or x.device != self.device:
-            raise DTypeDeviceError(
-                f"{type(self).__name__}.{what}: operator is {self.dtype} on {self.device}, "
-                f"vector is {x.dtype} on {x.device}"
-            )
-        if x.ndim == 1 and x.shape[0] == n:
-            return x.unsqueeze(-1), True
-        if x.ndim == 2 and x.shape[0] == n:
-            return x, False
-        raise ShapeError(f"{type(self).__name__}.{what}: expected [{n}] or [{n}, k], got {list(x.shape)}")
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.terms[0].dtype
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Z(M)·v.  v: ``[b_dim²]`` or ``[b_dim², k]`` -> ``[a_dim²]`` or ``[a_dim², k]``."""
-        V, squeeze = self._check(v, self.shape[1], "matvec")
-        out = self._matvec(V)
-        return out.squeeze(-1) if squeeze else out
+    @property
+    def device(self) -> torch.device:
+        return self.terms[0].device
 
-    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        """Z(M)ᵀ·u.  u: ``[a_dim²]`` or ``[a_dim², k]`` -> ``[b_dim²]`` or ``[b_dim², k]``."""
-        U, squeeze = self._check(u, self.shape[0], "rmatvec")
-        out = self._rmatvec(U)
-        return out.squeeze(-1) if squeeze else out
+    @property
+    def layout(self) -> VectorLayout | None:
+        return _first_layout(self.terms)
 
-    @abstractmethod
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """V: ``[b_dim², k]`` -> ``[a_dim², k]``."""
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return all(t.symmetric for t in self.terms)
 
-    @abstractmethod
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        """U: ``[a_dim², k]`` -> ``[b_dim², k]``."""
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        out = self.terms[0]._matmat(X)
+        for t in self.terms[1:]:
+            out = out + t._matmat(X)
+        return out
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        out = self.terms[0]._rmatmat(Y)
+        for t in self.terms[1:]:
+            out = out + t._rmatmat(Y)
+        return out
+
+    def adjoint(self) -> LinearOperator:
+        return self if self.symmetric else SumOperator([t.adjoint() for t in self.terms])
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(t) for t in self.terms)
+
+
+class ScaledOperator(LinearOperator):
+    """c·A (lazy), c a real number."""
+
+    def __init__(self, op: LinearOperator, c: float) -> None:
+        if isinstance(op, ScaledOperator):
+            op, c = op.op, op.c * c
+        self.op, self.c = op, float(c)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.op.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self.op.layout
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self.op.symmetric
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.c * self.op._matmat(X)
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.c * self.op._rmatmat(Y)
+
+    def adjoint(self) -> LinearOperator:
+        return self if self.symmetric else ScaledOperator(self.op.adjoint(), self.c)
+
+    def __repr__(self) -> str:
+        return f"{self.c:g} * {self.op!r}"
+
+
+class ProductOperator(LinearOperator):
+    """A·B (lazy): B is applied first; A ``[m, r]``, B ``[r, n]``."""
+
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        _check_combinable((A, B), "operator product", shapes_equal=False)
+        if A.shape[1] != B.shape[0]:
+            raise ShapeError(f"operator product: inner dimensions differ: {_describe(A)} @ {_describe(B)}")
+        self.A, self.B = A, B
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.A.shape[0], self.B.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return _first_layout((self.A, self.B)) if self.shape[0] == self.shape[1] else None
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.A._matmat(self.B._matmat(X))
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.B._rmatmat(self.A._rmatmat(Y))
+
+    def adjoint(self) -> LinearOperator:
+        return ProductOperator(self.B.adjoint(), self.A.adjoint())
+
+    def __repr__(self) -> str:
+        return f"({self.A!r} @ {self.B!r})"
+
+
+class AdjointOperator(LinearOperator):
+    """Aᵀ (lazy): products are A's adjoint products."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        self.op = op
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.op.shape[1], self.op.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self.op.layout
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.op._rmatmat(X)
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.op._matmat(Y)
+
+    def adjoint(self) -> LinearOperator:
+        return self.op
+
+    def __repr__(self) -> str:
+        return f"{self.op!r}.T"
+
+
+class DenseOperator(LinearOperator):
+    """A dense matrix ``M [m, n]`` as an operator (references, small blocks, user matrices).
+
+    Args:
+        M: the matrix.
+        symmetric: declare M = Mᵀ (not checked beyond the shape).
+        layout: optional list form of the vectors.
+    """
+
+    def __init__(self, M: torch.Tensor, *, symmetric: bool = False, layout: VectorLayout | None = None) -> None:
+        if not isinstance(M, torch.Tensor) or M.ndim != 2:
+            raise ShapeError(f"DenseOperator: expected a matrix [m, n], got {_shape_of(M)}")
+        if symmetric and M.shape[0] != M.shape[1]:
+            raise ShapeError(f"DenseOperator: a symmetric matrix must be square, got {list(M.shape)}")
+        self.M = M
+        self._symmetric = bool(symmetric)
+        self._layout = layout
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.M.shape[0], self.M.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.M.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.M.device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self._layout
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self._symmetric
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.M @ X
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.M.T @ Y
 
     def to_dense(self) -> torch.Tensor:
-        """Z(M) as a dense ``[a_dim², b_dim²]`` matrix (tests and small blocks only)."""
-        return self._matvec(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+        return self.M.clone()
 
 
-class DenseZOperator(ZOperator):
-    """A :class:`ZOperator` backed by a dense ``[a_dim², b_dim²]`` matrix (reference)."""
+class IdentityOperator(LinearOperator):
+    """I ``[n, n]`` (e.g. ``F + lam * IdentityOperator.like(F)`` for the damped curvature)."""
 
-    def __init__(self, Z: torch.Tensor, a_dim: int, b_dim: int) -> None:
-        if Z.shape != (a_dim**2, b_dim**2):
-            raise ShapeError(f"DenseZOperator: expected [{a_dim**2}, {b_dim**2}], got {list(Z.shape)}")
-        super().__init__(a_dim, b_dim, dtype=Z.dtype, device=Z.device)
-        self.Z = Z
+    symmetric = True
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        return self.Z @ V
+    def __init__(self, n: int, *, dtype: torch.dtype, device: torch.device | str,
+                 layout: VectorLayout | None = None) -> None:
+        self.n, self._dtype, self._device, self._layout = int(n), dtype, torch.device(device), layout
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        return self.Z.T @ U
+    @classmethod
+    def like(cls, op: LinearOperator) -> IdentityOperator:
+        """The identity on ``op``'s domain, with its dtype, device and layout."""
+        return cls(op.shape[1], dtype=op.dtype, device=op.device, layout=op.layout)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self._layout
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return X.clone()

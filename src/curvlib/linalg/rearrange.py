@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from curvlib.errors import NumericalError, ShapeError
-from curvlib.linalg.kron import KroneckerSum, unvec
+from curvlib.linalg.kron import unvec
+from curvlib.linalg.kronecker_sum import KroneckerSum
 
 __all__ = ["rearrange", "unrearrange", "factors_from_singular", "nearest_kronecker", "NearestKronecker"]
 

@@ -38,21 +38,69 @@ import torch
 
 from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError
 from curvlib.linalg.geometry import Geometry, band_mask
-from curvlib.linalg.kron import KroneckerSum, unvec, vec
-from curvlib.linalg.operator import ZOperator
+from curvlib.linalg.kron import unvec, vec
+from curvlib.linalg.kronecker_sum import KroneckerSum
+from curvlib.linalg.operator import LinearOperator
 from curvlib.linalg.rows import DenseRows, OneHotRows, Rows, as_rows
 
 __all__ = [
     "AffineZOperator",
+    "DenseZOperator",
     "ConvZOperator",
     "ExactZOperator",
     "LinearZOperator",
     "PositionZOperator",
     "SumZOperator",
     "TransposedZOperator",
+    "ZOperator",
     "deflated",
     "ema_combined",
 ]
+
+
+class ZOperator(LinearOperator):
+    """Matrix-free Z(M) of shape ``[a_dim², b_dim²]`` (Def. 3.3), M ≈ Σ_k A_k ⊗ B_k with
+    A_k ``[a_dim, a_dim]``, B_k ``[b_dim, b_dim]``.
+
+    ``matvec(v)`` computes Z(M)·v for ``v [b_dim²]`` (or ``[b_dim², k]``) and returns
+    ``[a_dim²]`` (or ``[a_dim², k]``); ``rmatvec(u)`` computes Z(M)ᵀ·u.  Vectors use the
+    column-major ``vec`` of Def. 3.2, so ``MAT(v)`` is ``[b_dim, b_dim]``.  Subclasses
+    implement ``_matmat`` and ``_rmatmat`` (:class:`~curvlib.linalg.operator.LinearOperator`).
+    """
+
+    def __init__(self, a_dim: int, b_dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.a_dim = int(a_dim)
+        self.b_dim = int(b_dim)
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a_dim**2, self.b_dim**2)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+
+class DenseZOperator(ZOperator):
+    """A :class:`ZOperator` backed by a dense ``[a_dim², b_dim²]`` matrix (reference)."""
+
+    def __init__(self, Z: torch.Tensor, a_dim: int, b_dim: int) -> None:
+        if Z.shape != (a_dim**2, b_dim**2):
+            raise ShapeError(f"DenseZOperator: expected [{a_dim**2}, {b_dim**2}], got {list(Z.shape)}")
+        super().__init__(a_dim, b_dim, dtype=Z.dtype, device=Z.device)
+        self.Z = Z
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.Z @ V
+
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self.Z.T @ U
 
 
 def _mats(X: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,12 +132,12 @@ class ExactZOperator(ZOperator):
         self.D = D
         self.scale = float(scale)
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         Vm = _mats(V, self.b_dim)  # [k, d_g, d_g]
         VD = torch.einsum("kgh,nhj->kngj", Vm, self.D)  # [k, n, d_g, d_a]
         return self.scale * _vecs(torch.einsum("ngi,kngj->kij", self.D, VD))
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         Um = _mats(U, self.a_dim)  # [k, d_a, d_a]
         DU = torch.einsum("ngi,kij->kngj", self.D, Um)  # [k, n, d_g, d_a]
         return self.scale * _vecs(torch.einsum("kngj,nhj->kgh", DU, self.D))
@@ -207,16 +255,16 @@ class PositionZOperator(ZOperator):
         return torch.einsum("bcth,kbctj->khj", self.g, acc.reshape(k, m, c, -1, self.b_dim))
 
     # -- dispatch ---------------------------------------------------------------------------------
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self._mode == "exact":
-            return self._exact._matvec(V)
+            return self._exact._matmat(V)
         Vm = _mats(V, self.b_dim)
         out = self._independent_matvec(Vm) if self._mode == "independent" else self._band_matvec(Vm)
         return self.scale * _vecs(out)
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         if self._mode == "exact":
-            return self._exact._rmatvec(U)
+            return self._exact._rmatmat(U)
         Um = _mats(U, self.a_dim)
         out = self._independent_rmatvec(Um) if self._mode == "independent" else self._band_rmatvec(Um)
         return self.scale * _vecs(out)
@@ -305,16 +353,16 @@ class SumZOperator(ZOperator):
         super().__init__(first.a_dim, first.b_dim, dtype=first.dtype, device=first.device)
         self.ops = ops
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        out = self.ops[0]._matvec(V)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.ops[0]._matmat(V)
         for op in self.ops[1:]:
-            out = out + op._matvec(V)
+            out = out + op._matmat(V)
         return out
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        out = self.ops[0]._rmatvec(U)
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        out = self.ops[0]._rmatmat(U)
         for op in self.ops[1:]:
-            out = out + op._rmatvec(U)
+            out = out + op._rmatmat(U)
         return out
 
 
@@ -330,11 +378,11 @@ class TransposedZOperator(ZOperator):
         super().__init__(op.b_dim, op.a_dim, dtype=op.dtype, device=op.device)
         self.op = op
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        return self.op._rmatvec(V)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op._rmatmat(V)
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
-        return self.op._matvec(U)
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self.op._matmat(U)
 
 
 TermsLike = KroneckerSum | Sequence[tuple[torch.Tensor, torch.Tensor]] | Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -395,14 +443,14 @@ class AffineZOperator(ZOperator):
             self._R = torch.stack([vec(R) for R, _ in pairs], dim=1)  # [d_a², K]
             self._S = torch.stack([vec(S) for _, S in pairs], dim=1)  # [d_b², K]
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self.base_coeff * self.base.matvec(V) if self.base is not None else None
         if self.terms:
             low_rank = self.term_coeff * (self._R @ (self._S.T @ V))
             out = low_rank if out is None else out + low_rank
         return out
 
-    def _rmatvec(self, U: torch.Tensor) -> torch.Tensor:
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         out = self.base_coeff * self.base.rmatvec(U) if self.base is not None else None
         if self.terms:
             low_rank = self.term_coeff * (self._S @ (self._R.T @ U))

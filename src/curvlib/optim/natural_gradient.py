@@ -238,7 +238,7 @@ class NaturalGradient(torch.optim.Optimizer):
             directions = [d * nu for d in directions]
             self.last_kl_scale = nu
 
-        adaptive = info.refreshed and callable(getattr(pre.damping, "update", None))
+        adaptive = info.refreshed and pre.damping.adaptive
         deltas = [torch.zeros_like(p) for p in pparams] if adaptive else None
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]

@@ -6,14 +6,26 @@
 - :func:`build_preconditioner` (:mod:`curvlib.precond.builder`): resolves every kind in the
   registry and validates its options;
 - :class:`Preconditioner` (:mod:`curvlib.precond.preconditioner`): ``update(batch)`` on the
-  T1/T2 schedule, ``apply(grad)``, ``state_dict()``/``load_state_dict()``.
+  T1/T2 schedule, ``apply(grad)``, ``state_dict()``/``load_state_dict()``;
+- the reference preconditioners (:mod:`curvlib.precond.references`): exact and block-diagonal
+  natural gradient by Woodbury (4.50), (4.52).
 """
 
 from curvlib.precond.builder import build_preconditioner
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig, ResolvedKind, resolve_config
 from curvlib.precond.preconditioner import NotReadyError, Preconditioner, UpdateInfo, preserved_buffers
+from curvlib.precond.references import (
+    BlockNaturalGradient,
+    ExactNaturalGradient,
+    block_natural_gradient,
+    exact_natural_gradient,
+)
 
 __all__ = [
+    "BlockNaturalGradient",
+    "ExactNaturalGradient",
+    "block_natural_gradient",
+    "exact_natural_gradient",
     "NotReadyError",
     "Preconditioner",
     "PreconditionerConfig",

@@ -257,7 +257,7 @@ class ResolvedConfig:
     @property
     def lam(self) -> float | None:
         """The damping's ``value`` (λ), if its options have one."""
-        v = getattr(self.damping.options, "value", None)
+        v = self.damping.options.model_dump().get("value")
         return None if v is None else float(v)
 
 
@@ -269,7 +269,7 @@ def _resolve_kind(registry: Any, field: str, data: Mapping[str, Any], inherited:
         spec = family.get(kind)
     except UnknownKindError as exc:
         raise UnknownKindError(f"{field}.kind: {exc}") from None
-    fields = getattr(spec.options, "model_fields", {})
+    fields = spec.options.model_fields
     for name, value in inherited.items():
         if name in fields and name not in options:
             options[name] = value

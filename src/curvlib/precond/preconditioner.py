@@ -46,15 +46,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlib.capture.layout import (
-    LayerBlock,
-    blocks_params,
-    blocks_params_to_vector,
-    blocks_vector_to_params,
-    find_layers,
-)
-from curvlib.errors import ConfigError, CurvlibError, DTypeDeviceError, ShapeError
+from curvlib.approximators.api import BlockDiagonalApproximation, approximate
+from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, find_layers
+from curvlib.coarse.api import two_level
+from curvlib.curvatures.api import curvature
+from curvlib.curvatures.operator import CurvatureOperator
+from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
+from curvlib.damping.base import Damping
+from curvlib.errors import ConfigError, CurvlibError, ShapeError
+from curvlib.linalg import LinearOperator
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
+from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
 
 __all__ = ["Preconditioner", "UpdateInfo", "NotReadyError"]
 
@@ -116,11 +119,9 @@ def _flat_gradient_list(F: Any) -> list[torch.Tensor]:
 
 def _curvature_state(F: Any) -> dict[str, Any]:
     """A curvature operator's captured statistics as plain containers (to rebuild it exactly)."""
-    from curvlib.curvatures.operator import CurvatureOperator
-
     if not isinstance(F, CurvatureOperator):
         raise ConfigError(
-            f"Preconditioner.state_dict: the curvature operator {type(F).__name__} ({getattr(F, 'kind', '?')!r}) "
+            f"Preconditioner.state_dict: the curvature operator {type(F).__name__} "
             "cannot be saved; the coarse correction and the natural-gradient references need one built from "
             "captured statistics (fisher, empirical_fisher, ggn)"
         )
@@ -137,9 +138,6 @@ def _curvature_state(F: Any) -> dict[str, Any]:
 
 
 def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]) -> Any:
-    from curvlib.curvatures.operator import CurvatureOperator
-    from curvlib.curvatures.statistics import LayerStatistics
-
     return CurvatureOperator(
         layers,
         state["excluded"],
@@ -154,7 +152,7 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
 # --------------------------------------------------------------------------- the preconditioner
 
 
-class Preconditioner:
+class Preconditioner(LinearOperator):
     """A curvature approximation kept up to date on the T1/T2 schedule and applied to gradients.
 
     Build it with :func:`curvlib.build_preconditioner` (which validates the configuration
@@ -180,7 +178,12 @@ class Preconditioner:
         curvature: the curvature operator F of the latest refresh (``None`` before it).
         approximation: the block-diagonal approximation of the latest refresh (``kronecker`` only).
         inverse: the operator :meth:`apply` uses (first level only, without the coarse correction).
+
+    A :class:`~curvlib.linalg.LinearOperator` (once ready): ``pre @ g`` is :meth:`apply`,
+    and it combines with other operators like any curvlib operator.
     """
+
+    symmetric = True
 
     def __init__(
         self,
@@ -196,13 +199,16 @@ class Preconditioner:
         self.resolved = resolved
         self.config: PreconditionerConfig = resolved.config
         self.registry = registry
-        self.device, self.dtype = _model_device_dtype(model)
+        self._device, self._dtype = _model_device_dtype(model)
         if generator is None:
             generator = default_generator(self.device)
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.damping = resolved.damping.spec.factory(resolved.damping.options)
+        if not isinstance(self.damping, Damping):
+            raise ConfigError(f"damping kind {resolved.damping.kind!r} built a {type(self.damping).__name__}, "
+                              "expected a curvlib Damping")
         self._curvature_kind = {"kind": resolved.curvature.kind, **resolved.curvature.data}
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
         self._reset()
@@ -251,6 +257,21 @@ class Preconditioner:
         return (self.p, self.p)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: gradients must have it."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device: gradients must live on it."""
+        return self._device
+
+    @property
+    def layout(self) -> BlocksLayout:
+        """The list form of gradients and directions: tensors shaped like :meth:`params`."""
+        return BlocksLayout(self.layers)
+
+    @property
     def excluded(self) -> list[str]:
         """Qualified names of the trainable parameters the curvature left out (no adapter)."""
         return list(self._excluded)
@@ -262,11 +283,11 @@ class Preconditioner:
 
     def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]`` (vec of W̄ = [W, b], columns stacked)."""
-        return blocks_params_to_vector(self.layers, tensors, "Preconditioner")
+        return self.layout.to_vector(tensors, "Preconditioner")
 
     def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
         """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        return blocks_vector_to_params(self.layers, v, self.p, "Preconditioner")
+        return self.layout.to_tensors(v, "Preconditioner")
 
     def refresh_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""
@@ -324,8 +345,6 @@ class Preconditioner:
 
     def _refresh(self, batch: Any, k: int) -> bool:
         """Capture and refit; returns whether the set of layers changed (a new layout)."""
-        from curvlib.curvatures.api import curvature
-
         with preserved_buffers(self.model), torch.enable_grad():
             F = curvature(
                 self._curvature_kind, self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry
@@ -336,8 +355,6 @@ class Preconditioner:
             # starts cannot continue, and the inverse is rebuilt at once
             self.approximation = None
         if self.config.preconditioner == "kronecker":
-            from curvlib.approximators.api import approximate
-
             approx = approximate(F, self._approximator_kind, previous=self.approximation, registry=self.registry)
             # Store the fit in the memory layout a checkpoint restores (factors stacked per
             # layer, contiguous): BLAS rounding depends on strides, and a resumed run must
@@ -354,8 +371,6 @@ class Preconditioner:
         kind = self.config.preconditioner
         self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
         if kind == "kronecker":
-            from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
-
             previous = self.inverse if isinstance(self.inverse, BlockDiagonalInverse) else None
             if previous is not None and [b.shape for b in previous.blocks] != [
                 (s.stop - s.start,) * 2 for s in self.approximation.slices
@@ -370,28 +385,22 @@ class Preconditioner:
         self.last_inversion_step = k
 
     def _lam(self) -> float:
-        value = getattr(self.damping, "value", None)
-        return float(self.resolved.lam if value is None else value)
+        return self.damping.value
 
     def _natural_gradient(self, F: Any) -> Any:
-        from curvlib import coarse
-
         if self.config.preconditioner == "exact_natural_gradient":
-            return coarse.exact_natural_gradient(F, self._lam())
-        return coarse.block_natural_gradient(F, self._lam())
+            return exact_natural_gradient(F, self._lam())
+        return block_natural_gradient(F, self._lam())
 
     def _build_operator(self) -> None:
         """The operator apply() uses: the inverse, or the two-level one around it."""
         if self.resolved.coarse_space is None:
             self._operator = self.inverse
             return
-        from curvlib import coarse
-
         rc = self.resolved.coarse_space
         # "previous" (4.20b) damps F̄•'s diagonal blocks like the first level does
-        inner = getattr(getattr(self.damping, "options", None), "inner", None)
-        tko_diagonal = "tikhonov" if (inner or self.resolved.damping.kind) == "tikhonov" else "heuristic"
-        self._operator = coarse.two_level(
+        tko_diagonal = "tikhonov" if self.damping.formula_kind == "tikhonov" else "heuristic"
+        self._operator = two_level(
             self.inverse,
             self.curvature,
             {"kind": rc.kind, **rc.data},
@@ -424,27 +433,10 @@ class Preconditioner:
             ShapeError, DTypeDeviceError: ``grad`` does not fit.
         """
         self._check_ready("apply")
-        if isinstance(grad, (list, tuple)):
-            v = self.params_to_vector(grad)
-            return self.vector_to_params(self._apply_flat(v))
-        if not isinstance(grad, torch.Tensor):
-            raise ShapeError(f"Preconditioner.apply: expected a tensor or a list of tensors, got {type(grad).__name__}")
-        return self._apply_flat(grad)
+        return self.matvec(grad)
 
-    def _apply_flat(self, v: torch.Tensor) -> torch.Tensor:
-        if v.dtype != self.dtype or v.device != self.device:
-            raise DTypeDeviceError(
-                f"Preconditioner.apply: the preconditioner is {self.dtype} on {self.device}, the gradient is "
-                f"{v.dtype} on {v.device}"
-            )
-        if v.ndim not in (1, 2) or v.shape[0] != self.p:
-            raise ShapeError(f"Preconditioner.apply: expected a vector [{self.p}] or [{self.p}, k], got {list(v.shape)}")
-        return self._operator @ v
-
-    def __matmul__(self, grad: Any) -> Any:
-        return self.apply(grad)
-
-    matvec = apply
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._operator.matmat(X)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _needs_latest_curvature(self) -> bool:
@@ -514,7 +506,6 @@ class Preconditioner:
             if state.get(key) != mine:
                 raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
         self._reset()
-        from curvlib.approximators.api import BlockDiagonalApproximation
 
         self.generator.set_state(state["generator"])
         layers = None if state["layers"] is None else self._layout(state["layers"], caller)
@@ -541,8 +532,6 @@ class Preconditioner:
         ):
             self._load_damping(state["inverted_damping"], caller)
             if self.config.preconditioner == "kronecker":
-                from curvlib.damping.api import damped_inverse
-
                 self.inverse = damped_inverse(self._inverted_approximation, self.damping)
             else:
                 self.inverse = self._natural_gradient(self._inverted_curvature)
@@ -557,14 +546,10 @@ class Preconditioner:
         self.last_inversion_step = state["last_inversion_step"]
 
     def _load_damping(self, dstate: Mapping[str, Any], caller: str) -> None:
-        loader = getattr(self.damping, "load_state_dict", None)
-        if loader is not None:
-            loader(copy.deepcopy(dict(dstate)))
-        elif dict(dstate) != self.damping.state_dict():
-            raise ConfigError(
-                f"{caller}: the damping {self.damping!r} cannot load a state ({dict(dstate)!r} differs from its own "
-                f"{self.damping.state_dict()!r})"
-            )
+        try:
+            self.damping.load_state_dict(copy.deepcopy(dict(dstate)))
+        except ConfigError as exc:
+            raise ConfigError(f"{caller}: {exc}") from None
 
     def _layout(self, entries: Sequence[Mapping[str, Any]], caller: str) -> list[LayerBlock]:
         candidates, _ = find_layers(self.model, self.registry)

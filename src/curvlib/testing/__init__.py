@@ -8,8 +8,8 @@
   curvlib's flat order, Z(M) by index loops, the dense block of ``LayerStatistics``);
 - :mod:`curvlib.testing.strategies` (needs ``hypothesis``): SPD matrices, Kronecker
   factors, ``LayerStatistics`` of Linear and conv layers, small networks with a batch;
-- :mod:`curvlib.testing.conformance` (needs ``pytest`` and ``hypothesis``): the mixins a
-  plugin's tests subclass — :class:`ApproximatorConformance`,
+- :mod:`curvlib.testing.conformance` (needs ``pytest`` and ``hypothesis``; one module per
+  family): the mixins a plugin's tests subclass — :class:`ApproximatorConformance`,
   :class:`DampingConformance`, :class:`CoarseSpaceConformance`,
   :class:`CurvatureConformance`, :class:`LayerAdapterConformance` (also importable from
   here; loaded on first use).

@@ -14,10 +14,12 @@ Uᵀ vec(X) = vec(Q_Gᵀ X Q_A) (Thm 3.13), every product is two small GEMMs on 
     (F_EKFAC + λI)⁻¹ vec(X) = vec(Q_G [(Q_Gᵀ X Q_A) ⊘ (S + λ)] Q_Aᵀ).
 
 KFAC itself is the special case S = e_G e_Aᵀ; EKFAC (George et al., 2018) re-fits S (see
-:mod:`curvlib_ekfac.approximator`).  The block is *not* a Kronecker sum: it has no
-``terms`` and exposes :meth:`EKFACBlock.tikhonov_solve`, so curvlib's ``tikhonov``
-damping applies the exact inverse above by delegating to it, as it does for curvlib's
-``exact_block``.  The π-split ``heuristic`` damping needs Kronecker factors and refuses it.
+:mod:`curvlib_ekfac.approximator`).  The block is *not* a Kronecker sum: it declares the
+:class:`curvlib.linalg.ShiftSolvable` capability (:meth:`EKFACBlock.tikhonov_solve`), so
+curvlib's ``tikhonov`` damping applies the exact inverse above by delegating to it, as it
+does for curvlib's ``exact_block``.  The π-split ``heuristic`` damping needs a
+:class:`curvlib.linalg.KroneckerFactored` block and refuses it.  Products, ``@``, the
+operator algebra and ``to_scipy`` come from curvlib's operator base.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from typing import Any
 import torch
 
 from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError
-from curvlib.linalg import matvec_from_matrix_form, vec
+from curvlib.linalg import ShiftSolvable, vec
 
 __all__ = ["EKFACBlock"]
 
 _DENSE_WARN = 4096  # to_dense() of a larger block emits a PerformanceWarning
 
 
-class EKFACBlock:
+class EKFACBlock(ShiftSolvable):
     """F_EKFAC = (Q_A ⊗ Q_G) diag(vec(S)) (Q_A ⊗ Q_G)ᵀ ``[p_i, p_i]`` (module docstring).
 
     Args:
@@ -83,10 +85,6 @@ class EKFACBlock:
         return self.a_dim * self.b_dim
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.evec_a.dtype
 
@@ -102,14 +100,6 @@ class EKFACBlock:
         return EKFACBlock(*(t.to(device=device, dtype=dtype) for t in (self.evec_a, self.evec_g, self.scalings)))
 
     # -- products -----------------------------------------------------------------------------
-    def _check_matrix(self, X: torch.Tensor, what: str) -> None:
-        if not isinstance(X, torch.Tensor):
-            raise ShapeError(f"EKFACBlock.{what}: expected a torch.Tensor, got {type(X).__name__}")
-        if X.dtype != self.dtype or X.device != self.device:
-            raise DTypeDeviceError(f"EKFACBlock.{what}: the block is {self.dtype} on {self.device}, X is {X.dtype} on {X.device}")
-        if X.ndim < 2 or tuple(X.shape[-2:]) != (self.b_dim, self.a_dim):
-            raise ShapeError(f"EKFACBlock.{what}: expected X [..., d_g, d_a] = [..., {self.b_dim}, {self.a_dim}], got {list(X.shape)}")
-
     def _rotated(self, X: torch.Tensor) -> torch.Tensor:
         """Q_Gᵀ X Q_A: coordinates of vec(X) in the basis U, ``[..., d_g, d_a]``."""
         return self.evec_g.T @ X @ self.evec_a
@@ -118,26 +108,10 @@ class EKFACBlock:
         """Q_G Y Q_Aᵀ: back from the basis U."""
         return self.evec_g @ Y @ self.evec_a.T
 
-    def apply(self, X: torch.Tensor) -> torch.Tensor:
-        """F_EKFAC vec(X) in matrix form, Q_G [(Q_Gᵀ X Q_A) ⊙ S] Q_Aᵀ.
-
-        Args:
-            X: ``[..., d_g, d_a]``.
-
-        Returns:
-            ``[..., d_g, d_a]``; cost O(k·d_a·d_g·(d_a + d_g)) for k matrices.
-        """
-        self._check_matrix(X, "apply")
+    def _apply(self, X: torch.Tensor) -> torch.Tensor:
+        """F_EKFAC vec(X) in matrix form, Q_G [(Q_Gᵀ X Q_A) ⊙ S] Q_Aᵀ, for ``X [k, d_g, d_a]``;
+        cost O(k·d_a·d_g·(d_a + d_g))."""
         return self._back(self._rotated(X) * self.scalings)
-
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """F_EKFAC·x: ``[p_i]`` -> ``[p_i]`` or ``[p_i, k]`` -> ``[p_i, k]`` (column-major vec of ``[d_g, d_a]``)."""
-        if not isinstance(x, torch.Tensor):
-            raise ShapeError(f"EKFACBlock.matvec: expected a torch.Tensor, got {type(x).__name__}")
-        return matvec_from_matrix_form(self.apply, x, self.b_dim, self.a_dim, "EKFACBlock.matvec")
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x)
 
     def tikhonov_solve(self, X: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         """(F_EKFAC + λI)⁻¹ vec(X) in matrix form, exact: Q_G [(Q_Gᵀ X Q_A) ⊘ (S + λ)] Q_Aᵀ.
@@ -157,7 +131,7 @@ class EKFACBlock:
         lam_f = float(lam)
         if not (math.isfinite(lam_f) and lam_f > 0):
             raise ConfigError(f"EKFACBlock.tikhonov_solve: the damping λ must be finite and > 0, got {lam_f}")
-        self._check_matrix(X, "tikhonov_solve")
+        self._check_matrix(X, "EKFACBlock.tikhonov_solve")
         return self._back(self._rotated(X) / (self.scalings + lam_f))
 
     def to_dense(self) -> torch.Tensor:

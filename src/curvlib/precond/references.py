@@ -1,8 +1,8 @@
 """Exact and block-diagonal natural gradient by Sherman–Morrison–Woodbury (thesis §4.4.1).
 
-These are reference preconditioners (and possible first levels of a two-level method).
-They live next to the two-level code because both solve with the exact damped curvature
-F• = F + λI built from the same per-sample Jacobian statistics (appendices 4.A–4.B).
+These are the reference preconditioners of DESIGN.md §3 (and possible first levels of a
+two-level method): operators of the operator base that solve with the exact damped curvature
+F• = F + λI built from the per-sample Jacobian statistics (appendices 4.A–4.B).
 
 With C = scale·JJᵀ (J ``[p, n]``, n = m·c (sample, column) pairs: m samples times the
 back-propagated columns c — MC samples of ``fisher``, output dimensions of ``ggn``), and
@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
-from curvlib.coarse.base import _SquareOnCurvature
 from curvlib.curvatures.operator import CurvatureOperator
-from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
-from curvlib.linalg import WoodburySolver
+from curvlib.errors import ConfigError
+from curvlib.linalg import BlockDiagonalOperator, LinearOperator, VectorLayout, WoodburySolver
 
-__all__ = ["BlockNaturalGradient", "ExactNaturalGradient"]
+__all__ = ["BlockNaturalGradient", "ExactNaturalGradient", "block_natural_gradient", "exact_natural_gradient"]
 
 
 def _check(curvature: Any, damping: float, who: str) -> float:
@@ -40,7 +39,7 @@ def _check(curvature: Any, damping: float, who: str) -> float:
         raise ConfigError(
             f"{who}: needs a curvature with a per-sample Jacobian factorization C = scale·JJᵀ "
             f"('fisher', 'empirical_fisher', 'ggn'); got {type(curvature).__name__}"
-            + (f" (kind {curvature.kind!r})" if getattr(curvature, "kind", "") else "")
+
         )
     try:
         lam = float(damping)
@@ -51,46 +50,36 @@ def _check(curvature: Any, damping: float, who: str) -> float:
     return lam
 
 
-class _NaturalGradientBase(_SquareOnCurvature):
-    """Shared shape handling: ``@`` on ``[p]``, ``[p, k]`` or a list shaped like ``F.params()``."""
+class _WoodburyOperator(LinearOperator):
+    """(C + λI)⁻¹ ``[p, p]`` applied by a :class:`~curvlib.linalg.WoodburySolver`."""
 
-    curvature: CurvatureOperator
+    symmetric = True
+
+    def __init__(self, solver: WoodburySolver, p: int, dtype: torch.dtype, device: torch.device,
+                 layout: VectorLayout | None = None) -> None:
+        self.solver, self._p, self._dtype, self._device, self._layout = solver, int(p), dtype, device, layout
 
     @property
-    def p(self) -> int:
-        return self.curvature.p
+    def shape(self) -> tuple[int, int]:
+        return (self._p, self._p)
 
-    def _solve(self, U: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
-    def matvec(self, u: Any) -> Any:
-        """(F + λI)⁻¹u (or its block-diagonal version) for u ``[p]`` -> ``[p]``,
-        ``[p, k]`` -> ``[p, k]``, or a list shaped like ``F.params()`` -> the same."""
-        F = self.curvature
-        if isinstance(u, (list, tuple)):
-            return F.vector_to_params(self._solve(F.params_to_vector(list(u)).unsqueeze(1))[:, 0])
-        if not isinstance(u, torch.Tensor):
-            raise ShapeError(f"{type(self).__name__}: expected a tensor or a list of tensors, got {type(u).__name__}")
-        if u.dtype != self.dtype or u.device != self.device:
-            raise DTypeDeviceError(
-                f"{type(self).__name__}: operator is {self.dtype} on {self.device}, vector is {u.dtype} on {u.device}"
-            )
-        if u.ndim == 1 and u.shape[0] == self.p:
-            return self._solve(u.unsqueeze(1))[:, 0]
-        if u.ndim == 2 and u.shape[0] == self.p:
-            return self._solve(u)
-        raise ShapeError(f"{type(self).__name__}: expected [{self.p}] or [{self.p}, k], got {list(u.shape)}")
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
-    __matmul__ = matvec
+    @property
+    def layout(self) -> VectorLayout | None:
+        return self._layout
 
-    def matmat(self, U: torch.Tensor) -> torch.Tensor:
-        """``U [p, k]`` -> ``[p, k]``."""
-        if not isinstance(U, torch.Tensor) or U.ndim != 2:
-            raise ShapeError(f"{type(self).__name__}.matmat: expected [{self.p}, k], got {getattr(U, 'shape', U)!r}")
-        return self.matvec(U)
+    def _matmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self.solver.solve(U)
 
 
-class ExactNaturalGradient(_NaturalGradientBase):
+class ExactNaturalGradient(_WoodburyOperator):
     """ζ = (F + λI)⁻¹u, exact, by Woodbury on the n × n Gram matrix JᵀJ (4.49)–(4.50), (4.78)–(4.79).
 
     Args:
@@ -105,19 +94,20 @@ class ExactNaturalGradient(_NaturalGradientBase):
 
     def __init__(self, curvature: Any, damping: float) -> None:
         self.damping = _check(curvature, damping, "exact_natural_gradient")
-        self.curvature = curvature
-        F = curvature
+        self.curvature = F = curvature
         self.n = F.num_pairs
-        self.solver = WoodburySolver(F.JtJ(), self.damping, 1.0 / F.scale, F.J, F.Jt)
+        solver = WoodburySolver(F.JtJ(), self.damping, 1.0 / F.scale, F.J, F.Jt)
+        super().__init__(solver, F.p, F.dtype, F.device, F.layout)
 
-    def _solve(self, U: torch.Tensor) -> torch.Tensor:
-        return self.solver.solve(U)
+    @property
+    def p(self) -> int:
+        return self._p
 
     def __repr__(self) -> str:
         return f"ExactNaturalGradient(p={self.p}, n={self.n}, damping={self.damping:g})"
 
 
-class BlockNaturalGradient(_NaturalGradientBase):
+class BlockNaturalGradient(BlockDiagonalOperator):
     """ζ_i = (F_ii + λI)⁻¹u[i] for every layer i (4.51)–(4.52), by Woodbury on J_iᵀJ_i.
 
     Block-diagonal, with blocks ``slices`` (the layers): a first level for
@@ -128,27 +118,43 @@ class BlockNaturalGradient(_NaturalGradientBase):
         damping: λ > 0.
 
     Attributes:
-        damping, n, slices (``F.layers[i].slice``), blocks (one
-        :class:`~curvlib.linalg.WoodburySolver` per layer).
+        damping, n, slices (``F.layers[i].slice``), blocks (one Woodbury-applied
+        (F_ii + λI)⁻¹ operator per layer).
     """
 
     def __init__(self, curvature: Any, damping: float) -> None:
         self.damping = _check(curvature, damping, "block_natural_gradient")
-        self.curvature = curvature
-        F = curvature
+        self.curvature = F = curvature
         self.n = F.num_pairs
-        self.slices: list[slice] = [L.slice for L in F.layers]
-        self.blocks: list[WoodburySolver] = [
-            WoodburySolver(F.JtJ_i(i), self.damping, 1.0 / F.scale,
-                           lambda w, i=i: F.J_i(i, w), lambda u, i=i: F.Jt_i(i, u))
-            for i in range(len(F.layers))
+        blocks = [
+            _WoodburyOperator(WoodburySolver(F.JtJ_i(i), self.damping, 1.0 / F.scale,
+                                             lambda w, i=i: F.J_i(i, w), lambda u, i=i: F.Jt_i(i, u)),
+                              L.p_i, F.dtype, F.device)
+            for i, L in enumerate(F.layers)
         ]
-
-    def _solve(self, U: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(U)
-        for s, solver in zip(self.slices, self.blocks):
-            out[s] = solver.solve(U[s])
-        return out
+        super().__init__(blocks, [L.slice for L in F.layers], p=F.p, layout=F.layout)
 
     def __repr__(self) -> str:
         return f"BlockNaturalGradient(p={self.p}, layers={len(self.slices)}, n={self.n}, damping={self.damping:g})"
+
+
+def exact_natural_gradient(curvature: Any, damping: float) -> ExactNaturalGradient:
+    """(F + λI)⁻¹ as an operator, exact, via Woodbury on JᵀJ ``[n, n]`` (4.50), (4.78)–(4.79).
+
+    Example::
+
+        ng = curvlib.exact_natural_gradient(F, damping=1e-3)
+        ng @ F.gradient_vector()          # [p]; also [p, k] and lists shaped like F.params()
+    """
+    return ExactNaturalGradient(curvature, damping)
+
+
+def block_natural_gradient(curvature: Any, damping: float) -> BlockNaturalGradient:
+    """diag_i (F_ii + λI)⁻¹ as an operator, exact per layer via Woodbury on J_iᵀJ_i (4.52).
+
+    Example::
+
+        bng = curvlib.block_natural_gradient(F, damping=1e-3)
+        pre = curvlib.two_level(bng, F, "residual", damping=1e-3)
+    """
+    return BlockNaturalGradient(curvature, damping)
