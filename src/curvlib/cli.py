@@ -8,10 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from curvlib.bench import report
+from curvlib.bench.job import run_bench
+from curvlib.bench.methods import available_methods, resolve_method
+from curvlib.bench.problems import PROBLEMS, default_methods_of
+from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, BenchConfig, load_config_file
 from curvlib.errors import CurvlibError
 from curvlib.plugins import load_registry
 
@@ -79,11 +85,9 @@ def _names(values: list[str] | None) -> list[str] | None:
     return [n for v in values for n in v.replace(",", " ").split() if n]
 
 
-def bench_config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~curvlib.bench.runner.BenchConfig` of ``curvlib bench`` options:
+def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`~curvlib.bench.settings.BenchConfig` of ``curvlib bench`` options:
     the ``--config`` file first, every option given on the command line on top."""
-    from curvlib.bench.runner import BenchConfig, load_config_file
-
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
     problems = _names(args.problems)
     if problems is not None:
@@ -108,9 +112,6 @@ def bench_config_from_args(args: argparse.Namespace) -> Any:
         if everyone is not None:
             data[key] = everyone
         if per:
-            from curvlib.bench.problems import default_methods_of
-            from curvlib.bench.runner import DEFAULT_METHODS, DEFAULT_PROBLEMS
-
             run = data.get("methods")
             if run is None:  # each problem's own list: the union, in order
                 run = []
@@ -141,8 +142,6 @@ def bench_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _list_methods(registry: Any) -> None:
-    from curvlib.bench.methods import resolve_method
-
     out = sys.stdout
     out.write("methods (also <approximator>_reduce for KFAC-reduce weight sharing, <approximator>_tikhonov and "
               "<approximator>+<coarse space>):\n")
@@ -151,27 +150,20 @@ def _list_methods(registry: Any) -> None:
 
 
 def _available(registry: Any) -> list[str]:
-    from curvlib.bench.methods import available_methods
-
     return available_methods(registry)
 
 
 def _list_problems() -> None:
-    import inspect
-
-    from curvlib.bench.problems import PROBLEMS
-
     for name, builder in PROBLEMS.items():
         doc = (inspect.getdoc(builder) or "").split("\n")[0]
         sys.stdout.write(f"  {name:<24} {doc}\n")
 
 
 def _print_summary(summary: dict[str, Any], progress_mode: str) -> None:
-    from curvlib.bench import report
-
     use_rich = progress_mode == "rich" or (progress_mode == "auto" and sys.stdout.isatty())
     if use_rich:
         try:
+            # rich is optional (the bench extra): without it the table is plain text
             from rich.console import Console
         except ImportError:
             use_rich = False
@@ -184,8 +176,6 @@ def _print_summary(summary: dict[str, Any], progress_mode: str) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from curvlib.bench.runner import run_bench
-
     registry = load_registry()
     if args.list_methods:
         _list_methods(registry)

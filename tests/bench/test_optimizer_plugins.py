@@ -1,5 +1,5 @@
 """A third party's optimizer (the ``optimizers`` plugin family) is a ``curvlib bench``
-method by name (curvlib.bench.methods/runner)."""
+method by name (curvlib.bench.methods/job)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from pydantic import Field
 
+from curvlib.bench.job import run_bench
 from curvlib.bench.methods import available_methods, resolve_method
-from curvlib.bench.runner import BenchConfig, run_bench
+from curvlib.bench.settings import BenchConfig
 from curvlib.config import StrictModel
 from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import hookimpl

@@ -1,5 +1,5 @@
 """The benchmark runner API: method names, time-to-target, summary, grid search,
-reproducibility, third-party approximator kinds (curvlib.bench.runner/methods/report/grid)."""
+reproducibility, third-party approximator kinds (curvlib.bench.settings/training/job/methods/report/grid)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from curvlib.bench import grid as grid_mod
+from curvlib.bench.job import run_bench
 from curvlib.bench.methods import (
     Hyperparameters,
     available_methods,
@@ -17,8 +18,10 @@ from curvlib.bench.methods import (
     resolve_method,
 )
 from curvlib.bench.problems import PROBLEMS
+from curvlib.bench.record import RunRecord
 from curvlib.bench.report import format_summary, summarize, time_to_target
-from curvlib.bench.runner import BenchConfig, RunRecord, run_bench, train
+from curvlib.bench.settings import BenchConfig
+from curvlib.bench.training import train
 from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import hookimpl, load_registry
 
@@ -292,9 +295,9 @@ def test_a_third_party_approximator_kind_is_a_method_by_name(tiny, tmp_path):
 def test_a_failing_step_marks_the_run_failed_and_keeps_its_curve(tiny, registry, tmp_path, monkeypatch):
     """A method that raises mid-run loses only its own run: status "failed", the error kept,
     the steps done so far recorded, the JSON valid."""
-    import curvlib.bench.runner as runner
+    import curvlib.bench.training as training
 
-    real = runner.build_training_step
+    real = training.build_training_step
 
     def flaky(*args, **kwargs):
         stepper = real(*args, **kwargs)
@@ -310,7 +313,7 @@ def test_a_failing_step_marks_the_run_failed_and_keeps_its_curve(tiny, registry,
         stepper.step = failing
         return stepper
 
-    monkeypatch.setattr(runner, "build_training_step", flaky)
+    monkeypatch.setattr(training, "build_training_step", flaky)
     record = train(tiny, resolve_method("sgd", registry), Hyperparameters(lr=0.1), steps=6, seed=0, registry=registry)
     assert record.status == "failed" and record.error == "RuntimeError: boom at step 3"
     assert record.steps_done == 2 and record.eval_train_loss[-1] is None

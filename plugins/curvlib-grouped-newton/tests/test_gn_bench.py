@@ -9,7 +9,8 @@ import math
 import pytest
 
 from curvlib.bench.methods import available_methods, resolve_method
-from curvlib.bench.runner import BenchConfig, run_bench
+from curvlib.bench.job import run_bench
+from curvlib.bench.settings import BenchConfig
 from curvlib.plugins import load_registry
 
 from curvlib_grouped_newton.optimizer import GroupedNewton, GroupedNewtonOptions

@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -44,10 +44,9 @@ from pydantic import BaseModel, Field
 from curvlib.config import StrictModel, validate_options
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError
-from curvlib.linalg import KroneckerSum
+from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator
 
-if TYPE_CHECKING:  # pragma: no cover
-    from curvlib.approximators.exact import ExactBlock
+_EXACT_BLOCK_CLASS = "curvlib.approximators.exact:ExactBlock"
 
 __all__ = [
     "ApproximatorOptions",
@@ -123,27 +122,35 @@ class LayerFit:
     """One layer's fitted block, with what the fit reports and what the next refresh needs.
 
     Attributes:
-        block: a :class:`~curvlib.linalg.KroneckerSum` Σ_k A_k ⊗ B_k (A_k ``[d_a, d_a]``,
-            B_k ``[d_g, d_g]``), or an :class:`~curvlib.approximators.exact.ExactBlock`.
+        block: a :class:`~curvlib.linalg.LayerBlockOperator` declaring its capabilities: a
+            :class:`~curvlib.linalg.KroneckerSum` Σ_k A_k ⊗ B_k (A_k ``[d_a, d_a]``,
+            B_k ``[d_g, d_g]``), an :class:`~curvlib.approximators.exact.ExactBlock`, a plugin's.
         info: a :class:`FitInfo`.
         state: ``{"refresh": k}`` plus, for the iterative methods, ``"v0"``: the right
             singular vectors ``[d_g², K]`` of the last solve (warm start of the next one).
             Only tensors and ints.
     """
 
-    block: KroneckerSum | ExactBlock
+    block: LayerBlockOperator
     info: FitInfo
     state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, LayerBlockOperator):
+            raise ConfigError(
+                f"LayerFit: the block must be a curvlib.linalg.LayerBlockOperator (e.g. a KroneckerSum, or a "
+                f"KroneckerFactored / ShiftSolvable subclass), got {type(self.block).__name__}"
+            )
 
     @property
     def terms(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """``block.terms``: the pairs (A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]``).
 
         Raises:
-            TypeError: the block is an ``ExactBlock`` (it has no Kronecker terms).
+            TypeError: the block is not :class:`~curvlib.linalg.KroneckerFactored` (e.g. an exact block).
         """
-        if not isinstance(self.block, KroneckerSum):
-            raise TypeError(f"LayerFit.terms: the block is a {type(self.block).__name__}, not a KroneckerSum")
+        if not isinstance(self.block, KroneckerFactored):
+            raise TypeError(f"LayerFit.terms: the block is a {type(self.block).__name__}, not KroneckerFactored")
         return self.block.terms
 
     @property
@@ -172,14 +179,9 @@ class LayerFit:
                 "A": torch.stack([A for A, _ in self.block.terms]),
                 "B": torch.stack([B for _, B in self.block.terms]),
             }
-        else:
-            from curvlib.approximators.exact import ExactBlock
-
-            if isinstance(self.block, ExactBlock):
-                block = {"type": "exact_block", **self.block.state_dict()}
-            else:  # a plugin's block type: rebuilt by its own from_state_dict
-                cls = type(self.block)
-                block = {"type": "plugin", "class": f"{cls.__module__}:{cls.__qualname__}", **self.block.state_dict()}
+        else:  # any other block type (the exact block, a plugin's) is rebuilt by its own from_state_dict
+            cls = type(self.block)
+            block = {"type": "plugin", "class": f"{cls.__module__}:{cls.__qualname__}", **self.block.state_dict()}
         return {"block": block, "info": dataclasses.asdict(self.info), "state": dict(self.state)}
 
     @classmethod
@@ -189,10 +191,8 @@ class LayerFit:
         kind = block_data.pop("type")
         if kind == "kronecker_sum":
             block: Any = KroneckerSum(zip(block_data["A"].unbind(0), block_data["B"].unbind(0)))
-        elif kind == "exact_block":
-            from curvlib.approximators.exact import ExactBlock
-
-            block = ExactBlock.from_state_dict(block_data)
+        elif kind == "exact_block":  # the name states of version ≤ 2 gave the exact block
+            block = _plugin_block_class(_EXACT_BLOCK_CLASS).from_state_dict(block_data)
         elif kind == "plugin":
             block = _plugin_block_class(block_data.pop("class")).from_state_dict(block_data)
         else:

@@ -6,7 +6,7 @@ reduction to the training loss"; §4.3 searches both in {10⁻⁴, …, 10⁴}
 (:data:`THESIS_GRID_4_3`). Damping is searched for the natural-gradient methods only;
 SGD and Adam search the learning rate.
 
-Here every grid point is a short run (:func:`curvlib.bench.runner.train`, same seed,
+Here every grid point is a short run (:func:`curvlib.bench.training.train`, same seed,
 same batch order, same initial weights) and the point with the lowest final training
 loss wins; a diverged run counts as +∞, ties go to the first point in grid order
 (learning rates outer, dampings inner, both as given).
@@ -23,9 +23,14 @@ from typing import Any
 
 from curvlib.bench.methods import Hyperparameters, Method
 from curvlib.bench.problems import Problem
-from curvlib.bench.runner import THESIS_GRID_3_3_2, ProgressReporter, train
+from curvlib.bench.progress import ProgressReporter
+from curvlib.bench.training import train
 
 __all__ = ["THESIS_GRID_3_3_2", "THESIS_GRID_4_3", "GridPoint", "GridResult", "grid_search"]
+
+#: The learning-rate and damping grid of the thesis's §3.3.2:
+#: {10⁻¹, 10⁻², 10⁻³, 10⁻⁴, 3·10⁻¹, 3·10⁻², 3·10⁻³, 3·10⁻⁴}.
+THESIS_GRID_3_3_2: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 #: §4.3: {10⁻⁴, 10⁻³, …, 10³, 10⁴}.
 THESIS_GRID_4_3: tuple[float, ...] = tuple(10.0**k for k in range(-4, 5))
@@ -143,7 +148,7 @@ def grid_search(
         lrs: learning rates to try.
         dampings: dampings to try; ``None``: the §3.3.2 grid for natural-gradient
             methods and no damping for SGD/Adam. ``(None,)`` keeps ``base.damping``.
-        steps: length of each trial; ``seed``, ``registry``: as for :func:`~curvlib.bench.runner.train`.
+        steps: length of each trial; ``seed``, ``registry``: as for :func:`~curvlib.bench.training.train`.
         progress: receives one update per trial, under the label ``"<problem> <method> grid"``.
     """
     if dampings is None:

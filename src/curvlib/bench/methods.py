@@ -532,6 +532,8 @@ def build_training_step(
             f"method {method.name!r} needs curvlib.optim.NaturalGradient, which cannot be imported ({why}); "
             f"run the first-order methods only: {', '.join(FIRST_ORDER)}"
         )
+    # imported here, after natural_gradient_available() checked they import: the first-order
+    # methods keep working (and this raises OptimizerUnavailableError) when they do not
     from curvlib.optim import NaturalGradient
     from curvlib.precond import PreconditionerConfig
 

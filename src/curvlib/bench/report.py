@@ -16,10 +16,13 @@ change), so they render without a display.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from curvlib.errors import ConfigError
 
 __all__ = [
     "TargetHit",
@@ -105,7 +108,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(records: Sequence[Any], *, target_loss: float | None = None, target_margin: float = 0.05) -> dict[str, Any]:
-    """The summary of a set of runs (:class:`~curvlib.bench.runner.RunRecord`), per problem.
+    """The summary of a set of runs (:class:`~curvlib.bench.record.RunRecord`), per problem.
 
     Target loss of each problem: ``target_loss`` if given, else the best (lowest) final
     training loss among its ``adam`` runs × (1 + ``target_margin``); ``None`` when neither
@@ -232,6 +235,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def rich_summary(summary: dict[str, Any]) -> list[Any]:
     """The summary as ``rich.table.Table`` objects, one per problem."""
+    # rich is optional (the bench extra): only a caller that wants rich tables needs it
     from rich.table import Table
 
     tables = []
@@ -252,6 +256,7 @@ def rich_summary(summary: dict[str, Any]) -> list[Any]:
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    # matplotlib is optional (the bench extra) and slow to import: only the plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -280,11 +285,7 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
     Needs matplotlib (the ``bench`` extra); raises :class:`~curvlib.errors.ConfigError`
     naming it otherwise.
     """
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
-        from curvlib.errors import ConfigError
-
         raise ConfigError("the bench plots need matplotlib: pip install 'curvlib[bench]' (or pass --no-plots)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,7 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
 
 
 def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional and slow to import, as in _figure
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]

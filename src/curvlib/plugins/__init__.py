@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from curvlib.plugins.hookspecs import ENTRY_POINT_GROUP, hookimpl, hookspec
+from curvlib.plugins.hookspecs import BUILTIN_PLUGIN_MODULES, ENTRY_POINT_GROUP, hookimpl, hookspec
 from curvlib.plugins.registry import (
     BUILTIN_DISTRIBUTION,
     DISABLE_EXTERNAL_ENV,
@@ -35,16 +35,6 @@ __all__ = [
     "hookspec",
     "load_registry",
 ]
-
-#: Entry-point name -> module of curvlib's own plugins.  Must equal the
-#: ``[project.entry-points.curvlib]`` table of pyproject.toml (a test checks it).
-BUILTIN_PLUGIN_MODULES: dict[str, str] = {
-    "builtin_layers": "curvlib.capture.plugin",
-    "builtin_curvatures": "curvlib.curvatures.plugin",
-    "builtin_approximators": "curvlib.approximators.plugin",
-    "builtin_dampings": "curvlib.damping.plugin",
-    "builtin_coarse_spaces": "curvlib.coarse.plugin",
-}
 
 
 def load_registry(*, external: bool | None = None, strict: bool = False) -> Registry:

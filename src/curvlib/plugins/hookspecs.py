@@ -22,15 +22,35 @@ and in that distribution's ``pyproject.toml``::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pluggy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from curvlib.plugins.registry import FamilyRegistrar
+from pydantic import BaseModel
 
 PROJECT_NAME = "curvlib"
 ENTRY_POINT_GROUP = "curvlib"
+
+#: Entry-point name -> module of curvlib's own plugins.  Must equal the
+#: ``[project.entry-points.curvlib]`` table of pyproject.toml (a test checks it).
+BUILTIN_PLUGIN_MODULES: dict[str, str] = {
+    "builtin_layers": "curvlib.capture.plugin",
+    "builtin_curvatures": "curvlib.curvatures.plugin",
+    "builtin_approximators": "curvlib.approximators.plugin",
+    "builtin_dampings": "curvlib.damping.plugin",
+    "builtin_coarse_spaces": "curvlib.coarse.plugin",
+}
+
+
+class FamilyRegistrar(Protocol):
+    """What every ``curvlib_register_<family>`` hook receives: a registrar bound to one family
+    and one plugin (implemented by :class:`curvlib.plugins.registry.FamilyRegistrar`)."""
+
+    family: str
+
+    def add(self, kind: str, factory: Callable[..., Any], *, options: type[BaseModel] | None = None,
+            description: str = "", **metadata: Any) -> None:
+        """Register ``kind`` with its ``factory`` and pydantic ``options`` model."""
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

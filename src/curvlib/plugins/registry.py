@@ -33,7 +33,7 @@ from curvlib.errors import (
     UnknownKindError,
 )
 from curvlib.plugins import hookspecs
-from curvlib.plugins.hookspecs import ENTRY_POINT_GROUP, HOOK_FAMILIES, PROJECT_NAME
+from curvlib.plugins.hookspecs import BUILTIN_PLUGIN_MODULES, ENTRY_POINT_GROUP, HOOK_FAMILIES, PROJECT_NAME
 
 __all__ = [
     "BUILTIN_DISTRIBUTION",
@@ -288,8 +288,6 @@ class Registry:
             # Running from a source tree that was never installed: register the
             # built-ins directly so curvlib still works (pip install registers them
             # through entry points, the path a test checks).
-            from curvlib.plugins import BUILTIN_PLUGIN_MODULES
-
             for name, modname in BUILTIN_PLUGIN_MODULES.items():
                 reg._load_object(name, BUILTIN_DISTRIBUTION, lambda m=modname: importlib.import_module(m), strict=strict)
         return reg

@@ -1,0 +1,184 @@
+"""The whole ``curvlib bench`` job: every method on every problem, and the results directory.
+
+* :func:`run_bench` — for each problem, an optional grid search per method
+  (:mod:`curvlib.bench.grid`), the timed runs (:func:`~curvlib.bench.training.train`), one
+  JSON per run, then the summary (``summary.json``, ``summary.txt``) and the plots
+  (:mod:`curvlib.bench.report`);
+* :func:`build_problem`, :func:`resolve_methods` — the problems and methods a
+  :class:`~curvlib.bench.settings.BenchConfig` names, built and resolved;
+* :class:`BenchResult` — what the job produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvlib.bench import report
+from curvlib.bench.grid import grid_search
+from curvlib.bench.methods import Method, resolve_method
+from curvlib.bench.problems import PROBLEMS, Problem
+from curvlib.bench.progress import ProgressReporter, make_progress
+from curvlib.bench.record import RunRecord, versions
+from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_STEPS, BenchConfig, MethodConfig
+from curvlib.bench.training import steps_per_epoch, train, warm_up
+from curvlib.plugins import load_registry
+
+__all__ = ["SUMMARY_SCHEMA", "BenchResult", "build_problem", "default_out", "resolve_methods", "run_bench"]
+
+SUMMARY_SCHEMA = "curvlib.bench.summary/1"
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_bench` produced: the records, the summary and the files written."""
+
+    config: BenchConfig
+    out: Path
+    records: list[RunRecord]
+    summary: dict[str, Any]
+    grids: dict[tuple[str, str], Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def default_out(name: str | None = None) -> Path:
+    """``results/bench/<name>``, ``<name>`` defaulting to a UTC timestamp."""
+    stamp = name or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("results") / "bench" / stamp
+
+
+def build_problem(config: BenchConfig, name: str) -> Problem:
+    """The problem ``name`` with the config's ``small``, ``seed``, ``path`` and ``batch_size``."""
+    problem = PROBLEMS[name](small=config.small, seed=config.seed, path=config.path)
+    if config.batch_size is not None:
+        problem = dataclasses.replace(problem, batch_size=min(config.batch_size, problem.dataset.n_train))
+    return problem
+
+
+def _run_steps(config: BenchConfig, problem: Problem) -> int:
+    if config.epochs is not None:
+        return config.epochs * steps_per_epoch(problem)
+    return config.steps if config.steps is not None else DEFAULT_STEPS
+
+
+def resolve_methods(config: BenchConfig, registry: Any, problem: Problem | None = None
+                    ) -> list[tuple[Method, MethodConfig]]:
+    """The methods run on ``problem`` (:meth:`~curvlib.bench.settings.BenchConfig.methods_for`;
+    without a problem: the configured ones, else :data:`~curvlib.bench.settings.DEFAULT_METHODS`)
+    resolved against ``registry``."""
+    if problem is not None:
+        entries = config.methods_for(problem)
+    else:
+        entries = config.methods or tuple(MethodConfig(name=m) for m in DEFAULT_METHODS)
+    return [(resolve_method(entry.name, registry), entry) for entry in entries]
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    registry: Any = None,
+    progress: ProgressReporter | None = None,
+    out: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Run the benchmark described by ``config`` and write the results directory.
+
+    Layout of ``out`` (default ``config.out``, else :func:`default_out`)::
+
+        config.json                     the resolved configuration and versions
+        runs/<problem>__<method>.json   one RunRecord per run
+        grid/<problem>__<method>.json   the grid search of each method (with grid)
+        <problem>_train_loss_vs_epoch.png, <problem>_train_loss_vs_time.png,
+        <problem>_test_loss_vs_epoch.png
+        summary.json, summary.txt       the summary table (also printed through ``echo``)
+
+    Args:
+        registry: plugin registry (default: :func:`curvlib.plugins.load_registry`);
+            any approximator kind in it is a method name.
+        progress: a :class:`~curvlib.bench.progress.ProgressReporter` (default: from ``config.progress``).
+        echo: prints the summary table (default: nothing is printed).
+
+    Raises:
+        UnknownKindError: a method name is not valid (before anything runs).
+        OptimizerUnavailableError: a natural-gradient method without ``curvlib.optim``.
+    """
+    if registry is None:
+        registry = load_registry()
+    if config.methods is not None:
+        resolve_methods(config, registry)  # a misspelt name fails before any data is loaded
+    problems = [build_problem(config, name) for name in config.problems]
+    methods = {problem.name: resolve_methods(config, registry, problem) for problem in problems}
+    out_dir = Path(out) if out is not None else (Path(config.out) if config.out else default_out(config.name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    own_progress = progress is None
+    progress = progress if progress is not None else make_progress(config.progress)
+    files: list[Path] = []
+    records: list[RunRecord] = []
+    grids: dict[tuple[str, str], Any] = {}
+    try:
+        config_path = out_dir / "config.json"
+        config_path.write_text(json.dumps({
+            "config": config.model_dump(mode="json"),
+            "methods_by_problem": {name: [entry.name for _, entry in run] for name, run in methods.items()},
+            "versions": versions(),
+        }, indent=1) + "\n")
+        files.append(config_path)
+        for problem in problems:
+            steps = _run_steps(config, problem)
+            warm_up(problem, config.warmup_steps)
+            for method, entry in methods[problem.name]:
+                hp = config.hyperparameters(method, entry, problem)
+                grid_info = None
+                if config.grid is not None:
+                    grid_steps = config.grid.steps or max(10, steps // 4)
+                    result = grid_search(
+                        problem, method, hp, lrs=config.grid.lr,
+                        dampings=config.grid.damping if method.is_natural_gradient else (None,),
+                        steps=grid_steps, seed=config.seed, registry=registry, progress=progress,
+                        eval_train_limit=config.eval_train_limit,
+                    )
+                    grids[(problem.name, method.name)] = result
+                    files.append(result.write(out_dir / "grid" / f"{_safe(problem.name)}__{_safe(method.name)}.json"))
+                    hp = result.best_hyperparameters
+                    grid_info = result.choice()
+                    progress.message(f"[{problem.name} {method.name}] grid: {result.describe_choice()}")
+                record = train(
+                    problem, method, hp, steps=steps, seed=config.seed, registry=registry,
+                    eval_every=config.eval_every, patience=config.patience,
+                    eval_train_limit=config.eval_train_limit, progress=progress,
+                    label=f"{problem.name} {method.name}", small=config.small,
+                )
+                record.grid = grid_info
+                records.append(record)
+                files.append(record.write(out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json"))
+    finally:
+        if own_progress:
+            progress.close()
+        torch.set_num_threads(threads_before)
+    summary = report.summarize(records, target_loss=config.target_loss, target_margin=config.target_margin)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps({"schema": SUMMARY_SCHEMA, **summary}, indent=1, allow_nan=False) + "\n")
+    files.append(summary_path)
+    table = report.format_summary(summary)
+    (out_dir / "summary.txt").write_text(table + "\n")
+    files.append(out_dir / "summary.txt")
+    if config.plots:
+        files.extend(report.plot_runs(records, out_dir))
+    if echo is not None:
+        echo(table)
+    return BenchResult(config=config, out=out_dir, records=records, summary=summary, grids=grids, files=files)

@@ -1,0 +1,149 @@
+"""The record of one benchmark run: its curves, its settings, and what produced them.
+
+* :class:`RunRecord` — one method on one problem, written as one JSON file
+  (``runs/<problem>__<method>.json``, schema :data:`RUN_SCHEMA`) and read back by
+  :meth:`RunRecord.from_json`;
+* :func:`versions` — the versions of python, torch, numpy and curvlib stored with it.
+
+Non-finite numbers (a diverged loss) are written as ``null``, so every file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+
+__all__ = ["RUN_SCHEMA", "RunRecord", "versions"]
+
+RUN_SCHEMA = "curvlib.bench.run/1"
+
+
+@dataclass
+class RunRecord:
+    """The curves and settings of one method on one problem (one JSON file).
+
+    Attributes:
+        problem, method: names; ``method_description``, ``problem_description``: one line each.
+        hyperparameters: the :class:`~curvlib.bench.methods.Hyperparameters` used, as a dict.
+        preconditioner_config: the ``PreconditionerConfig`` as a dict (``None`` for SGD/Adam).
+        optimizer: the optimizer class's qualified name.
+        seed, batch_size, steps_planned, steps_per_epoch, n_train, n_test, small: the setting
+            (``n_train``, ``n_test``: inputs — windows for a next-token problem).
+        loss_unit: what one unit of the loss is (``"nats/char"``), ``None`` when unstated.
+        train_loss: ``[steps]`` the loss of each batch, before its step.
+        wall_time: ``[steps]`` cumulative timed seconds after each step.
+        eval_step, eval_epoch, eval_wall_time, eval_train_loss, eval_test_loss: at each
+            evaluation point (step 0 — the initial model — then every ``eval_every``
+            steps and the last step): the step count, the epochs done (steps /
+            steps_per_epoch), the timed seconds so far, the mean loss over the training
+            inputs (the first ``eval_train_limit``) and over the test set (``None`` when
+            there is none), in ``model.eval()`` mode.
+        status: ``"ok"``, ``"diverged"`` (a non-finite loss stopped it), ``"early_stopped"``
+            or ``"failed"`` (a step raised; ``error`` says what, and the other runs go on).
+        error: ``"<ExceptionType>: <message>"`` of a failed run, else ``None``.
+        grid: the grid search that chose the learning rate / damping, if any.
+        versions: python, torch, numpy, curvlib, platform, torch threads.
+    """
+
+    problem: str
+    method: str
+    method_description: str
+    problem_description: str
+    hyperparameters: dict[str, Any]
+    preconditioner_config: dict[str, Any] | None
+    optimizer: str
+    seed: int
+    batch_size: int
+    steps_planned: int
+    steps_per_epoch: int
+    n_train: int
+    n_test: int
+    small: bool
+    loss_unit: str | None = None
+    train_loss: list[float] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_epoch: list[float] = field(default_factory=list)
+    eval_wall_time: list[float] = field(default_factory=list)
+    eval_train_loss: list[float | None] = field(default_factory=list)
+    eval_test_loss: list[float | None] = field(default_factory=list)
+    status: str = "ok"
+    error: str | None = None
+    grid: dict[str, Any] | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.train_loss)
+
+    @property
+    def final_train_loss(self) -> float | None:
+        """The training loss at the last evaluation (``None`` if it diverged there)."""
+        return self.eval_train_loss[-1] if self.eval_train_loss else None
+
+    @property
+    def final_test_loss(self) -> float | None:
+        return self.eval_test_loss[-1] if self.eval_test_loss else None
+
+    @property
+    def total_time(self) -> float:
+        return self.wall_time[-1] if self.wall_time else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON-ready data (non-finite numbers become ``null``)."""
+        data = dataclasses.asdict(self)
+        data = {"schema": RUN_SCHEMA, **data}
+        data["final"] = {
+            "train_loss": self.final_train_loss,
+            "test_loss": self.final_test_loss,
+            "steps": self.steps_done,
+            "wall_time": self.total_time,
+        }
+        return _finite(data)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def versions() -> dict[str, Any]:
+    """Versions of what produced the numbers: python, torch, numpy, curvlib, platform, threads."""
+    try:
+        curvlib_version = version("curvlib")
+    except Exception:  # not installed (running from a source tree)
+        curvlib_version = "?"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "curvlib": curvlib_version,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
