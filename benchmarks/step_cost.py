@@ -76,8 +76,9 @@ import warnings
 import torch
 from torch import nn
 
-from curvlib.bench.methods import build_training_step, resolve_method
+from curvlib.bench.methods import resolve_method
 from curvlib.bench.problems import PROBLEMS
+from curvlib.bench.training_step import build_training_step
 from curvlib.plugins import load_registry
 
 from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)

@@ -14,6 +14,7 @@ from curvlib.coarse.api import two_level
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
 from curvlib.capture.layout import LayerBlock
 from curvlib.curvatures.api import curvature
+from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping import BlockDiagonalInverse, damped_inverse
@@ -45,6 +46,7 @@ __all__ = [
     "BatchCouplingWarning",
     "CurvatureBlock",
     "CurvatureOperator",
+    "DataCurvatureOperator",
     "CurvlibError",
     "ExcludedParametersWarning",
     "HessianOperator",
@@ -56,6 +58,7 @@ __all__ = [
     "PerformanceWarning",
     "__version__",
     "curvature",
+    "kfac_factors_over",
     "errors",
     "linalg",
     "plugins",

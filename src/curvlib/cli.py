@@ -138,6 +138,8 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
         data["grid"] = grid
     if args.no_plots:
         data["plots"] = False
+    if args.tensorboard is not None:
+        data["tensorboard"] = args.tensorboard
     return BenchConfig.from_mapping(data, where=f"curvlib bench{' --config ' + args.config if args.config else ''}")
 
 
@@ -266,6 +268,8 @@ def _add_bench_parser(sub: Any) -> None:
     output.add_argument("--progress", choices=("auto", "rich", "plain", "none"),
                         help="progress display (default auto: rich on a terminal, plain lines otherwise)")
     output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    output.add_argument("--tensorboard", metavar="DIR",
+                        help="also write TensorBoard scalars (losses, optimizer metrics) to DIR (needs tensorboard)")
     bench.set_defaults(func=_bench)
 
 

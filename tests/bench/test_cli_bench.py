@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from curvlib.bench.methods import natural_gradient_available
+from curvlib.bench.training_step import natural_gradient_available
 from curvlib.cli import main
 
 NG_OK, NG_WHY = natural_gradient_available()

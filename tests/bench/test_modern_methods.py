@@ -11,11 +11,10 @@ from curvlib.bench.methods import (
     FIRST_ORDER,
     Hyperparameters,
     available_methods,
-    build_training_step,
-    natural_gradient_available,
     resolve_method,
 )
 from curvlib.bench.settings import BenchConfig, MethodConfig
+from curvlib.bench.training_step import build_training_step, natural_gradient_available
 from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import load_registry
 

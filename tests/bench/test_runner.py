@@ -4,6 +4,7 @@ reproducibility, third-party approximator kinds (curvlib.bench.settings/training
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -14,7 +15,6 @@ from curvlib.bench.job import run_bench
 from curvlib.bench.methods import (
     Hyperparameters,
     available_methods,
-    natural_gradient_available,
     resolve_method,
 )
 from curvlib.bench.problems import PROBLEMS
@@ -22,6 +22,7 @@ from curvlib.bench.record import RunRecord
 from curvlib.bench.report import format_summary, summarize, time_to_target
 from curvlib.bench.settings import BenchConfig
 from curvlib.bench.training import train
+from curvlib.bench.training_step import natural_gradient_available
 from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import hookimpl, load_registry
 
@@ -319,3 +320,40 @@ def test_a_failing_step_marks_the_run_failed_and_keeps_its_curve(tiny, registry,
     assert record.steps_done == 2 and record.eval_train_loss[-1] is None
     path = record.write(tmp_path / "r.json")
     assert json.loads(path.read_text())["error"] == "RuntimeError: boom at step 3"
+
+
+@needs_ng
+def test_the_run_json_carries_the_optimizers_metrics(tiny, registry, tmp_path):
+    method = resolve_method("kfac", registry)
+    hp = method.default_hyperparameters(update_every=2, invert_every=4)
+    record = train(tiny, method, hp, steps=6, seed=0, registry=registry)
+    m = json.loads(record.write(tmp_path / "kfac.json").read_text())["optimizer_metrics"]
+    assert [x["step"] for x in m] == list(range(6))
+    assert [x["refreshed"] for x in m] == [True, False, True, False, True, False]
+    assert [x["inverted"] for x in m] == [True, False, False, False, True, False]
+    assert all(x["damping"] == hp.damping for x in m)
+    assert all(isinstance(x["kl_scale"], float) for x in m)  # the device tensor read back after the run
+    linear = {n for n, mod in tiny.model_fn(0).named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert set(m[0]["condition_numbers"]) == linear
+    assert all(ka >= 1 and kg >= 1 for ka, kg in m[4]["condition_numbers"].values())
+    assert m[-1]["counts"]["inversions"] == 2
+    sgd = train(tiny, resolve_method("sgd", registry), Hyperparameters(lr=0.1, momentum=0.9), steps=2, seed=0,
+                registry=registry)
+    assert sgd.optimizer_metrics == []
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_the_package_fails_before_training(tmp_path):
+    config = BenchConfig(problems=["digits_autoencoder"], methods=["sgd"], steps=2, tensorboard=str(tmp_path / "tb"))
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        run_bench(config, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_scalars_are_written(tmp_path):
+    config = BenchConfig(problems=["digits_autoencoder"], methods=["sgd", "kfac"], steps=2, plots=False,
+                         tensorboard=str(tmp_path / "tb"), progress="none")
+    run_bench(config, out=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["digits_autoencoder__kfac", "digits_autoencoder__sgd"]

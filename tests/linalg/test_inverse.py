@@ -18,13 +18,11 @@ from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWa
 from curvlib.linalg.inverse import (
     KroneckerEigen,
     TwoTermKroneckerInverse,
-    WoodburySolver,
     eigh_safe,
     kron_solve,
-    pcg,
     pi_split,
-    woodbury_solve,
 )
+from curvlib.linalg.solvers import WoodburySolver, pcg, woodbury_solve
 from curvlib.testing.compare import assert_close
 from curvlib.testing.strategies import dims, kronecker_factors, matrices, psd_matrices, seeds, spd_matrices
 

@@ -106,7 +106,8 @@ def test_zero_group_gives_a_dropped_column(hessian, registry):
 
 def test_kfac_two_level_bench_method_runs(registry):
     """The coarse kind makes ``curvlib bench --methods kfac+grouped_direction`` a valid method."""
-    from curvlib.bench.methods import build_training_step, resolve_method
+    from curvlib.bench.methods import resolve_method
+    from curvlib.bench.training_step import build_training_step
 
     method = resolve_method("kfac+grouped_direction", registry)
     assert (method.approximator, method.coarse_space) == ("kfac", "grouped_direction")

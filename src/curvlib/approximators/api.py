@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from curvlib.approximators.base import LayerFit
+from curvlib.approximators.base import FactorFitted, LayerFit
 from curvlib.approximators.exact import ExactBlock, pair_gram
 from curvlib.approximators.svd_based import z_operator
+from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, ShapeError
 from curvlib.linalg import BlockDiagonalOperator, KroneckerSum, VectorLayout, vec
+from curvlib.plugins import load_registry
 
 __all__ = ["ApproximationError", "BlockDiagonalApproximation", "approximate", "approximation_error"]
 
@@ -151,7 +153,9 @@ def approximate(
 
     Args:
         F: a curvature operator with per-layer statistics (``fisher``,
-            ``empirical_fisher``, ``ggn``; :func:`curvlib.curvatures.api.curvature`).
+            ``empirical_fisher``, ``ggn``; :func:`curvlib.curvatures.api.curvature`), or one over a
+            data set (``curvature(..., data=...)``) for approximators fitted from the KFAC factors
+            alone (``kfac``: one pass over the data accumulates them, equal to one big batch).
         kind: a registered approximator kind (``"kfac"``, ``"kpsvd"``, ``"deflation"``,
             ``"lanczos"``, ``"kfac_corrected"``, ``"exact_block"``, or a plugin's), or a
             mapping ``{"kind": ..., **options}``.
@@ -166,8 +170,6 @@ def approximate(
         a :class:`BlockDiagonalApproximation` in F's dtype and device.
     """
     if registry is None:
-        from curvlib.plugins import load_registry
-
         registry = load_registry()
     spec, opts = registry.approximators.resolve(kind, **options)
     approximator = spec.factory(opts)
@@ -181,7 +183,18 @@ def approximate(
             raise ConfigError(
                 f"previous covers layers {list(previous.layer_indices)} of p = {previous.p}; expected layers {idx} of p = {F.p}"
             )
-    fits = {i: approximator.fit(F.statistics(i), previous=None if previous is None else previous[i]) for i in idx}
+    prev = {i: None if previous is None else previous[i] for i in idx}
+    if isinstance(F, DataCurvatureOperator):
+        # over a data set only the factors accumulate in one pass (memory of one batch)
+        if not isinstance(approximator, FactorFitted):
+            raise ConfigError(
+                f"approximate over a data set (curvature(..., data=...)): {spec.kind!r} needs the per-sample statistics "
+                "of one batch; use an approximator fitted from the KFAC factors ('kfac'), or a single batch"
+            )
+        factors = kfac_factors_over(F, approximator.options.weight_sharing)
+        fits = {i: approximator.fit_factors(factors[i], previous=prev[i]) for i in idx}
+    else:
+        fits = {i: approximator.fit(F.statistics(i), previous=prev[i]) for i in idx}
     return BlockDiagonalApproximation(
         kind=spec.kind,
         fits=fits,

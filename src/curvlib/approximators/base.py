@@ -51,6 +51,7 @@ _EXACT_BLOCK_CLASS = "curvlib.approximators.exact:ExactBlock"
 __all__ = [
     "ApproximatorOptions",
     "BlockApproximator",
+    "FactorFitted",
     "FitInfo",
     "LayerFit",
     "align_signs",
@@ -340,6 +341,11 @@ class BlockApproximator(abc.ABC):
     # -- helpers for implementations ---------------------------------------------------
     def _check_previous(self, stats: LayerStatistics, previous: LayerFit | None) -> None:
         """Raise if ``previous`` cannot continue into a fit of ``stats`` by this kind."""
+        self._check_previous_fits(previous, stats.a_dim, stats.g_dim, stats.dtype, stats.device, "the statistics")
+
+    def _check_previous_fits(self, previous: LayerFit | None, a_dim: int, g_dim: int, dtype: torch.dtype,
+                             device: torch.device, what: str) -> None:
+        """Raise if ``previous`` cannot continue into a fit of a ``(a_dim, g_dim)`` block by this kind."""
         if previous is None:
             return
         if not isinstance(previous, LayerFit):
@@ -349,15 +355,15 @@ class BlockApproximator(abc.ABC):
                 f"{self.kind}: the previous fit was made by {previous.info.method!r}; expected {self.kind!r} "
                 "(EMA and warm starts continue one kind's fits)"
             )
-        if (previous.a_dim, previous.b_dim) != (stats.a_dim, stats.g_dim):
+        if (previous.a_dim, previous.b_dim) != (a_dim, g_dim):
             raise ShapeError(
-                f"{self.kind}: the previous fit has (d_a, d_g) = {(previous.a_dim, previous.b_dim)}, the statistics "
-                f"{(stats.a_dim, stats.g_dim)}"
+                f"{self.kind}: the previous fit has (d_a, d_g) = {(previous.a_dim, previous.b_dim)}, {what} "
+                f"{(a_dim, g_dim)}"
             )
-        if previous.block.dtype != stats.dtype or previous.block.device != stats.device:
+        if previous.block.dtype != dtype or previous.block.device != device:
             raise DTypeDeviceError(
-                f"{self.kind}: the previous fit is {previous.block.dtype} on {previous.block.device}, the statistics "
-                f"are {stats.dtype} on {stats.device}"
+                f"{self.kind}: the previous fit is {previous.block.dtype} on {previous.block.device}, {what} "
+                f"are {dtype} on {device}"
             )
 
     def _begin_refresh(self, stats: LayerStatistics, previous: LayerFit | None) -> tuple[LayerFit | None, int]:
@@ -397,3 +403,14 @@ class BlockApproximator(abc.ABC):
             stacklevel=stacklevel,
         )
         return previous
+
+
+class FactorFitted(abc.ABC):
+    """Capability of an approximator whose fit needs only a layer's KFAC factors
+    (:func:`~curvlib.curvatures.factors.kfac_factors`), not its per-sample statistics — so it
+    can be fitted from factors accumulated over a whole data set in one pass
+    (:func:`~curvlib.curvatures.data.kfac_factors_over`)."""
+
+    @abc.abstractmethod
+    def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
+        """The fit from the factor terms ``[(A [d_a, d_a], G [d_g, d_g]), …]`` of one layer."""

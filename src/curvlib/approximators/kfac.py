@@ -38,9 +38,11 @@ Cost per refresh: two GEMMs, O(m·T·(d_a² + c·d_g²)).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from curvlib.approximators.base import ApproximatorOptions, BlockApproximator, FitInfo, LayerFit, ema_rho
+from curvlib.approximators.base import ApproximatorOptions, BlockApproximator, FactorFitted, FitInfo, LayerFit, ema_rho
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ShapeError
@@ -48,12 +50,14 @@ from curvlib.linalg import KroneckerSum
 
 __all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
 
+Term = tuple[torch.Tensor, torch.Tensor]
+
 
 class KFACOptions(ApproximatorOptions):
     """Options of ``kfac``: ``ema`` (γ of §3.1.2) and ``weight_sharing`` (``"expand"``/``"reduce"``)."""
 
 
-class KFACApproximator(BlockApproximator):
+class KFACApproximator(BlockApproximator, FactorFitted):
     """``kfac``: A ⊗ G with A = E[ā āᵀ], G = E[g gᵀ] (3.19); KFC (3.29)–(3.30) for convolutions."""
 
     options_model = KFACOptions
@@ -65,8 +69,21 @@ class KFACApproximator(BlockApproximator):
         kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
+        return self._fit_terms(kfac_factors(stats, self.options.weight_sharing), k, previous)
+
+    def fit_factors(self, terms: Sequence[Term], previous: LayerFit | None = None) -> LayerFit:
+        """The fit from factors computed elsewhere (e.g. over a data set by
+        :func:`~curvlib.curvatures.data.kfac_factors_over`), with the EMA of :meth:`fit`."""
+        terms = [(A, G) for A, G in terms]
+        bad = sum(int((~torch.isfinite(M)).sum()) for A, G in terms for M in (A, G))
+        if bad:
+            return self._fallback(f"non-finite KFAC factors ({bad} entries)", previous)
+        A0, G0 = terms[0]
+        self._check_previous_fits(previous, A0.shape[0], G0.shape[0], A0.dtype, A0.device, "the factors")
+        return self._fit_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
+
+    def _fit_terms(self, terms: list[Term], k: int, previous: LayerFit | None) -> LayerFit:
         rho = ema_rho(k, self.options.ema)
-        terms = kfac_factors(stats, self.options.weight_sharing)
         if rho > 0:
             if len(previous.terms) != len(terms):
                 raise ShapeError(

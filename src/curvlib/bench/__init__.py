@@ -11,12 +11,13 @@
   model factory, a loss, a data set and a batch size; :data:`PROBLEMS` maps names to builders.
 * :mod:`curvlib.bench.models` — the network modules of those two.
 
-The ``curvlib bench`` command itself: :mod:`~curvlib.bench.methods` (method names and the
-optimizers they build), :mod:`~curvlib.bench.settings` (the run settings),
-:mod:`~curvlib.bench.training` (one method on one problem), :mod:`~curvlib.bench.grid`
-(the grid search), :mod:`~curvlib.bench.job` (the whole job and its results directory),
-:mod:`~curvlib.bench.record`, :mod:`~curvlib.bench.progress` and :mod:`~curvlib.bench.report`;
-:mod:`~curvlib.bench.runner` gathers their public names.
+The ``curvlib bench`` command itself: :mod:`~curvlib.bench.methods` (method names and their
+settings), :mod:`~curvlib.bench.training_step` (the optimizer a method builds, one step),
+:mod:`~curvlib.bench.settings` (the run settings), :mod:`~curvlib.bench.training` (one method
+on one problem), :mod:`~curvlib.bench.grid` (the grid search), :mod:`~curvlib.bench.job` (the
+whole job and its results directory), :mod:`~curvlib.bench.record` (one run's JSON, with the
+optimizer's per-step metrics), :mod:`~curvlib.bench.progress`, :mod:`~curvlib.bench.report`
+and :mod:`~curvlib.bench.tensorboard` (optional TensorBoard export).
 
 Example::
 

@@ -29,6 +29,7 @@ from curvlib.bench.problems import PROBLEMS, Problem
 from curvlib.bench.progress import ProgressReporter, make_progress
 from curvlib.bench.record import RunRecord, versions
 from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_STEPS, BenchConfig, MethodConfig
+from curvlib.bench.tensorboard import require_tensorboard, write_tensorboard
 from curvlib.bench.training import steps_per_epoch, train, warm_up
 from curvlib.plugins import load_registry
 
@@ -114,6 +115,8 @@ def run_bench(
         UnknownKindError: a method name is not valid (before anything runs).
         OptimizerUnavailableError: a natural-gradient method without ``curvlib.optim``.
     """
+    if config.tensorboard is not None:
+        require_tensorboard()
     if registry is None:
         registry = load_registry()
     if config.methods is not None:
@@ -179,6 +182,8 @@ def run_bench(
     files.append(out_dir / "summary.txt")
     if config.plots:
         files.extend(report.plot_runs(records, out_dir))
+    if config.tensorboard is not None:
+        files.extend(write_tensorboard(records, config.tensorboard))
     if echo is not None:
         echo(table)
     return BenchResult(config=config, out=out_dir, records=records, summary=summary, grids=grids, files=files)

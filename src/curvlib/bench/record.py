@@ -23,7 +23,7 @@ from typing import Any
 import numpy
 import torch
 
-__all__ = ["RUN_SCHEMA", "RunRecord", "versions"]
+__all__ = ["RUN_SCHEMA", "RunRecord", "plain_metrics", "versions"]
 
 RUN_SCHEMA = "curvlib.bench.run/1"
 
@@ -53,6 +53,10 @@ class RunRecord:
         error: ``"<ExceptionType>: <message>"`` of a failed run, else ``None``.
         grid: the grid search that chose the learning rate / damping, if any.
         versions: python, torch, numpy, curvlib, platform, torch threads.
+        optimizer_metrics: ``[steps]`` the natural-gradient optimizer's per-step metrics
+            (:attr:`curvlib.optim.NaturalGradient.metrics`: damping, KL scale, refresh and
+            inversion seconds, factor condition numbers at inversions, fallback counts);
+            empty for SGD/Adam.
     """
 
     problem: str
@@ -79,6 +83,7 @@ class RunRecord:
     eval_test_loss: list[float | None] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
+    optimizer_metrics: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, Any] | None = None
     versions: dict[str, Any] = field(default_factory=dict)
 
@@ -147,3 +152,19 @@ def versions() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer's metrics dict as JSON values: 0-d tensors -> floats, tuples -> lists
+    (read back after the timed loop, so the conversion adds no host synchronisation to a step)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return float(v)
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return _finite(plain(metrics))

@@ -144,6 +144,7 @@ class BenchConfig(StrictModel):
         progress: ``"auto"`` (rich when the output is a terminal, plain lines otherwise),
             ``"rich"``, ``"plain"`` or ``"none"``.
         plots: write the PNG plots.
+        tensorboard: a directory to also write TensorBoard scalars to (needs ``tensorboard``).
         warmup_steps: untimed SGD steps on a throwaway copy of each problem's model before
             its timed runs, so that one-time costs of the process (thread pools, kernel
             selection, the allocator's first page faults) are not charged to whichever
@@ -180,6 +181,7 @@ class BenchConfig(StrictModel):
     eval_train_limit: int = Field(10_000, ge=1)
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     plots: bool = True
+    tensorboard: str | None = None
     warmup_steps: int = Field(20, ge=0)
     threads: int | None = Field(None, ge=1)
 

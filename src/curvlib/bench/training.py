@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from curvlib.bench.data import TokenDataset
-from curvlib.bench.methods import Hyperparameters, Method, build_training_step
+from curvlib.bench.methods import Hyperparameters, Method
 from curvlib.bench.problems import Problem
 from curvlib.bench.progress import ProgressReporter
-from curvlib.bench.record import RunRecord, versions
+from curvlib.bench.record import RunRecord, plain_metrics, versions
+from curvlib.bench.training_step import build_training_step
 from curvlib.errors import ConfigError
+from curvlib.optim import NaturalGradient
 from curvlib.plugins import load_registry
 
 __all__ = ["EVAL_CHUNK", "EVAL_CHUNK_TOKENS", "evaluate", "steps_per_epoch", "train", "warm_up"]
@@ -183,6 +185,7 @@ def train(
     elapsed = 0.0
     best, stale = math.inf, 0
     log_eval(0, 0.0)
+    metrics: list[dict[str, Any]] = []  # raw (device tensors): converted after the timed loop
     for step in range(1, steps + 1):
         X, y = next(batches)
         t0 = time.perf_counter()
@@ -193,6 +196,8 @@ def train(
             progress.message(f"[{label}] step {step} failed: {record.error}")
             break
         elapsed += time.perf_counter() - t0
+        if isinstance(stepper.optimizer, NaturalGradient):
+            metrics.append(stepper.optimizer.metrics)
         record.train_loss.append(loss)
         record.wall_time.append(elapsed)
         if not math.isfinite(loss):
@@ -217,5 +222,6 @@ def train(
         record.eval_wall_time.append(elapsed)
         record.eval_train_loss.append(None)
         record.eval_test_loss.append(None)
+    record.optimizer_metrics = [plain_metrics(m) for m in metrics]
     progress.finish(label, record.status, record.final_train_loss)
     return record

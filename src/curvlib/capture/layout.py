@@ -52,6 +52,7 @@ __all__ = [
     "blocks_params_to_vector",
     "blocks_vector_to_params",
     "find_layers",
+    "unwrap_model",
     "warn_batch_coupling",
     "warn_excluded",
 ]
@@ -247,15 +248,37 @@ class BlocksLayout(VectorLayout):
         self.layers = list(layers)
         self.p = self.layers[-1].slice.stop if self.layers else 0
 
+    def params(self) -> list[torch.Tensor]:
+        """The parameters of the list form, each once (:func:`blocks_params`)."""
+        return blocks_params(self.layers)
+
     @property
     def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(q.shape) for q in blocks_params(self.layers)]
+        return [tuple(q.shape) for q in self.params()]
 
     def to_vector(self, tensors: Sequence[torch.Tensor], caller: str) -> torch.Tensor:
         return blocks_params_to_vector(self.layers, tensors, caller)
 
     def to_tensors(self, v: torch.Tensor, caller: str) -> list[torch.Tensor]:
         return blocks_vector_to_params(self.layers, v, self.p, caller)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose layers curvlib captures, under torch's wrappers.
+
+    ``torch.compile`` returns an ``OptimizedModule`` around ``_orig_mod`` (compiled graphs do
+    not run the capture hooks), ``DistributedDataParallel`` / ``DataParallel`` hold the model
+    as ``module`` (their forward would synchronise replicas on capture passes); curvlib runs
+    its own forward and backward passes on the wrapped module, which shares the parameters.
+    Wrappers may be nested.
+    """
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 # --------------------------------------------------------------------------- discovery

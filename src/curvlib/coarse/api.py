@@ -8,10 +8,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel
 
-from curvlib.coarse.base import CoarseSpace, Partition
+from curvlib.coarse.base import CoarseSpace
+from curvlib.coarse.basis import Partition
 from curvlib.coarse.two_level import Mode, TwoLevelPreconditioner
 from curvlib.errors import ConfigError
 from curvlib.linalg import DenseOperator
+from curvlib.plugins import load_registry
 
 __all__ = ["two_level"]
 
@@ -56,7 +58,7 @@ def two_level(
             (Tselepidis et al., (4.20) with (4.47)).
         registry: a :class:`curvlib.plugins.Registry` (default: ``load_registry()``).
         partition: the groups of R₀ᵀ (default: one per layer; see
-            :meth:`~curvlib.coarse.base.Partition.parameter_tensors`).
+            :meth:`~curvlib.coarse.basis.Partition.parameter_tensors`).
         rcond: relative eigenvalue cut-off of the coarse solve (default 10·N·eps).
         tko_diagonal: diagonal blocks of F̄• in ``"previous"`` mode (``"heuristic"`` π-split
             or ``"tikhonov"``).
@@ -74,8 +76,6 @@ def two_level(
         space = coarse_space
     else:
         if registry is None:
-            from curvlib.plugins import load_registry
-
             registry = load_registry()
         space = registry.coarse_spaces.create(coarse_space, **options)
     if isinstance(first_level, torch.Tensor):

@@ -19,7 +19,7 @@ M_gg = R_g M R_gᵀ is the first level's block on group g ([F•KFAC]_ii⁻¹ fo
 partition).  The residual and Taylor spaces extract group g's rows of M r, so that
 M r = R₀ᵀ[1, …, 1]ᵀ lies in the coarse space for any partition (the property (4.34) is
 built for).  Columns are returned exactly as the formulas give them (not normalised);
-the coarse solve of :mod:`curvlib.coarse.two_level` equilibrates them.
+the coarse solve of :mod:`curvlib.coarse.coarse_operator` equilibrates them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import Any, Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from curvlib.coarse.base import CoarseBasis, CoarseContext, CoarseSpace, kfc_factors
+from curvlib.coarse.base import CoarseContext, CoarseSpace, kfc_factors
+from curvlib.coarse.basis import CoarseBasis
 from curvlib.config import NoOptions, StrictModel
 from curvlib.errors import ConfigError
 from curvlib.linalg import (

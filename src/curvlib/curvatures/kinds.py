@@ -22,7 +22,7 @@ auto-encoder's 784 pixels) therefore costs 784 backward passes — prefer ``fish
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,10 +41,12 @@ from curvlib.capture.layout import (
     warn_excluded,
 )
 from curvlib.config import StrictModel
+from curvlib.curvatures.batches import split_batch
 from curvlib.curvatures.losses import Columns, LossModel, loss_model_for
 from curvlib.curvatures.operator import CurvatureOperator, HessianOperator
 from curvlib.curvatures.statistics import LayerStatistics, Use
 from curvlib.errors import DTypeDeviceError, ShapeError, UnsupportedLossError
+from curvlib.plugins import load_registry
 
 __all__ = [
     "CapturedBatch",
@@ -91,6 +93,8 @@ class CapturedBatch:
         uses: per block, the recorded uses of each of its adapters (primary first), in call order.
         loss: L as the user's loss module computes it (detached).
         gradient: ∇_{W̄_i} L, ``[g_dim, a_dim]`` per block.
+        kwargs: the model's keyword inputs (``model(*inputs, **kwargs)``; empty unless the
+            batch's X is a mapping, see :mod:`curvlib.curvatures.batches`).
     """
 
     layers: list[LayerBlock]
@@ -101,6 +105,7 @@ class CapturedBatch:
     uses: list[list[list[UseCapture]]]
     loss: torch.Tensor
     gradient: list[torch.Tensor]
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -120,48 +125,37 @@ class CapturedBatch:
         return out
 
 
-def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ShapeError(f"expected batch=(X, y) with X a tensor or a tuple of tensors, got {type(batch).__name__}")
-    X, y = batch
-    inputs = tuple(X) if isinstance(X, (tuple, list)) else (X,)
-    return inputs, y
-
-
-def _batch_size(inputs: tuple[Any, ...]) -> int | None:
-    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.ndim > 0), None)
-    return None if first is None else int(first.shape[0])
-
-
 def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any) -> CapturedBatch:
     """Discover the layer blocks, run one hooked forward pass, check the loss and that every
     layer's statistics are per sample (:func:`~curvlib.capture.hooks.check_samples_independent`,
     one backward pass; skipped when BatchNorm in training mode couples the samples anyway),
-    compute ∇L.
+    compute ∇L.  ``batch`` is ``(X, y)``: the model is called ``model(X)``, ``model(*X)``
+    for a tuple, ``model(**X)`` for a mapping (:mod:`curvlib.curvatures.batches`).
 
     Warns (:class:`~curvlib.capture.adapters.ExcludedParametersWarning`) about excluded
     parameters, including those of adapted modules the forward never called.
     """
     candidates, excluded = find_layers(model, registry)
     warn_batch_coupling(model, stacklevel=4)
-    inputs, target = _split_batch(batch)
+    split = split_batch(batch)
+    target = split.target
     first_param = next((p for c in candidates for p in c.adapter.params()), None)
     device = first_param.device if first_param is not None else None
-    for t in (*inputs, target):
-        if device is not None and isinstance(t, torch.Tensor) and t.device != device:
+    for t in split.tensors():
+        if device is not None and t.device != device:
             raise DTypeDeviceError(f"batch tensor on {t.device}, the model's parameters are on {device}")
     adapters = [ad for c in candidates for ad in c.adapters]
     index = {id(ad): k for k, ad in enumerate(adapters)}
-    m = _batch_size(inputs)
+    m = split.num_samples
     with torch.enable_grad():
         with capture_forward(adapters, batch_size=m) as record:
-            output = model(*inputs)
+            output = split.call(model)
         if not isinstance(output, torch.Tensor):
             raise UnsupportedLossError(f"expected the model to return one tensor, got {type(output).__name__}")
         if not isinstance(target, torch.Tensor):
             raise UnsupportedLossError(f"expected a target tensor, got {type(target).__name__}")
         if m is not None and output.ndim > 0 and output.shape[0] != m:
-            raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the inputs {m} samples")
+            raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the batch {m} samples")
         loss_model.check(output, target)
         if not batch_coupled_modules(model):  # BatchNorm in training mode mixes samples by design (warned above)
             check_samples_independent(output, record)
@@ -186,12 +180,13 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
     return CapturedBatch(
         layers=layers,
         excluded=excluded,
-        inputs=inputs,
+        inputs=split.args,
         target=target,
         output=output,
         uses=uses,
         loss=loss.detach(),
         gradient=gradient,
+        kwargs=dict(split.kwargs),
     )
 
 
@@ -331,6 +326,7 @@ class HessianCurvature:
             model=model,
             loss_model=loss_model,
             inputs=cap.inputs,
+            input_kwargs=cap.kwargs,
             target=cap.target,
             num_samples=cap.num_samples,
             loss=cap.loss,
@@ -339,11 +335,7 @@ class HessianCurvature:
 
 
 def _registry(registry: Any) -> Any:
-    if registry is not None:
-        return registry
-    from curvlib.plugins import load_registry
-
-    return load_registry()
+    return registry if registry is not None else load_registry()
 
 
 BUILTIN_KINDS: Sequence[tuple[str, type, type[StrictModel]]] = (

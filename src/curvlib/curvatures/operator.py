@@ -34,7 +34,7 @@ back-propagation, re-running the model once per product call.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.linalg.operator import LinearOperator
+from curvlib.linalg.operator import LinearOperator, ScaledOperator
 from curvlib.errors import CurvlibError, ShapeError
 
 __all__ = ["CurvatureBlock", "CurvatureOperator", "HessianOperator", "LayerBlock", "NoStatisticsError"]
@@ -99,7 +99,18 @@ class CurvatureBlock(LinearOperator):
         return f"CurvatureBlock({self.parent.layers[self.i].name!r}, {self.parent.layers[self.j].name!r}, shape={self.shape})"
 
 
-class _BlockOperator(LinearOperator):
+class PerSampleMean(LinearOperator):
+    """An operator that is the per-sample mean (1/m) Σ_b C_b of ``num_samples`` = m
+    per-sample curvatures (subclasses set ``num_samples``)."""
+
+    num_samples: int
+
+    def total(self) -> LinearOperator:
+        """Σ_b C_b = m·C, the curvature of the sum-reduced loss (lazy)."""
+        return ScaledOperator(self, float(self.num_samples))
+
+
+class _BlockOperator(PerSampleMean):
     """Shared interface: shapes, vector <-> parameter conversions, products, blocks, exports.
 
     Attributes:
@@ -380,11 +391,13 @@ class HessianOperator(_BlockOperator):
         num_samples: int,
         loss: torch.Tensor,
         gradient: Sequence[torch.Tensor],
+        input_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(layers, excluded, num_samples=num_samples, loss=loss, gradient=gradient)
         self.model = model
         self.loss_model = loss_model
         self._inputs = inputs
+        self._input_kwargs = dict(input_kwargs or {})  # model(*inputs, **input_kwargs)
         self._target = target
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -392,7 +405,7 @@ class HessianOperator(_BlockOperator):
         out = torch.empty_like(V)
         # fused attention kernels have no double backward: the math kernel computes the same function
         with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-            L = self.loss_model.mean_loss(self.model(*self._inputs), self._target)
+            L = self.loss_model.mean_loss(self.model(*self._inputs, **self._input_kwargs), self._target)
             grads = torch.autograd.grad(L, params, create_graph=True, allow_unused=True)
             live = [(gr, p) for gr, p in zip(grads, params) if gr is not None and gr.requires_grad]
             for j in range(V.shape[1]):

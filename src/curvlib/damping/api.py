@@ -33,6 +33,7 @@ from curvlib.linalg import (
     ShiftSolvable,
     VectorLayout,
 )
+from curvlib.plugins import load_registry
 
 __all__ = ["BlockDiagonalInverse", "damped_inverse"]
 
@@ -136,8 +137,6 @@ def damped_inverse(
         damping = kind
     else:
         if registry is None:
-            from curvlib.plugins import load_registry
-
             registry = load_registry()
         damping = registry.dampings.create(kind, **options)
         if not isinstance(damping, Damping):

@@ -15,9 +15,10 @@
   (:func:`deflated`, :func:`ema_combined`);
 - top singular triplets of matrix-free operators: :func:`power_svd` (Algorithm 1),
   :func:`lanczos_svd` (Algorithm 2, restarted);
-- inverses: :func:`kron_solve`, :class:`KroneckerEigen` (exact Tikhonov),
-  :func:`pi_split` ((2.95)–(2.96)), :class:`TwoTermKroneckerInverse` (§3.2.5),
-  :func:`pcg`, :class:`WoodburySolver` ((4.50)), :func:`eigh_safe`.
+- inverses of Kronecker blocks: :func:`kron_solve`, :class:`KroneckerEigen` (exact
+  Tikhonov), :func:`pi_split` ((2.95)–(2.96)), :class:`TwoTermKroneckerInverse` (§3.2.5),
+  :func:`eigh_safe`;
+- generic solvers: :func:`pcg`, :class:`WoodburySolver` ((4.50)).
 
 Dense references (:func:`kron`, :func:`rearrange`, :meth:`KroneckerSum.to_dense`,
 :meth:`ZOperator.to_dense`, :func:`nearest_kronecker`) form matrices larger than
@@ -26,14 +27,10 @@ O(d²) and are documented as such; nothing else does.
 
 from curvlib.linalg.inverse import (
     KroneckerEigen,
-    PCGInfo,
     TwoTermKroneckerInverse,
-    WoodburySolver,
     eigh_safe,
     kron_solve,
-    pcg,
     pi_split,
-    woodbury_solve,
 )
 from curvlib.linalg.blocks import (
     BlockDiagonalOperator,
@@ -50,8 +47,10 @@ from curvlib.linalg.operator import (
     DenseOperator,
     IdentityOperator,
     LinearOperator,
+    PermutationOperator,
     ProductOperator,
     ScaledOperator,
+    SubmatrixOperator,
     SumOperator,
     VectorLayout,
 )
@@ -62,6 +61,7 @@ from curvlib.linalg.rearrange import (
     rearrange,
     unrearrange,
 )
+from curvlib.linalg.solvers import PCGInfo, WoodburySolver, pcg, woodbury_solve
 from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
 from curvlib.linalg.zproducts import (
     AffineZOperator,
@@ -84,8 +84,10 @@ __all__ = [
     "DenseOperator",
     "IdentityOperator",
     "LinearOperator",
+    "PermutationOperator",
     "ProductOperator",
     "ScaledOperator",
+    "SubmatrixOperator",
     "SumOperator",
     "VectorLayout",
     "AffineZOperator",

@@ -156,8 +156,6 @@ class BlockDiagonalOperator(LinearOperator):
         blocks, slices, uncovered (how many rows no block covers).
     """
 
-    symmetric = True
-
     def __init__(self, blocks: Sequence[LinearOperator], slices: Sequence[Any], *, p: int | None = None,
                  uncovered_scale: float = 0.0, layout: VectorLayout | None = None) -> None:
         caller = type(self).__name__
@@ -214,17 +212,24 @@ class BlockDiagonalOperator(LinearOperator):
     def layout(self) -> VectorLayout | None:
         return self._layout
 
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return all(b.symmetric for b in self.blocks)
+
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        if self.uncovered:
-            out = X * self._uncovered_scale
-        else:
-            out = torch.empty_like(X)
+    def _apply_blocks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        out = X * self._uncovered_scale if self.uncovered else torch.empty_like(X)
         for block, s in zip(self.blocks, self.slices):
-            out[s] = block._matmat(X[s])
+            out[s] = block._rmatmat(X[s]) if adjoint else block._matmat(X[s])
         return out
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._apply_blocks(X, adjoint=False)
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._apply_blocks(Y, adjoint=True)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[p, p]`` matrix, block by block (PerformanceWarning above

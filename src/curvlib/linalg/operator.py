@@ -40,8 +40,10 @@ __all__ = [
     "DenseOperator",
     "IdentityOperator",
     "LinearOperator",
+    "PermutationOperator",
     "ProductOperator",
     "ScaledOperator",
+    "SubmatrixOperator",
     "SumOperator",
     "VectorLayout",
 ]
@@ -126,6 +128,14 @@ class LinearOperator(abc.ABC):
     def _check_result(self, Y: torch.Tensor, X: torch.Tensor, caller: str) -> None:
         """Called on every public product's result ``Y`` (operand ``X``); default: nothing."""
 
+    def _product(self, X: torch.Tensor, adjoint: bool, caller: str) -> torch.Tensor:
+        """The checked product of a normalised ``X [n, k]`` (k = 0 gives an empty ``[m, 0]``)."""
+        if X.shape[1] == 0:
+            return X.new_zeros(self.shape[1] if adjoint else self.shape[0], 0)
+        Y = self._rmatmat(X) if adjoint else self._matmat(X)
+        self._check_result(Y, X, caller)
+        return Y
+
     # -- checks --------------------------------------------------------------------------
     def _normalise(self, x: Operand, n: int, caller: str) -> tuple[torch.Tensor, str]:
         """Operand -> (``[n, k]``, form) with form ``"vector"``, ``"matrix"`` or ``"list"``."""
@@ -162,9 +172,7 @@ class LinearOperator(abc.ABC):
         """A·x for x ``[n]``, ``[n, k]`` or a list shaped like :attr:`layout` (same form out)."""
         caller = f"{type(self).__name__}.matvec"
         X, form = self._normalise(x, self.shape[1], caller)
-        Y = self._matmat(X)
-        self._check_result(Y, X, caller)
-        return self._restore(Y, form, caller)
+        return self._restore(self._product(X, False, caller), form, caller)
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
         """A·X for ``X [n, k]`` -> ``[m, k]``."""
@@ -172,17 +180,13 @@ class LinearOperator(abc.ABC):
         if not isinstance(X, torch.Tensor) or X.ndim != 2:
             raise ShapeError(f"{caller}: expected a matrix [{self.shape[1]}, k], got {_shape_of(X)}")
         X, _ = self._normalise(X, self.shape[1], caller)
-        Y = self._matmat(X)
-        self._check_result(Y, X, caller)
-        return Y
+        return self._product(X, False, caller)
 
     def rmatvec(self, y: Operand) -> Operand:
         """Aᵀ·y for y ``[m]``, ``[m, k]`` or a list (same form out)."""
         caller = f"{type(self).__name__}.rmatvec"
         Y, form = self._normalise(y, self.shape[0], caller)
-        X = self._rmatmat(Y)
-        self._check_result(X, Y, caller)
-        return self._restore(X, form, caller)
+        return self._restore(self._product(Y, True, caller), form, caller)
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
         """Aᵀ·Y for ``Y [m, k]`` -> ``[n, k]``."""
@@ -190,9 +194,7 @@ class LinearOperator(abc.ABC):
         if not isinstance(Y, torch.Tensor) or Y.ndim != 2:
             raise ShapeError(f"{caller}: expected a matrix [{self.shape[0]}, k], got {_shape_of(Y)}")
         Y, _ = self._normalise(Y, self.shape[0], caller)
-        X = self._rmatmat(Y)
-        self._check_result(X, Y, caller)
-        return X
+        return self._product(Y, True, caller)
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
@@ -214,6 +216,7 @@ class LinearOperator(abc.ABC):
 
     def __sub__(self, other: Any) -> LinearOperator:
         if isinstance(other, LinearOperator):
+            _check_combinable((self, other), "operator difference")  # before wrapping: both names in errors
             return SumOperator((self, ScaledOperator(other, -1.0)))
         return NotImplemented
 
@@ -537,3 +540,83 @@ class IdentityOperator(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X.clone()
+
+
+class PermutationOperator(LinearOperator):
+    """P ``[n, n]`` with (P x)_j = x_{index[j]}: a reordering of the coordinates (Pᵀ = P⁻¹).
+
+    Args:
+        index: ``[n]`` a permutation of ``0 … n−1`` (checked).
+        dtype, device: of the vectors it reorders.
+    """
+
+    def __init__(self, index: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        index = torch.as_tensor(index, dtype=torch.long, device=device)
+        n = index.numel()
+        if index.ndim != 1 or not bool((index.sort().values == torch.arange(n, device=index.device)).all()):
+            raise ShapeError(f"PermutationOperator: expected a permutation of 0…{n - 1}, got {index.tolist()[:8]}…")
+        self.index = index
+        self._dtype, self._device = dtype, torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.index.numel()
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return X[self.index]
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(Y)
+        out[self.index] = Y
+        return out
+
+
+class SubmatrixOperator(LinearOperator):
+    """A[rows, cols] of an operator A, applied matrix-free: A·(embedded x), then the rows kept.
+
+    Args:
+        op: A ``[m, n]``.
+        rows, cols: contiguous ``slice``s of A's rows and columns.
+    """
+
+    def __init__(self, op: LinearOperator, rows: slice, cols: slice) -> None:
+        m, n = op.shape
+        for what, s, size in (("rows", rows, m), ("cols", cols, n)):
+            if not isinstance(s, slice) or s.step not in (None, 1) or not 0 <= s.start < s.stop <= size:
+                raise ShapeError(f"SubmatrixOperator: {what} must be a slice inside [0, {size}), got {s!r}")
+        self.op, self.rows, self.cols = op, rows, cols
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows.stop - self.rows.start, self.cols.stop - self.cols.start)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self.op.symmetric and self.rows == self.cols
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        full = X.new_zeros(self.op.shape[1], X.shape[1])
+        full[self.cols] = X
+        return self.op._matmat(full)[self.rows]
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        full = Y.new_zeros(self.op.shape[0], Y.shape[1])
+        full[self.rows] = Y
+        return self.op._rmatmat(full)[self.cols]

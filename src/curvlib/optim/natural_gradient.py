@@ -41,13 +41,28 @@ parameters, the optimizer state and the preconditioner state (counters, generato
 left untouched and a :class:`~curvlib.errors.NumericalWarning` is emitted.  This check is
 the step's one host synchronisation (like ``torch.amp.GradScaler``'s).
 
-Adaptive damping: when the damping has an ``update(reduction_ratio)`` method
-(``levenberg_marquardt``), after every refresh step the loss on ``batch`` is evaluated at
+Adaptive damping: when the damping is ``adaptive`` (``levenberg_marquardt``), after every refresh step the loss on ``batch`` is evaluated at
 the new parameters (one forward pass, buffers restored) and
 ρ = (L(θ + δ) − L(θ)) / (gᵀδ + ½ δᵀ C δ) is passed to it, with δ the step taken on the
 preconditioned parameters, g and L(θ) the gradient and loss captured with the curvature
 C = F (times m for ``reduction="sum"``, so that C approximates ∇²L).  The new λ takes
 effect at the next inversion.
+
+Observability: after every step :attr:`NaturalGradient.metrics` holds a dict (and the
+optional ``callback(metrics)`` receives it):
+
+- ``step``, ``refreshed``, ``inverted``, ``skipped`` (non-finite gradients);
+- ``damping``: the damping's λ; ``kl_scale``: ν as a 0-d tensor on the device (``None``
+  without clipping; a tensor so that no host synchronisation is added — ``float()`` it when
+  logging); ``reduction_ratio``: ρ given to an adaptive damping (``None`` otherwise);
+- ``refresh_seconds``, ``invert_seconds``: host wall-clock of the refresh / inversion;
+- ``condition_numbers``: at inversion steps, layer name -> (κ_A, κ_G) of the factors the
+  inverse eigendecomposed (:class:`~curvlib.precond.preconditioner.InversionReport`);
+- ``kept_previous``, ``fallbacks``, ``clamped``: at inversion steps, the layers whose
+  inversion failed and kept the previous inverse, took a documented fallback, or clamped
+  eigenvalues;
+- ``counts``: running totals ``{"skipped_steps", "refreshes", "inversions",
+  "kept_previous", "fallbacks"}``.
 """
 
 from __future__ import annotations
@@ -61,6 +76,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlib.capture.layout import unwrap_model
+from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
 from curvlib.errors import ConfigError, NumericalWarning
 from curvlib.precond import PreconditionerConfig, UpdateInfo, build_preconditioner, preserved_buffers
 
@@ -102,12 +119,14 @@ class NaturalGradient(torch.optim.Optimizer):
         adam_eps: ε of the Adam fallback.
         generator: the ``torch.Generator`` of the Monte Carlo targets.
         registry: the plugin :class:`~curvlib.plugins.Registry`.
+        callback: called as ``callback(metrics)`` after every step (module docstring).
 
     Attributes:
         preconditioner: the :class:`~curvlib.precond.Preconditioner`.
         last_update: the :class:`~curvlib.precond.UpdateInfo` of the last step (``None`` before).
         last_kl_scale: ν of the last step as a 0-d tensor on the device (``None`` without clipping).
         last_reduction_ratio: ρ given to an adaptive damping at the last refresh step.
+        metrics: the per-step metrics of the last step (module docstring; ``{}`` before).
     """
 
     def __init__(
@@ -126,6 +145,7 @@ class NaturalGradient(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         generator: torch.Generator | None = None,
         registry: Any = None,
+        callback: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"NaturalGradient: expected model to be an nn.Module, got {type(model).__name__}")
@@ -145,10 +165,15 @@ class NaturalGradient(torch.optim.Optimizer):
         _check_group_value("adam_eps", adam_eps, low=0.0)
         if adam_eps <= 0:
             raise ConfigError(f"adam_eps: expected ε > 0, got {adam_eps!r}")
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"callback: expected a callable taking the metrics dict, got {type(callback).__name__}")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(model.parameters() if params is None else params, defaults)
-        self.model = model
+        self.model = unwrap_model(model)
         self.loss_fn = loss_fn
+        self.callback = callback
+        self.metrics: dict[str, Any] = {}
+        self._counts = {"skipped_steps": 0, "refreshes": 0, "inversions": 0, "kept_previous": 0, "fallbacks": 0}
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.fallback = fallback
         self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
@@ -215,9 +240,13 @@ class NaturalGradient(torch.optim.Optimizer):
                 NumericalWarning,
                 stacklevel=2,
             )
+            self._counts["skipped_steps"] += 1
+            self._publish({"step": k, "refreshed": False, "inverted": False, "skipped": True})
             return loss
         info = pre.update(batch, step=k)
         self.last_update = info
+        self.last_kl_scale = None
+        self.last_reduction_ratio = None
 
         group_of = self._group_of()
         pparams = pre.params()
@@ -263,7 +292,31 @@ class NaturalGradient(torch.optim.Optimizer):
                     deltas[i] = -lr * d
         if deltas is not None:
             self._adapt_damping(batch, deltas)
+        self._publish(self._step_metrics(info))
         return loss
+
+    def _step_metrics(self, info: UpdateInfo) -> dict[str, Any]:
+        pre = self.preconditioner
+        out: dict[str, Any] = {
+            "step": info.step, "refreshed": info.refreshed, "inverted": info.inverted, "skipped": False,
+            "damping": pre.damping.value, "kl_scale": self.last_kl_scale, "reduction_ratio": self.last_reduction_ratio,
+            "refresh_seconds": info.refresh_seconds, "invert_seconds": info.invert_seconds,
+        }
+        self._counts["refreshes"] += int(info.refreshed)
+        if info.inverted and pre.last_inversion is not None:
+            rep = pre.last_inversion
+            out.update(condition_numbers=dict(rep.condition_numbers), kept_previous=list(rep.kept_previous),
+                       fallbacks=dict(rep.fallbacks), clamped=dict(rep.clamped))
+            self._counts["inversions"] += 1
+            self._counts["kept_previous"] += len(rep.kept_previous)
+            self._counts["fallbacks"] += len(rep.fallbacks)
+        return out
+
+    def _publish(self, metrics: dict[str, Any]) -> None:
+        metrics["counts"] = dict(self._counts)
+        self.metrics = metrics
+        if self.callback is not None:
+            self.callback(metrics)
 
     def _kl_scale(self, pre: Any, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """ν = min(1, sqrt(c / Σ_i |Δ_iᵀ g_i|)) (appendix 3.E), a 0-d tensor on the device."""
@@ -317,8 +370,6 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _adapt_damping(self, batch: Any, deltas: list[torch.Tensor]) -> None:
         """Levenberg–Marquardt: ρ from the loss change after the step (module docstring)."""
-        from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
-
         pre = self.preconditioner
         F = pre.curvature
         X, y = batch

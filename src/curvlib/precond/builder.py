@@ -12,6 +12,7 @@ from torch import nn
 from curvlib.errors import ConfigError
 from curvlib.precond.config import PreconditionerConfig, resolve_config
 from curvlib.precond.preconditioner import Preconditioner
+from curvlib.plugins import load_registry
 
 __all__ = ["build_preconditioner"]
 
@@ -57,8 +58,6 @@ def build_preconditioner(
         raise ConfigError(f"build_preconditioner: expected model to be an nn.Module, got {type(model).__name__}")
     cfg = PreconditionerConfig.coerce(config)
     if registry is None:
-        from curvlib.plugins import load_registry
-
         registry = load_registry()
     resolved = resolve_config(cfg, registry)
     return Preconditioner(model, loss_fn, resolved, generator=generator, registry=registry)

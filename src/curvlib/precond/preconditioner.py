@@ -39,27 +39,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
-from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, find_layers
+from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, find_layers, unwrap_model
 from curvlib.coarse.api import two_level
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
-from curvlib.damping.base import Damping
+from curvlib.damping.base import BlockInverse, Damping
 from curvlib.errors import ConfigError, CurvlibError, ShapeError
-from curvlib.linalg import LinearOperator
+from curvlib.linalg import BlockDiagonalOperator, FactorEigenbasis, LinearOperator
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
 
-__all__ = ["Preconditioner", "UpdateInfo", "NotReadyError"]
+__all__ = ["InversionReport", "NotReadyError", "Preconditioner", "UpdateInfo"]
 
 _STATE_VERSION = 2
 
@@ -76,11 +77,60 @@ class UpdateInfo:
         step: the step index k the update was made for.
         refreshed: the curvature was captured and the approximation refitted.
         inverted: the damped inverse was rebuilt.
+        refresh_seconds, invert_seconds: host wall-clock time of the refresh and of the
+            inversion (0 when not done).  On a GPU, kernels still queued at the end are not
+            included (no synchronisation is added for the measurement).
     """
 
     step: int
     refreshed: bool
     inverted: bool
+    refresh_seconds: float = field(default=0.0, compare=False)  # measurements: not part of equality
+    invert_seconds: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class InversionReport:
+    """What the last inversion produced, per layer (host values, computed once per inversion).
+
+    Attributes:
+        step: the step index of the inversion.
+        condition_numbers: layer name -> (κ_A, κ_G), the eigenvalue ratios |λ|max/|λ|min of the
+            two factors the inverse eigendecomposed, for blocks that declare them
+            (:class:`~curvlib.linalg.FactorEigenbasis`; the π-split's damped factors, Tikhonov's
+            factors).
+        kept_previous: names of the layers whose inversion failed and kept the previous inverse.
+        fallbacks: layer name -> the documented fallback an inverse took (``InverseInfo.fallback``).
+        clamped: layer name -> eigenvalues raised to their floor (``InverseInfo.n_clamped``), nonzero only.
+    """
+
+    step: int
+    condition_numbers: dict[str, tuple[float, float]]
+    kept_previous: tuple[str, ...] = ()
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    clamped: dict[str, int] = field(default_factory=dict)
+
+
+def _inversion_report(step: int, inverse: Any, names: Sequence[str]) -> InversionReport:
+    """The :class:`InversionReport` of a freshly built inverse (one host sync for all layers)."""
+    if not isinstance(inverse, BlockDiagonalOperator):
+        return InversionReport(step, {})
+    conds, fallbacks, clamped = {}, {}, {}
+    ratios, eig_names = [], []
+    for name, block in zip(names, inverse.blocks):
+        if isinstance(block, FactorEigenbasis):
+            ea, eb = block.eigen.eval_a.abs(), block.eigen.eval_b.abs()
+            ratios.append(torch.stack([ea.max() / ea.min(), eb.max() / eb.min()]))
+            eig_names.append(name)
+        if isinstance(block, BlockInverse):
+            if block.info.fallback is not None:
+                fallbacks[name] = block.info.fallback
+            if block.info.n_clamped:
+                clamped[name] = int(block.info.n_clamped)
+    if ratios:
+        conds = {n: (ka, kg) for n, (ka, kg) in zip(eig_names, torch.stack(ratios).double().cpu().tolist())}
+    kept = tuple(names[i] for i in inverse.kept_previous) if isinstance(inverse, BlockDiagonalInverse) else ()
+    return InversionReport(step, conds, kept, fallbacks, clamped)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -178,12 +228,12 @@ class Preconditioner(LinearOperator):
         curvature: the curvature operator F of the latest refresh (``None`` before it).
         approximation: the block-diagonal approximation of the latest refresh (``kronecker`` only).
         inverse: the operator :meth:`apply` uses (first level only, without the coarse correction).
+        last_inversion: the :class:`InversionReport` of the last inversion (``None`` before).
 
     A :class:`~curvlib.linalg.LinearOperator` (once ready): ``pre @ g`` is :meth:`apply`,
-    and it combines with other operators like any curvlib operator.
+    and it combines with other operators like any curvlib operator; its adjoint is that of
+    the operator it applies (a multiplicative two-level correction is not symmetric).
     """
-
-    symmetric = True
 
     def __init__(
         self,
@@ -194,7 +244,7 @@ class Preconditioner(LinearOperator):
         generator: torch.Generator | None = None,
         registry: Any,
     ) -> None:
-        self.model = model
+        self.model = unwrap_model(model)  # capture passes run on the module under compile/DDP wrappers
         self.loss_fn = loss_fn
         self.resolved = resolved
         self.config: PreconditionerConfig = resolved.config
@@ -227,6 +277,7 @@ class Preconditioner(LinearOperator):
         self._inverted_approximation: Any = None  # the approximation the inverse was built from
         self._inverted_curvature: Any = None  # natural-gradient references: F of the last inversion
         self._inverted_damping_state: dict[str, Any] | None = None
+        self.last_inversion: InversionReport | None = None
         self._operator: Any = None  # what apply() multiplies by (two-level when configured)
 
     # -- description ---------------------------------------------------------------------
@@ -334,14 +385,18 @@ class Preconditioner(LinearOperator):
                 f"{self.config.update_every}{', first refresh' if self._operator is None else ''}) and needs "
                 "the batch: pass batch=(X, y)"
             )
+        t0 = time.perf_counter()
         if refresh and self._refresh(batch, k):
             invert = True  # the layers changed: the old inverse no longer fits
+        t1 = time.perf_counter()
         if invert:
             self._invert(k)
         if refresh:
             self._build_operator()
+        t2 = time.perf_counter()
         self._step = k + 1
-        return UpdateInfo(step=k, refreshed=refresh, inverted=invert)
+        return UpdateInfo(step=k, refreshed=refresh, inverted=invert, refresh_seconds=t1 - t0 if refresh else 0.0,
+                          invert_seconds=t2 - t1 if invert else 0.0)
 
     def _refresh(self, batch: Any, k: int) -> bool:
         """Capture and refit; returns whether the set of layers changed (a new layout)."""
@@ -383,6 +438,7 @@ class Preconditioner(LinearOperator):
             self._inverted_curvature = self.curvature
         self.num_inversions += 1
         self.last_inversion_step = k
+        self.last_inversion = _inversion_report(k, self.inverse, [L.name for L in self._layers or []])
 
     def _lam(self) -> float:
         return self.damping.value
@@ -435,8 +491,16 @@ class Preconditioner(LinearOperator):
         self._check_ready("apply")
         return self.matvec(grad)
 
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        self._check_ready("symmetric")
+        return self._operator.symmetric
+
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._operator.matmat(X)
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._operator.rmatmat(Y)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _needs_latest_curvature(self) -> bool:

@@ -28,6 +28,7 @@ __all__ = [
     "CurvatureConformance",
     "DampingConformance",
     "LayerAdapterConformance",
+    "OperatorConformance",
     "assert_close",
     "assert_psd",
     "assert_symmetric",
@@ -42,6 +43,7 @@ _CONFORMANCE = {
     "CurvatureConformance",
     "DampingConformance",
     "LayerAdapterConformance",
+    "OperatorConformance",
 }
 
 

@@ -30,11 +30,15 @@ LayerAdapterConformance     parameters ↔ W̄ ↔ vec round trip (against an in
                             mapping for built-in types); uses carry the batch and the
                             block's dims; the captured statistics reproduce per-sample
                             gradients from ``torch.func``; float32 kept
+OperatorConformance         any ``LinearOperator`` against an independent dense reference:
+                            vector / matrix / list operands, adjoint products, the lazy
+                            algebra, ``to_dense``/``to_scipy``, shape and dtype errors
+                            (a subclass implements ``make_operator()``; no kind)
 ==========================  ===========================================================
 
-Every mixin also checks that the kind is registered (through an installed entry point
-with ``registry_kind_installed = True``) and that its options model rejects unknown fields
-and the values listed in ``bad_options``.
+Every mixin of a plugin family also checks that the kind is registered (through an
+installed entry point with ``registry_kind_installed = True``) and that its options model
+rejects unknown fields and the values listed in ``bad_options``.
 
 Where the kind comes from: :meth:`make_registry` returns ``curvlib.plugins.load_registry()``
 (curvlib's built-ins and every installed plugin).  Before the distribution is installed,
@@ -65,6 +69,7 @@ module                       holds
 ``coarse``                   :class:`CoarseSpaceConformance`
 ``curvatures``               :class:`CurvatureConformance`
 ``adapters``                 :class:`LayerAdapterConformance`
+``operators``                :class:`OperatorConformance` (any operator, not a plugin kind)
 ``_kind``                    the base of every mixin: kind, options, registration checks
 ``_common``                  :data:`DEVICES`, failure messages, seeded random inputs
 ===========================  ==========================================================
@@ -76,6 +81,7 @@ from curvlib.testing.conformance.approximators import ApproximatorConformance
 from curvlib.testing.conformance.coarse import CoarseSpaceConformance
 from curvlib.testing.conformance.curvatures import CurvatureConformance
 from curvlib.testing.conformance.dampings import DampingConformance
+from curvlib.testing.conformance.operators import OperatorConformance
 
 __all__ = [
     "ApproximatorConformance",
@@ -84,4 +90,5 @@ __all__ = [
     "DEVICES",
     "DampingConformance",
     "LayerAdapterConformance",
+    "OperatorConformance",
 ]
