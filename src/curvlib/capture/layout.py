@@ -46,6 +46,7 @@ __all__ = [
     "BlockCandidate",
     "BlocksLayout",
     "LayerBlock",
+    "OnLayers",
     "Placement",
     "batch_coupled_modules",
     "blocks_params",
@@ -261,6 +262,45 @@ class BlocksLayout(VectorLayout):
 
     def to_tensors(self, v: torch.Tensor, caller: str) -> list[torch.Tensor]:
         return blocks_vector_to_params(self.layers, v, self.p, caller)
+
+
+class OnLayers:
+    """Mixin of the operators over the flat curvlib vector of ``self.layers`` (a curvature
+    operator, one over a data set, the preconditioner): ``p``, ``shape``, ``dtype``/``device``
+    (``self._dtype``/``self._device``, set by the subclass), the parameters and the list form.
+    Placed before :class:`~curvlib.linalg.LinearOperator` among the bases."""
+
+    layers: list[LayerBlock]
+    _dtype: torch.dtype
+    _device: torch.device
+
+    @property
+    def p(self) -> int:
+        """Length of the flat curvlib vector."""
+        return self.layers[-1].slice.stop
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    @property
+    def layout(self) -> BlocksLayout:
+        """The list form of vectors: tensors shaped like :meth:`params`."""
+        return BlocksLayout(self.layers)
+
+    def params(self) -> list[torch.Tensor]:
+        """The adapted parameters, each once (weight, then bias, layer by layer): the order of
+        list-shaped vectors accepted and returned by the products."""
+        return blocks_params(self.layers)
+
+    def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]`` (vec of W̄ = [W, b],
+        columns stacked, layer after layer)."""
+        return blocks_params_to_vector(self.layers, tensors, type(self).__name__)
+
+    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
+        return blocks_vector_to_params(self.layers, v, self.p, type(self).__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning
-from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
+from curvlib.capture.layout import LayerBlock, OnLayers
 from curvlib.curvatures.batches import BatchFn, as_pair, split_batch
 from curvlib.curvatures.factors import WEIGHT_SHARING, WeightSharing, kfac_factors
 from curvlib.curvatures.kinds import capture_batch
@@ -56,7 +56,7 @@ __all__ = ["DataCurvatureOperator", "kfac_factors_over"]
 Term = tuple[torch.Tensor, torch.Tensor]
 
 
-class DataCurvatureOperator(PerSampleMean):
+class DataCurvatureOperator(OnLayers, PerSampleMean):
     """C_data = (1/N) Σ_β m_β C_β ``[p, p]`` over the batches of ``data`` (module docstring).
 
     Built by ``curvlib.curvature(kind, model, loss_fn, data=loader, ...)``.  The first batch
@@ -147,7 +147,6 @@ class DataCurvatureOperator(PerSampleMean):
         self._signature = _signature(self.layers)
         w = self.layers[0].adapter.params()[0]
         self._dtype, self._device = w.dtype, w.device
-        self._layout = BlocksLayout(self.layers)
         self.num_samples = int(counted if num_data is None else num_data)
         self._checked = num_data is None  # a given num_data is checked at the end of the first pass
 
@@ -155,41 +154,6 @@ class DataCurvatureOperator(PerSampleMean):
         self._generator = torch.Generator(device=source.device)
         self._generator_state = source.get_state()
         self._generator.set_state(self._generator_state)
-
-    # -- shapes and conversions ------------------------------------------------------------
-    @property
-    def p(self) -> int:
-        """Total number of parameters in the operator."""
-        return self.layers[-1].slice.stop
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def layout(self) -> BlocksLayout:
-        """The list form of vectors: tensors shaped like :meth:`params`."""
-        return self._layout
-
-    def params(self) -> list[torch.Tensor]:
-        """The adapted parameters, each once: the order of list-shaped vectors."""
-        return blocks_params(self.layers)
-
-    def params_to_vector(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]``."""
-        return blocks_params_to_vector(self.layers, tensors, type(self).__name__)
-
-    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        return blocks_vector_to_params(self.layers, v, self.p, type(self).__name__)
 
     # -- passes over the data ---------------------------------------------------------------
     def _pairs(self, what: str) -> Iterator[tuple[int, Any, int]]:

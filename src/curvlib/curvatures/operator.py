@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, blocks_params_to_vector, blocks_vector_to_params
+from curvlib.capture.layout import LayerBlock, OnLayers
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.linalg.operator import LinearOperator, ScaledOperator
 from curvlib.errors import CurvlibError, ShapeError
@@ -110,7 +110,7 @@ class PerSampleMean(LinearOperator):
         return ScaledOperator(self, float(self.num_samples))
 
 
-class _BlockOperator(PerSampleMean):
+class _BlockOperator(OnLayers, PerSampleMean):
     """Shared interface: shapes, vector <-> parameter conversions, products, blocks, exports.
 
     Attributes:
@@ -140,46 +140,9 @@ class _BlockOperator(PerSampleMean):
         w = self.layers[0].adapter.params()[0]
         self._dtype: torch.dtype = w.dtype
         self._device: torch.device = w.device
-        self._layout = BlocksLayout(self.layers)
         self.num_samples = int(num_samples)
         self.loss = loss
         self._gradient = list(gradient)
-
-    # -- shapes and conversions ------------------------------------------------------
-    @property
-    def p(self) -> int:
-        """Total number of parameters in the operator."""
-        return self.layers[-1].slice.stop
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def layout(self) -> BlocksLayout:
-        """The list form of vectors: tensors shaped like :meth:`params`."""
-        return self._layout
-
-    def params(self) -> list[torch.Tensor]:
-        """The adapted parameters (weight, then bias when trainable, layer by layer): the order
-        of list-shaped vectors accepted and returned by the products."""
-        return blocks_params(self.layers)
-
-    def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]``."""
-        return blocks_params_to_vector(self.layers, tensors, type(self).__name__)
-
-    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        return blocks_vector_to_params(self.layers, v, self.p, type(self).__name__)
 
     def gradient_vector(self) -> torch.Tensor:
         """∇_θ L of the captured batch (the user's loss and reduction) in curvlib order ``[p]``."""

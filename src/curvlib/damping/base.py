@@ -184,14 +184,6 @@ class BlockInverse(LayerBlockOperator):
         return self._b_dim
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def info(self) -> InverseInfo:
         """What was done (method, iterations of the last solve, clamps, fallback)."""
         return self._info

@@ -209,10 +209,6 @@ class BlockDiagonalOperator(LinearOperator):
         return self.blocks[0].device
 
     @property
-    def layout(self) -> VectorLayout | None:
-        return self._layout
-
-    @property
     def symmetric(self) -> bool:  # type: ignore[override]
         return all(b.symmetric for b in self.blocks)
 

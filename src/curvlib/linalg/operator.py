@@ -79,10 +79,10 @@ def _describe(op: Any) -> str:
 class LinearOperator(abc.ABC):
     """A linear map ``[m, n]`` applied matrix-free (module docstring).
 
-    Subclasses define :attr:`shape`, :attr:`dtype`, :attr:`device` and :meth:`_matmat`;
+    Subclasses define :attr:`shape` and :meth:`_matmat`, and either set ``self._dtype`` /
+    ``self._device`` (and ``self._layout`` for list operands) or override the properties;
     optionally :meth:`_rmatmat` (the adjoint; symmetric operators set ``symmetric = True``
-    and get it for free), :attr:`layout` (for list operands) and :meth:`_check_result`
-    (e.g. a finiteness check of the result).
+    and get it for free) and :meth:`_check_result` (e.g. a finiteness check of the result).
 
     Class attributes:
         symmetric: the operator equals its adjoint (curvature matrices, their inverses).
@@ -92,6 +92,7 @@ class LinearOperator(abc.ABC):
 
     symmetric: ClassVar[bool] = False
     dense_warning_size: ClassVar[int] = 4096
+    _layout: VectorLayout | None = None
 
     # -- description -----------------------------------------------------------------
     @property
@@ -100,19 +101,25 @@ class LinearOperator(abc.ABC):
         """``(m, n)``: products map ``[n]`` to ``[m]``."""
 
     @property
-    @abc.abstractmethod
     def dtype(self) -> torch.dtype:
         """The dtype every operand must have."""
+        return self._stored("_dtype")
 
     @property
-    @abc.abstractmethod
     def device(self) -> torch.device:
         """The device every operand must live on."""
+        return self._stored("_device")
 
     @property
     def layout(self) -> VectorLayout | None:
         """How the flat vector maps to a list of tensors (``None``: no list form)."""
-        return None
+        return self._layout
+
+    def _stored(self, name: str) -> Any:
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise NotImplementedError(f"{type(self).__name__} must set self.{name} or override the property") from None
 
     # -- what subclasses implement ---------------------------------------------------------
     @abc.abstractmethod
@@ -168,33 +175,30 @@ class LinearOperator(abc.ABC):
         return Y[:, 0]
 
     # -- public products --------------------------------------------------------------------
+    def _public(self, x: Any, adjoint: bool, matrix: bool, name: str) -> Any:
+        """Check and normalise ``x`` once, apply A (or Aᵀ), restore the operand's form."""
+        caller = f"{type(self).__name__}.{name}"
+        n = self.shape[0] if adjoint else self.shape[1]
+        if matrix and (not isinstance(x, torch.Tensor) or x.ndim != 2):
+            raise ShapeError(f"{caller}: expected a matrix [{n}, k], got {_shape_of(x)}")
+        X, form = self._normalise(x, n, caller)
+        return self._restore(self._product(X, adjoint, caller), form, caller)
+
     def matvec(self, x: Operand) -> Operand:
         """A·x for x ``[n]``, ``[n, k]`` or a list shaped like :attr:`layout` (same form out)."""
-        caller = f"{type(self).__name__}.matvec"
-        X, form = self._normalise(x, self.shape[1], caller)
-        return self._restore(self._product(X, False, caller), form, caller)
+        return self._public(x, False, False, "matvec")
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
         """A·X for ``X [n, k]`` -> ``[m, k]``."""
-        caller = f"{type(self).__name__}.matmat"
-        if not isinstance(X, torch.Tensor) or X.ndim != 2:
-            raise ShapeError(f"{caller}: expected a matrix [{self.shape[1]}, k], got {_shape_of(X)}")
-        X, _ = self._normalise(X, self.shape[1], caller)
-        return self._product(X, False, caller)
+        return self._public(X, False, True, "matmat")
 
     def rmatvec(self, y: Operand) -> Operand:
         """Aᵀ·y for y ``[m]``, ``[m, k]`` or a list (same form out)."""
-        caller = f"{type(self).__name__}.rmatvec"
-        Y, form = self._normalise(y, self.shape[0], caller)
-        return self._restore(self._product(Y, True, caller), form, caller)
+        return self._public(y, True, False, "rmatvec")
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
         """Aᵀ·Y for ``Y [m, k]`` -> ``[n, k]``."""
-        caller = f"{type(self).__name__}.rmatmat"
-        if not isinstance(Y, torch.Tensor) or Y.ndim != 2:
-            raise ShapeError(f"{caller}: expected a matrix [{self.shape[0]}, k], got {_shape_of(Y)}")
-        Y, _ = self._normalise(Y, self.shape[0], caller)
-        return self._product(Y, True, caller)
+        return self._public(Y, True, True, "rmatmat")
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
@@ -491,10 +495,6 @@ class DenseOperator(LinearOperator):
         return self.M.device
 
     @property
-    def layout(self) -> VectorLayout | None:
-        return self._layout
-
-    @property
     def symmetric(self) -> bool:  # type: ignore[override]
         return self._symmetric
 
@@ -526,18 +526,6 @@ class IdentityOperator(LinearOperator):
     def shape(self) -> tuple[int, int]:
         return (self.n, self.n)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def layout(self) -> VectorLayout | None:
-        return self._layout
-
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X.clone()
 
@@ -562,14 +550,6 @@ class PermutationOperator(LinearOperator):
     def shape(self) -> tuple[int, int]:
         n = self.index.numel()
         return (n, n)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X[self.index]

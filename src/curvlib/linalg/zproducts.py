@@ -78,14 +78,6 @@ class ZOperator(LinearOperator):
     def shape(self) -> tuple[int, int]:
         return (self.a_dim**2, self.b_dim**2)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
 
 class DenseZOperator(ZOperator):
     """A :class:`ZOperator` backed by a dense ``[a_dim², b_dim²]`` matrix (reference)."""

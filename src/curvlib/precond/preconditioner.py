@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
-from curvlib.capture.layout import BlocksLayout, LayerBlock, blocks_params, find_layers, unwrap_model
+from curvlib.capture.layout import LayerBlock, OnLayers, find_layers, unwrap_model
 from curvlib.coarse.api import two_level
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.operator import CurvatureOperator
@@ -202,7 +202,7 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
 # --------------------------------------------------------------------------- the preconditioner
 
 
-class Preconditioner(LinearOperator):
+class Preconditioner(OnLayers, LinearOperator):
     """A curvature approximation kept up to date on the T1/T2 schedule and applied to gradients.
 
     Build it with :func:`curvlib.build_preconditioner` (which validates the configuration
@@ -299,46 +299,9 @@ class Preconditioner(LinearOperator):
         return list(self._layers)
 
     @property
-    def p(self) -> int:
-        """Length of the flat curvlib vector."""
-        return self.layers[-1].slice.stop
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The model's dtype: gradients must have it."""
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The model's device: gradients must live on it."""
-        return self._device
-
-    @property
-    def layout(self) -> BlocksLayout:
-        """The list form of gradients and directions: tensors shaped like :meth:`params`."""
-        return BlocksLayout(self.layers)
-
-    @property
     def excluded(self) -> list[str]:
         """Qualified names of the trainable parameters the curvature left out (no adapter)."""
         return list(self._excluded)
-
-    def params(self) -> list[torch.Tensor]:
-        """The preconditioned parameters (weight, then bias, layer by layer): the order of
-        list-shaped gradients and directions."""
-        return blocks_params(self.layers)
-
-    def params_to_vector(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Tensors shaped like :meth:`params` -> the flat curvlib vector ``[p]`` (vec of W̄ = [W, b], columns stacked)."""
-        return self.layout.to_vector(tensors, "Preconditioner")
-
-    def vector_to_params(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """The flat curvlib vector ``[p]`` -> tensors shaped like :meth:`params`."""
-        return self.layout.to_tensors(v, "Preconditioner")
 
     def refresh_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""

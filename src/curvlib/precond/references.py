@@ -63,18 +63,6 @@ class _WoodburyOperator(LinearOperator):
     def shape(self) -> tuple[int, int]:
         return (self._p, self._p)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def layout(self) -> VectorLayout | None:
-        return self._layout
-
     def _matmat(self, U: torch.Tensor) -> torch.Tensor:
         return self.solver.solve(U)
 
