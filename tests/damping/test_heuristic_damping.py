@@ -151,3 +151,21 @@ def test_rejects_bad_options():
     for bad in ({"value": 0.0}, {"value": 1.0, "floor": 0.0}, {"value": 1.0, "floor": -1}, {"value": 1.0, "pi": 2}):
         with pytest.raises(ConfigError):
             HeuristicDamping(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_explicit_inverses_equal_the_eigenbasis_solution(dtype):
+    """The two-GEMM application B_d⁻¹ X A_d⁻¹ equals Q_b[(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)]Q_aᵀ to rounding,
+    on ill-conditioned factors with a dead direction (a zero eigenvalue)."""
+    g = torch.Generator().manual_seed(5)
+    Wa, Wb = torch.randn(40, 7, generator=g, dtype=F64), torch.randn(40, 5, generator=g, dtype=F64)
+    Wa[:, 0] = 0  # a dead input: an exactly zero eigenvalue of A
+    A, B = (Wa.T @ Wa / 40 * torch.logspace(0, -4, 7, dtype=F64)).to(dtype), (Wb.T @ Wb / 40).to(dtype)
+    A, B = 0.5 * (A + A.T), 0.5 * (B + B.T)
+    inv = HeuristicDamping(value=1e-3).invert(KroneckerSum([(A, B)]))
+    e = inv.eigen
+    X = torch.randn(4, 5, 7, generator=g, dtype=F64).to(dtype)
+    eigenbasis = e.evec_b @ ((e.evec_b.T @ X @ e.evec_a) / (e.eval_b[:, None] * e.eval_a[None, :])) @ e.evec_a.T
+    eps = torch.finfo(dtype).eps
+    kappa = float((e.eval_a.max() * e.eval_b.max()) / (e.eval_a.min() * e.eval_b.min()))
+    assert_close(inv.solve(X), eigenbasis, rtol=50 * eps * kappa, atol=50 * eps * kappa * float(eigenbasis.abs().max()))

@@ -111,7 +111,13 @@ def _shifts(lam: float, pi: float) -> tuple[float, float]:
 
 
 class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
-    """[(A + π√λI) ⊗ (B + π⁻¹√λI)]⁻¹, exact, from eigendecompositions of the damped factors.
+    """[(A + π√λI) ⊗ (B + π⁻¹√λI)]⁻¹, exact, applied with two GEMMs: Y = B_d⁻¹ X A_d⁻¹.
+
+    At the inversion (once per T2) the damped factors are eigendecomposed, their eigenvalues
+    clamped at the shift (the rule below), and the explicit inverses A_d⁻¹ = Q_a diag(1/e_a) Q_aᵀ,
+    B_d⁻¹ = Q_b diag(1/e_b) Q_bᵀ formed; since the joint eigenvalues e_b,i·e_a,j factorise,
+    B_d⁻¹ X A_d⁻¹ = Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ exactly — the same inverse as the
+    eigenbasis form at half its per-step cost (two GEMMs instead of four and a division).
 
     Args:
         A: ``[d_a, d_a]`` symmetric PSD (sign-normalized).
@@ -134,6 +140,9 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
         n_clamped = _count_below(e_a, shift_a) + _count_below(e_b, shift_b)
         self._e_a, self._Q_a = e_a.clamp_min(shift_a), Q_a
         self._e_b, self._Q_b = e_b.clamp_min(shift_b), Q_b
+        # explicit inverses (A_d⁻¹ is symmetric, so X A_d⁻¹ = X A_d⁻ᵀ: (A⊗B) vec X = vec(B X Aᵀ))
+        self._A_inv = (Q_a / self._e_a) @ Q_a.T
+        self._B_inv = (Q_b / self._e_b) @ Q_b.T
         self.pi = float(pi)
         self._damped_factors = (Ad, Bd)
         self._eigen = KroneckerEigen(eval_a=self._e_a, evec_a=Q_a, eval_b=self._e_b, evec_b=Q_b)
@@ -154,10 +163,7 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
         return self._eigen
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
-        Q_a, Q_b = self._Q_a, self._Q_b
-        Y = Q_b.T @ X @ Q_a
-        Y = Y / (self._e_b[:, None] * self._e_a[None, :])
-        return Q_b @ Y @ Q_a.T
+        return self._B_inv @ X @ self._A_inv
 
 
 def _count_below(e: torch.Tensor, shift: float) -> int:

@@ -38,8 +38,13 @@ gradient and are not updated.
 
 Non-finite gradients (NaN or ±inf in any ``.grad`` of the groups) skip the step: the
 parameters, the optimizer state and the preconditioner state (counters, generator) are
-left untouched and a :class:`~curvlib.errors.NumericalWarning` is emitted.  This check is
-the step's one host synchronisation (like ``torch.amp.GradScaler``'s).
+left untouched and a :class:`~curvlib.errors.NumericalWarning` is emitted.  A step has one
+host synchronisation for it (like ``torch.amp.GradScaler``'s): at a refresh step the gradients
+are checked before the curvature sees the batch; at any other step the preconditioned
+direction and the fallback parameters' gradients are checked together after the (layer by
+layer, asynchronous) application — a non-finite gradient makes the direction non-finite, so
+the same steps are skipped, and a finite gradient with a non-finite direction raises
+:class:`~curvlib.errors.NumericalError` naming the layer.
 
 Adaptive damping: when the damping is ``adaptive`` (``levenberg_marquardt``), after every refresh step the loss on ``batch`` is evaluated at
 the new parameters (one forward pass, buffers restored) and
@@ -203,7 +208,7 @@ class NaturalGradient(torch.optim.Optimizer):
         flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not flags:
             return True
-        return bool(torch.stack(flags).all())  # the step's one host synchronisation
+        return bool(torch.stack(flags).all())  # a host synchronisation (module docstring)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
@@ -233,20 +238,13 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"{pre.config.update_every}; the first step always refreshes) and needs the batch: call "
                 "opt.step(batch=(X, y)) with the batch the loss was computed on"
             )
-        if not self._grads_finite():
-            warnings.warn(
-                f"NaturalGradient.step: non-finite gradients at step {k}; the step is skipped (parameters, "
-                "optimizer state and preconditioner state unchanged)",
-                NumericalWarning,
-                stacklevel=2,
-            )
-            self._counts["skipped_steps"] += 1
-            self._publish({"step": k, "refreshed": False, "inverted": False, "skipped": True})
-            return loss
-        info = pre.update(batch, step=k)
-        self.last_update = info
-        self.last_kl_scale = None
-        self.last_reduction_ratio = None
+        refresh = pre.refresh_due(k)
+        # the step's one host synchronisation: at refresh steps the gradients are checked before
+        # the curvature sees the batch; at other steps the direction and the fallback gradients are
+        # checked together after the (asynchronous) application
+        if refresh and not self._grads_finite():
+            return self._skip(k, loss)
+        info = pre.update(batch, step=k) if refresh else None
 
         group_of = self._group_of()
         pparams = pre.params()
@@ -261,7 +259,20 @@ class NaturalGradient(torch.optim.Optimizer):
             if group["weight_decay"] != 0:
                 g = g.add(p, alpha=group["weight_decay"])
             grads.append(g)
-        directions = pre.apply(grads)
+        if refresh:
+            directions = pre.apply(grads)
+        else:
+            directions = pre.apply(grads, check_finite=False)
+            fallback = [p.grad for g in self.param_groups for p in g["params"] if id(p) not in index and p.grad is not None]
+            flags = [torch.isfinite(t).all() for t in (*directions, *fallback)]
+            if not bool(torch.stack(flags).all()):
+                if not self._grads_finite():
+                    return self._skip(k, loss)
+                pre.apply(grads)  # finite gradients, non-finite direction: raises NumericalError naming the layer
+            info = pre.update(batch, step=k)
+        self.last_update = info
+        self.last_kl_scale = None
+        self.last_reduction_ratio = None
         if self.kl_clip is not None:
             nu = self._kl_scale(pre, directions, grads)
             directions = [d * nu for d in directions]
@@ -293,6 +304,17 @@ class NaturalGradient(torch.optim.Optimizer):
         if deltas is not None:
             self._adapt_damping(batch, deltas)
         self._publish(self._step_metrics(info))
+        return loss
+
+    def _skip(self, k: int, loss: Any) -> Any:
+        warnings.warn(
+            f"NaturalGradient.step: non-finite gradients at step {k}; the step is skipped (parameters, "
+            "optimizer state and preconditioner state unchanged)",
+            NumericalWarning,
+            stacklevel=3,
+        )
+        self._counts["skipped_steps"] += 1
+        self._publish({"step": k, "refreshed": False, "inverted": False, "skipped": True})
         return loss
 
     def _step_metrics(self, info: UpdateInfo) -> dict[str, Any]:
