@@ -442,3 +442,22 @@ def test_batches_calling_different_layers(registry):
         F = curvature("ggn", model, nn.CrossEntropyLoss(), data=split(X, y), registry=registry)
     with pytest.raises(ShapeError, match=r"batch 1 calls the layer blocks \['body', 'small'\].*\['body', 'large'\]"):
         F @ torch.randn(F.p, dtype=DT)
+
+
+def test_products_skip_the_probe_and_the_gradient_of_each_batch(registry, monkeypatch):
+    """The probe and ∇L run for the first batch at construction; a product captures each batch
+    for its statistics only (two backward passes per batch fewer), with the same result."""
+    import curvlib.curvatures.kinds as kinds
+
+    F, big, *_ = case("mlp-ce-mean", registry, "ggn")
+    calls = {"probe": 0, "gradient": 0}
+    real_probe, real_grad = kinds.check_samples_independent, kinds._loss_gradient
+    monkeypatch.setattr(kinds, "check_samples_independent",
+                        lambda *a, **k: (calls.__setitem__("probe", calls["probe"] + 1), real_probe(*a, **k))[1])
+    monkeypatch.setattr(kinds, "_loss_gradient",
+                        lambda *a, **k: (calls.__setitem__("gradient", calls["gradient"] + 1), real_grad(*a, **k))[1])
+    v = torch.randn(F.p, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    close(F @ v, big @ v, "ggn product")
+    assert calls == {"probe": 0, "gradient": 0}
+    with pytest.raises(NoStatisticsError, match="products only"):
+        next(F._operators("check"))[0].gradient_vector()

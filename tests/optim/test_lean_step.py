@@ -91,3 +91,22 @@ def test_a_plain_step_checks_once_and_skips_non_finite_gradients(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert opt.preconditioner.step == 2 and opt.metrics["skipped"]
     assert opt.metrics["counts"]["skipped_steps"] == 2
+
+
+def test_the_per_sample_probe_runs_again_only_when_the_model_or_batch_shapes_change(monkeypatch):
+    import curvlib.curvatures.kinds as kinds
+
+    model, loss_fn, X, y, opt = _setup(T1=1)
+    calls = []
+    real = kinds.check_samples_independent
+    monkeypatch.setattr(kinds, "check_samples_independent", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for Xb, yb in ((X, y), (X, y), (X[:8], y[:8]), (X[:8], y[:8])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _backward(model, loss_fn, Xb, yb, opt)
+            opt.step(batch=(Xb, yb))
+    assert len(calls) == 2  # the first refresh, and the first with a new batch shape
+    model.eval()
+    _backward(model, loss_fn, X, y, opt)
+    opt.step(batch=(X, y))
+    assert len(calls) == 3  # a module changed mode

@@ -46,7 +46,7 @@ from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWar
 from curvlib.capture.layout import LayerBlock, OnLayers
 from curvlib.curvatures.batches import BatchFn, as_pair, split_batch
 from curvlib.curvatures.factors import WEIGHT_SHARING, WeightSharing, kfac_factors
-from curvlib.curvatures.kinds import capture_batch
+from curvlib.curvatures.kinds import BuiltinCurvature, capture_batch
 from curvlib.curvatures.losses import loss_model_for
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, NoStatisticsError, PerSampleMean
 from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError, UnsupportedLossError
@@ -184,7 +184,11 @@ class DataCurvatureOperator(OnLayers, PerSampleMean):
             with warnings.catch_warnings():  # announced once, when the first batch was captured
                 warnings.simplefilter("ignore", ExcludedParametersWarning)
                 warnings.simplefilter("ignore", BatchCouplingWarning)
-                op = self._factory.build(self.model, self.loss_fn, pair, generator=self._generator, registry=self._registry)
+                # curvlib's own kinds skip the probe and ∇L of batches after the first (verified at
+                # construction, and products need neither); a plugin's kind builds its usual way
+                extra = {"verify": False, "gradient": False} if isinstance(self._factory, BuiltinCurvature) else {}
+                op = self._factory.build(self.model, self.loss_fn, pair, generator=self._generator,
+                                         registry=self._registry, **extra)
             got = _signature(op.layers)
             if got != self._signature:
                 raise ShapeError(

@@ -92,7 +92,7 @@ class CapturedBatch:
         output: the network output f ``[m, *out]`` (in the graph).
         uses: per block, the recorded uses of each of its adapters (primary first), in call order.
         loss: L as the user's loss module computes it (detached).
-        gradient: ∇_{W̄_i} L, ``[g_dim, a_dim]`` per block.
+        gradient: ∇_{W̄_i} L, ``[g_dim, a_dim]`` per block (``None`` for a product-only capture).
         kwargs: the model's keyword inputs (``model(*inputs, **kwargs)``; empty unless the
             batch's X is a mapping, see :mod:`curvlib.curvatures.batches`).
     """
@@ -104,7 +104,7 @@ class CapturedBatch:
     output: torch.Tensor
     uses: list[list[list[UseCapture]]]
     loss: torch.Tensor
-    gradient: list[torch.Tensor]
+    gradient: list[torch.Tensor] | None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -125,7 +125,8 @@ class CapturedBatch:
         return out
 
 
-def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any) -> CapturedBatch:
+def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any, *,
+                  verify: bool = True, gradient: bool = True) -> CapturedBatch:
     """Discover the layer blocks, run one hooked forward pass, check the loss and that every
     layer's statistics are per sample (:func:`~curvlib.capture.hooks.check_samples_independent`,
     one backward pass; skipped when BatchNorm in training mode couples the samples anyway),
@@ -134,6 +135,10 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
 
     Warns (:class:`~curvlib.capture.adapters.ExcludedParametersWarning`) about excluded
     parameters, including those of adapted modules the forward never called.
+
+    ``verify=False`` skips the per-sample probe (one backward pass), for a caller that
+    verified the same model and batch shapes before; ``gradient=False`` skips ∇L (one
+    backward pass; ``gradient`` is then ``None``), for a caller that needs only products.
     """
     candidates, excluded = find_layers(model, registry)
     warn_batch_coupling(model, stacklevel=4)
@@ -157,7 +162,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         if m is not None and output.ndim > 0 and output.shape[0] != m:
             raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the batch {m} samples")
         loss_model.check(output, target)
-        if not batch_coupled_modules(model):  # BatchNorm in training mode mixes samples by design (warned above)
+        if verify and not batch_coupled_modules(model):  # BatchNorm in training mode mixes samples (warned)
             check_samples_independent(output, record)
         called = [c for c in candidates if any(record.uses[index[id(ad)]] for ad in c.adapters)]
         for c in candidates:
@@ -168,14 +173,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         layers = LayerBlock.build(called)
         uses = [[record.uses[index[id(ad)]] for ad in L.adapters] for L in layers]
         loss = loss_model.loss_fn(output, target)
-        params = blocks_params(layers)
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-        where = {id(p): k for k, p in enumerate(params)}
-        gradient = [
-            L.adapter.params_to_matrix(L.adapter.pieces([grads[where[id(p)]] for p in L.adapter.params()]))
-            for L in layers
-        ]
+        grad = _loss_gradient(loss, layers) if gradient else None
     warn_excluded(excluded, stacklevel=4)
     return CapturedBatch(
         layers=layers,
@@ -185,9 +183,19 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         output=output,
         uses=uses,
         loss=loss.detach(),
-        gradient=gradient,
+        gradient=grad,
         kwargs=dict(split.kwargs),
     )
+
+
+def _loss_gradient(loss: torch.Tensor, layers: list[LayerBlock]) -> list[torch.Tensor]:
+    """∇_{W̄_i} L ``[g_dim, a_dim]`` of every block (one backward pass, graph retained)."""
+    params = blocks_params(layers)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+    where = {id(p): k for k, p in enumerate(params)}
+    return [L.adapter.params_to_matrix(L.adapter.pieces([grads[where[id(p)]] for p in L.adapter.params()]))
+            for L in layers]
 
 
 def _exclude_uncalled(c: BlockCandidate, excluded: dict[str, str]) -> None:
@@ -204,7 +212,12 @@ def _default_generator() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _StatisticsCurvature:
+class BuiltinCurvature:
+    """The built-in kinds' factories: ``build`` also accepts ``verify`` and ``gradient`` (see
+    :func:`capture_batch`), which curvlib's own callers pass for repeated captures."""
+
+
+class _StatisticsCurvature(BuiltinCurvature):
     """Common build path of the kinds defined by back-propagated columns."""
 
     kind = ""
@@ -226,6 +239,8 @@ class _StatisticsCurvature:
         *,
         generator: torch.Generator | None = None,
         registry: Any = None,
+        verify: bool = True,
+        gradient: bool = True,
     ) -> CurvatureOperator:
         """Capture ``batch`` and return the :class:`CurvatureOperator` of this kind.
 
@@ -238,7 +253,7 @@ class _StatisticsCurvature:
         """
         registry = _registry(registry)
         loss_model = loss_model_for(loss_fn)
-        cap = capture_batch(model, loss_model, batch, registry)
+        cap = capture_batch(model, loss_model, batch, registry, verify=verify, gradient=gradient)
         columns, scale, samples = self._columns(loss_model, cap, generator)
         flat = [u for per_adapter in cap.uses for u in per_adapter]
         g = backpropagate_columns(cap.output, flat, columns.count, columns.get)
@@ -297,7 +312,7 @@ class GGNCurvature(_StatisticsCurvature):
         return loss_model.ggn_columns(cap.output), 1.0 / cap.num_samples, None
 
 
-class HessianCurvature:
+class HessianCurvature(BuiltinCurvature):
     """``hessian``: exact products with ∇²_θ (1/m) Σ_b ℓ_b by double back-propagation
     (see :class:`HessianOperator`); re-runs the model for every product call."""
 
@@ -315,11 +330,13 @@ class HessianCurvature:
         *,
         generator: torch.Generator | None = None,
         registry: Any = None,
+        verify: bool = True,
+        gradient: bool = True,
     ) -> HessianOperator:
         """Capture ``batch`` once (layers, loss checks, gradient) and return the :class:`HessianOperator`."""
         registry = _registry(registry)
         loss_model = loss_model_for(loss_fn)
-        cap = capture_batch(model, loss_model, batch, registry)
+        cap = capture_batch(model, loss_model, batch, registry, verify=verify, gradient=gradient)
         return HessianOperator(
             cap.layers,
             list(cap.excluded),
@@ -330,7 +347,7 @@ class HessianCurvature:
             target=cap.target,
             num_samples=cap.num_samples,
             loss=cap.loss,
-            gradient=[g.detach() for g in cap.gradient],
+            gradient=None if cap.gradient is None else [g.detach() for g in cap.gradient],
         )
 
 

@@ -133,7 +133,7 @@ class _BlockOperator(OnLayers, PerSampleMean):
         *,
         num_samples: int,
         loss: torch.Tensor,
-        gradient: Sequence[torch.Tensor],
+        gradient: Sequence[torch.Tensor] | None,
     ) -> None:
         self.layers: list[LayerBlock] = list(layers)
         self.excluded: list[str] = list(excluded)
@@ -142,10 +142,12 @@ class _BlockOperator(OnLayers, PerSampleMean):
         self._device: torch.device = w.device
         self.num_samples = int(num_samples)
         self.loss = loss
-        self._gradient = list(gradient)
+        self._gradient = None if gradient is None else list(gradient)
 
     def gradient_vector(self) -> torch.Tensor:
         """∇_θ L of the captured batch (the user's loss and reduction) in curvlib order ``[p]``."""
+        if self._gradient is None:
+            raise NoStatisticsError(f"{type(self).__name__}: captured for products only, without the loss gradient")
         return torch.cat([G.T.reshape(-1) for G in self._gradient])
 
     def _as_columns(self, v: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, bool]:
@@ -215,7 +217,7 @@ class CurvatureOperator(_BlockOperator):
         *,
         kind: str,
         loss: torch.Tensor,
-        gradient: Sequence[torch.Tensor],
+        gradient: Sequence[torch.Tensor] | None,
         sampled_targets: torch.Tensor | None = None,
     ) -> None:
         stats = list(statistics)
@@ -353,7 +355,7 @@ class HessianOperator(_BlockOperator):
         target: torch.Tensor,
         num_samples: int,
         loss: torch.Tensor,
-        gradient: Sequence[torch.Tensor],
+        gradient: Sequence[torch.Tensor] | None,
         input_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(layers, excluded, num_samples=num_samples, loss=loss, gradient=gradient)

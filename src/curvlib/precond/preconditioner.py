@@ -50,7 +50,8 @@ from torch import nn
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
 from curvlib.capture.layout import LayerBlock, OnLayers, find_layers, unwrap_model
 from curvlib.coarse.api import two_level
-from curvlib.curvatures.api import curvature
+from curvlib.curvatures.batches import split_batch
+from curvlib.curvatures.kinds import BuiltinCurvature
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
@@ -260,6 +261,8 @@ class Preconditioner(OnLayers, LinearOperator):
             raise ConfigError(f"damping kind {resolved.damping.kind!r} built a {type(self.damping).__name__}, "
                               "expected a curvlib Damping")
         self._curvature_kind = {"kind": resolved.curvature.kind, **resolved.curvature.data}
+        self._curvature_factory = resolved.curvature.spec.factory(resolved.curvature.options)
+        self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
         self._reset()
 
@@ -364,11 +367,19 @@ class Preconditioner(OnLayers, LinearOperator):
 
     def _refresh(self, batch: Any, k: int) -> bool:
         """Capture and refit; returns whether the set of layers changed (a new layout)."""
+        # the per-sample probe (one backward pass) runs again only when the model's modes or the
+        # batch shapes changed since it last passed (curvlib's own kinds; a plugin's kind builds as usual)
+        key = (tuple(mod.training for mod in self.model.modules()),
+               tuple(tuple(t.shape) for t in split_batch(batch).tensors()))
+        factory = self._curvature_factory
+        extra = {"verify": False} if isinstance(factory, BuiltinCurvature) and key == self._verified else {}
         with preserved_buffers(self.model), torch.enable_grad():
-            F = curvature(
-                self._curvature_kind, self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry
-            )
+            F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry, **extra)
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
+        if changed and extra:  # another set of layers than the verified one: verify it
+            with preserved_buffers(self.model), torch.enable_grad():
+                F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry)
+        self._verified = key
         if changed:
             # a different set of layers (a module skipped by this forward): EMA and warm
             # starts cannot continue, and the inverse is rebuilt at once
