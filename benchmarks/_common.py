@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["median_time"]
+__all__ = ["interleaved", "median_time"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -21,3 +21,20 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, reference: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Time the callables interleaved (A B C A B C …, ``rounds`` rounds, after one untimed call
+    of each) and return, per name, the median over rounds of its time **divided by the
+    reference's time in the same round**, and its median time in seconds.  A machine that
+    slows down for a while slows every callable of those rounds alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ratios = {name: statistics.median(t / r for t, r in zip(ts, times[reference])) for name, ts in times.items()}
+    return ratios, {name: statistics.median(ts) for name, ts in times.items()}

@@ -7,8 +7,10 @@ Problem: the thesis's MNIST auto-encoder (appendix 3.D, problem 1),
 (``curvlib.bench.PROBLEMS["mnist_autoencoder"](small=False)``).
 
 Part 1 — curvlib's natural-gradient steps. For each method three kinds of step are timed
-(median of ``--repeats`` after one untimed step), each with the optimizer's whole
-``zero_grad`` / forward / backward / ``step(batch=...)``:
+**interleaved** with SGD and Adam (one step of each per round, ``--repeats`` rounds (at least
+5) after one untimed step each; every ratio is the median over rounds of the step's time
+divided by that round's SGD step), each with the optimizer's whole ``zero_grad`` / forward /
+backward / ``step(batch=...)``:
 
 * ``plain``: no curvature work (the preconditioner applied to the gradient);
 * ``refresh``: the curvature captured on the batch and the approximation refitted (T1);
@@ -81,7 +83,7 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.bench.training_step import build_training_step
 from curvlib.plugins import load_registry
 
-from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
+from _common import interleaved, median_time  # benchmarks/_common.py (this folder is on sys.path)
 
 METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac+residual", "block_ng", "exact_ng")
 NEVER = 10**9  # a T1/T2 no run reaches: "never refresh / never invert again"
@@ -101,36 +103,52 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- part 1
 
 
-def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repeats: int) -> float:
-    """Median time of the steps of ``method_name`` under schedule (T1, T2), from the second step on."""
+def stepper_for(problem, method_name: str, registry, X, Y, T1: int, T2: int):
+    """One step of ``method_name`` under schedule (T1, T2), as a callable (a fresh model each)."""
     method = resolve_method(method_name, registry)
     model = problem.model_fn(0)
     hp = method.default_hyperparameters(lr=1e-6, update_every=T1, invert_every=T2, kl_clip=0) \
         if method.is_natural_gradient else method.default_hyperparameters(lr=1e-6)
     stepper = build_training_step(method, model, problem.loss_fn, hp,
                                   generator=torch.Generator().manual_seed(1), registry=registry)
-    return median_time(lambda: stepper.step(X, Y), repeats)
+    return lambda: stepper.step(X, Y)
+
+
+def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repeats: int) -> float:
+    """Median time of the steps of ``method_name`` under schedule (T1, T2), from the second step on."""
+    return median_time(stepper_for(problem, method_name, registry, X, Y, T1, T2), repeats)
 
 
 def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int) -> tuple[float, list[list[str]]]:
-    sgd = step_timer(problem, "sgd", registry, X, Y, 1, 1, max(repeats, 5))
-    adam = step_timer(problem, "adam", registry, X, Y, 1, 1, max(repeats, 5))
-    rows = [["sgd", "1.00", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
-            ["adam", fmt_ratio(adam / sgd), "-", "-", fmt_ratio(adam / sgd), fmt_ratio(adam / sgd), f"{adam * 1e3:.1f}"]]
+    """Every step kind of every method timed interleaved with SGD (one step of each per round;
+    each ratio is the median over rounds of time / that round's SGD step)."""
+    fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1),
+           "adam": stepper_for(problem, "adam", registry, X, Y, 1, 1)}
+    failed = {}
     for name in methods:
         try:
-            plain = step_timer(problem, name, registry, X, Y, NEVER, NEVER, repeats)
-            refresh = step_timer(problem, name, registry, X, Y, 1, NEVER, repeats)
-            full = step_timer(problem, name, registry, X, Y, 1, 1, repeats)
+            fns[(name, "plain")] = stepper_for(problem, name, registry, X, Y, NEVER, NEVER)
+            fns[(name, "refresh")] = stepper_for(problem, name, registry, X, Y, 1, NEVER)
+            fns[(name, "full")] = stepper_for(problem, name, registry, X, Y, 1, 1)
         except Exception as exc:  # report and go on: one method must not hide the others
+            failed[name] = exc
+    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
+    sgd = seconds["sgd"]
+    rows = [["sgd", "1.00", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
+            ["adam", fmt_ratio(ratio["adam"]), "-", "-", fmt_ratio(ratio["adam"]), fmt_ratio(ratio["adam"]),
+             f"{seconds['adam'] * 1e3:.1f}"]]
+    for name in methods:
+        if name in failed:
+            exc = failed[name]
             print(f"  {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append([name, "error", "", "", "", "", type(exc).__name__])
             continue
+        plain, refresh, full = (ratio[(name, k)] for k in ("plain", "refresh", "full"))
         amortized = ((T2 - T2 // T1) * plain + (T2 // T1 - 1) * refresh + full) / T2
-        rows.append([name, fmt_ratio(plain / sgd), fmt_ratio(refresh / sgd), fmt_ratio(full / sgd),
-                     fmt_ratio(amortized / sgd), fmt_ratio(full / sgd), f"{amortized * 1e3:.1f}"])
-        print(f"  {name}: plain {plain * 1e3:.1f} ms, refresh {refresh * 1e3:.1f} ms, "
-              f"refresh+invert {full * 1e3:.1f} ms", flush=True)
+        rows.append([name, fmt_ratio(plain), fmt_ratio(refresh), fmt_ratio(full), fmt_ratio(amortized),
+                     fmt_ratio(full), f"{amortized * sgd * 1e3:.1f}"])
+        print(f"  {name}: plain {seconds[(name, 'plain')] * 1e3:.1f} ms, refresh {seconds[(name, 'refresh')] * 1e3:.1f} ms, "
+              f"refresh+invert {seconds[(name, 'full')] * 1e3:.1f} ms", flush=True)
     return sgd, rows
 
 
