@@ -75,14 +75,17 @@ class KFACApproximator(BlockApproximator, FactorFitted):
         """The fit from factors computed elsewhere (e.g. over a data set by
         :func:`~curvlib.curvatures.data.kfac_factors_over`), with the EMA of :meth:`fit`."""
         terms = [(A, G) for A, G in terms]
-        bad = sum(int((~torch.isfinite(M)).sum()) for A, G in terms for M in (A, G))
-        if bad:
-            return self._fallback(f"non-finite KFAC factors ({bad} entries)", previous)
         A0, G0 = terms[0]
         self._check_previous_fits(previous, A0.shape[0], G0.shape[0], A0.dtype, A0.device, "the factors")
         return self._fit_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
 
     def _fit_terms(self, terms: list[Term], k: int, previous: LayerFit | None) -> LayerFit:
+        # finite statistics can still overflow in the factor GEMMs (inputs × 1e20): such factors
+        # must never enter the EMA, or every later fit and inversion inherits them
+        bad = int(sum((~torch.isfinite(M)).sum() for A, G in terms for M in (A, G)))
+        if bad:
+            return self._fallback(f"non-finite KFAC factors ({bad} entries; finite statistics that overflowed)",
+                                  previous, stacklevel=4)
         rho = ema_rho(k, self.options.ema)
         if rho > 0:
             if len(previous.terms) != len(terms):
