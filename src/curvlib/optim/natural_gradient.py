@@ -416,13 +416,35 @@ class NaturalGradient(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; resuming gives bit-identical steps on CPU."""
+        """Inverse of :meth:`state_dict`; resuming gives bit-identical steps on CPU.
+
+        Atomic: the buffers' shapes are checked against the parameters first, and when any
+        part does not load, the optimizer and its preconditioner are left as they were.
+
+        Raises:
+            ConfigError: no ``"preconditioner"`` entry, a buffer shaped unlike its parameter, or
+                a state that does not load (see :meth:`Preconditioner.load_state_dict`).
+        """
+        caller = "NaturalGradient.load_state_dict"
         state = dict(state_dict)
         pre_state = state.pop("preconditioner", None)
         if pre_state is None:
-            raise ConfigError("NaturalGradient.load_state_dict: the state has no 'preconditioner' entry")
-        super().load_state_dict(state)
-        self.preconditioner.load_state_dict(pre_state)
+            raise ConfigError(f"{caller}: the state has no 'preconditioner' entry")
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, buffers in dict(state.get("state", {})).items():
+            p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
+            for name, t in dict(buffers).items():
+                if p is not None and isinstance(t, torch.Tensor) and t.ndim and t.shape != p.shape:
+                    raise ConfigError(f"{caller}: buffer {name!r} of parameter {key} is {list(t.shape)}, the parameter "
+                                      f"{list(p.shape)}")
+        before, pre_before = super().state_dict(), self.preconditioner.state_dict()
+        self.preconditioner.load_state_dict(pre_state)  # atomic itself
+        try:
+            super().load_state_dict(state)
+        except Exception as exc:
+            super().load_state_dict(before)
+            self.preconditioner.load_state_dict(pre_before)
+            raise ConfigError(f"{caller}: the optimizer state does not load ({type(exc).__name__}: {exc})") from exc
 
 
 def _add_scaled(p: torch.Tensor, d: torch.Tensor, lr: float | torch.Tensor) -> None:

@@ -585,11 +585,31 @@ class Preconditioner(OnLayers, LinearOperator):
         The next :meth:`update`/:meth:`apply` calls then give bit-identical results to those
         of the preconditioner that was saved (on the same device and torch build).
 
+        The load is atomic: when anything in the state does not fit, the preconditioner
+        (counters, generator, damping, factors, inverse) is left exactly as it was.
+
         Raises:
             ConfigError: the state is of another version, preconditioner type or approximator
-                kind, or names layers the model does not have.
+                kind, names layers the model does not have or factors of other shapes, has a
+                negative step or a corrupt generator state, or does not load for another reason.
         """
         caller = "Preconditioner.load_state_dict"
+        saved = dict(self.__dict__)
+        generator_state = self.generator.get_state()
+        damping_state = copy.deepcopy(self.damping.state_dict())
+        try:
+            self._load(state, caller)
+        except Exception as exc:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            self.generator.set_state(generator_state)
+            self.damping.load_state_dict(damping_state)
+            if isinstance(exc, CurvlibError):
+                raise
+            raise ConfigError(f"{caller}: the state does not load ({type(exc).__name__}: {exc}); "
+                              "the preconditioner is unchanged") from exc
+
+    def _load(self, state: Mapping[str, Any], caller: str) -> None:
         if not isinstance(state, Mapping):
             raise ConfigError(f"{caller}: expected a mapping, got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
@@ -597,15 +617,30 @@ class Preconditioner(OnLayers, LinearOperator):
         for key, mine in (("preconditioner", self.config.preconditioner), ("approximator", self.resolved.approximator.kind)):
             if state.get(key) != mine:
                 raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"{caller}: expected a step ≥ 0, got {step!r}")
         self._reset()
 
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"{caller}: the generator state does not fit this generator ({exc})") from None
         layers = None if state["layers"] is None else self._layout(state["layers"], caller)
         self._layers = layers
         self._excluded = list(state["excluded"])
         self.approximation = (
             None if state["approximation"] is None else BlockDiagonalApproximation.from_state_dict(state["approximation"])
         )
+        for approx in (self.approximation,):
+            if approx is not None and layers is not None:
+                for i, fit in zip(approx.layer_indices, approx.fits):
+                    L = layers[i]
+                    if (fit.a_dim, fit.b_dim) != (L.a_dim, L.g_dim):
+                        raise ConfigError(
+                            f"{caller}: the state's factors of layer {L.name!r} are (d_a, d_g) = {(fit.a_dim, fit.b_dim)}, "
+                            f"the model's layer has {(L.a_dim, L.g_dim)}"
+                        )
         if state["inverted_is_latest"]:
             self._inverted_approximation = self.approximation
         elif state["inverted_approximation"] is not None:
