@@ -79,3 +79,14 @@ def test_a_good_state_still_round_trips():
     again, _, _ = _trained(steps=1, seed=3)
     again.load_state_dict(opt.state_dict())
     _same(_fingerprint(opt, X), _fingerprint(again, X))
+
+
+def test_a_one_level_state_into_a_two_level_preconditioner_is_refused():
+    one, _, X = _trained()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    two = NaturalGradient(model, nn.CrossEntropyLoss(),
+                          {"curvature": {"kind": "ggn"}, "coarse_space": {"kind": "nicolaides"}}, lr=0.1)
+    with pytest.raises(ConfigError, match="coarse space needs the captured curvature"):
+        two.load_state_dict(one.state_dict())
+    assert not two.preconditioner.is_ready

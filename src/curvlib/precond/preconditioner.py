@@ -620,6 +620,9 @@ class Preconditioner(OnLayers, LinearOperator):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"{caller}: expected a step ≥ 0, got {step!r}")
+        if self._needs_latest_curvature() and state.get("layers") is not None and state.get("curvature") is None:
+            raise ConfigError(f"{caller}: this preconditioner's coarse space needs the captured curvature, and the state "
+                              "has none (it was saved by a preconditioner without a coarse space?)")
         self._reset()
 
         try:
