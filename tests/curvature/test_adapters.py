@@ -10,7 +10,7 @@ from torch import nn
 import curvature_reference as ref
 from curvlib.capture.adapters import Conv2dAdapter, ConvTranspose2dAdapter, LinearAdapter
 from curvlib.curvatures.api import curvature
-from curvlib.errors import ShapeError, UnsupportedLayerError
+from curvlib.errors import ShapeError
 from curvlib.plugins import load_registry
 from curvlib.testing import assert_close
 

@@ -24,7 +24,6 @@ import inspect
 import math
 import warnings
 
-import pytest
 import torch
 from torch import nn
 

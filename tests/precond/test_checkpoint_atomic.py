@@ -4,7 +4,6 @@ and leaves the optimizer and its preconditioner exactly as they were."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

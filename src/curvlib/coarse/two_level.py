@@ -50,9 +50,10 @@ from typing import Any, Literal
 
 import torch
 
-from curvlib.coarse.base import CoarseContext, CoarseSpace
+from curvlib.coarse.base import CoarseContext, CoarseSpace, _OnCurvature
 from curvlib.coarse.basis import CoarseBasis, Partition
 from curvlib.coarse.coarse_operator import _EquilibratedPinv, exact_coarse_operator, tko_coarse_operator
+from curvlib.config import positive_damping
 from curvlib.curvatures.operator import NoStatisticsError
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
 from curvlib.linalg import LinearOperator, VectorLayout
@@ -129,7 +130,7 @@ class TwoLevelSolution:
 
 
 # --------------------------------------------------------------------------- preconditioner
-class TwoLevelPreconditioner(LinearOperator):
+class TwoLevelPreconditioner(_OnCurvature, LinearOperator):
     """ζ_2L ≈ F•⁻¹u: a first level plus a coarse correction (thesis §4.2).
 
     Args:
@@ -169,12 +170,7 @@ class TwoLevelPreconditioner(LinearOperator):
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"two_level: mode must be one of {', '.join(MODES)}; got {mode!r}")
-        try:
-            lam = float(damping)
-        except (TypeError, ValueError):
-            raise ConfigError(f"two_level: damping must be a number > 0, got {damping!r}") from None
-        if not (math.isfinite(lam) and lam > 0):
-            raise ConfigError(f"two_level: damping λ must be finite and > 0, got {damping!r}")
+        lam = positive_damping(damping, "two_level")
         if not isinstance(coarse_space, CoarseSpace):
             raise ConfigError(f"two_level: coarse_space must be a CoarseSpace, got {type(coarse_space).__name__}")
         if tko_diagonal not in ("heuristic", "tikhonov"):
@@ -227,14 +223,6 @@ class TwoLevelPreconditioner(LinearOperator):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.p, self.p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.curvature.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.curvature.device
 
     @property
     def layout(self) -> VectorLayout | None:

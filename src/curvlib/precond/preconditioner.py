@@ -260,7 +260,6 @@ class Preconditioner(OnLayers, LinearOperator):
         if not isinstance(self.damping, Damping):
             raise ConfigError(f"damping kind {resolved.damping.kind!r} built a {type(self.damping).__name__}, "
                               "expected a curvlib Damping")
-        self._curvature_kind = {"kind": resolved.curvature.kind, **resolved.curvature.data}
         self._curvature_factory = resolved.curvature.spec.factory(resolved.curvature.options)
         self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}

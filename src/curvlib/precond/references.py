@@ -22,11 +22,11 @@ O(n²) (ℓ·n² for the block version).  Affordable while n = m·c stays in the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from curvlib.config import positive_damping
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.errors import ConfigError
 from curvlib.linalg import BlockDiagonalOperator, LinearOperator, VectorLayout, WoodburySolver
@@ -39,15 +39,8 @@ def _check(curvature: Any, damping: float, who: str) -> float:
         raise ConfigError(
             f"{who}: needs a curvature with a per-sample Jacobian factorization C = scale·JJᵀ "
             f"('fisher', 'empirical_fisher', 'ggn'); got {type(curvature).__name__}"
-
         )
-    try:
-        lam = float(damping)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{who}: damping must be a number > 0, got {damping!r}") from None
-    if not (math.isfinite(lam) and lam > 0):
-        raise ConfigError(f"{who}: damping λ must be finite and > 0, got {damping!r}")
-    return lam
+    return positive_damping(damping, who)
 
 
 class _WoodburyOperator(LinearOperator):
