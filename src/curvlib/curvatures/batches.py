@@ -94,17 +94,23 @@ def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> ModelBatch:
     """``batch`` -> :class:`ModelBatch` (module docstring).
 
     Raises:
-        ShapeError: not a pair, or a mapping of inputs whose keys are not strings.
+        ShapeError: not a pair, a mapping of inputs whose keys are not strings, or a batch
+            with no samples (m = 0).
     """
     X, y = as_pair(batch, batch_fn)
     if isinstance(X, Mapping):
         bad = [k for k in X if not isinstance(k, str)]
         if bad:
             raise ShapeError(f"expected keyword inputs with string keys (model(**inputs)), got keys {bad[:5]!r}")
-        return ModelBatch((), dict(X), y)
-    if isinstance(X, (tuple, list)):
-        return ModelBatch(tuple(X), {}, y)
-    return ModelBatch((X,), {}, y)
+        out = ModelBatch((), dict(X), y)
+    elif isinstance(X, (tuple, list)):
+        out = ModelBatch(tuple(X), {}, y)
+    else:
+        out = ModelBatch((X,), {}, y)
+    if out.num_samples == 0:
+        shapes = [list(t.shape) for t in out.tensors()]
+        raise ShapeError(f"the batch has no samples (m = 0; tensor shapes {shapes}): a curvature needs at least one sample")
+    return out
 
 
 def _describe(x: Any) -> str:

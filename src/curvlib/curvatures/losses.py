@@ -49,6 +49,13 @@ model, which is E[fisher] and, when p = sigmoid(z), exactly the GGN with respect
 logits z (the natural parameters, Thm 2.1).  It is *not* J_pᵀ ∇²_p ℓ J_p (which depends on
 the targets).  p(1−p) is floored at the dtype's smallest normal number so saturated
 outputs give zero columns, not NaN.
+
+Non-finite outputs (NaN/inf logits or probabilities, e.g. from a non-finite batch): the
+``fisher`` draws are made as if that sample's distribution were uniform (a fair coin for
+Bernoulli) — the draw is arbitrary there, and the sample's back-propagated column is
+non-finite whatever is drawn.  So sampling never raises; the non-finite statistics reach the
+approximator, whose non-finite rule applies (the previous fit is kept with a
+:class:`~curvlib.errors.NumericalWarning`), exactly as for ``ggn`` and ``empirical_fisher``.
 """
 
 from __future__ import annotations
@@ -227,7 +234,7 @@ class CrossEntropyLossModel(LossModel):
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         p = self._probabilities(output)  # [m, C, D]
         m, C, D = p.shape
-        rows = p.transpose(1, 2).reshape(m * D, C).to(generator.device)  # row b·D + pos
+        rows = _drawable(p.transpose(1, 2).reshape(m * D, C).to(generator.device), 1.0, rows=True)  # row b·D + pos
         draws = torch.multinomial(rows, num_samples, replacement=True, generator=generator)  # [m·D, S]
         draws = draws.reshape(m, D, num_samples).transpose(1, 2)  # [m, S, D]
         return draws.reshape(m, num_samples, *output.shape[2:]).to(output.device)
@@ -294,7 +301,7 @@ class BCEWithLogitsLossModel(_ElementwiseLossModel):
         return self._diagonal_columns(output, (self.k(output) * p * (1 - p)).sqrt())
 
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        p = torch.sigmoid(output.detach()).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
+        p = _drawable(torch.sigmoid(output.detach()), 0.5).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
         return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
 
 
@@ -321,8 +328,18 @@ class BCELossModel(_ElementwiseLossModel):
         return self._diagonal_columns(output, (self.k(output) / var).sqrt())
 
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        p = output.detach().unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
+        p = _drawable(output.detach(), 0.5).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
         return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
+
+
+def _drawable(p: torch.Tensor, fill: float, *, rows: bool = False) -> torch.Tensor:
+    """Probabilities whose non-finite entries (``rows``: whole rows holding one, as for the
+    categorical rows of CE) are replaced by ``fill`` (module docstring: non-finite outputs),
+    without a host synchronisation."""
+    bad = ~torch.isfinite(p)
+    if rows:
+        bad = bad.any(dim=1, keepdim=True)
+    return torch.where(bad, torch.full_like(p, fill), p)
 
 
 SUPPORTED_LOSSES: tuple[type[LossModel], ...] = (

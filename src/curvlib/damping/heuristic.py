@@ -26,6 +26,10 @@ cross terms that §4.4.2 credits for KFAC's success over block-diagonal natural 
   If a damped leading factor is not numerically positive definite (a leading factor with
   eigenvalues below −shift), its eigenvalues are clamped at the shift as in the one-term
   case, with a :class:`NumericalWarning` (``info.fallback = "psd_leading_factors"``).
+  When the shift itself is below the factor's rounding level (√λ tiny against the
+  largest eigenvalue, e.g. huge activations in float32), the clamp is raised to that
+  level, 4·d·u·|e|_max (u the dtype's unit roundoff): the smallest damping at which the
+  factor is positive definite in its dtype — the damping is increased, never a raise.
 - More than two terms: refused (:class:`ConfigError`), use ``tikhonov``.
 - Exact blocks: refused (:class:`ConfigError`), the π-split needs Kronecker factors; use
   ``tikhonov``.
@@ -173,8 +177,10 @@ def _count_below(e: torch.Tensor, shift: float) -> int:
 
 
 def _clamped_factor(M: torch.Tensor, shift: float) -> torch.Tensor:
+    """M's eigenvalues clamped at the shift, or at M's rounding level if that is larger (module docstring)."""
     e, Q = eigh_safe(M)
-    return (Q * e.clamp_min(shift)) @ Q.T
+    rounding = 4 * M.shape[0] * (torch.finfo(M.dtype).eps / 2) * float(e.abs().max())
+    return (Q * e.clamp_min(max(shift, rounding))) @ Q.T
 
 
 class TwoTermHeuristicInverse(BlockInverse, DampedKroneckerFactors):

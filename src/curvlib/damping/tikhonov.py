@@ -31,6 +31,14 @@ kept for every later solve of that inverse (until the next refresh); ``info.fall
 says so.  A right-hand side that never excites a negative direction is solved with M
 itself (which is then what PCG computes); ``info.certified_definite`` tells whether
 Weyl's bound λ + Σ_k λ_min(A_k⊗B_k) > 0 proved M definite beforehand.
+
+PCG's rounding rule (:func:`curvlib.linalg.pcg`) tells negative curvature beyond rounding
+(the fallback above) from curvature at rounding level (a column's *breakdown*: it stops
+where it is, reported as not converged).  If the PSD part itself fails in the dtype (λ below
+the rounding level of the factors: a negative curvature beyond rounding, or a non-finite
+solution from a finite right-hand side), the last fallback ("leading_term") applies the
+exact Tikhonov inverse of the leading term, (A_1⊗B_1 + λI)⁻¹ — the preconditioner itself,
+closed-form and ⪰ λI, so a solve never raises mid-training.
 """
 
 from __future__ import annotations
@@ -201,6 +209,7 @@ class PCGTikhonovInverse(BlockInverse):
         e_a, Q_a, e_b, Q_b = self._eigs[0]
         self._precond = KroneckerEigen(eval_a=e_a, evec_a=Q_a, eval_b=e_b, evec_b=Q_b)
         self._psd_op: KroneckerSum | None = None
+        self._leading_only = False
         self._lam = float(lam)
         self._tol = float(tol)
         self._max_iters = int(max_iters)
@@ -219,8 +228,8 @@ class PCGTikhonovInverse(BlockInverse):
 
     @property
     def fallback_taken(self) -> bool:
-        """Whether the "psd_part" fallback replaced the operator."""
-        return self._psd_op is not None
+        """Whether a fallback ("psd_part" or "leading_term") replaced the operator."""
+        return self._psd_op is not None or self._leading_only
 
     def _run(self, op: KroneckerSum, X: torch.Tensor) -> tuple[torch.Tensor, Any]:
         d_g, d_a = self.b_dim, self.a_dim
@@ -244,29 +253,52 @@ class PCGTikhonovInverse(BlockInverse):
         x, info = pcg(matvec, b, precond=precond, tol=self._tol, max_iters=self._max_iters)
         return x.T.reshape(*batch, d_g, d_a), info
 
-    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+    def _fall_back(self, why: str) -> None:
+        """Take the next documented fallback: M → psd_part → leading_term (module docstring)."""
         if self._psd_op is None:
+            warnings.warn(
+                f"PCGTikhonovInverse: Σ_k A_k⊗B_k + λI (λ = {self._lam:.3e}, {self._op.rank} terms, "
+                f"p_i = {self.shape[0]}) {why}; falling back to the PSD part of every Kronecker term, "
+                "Σ_k (A_k⁺⊗B_k⁺ + A_k⁻⊗B_k⁻) + λI, for this and later solves",
+                NumericalWarning,
+                stacklevel=4,
+            )
+            self._psd_op = KroneckerSum(psd_part_terms(self._eigs))
+            self._info = _replace(self._info, fallback="psd_part")
+            return
+        warnings.warn(
+            f"PCGTikhonovInverse: the PSD part + λI (λ = {self._lam:.3e}, p_i = {self.shape[0]}) {why} in "
+            f"{self.dtype} (λ is below the rounding level of the factors); falling back to the exact Tikhonov "
+            "inverse of the leading term, (A_1⊗B_1 + λI)⁻¹, for this and later solves",
+            NumericalWarning,
+            stacklevel=4,
+        )
+        self._leading_only = True
+        self._info = _replace(self._info, fallback="leading_term")
+
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        # the fallbacks cannot throw: the last one is the preconditioner's closed form, ⪰ λI
+        finite_rhs = bool(torch.isfinite(X).all())
+        while not self._leading_only:
+            op = self._op if self._psd_op is None else self._psd_op
             try:
-                Y, info = self._run(self._op, X)
+                Y, info = self._run(op, X)
             except NotPSDError as exc:
-                warnings.warn(
-                    f"PCGTikhonovInverse: Σ_k A_k⊗B_k + λI (λ = {self._lam:.3e}, {self._op.rank} terms, "
-                    f"p_i = {self.shape[0]}) is not positive definite ({exc}); falling back to the PSD part "
-                    "of every Kronecker term, Σ_k (A_k⁺⊗B_k⁺ + A_k⁻⊗B_k⁻) + λI, for this and later solves",
-                    NumericalWarning,
-                    stacklevel=3,
-                )
-                self._psd_op = KroneckerSum(psd_part_terms(self._eigs))
-                self._info = _replace(self._info, fallback="psd_part")
-                Y, info = self._run(self._psd_op, X)
+                self._fall_back(f"is not positive definite ({exc})")
+                continue
+            if finite_rhs and not bool(torch.isfinite(Y).all()):
+                self._fall_back("gave a non-finite solution from a finite right-hand side")
+                continue
+            break
         else:
-            Y, info = self._run(self._psd_op, X)
+            return self._precond.tikhonov_solve(X, self._lam)
         rel = float(info.relative_residual.max()) if info.relative_residual.numel() else 0.0
         self._info = _replace(self._info, iterations=info.iterations, converged=info.converged, relative_residual=rel)
         if not info.converged:
+            stalled = f" ({info.breakdowns} column(s) broke down at rounding level)" if info.breakdowns else ""
             warnings.warn(
                 f"PCGTikhonovInverse: PCG stopped after {info.iterations} iterations at relative residual "
-                f"{rel:.3e} > pcg_tol = {self._tol:.1e} (p_i = {self.shape[0]}); raise pcg_max_iters or λ",
+                f"{rel:.3e} > pcg_tol = {self._tol:.1e} (p_i = {self.shape[0]}){stalled}; raise pcg_max_iters or λ",
                 NumericalWarning,
                 stacklevel=3,
             )

@@ -45,11 +45,15 @@ class PCGInfo:
         relative_residual: ``[k]`` (``[]`` for a 1-D right-hand side) ‖b − A x‖/‖b‖ per
             column, from the CG recurrence (0 for a zero column of b).
         converged: every column reached ``tol``.
+        breakdowns: columns stopped by the breakdown rule of :func:`pcg` (a curvature pᵀAp
+            or rᵀM⁻¹r at rounding level: the column cannot make further progress in this
+            precision); they count as not converged.
     """
 
     iterations: int
     relative_residual: torch.Tensor
     converged: bool
+    breakdowns: int = 0
 
 
 def pcg(
@@ -68,6 +72,18 @@ def pcg(
     own CG recurrence (its own step sizes), batched into one product per step; a column
     stops moving once ‖r‖ ≤ tol·‖b‖.
 
+    Rounding rule.  For SPD A every curvature pᵀAp is > 0, but in floating point it is
+    computed with an error of about u·‖p‖·‖Ap‖ (u the unit roundoff of the dtype); likewise
+    rᵀM⁻¹r.  With δ = √n·u·‖p‖·‖Ap‖ (resp. √n·u·‖r‖·‖M⁻¹r‖):
+
+    - pᵀAp > δ: an ordinary step;
+    - |pᵀAp| ≤ δ, or 0 ≥ pᵀAp ≥ −δ: *breakdown* — the curvature along p is at rounding
+      level, so the column cannot progress in this precision; it stops where it is (its
+      iterate is the best CG reached) and is reported in :attr:`PCGInfo.breakdowns`
+      (not converged);
+    - pᵀAp < −δ: A is not positive definite, :class:`NotPSDError` (same for rᵀM⁻¹r < −δ
+      and M).
+
     Args:
         matvec: X ``[n, k]`` -> A X ``[n, k]`` (always called with a 2-D block).
         b: ``[n]`` or ``[n, k]``.
@@ -80,8 +96,8 @@ def pcg(
         ``(x, info)`` with x shaped like b and :class:`PCGInfo`.
 
     Raises:
-        NotPSDError: a search direction p has pᵀAp ≤ 0, or the preconditioner gives
-            rᵀM⁻¹r ≤ 0 (neither is positive definite).
+        NotPSDError: a search direction p has pᵀAp < −δ, or the preconditioner gives
+            rᵀM⁻¹r < −δ (the rounding rule above: clearly not positive definite).
     """
     caller = "pcg"
     squeeze = b.ndim == 1
@@ -125,34 +141,50 @@ def pcg(
         return torch.linalg.vector_norm(R, dim=0) / safe_b
 
     active = torch.linalg.vector_norm(R, dim=0) > target
+    u = torch.finfo(B.dtype).eps / 2
+    slack = math.sqrt(n) * u  # δ / (‖x‖‖y‖): the rounding error of an n-term inner product
+    broken = torch.zeros_like(active)
+
+    def curvature(X: torch.Tensor, Y: torch.Tensor, what: str, operator: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """xᵀy per column and which active columns break down (the rounding rule)."""
+        dot = (X * Y).sum(dim=0)
+        delta = slack * torch.linalg.vector_norm(X, dim=0) * torch.linalg.vector_norm(Y, dim=0)
+        if bool((active & (dot < -delta)).any()):
+            worst = float(dot[active & (dot < -delta)].min())
+            raise NotPSDError(f"{caller}: the {operator} is not positive definite ({what} = {worst:.3e} < 0 beyond "
+                              "rounding)")
+        return dot, active & ~(dot > delta)
+
     Zr = apply(precond, R, "precond") if precond is not None else R
-    rz = (R * Zr).sum(dim=0)
+    rz, stop = curvature(R, Zr, "rᵀM⁻¹r", "preconditioner")
+    broken |= stop
+    active &= ~stop
     P = Zr.clone()
     iterations = 0
     while bool(active.any()) and iterations < max_iters:
-        if bool((rz[active] <= 0).any()):
-            raise NotPSDError(f"{caller}: the preconditioner is not positive definite (rᵀM⁻¹r ≤ 0)")
         AP = apply(matvec, P, "matvec")
         iterations += 1
-        pAp = (P * AP).sum(dim=0)
-        if bool((pAp[active] <= 0).any()):
-            worst = float(pAp[active].min())
-            raise NotPSDError(f"{caller}: the operator is not positive definite (pᵀAp = {worst:.3e} ≤ 0)")
-        # finished columns take zero steps, so they are frozen where they converged
+        pAp, stop = curvature(P, AP, "pᵀAp", "operator")
+        broken |= stop
+        active &= ~stop
+        # finished columns take zero steps, so they are frozen where they converged (or broke down)
         alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
         X = X + P * alpha
         R = R - AP * alpha
         active = active & (torch.linalg.vector_norm(R, dim=0) > target)
         Zr = apply(precond, R, "precond") if precond is not None else R
-        rz_new = (R * Zr).sum(dim=0)
+        rz_new, stop = curvature(R, Zr, "rᵀM⁻¹r", "preconditioner")
+        broken |= stop
+        active &= ~stop
         beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         P = Zr + P * beta
         rz = rz_new
 
     res = rel_res(R)
-    converged = not bool(active.any())
+    converged = not bool((active | broken).any())
     x = X.squeeze(-1) if squeeze else X
-    return x, PCGInfo(iterations=iterations, relative_residual=res.squeeze(-1) if squeeze else res, converged=converged)
+    return x, PCGInfo(iterations=iterations, relative_residual=res.squeeze(-1) if squeeze else res, converged=converged,
+                      breakdowns=int(broken.sum()))
 
 
 # --------------------------------------------------------------------------- Woodbury

@@ -36,15 +36,21 @@ unsupported configuration, listed in ``F.excluded``) are updated from g by the `
 Adapted parameters outside the optimizer's groups enter the preconditioner with a zero
 gradient and are not updated.
 
-Non-finite gradients (NaN or ±inf in any ``.grad`` of the groups) skip the step: the
-parameters, the optimizer state and the preconditioner state (counters, generator) are
-left untouched and a :class:`~curvlib.errors.NumericalWarning` is emitted.  A step has one
-host synchronisation for it (like ``torch.amp.GradScaler``'s): at a refresh step the gradients
-are checked before the curvature sees the batch; at any other step the preconditioned
-direction and the fallback parameters' gradients are checked together after the (layer by
-layer, asynchronous) application — a non-finite gradient makes the direction non-finite, so
-the same steps are skipped, and a finite gradient with a non-finite direction raises
-:class:`~curvlib.errors.NumericalError` naming the layer.
+Non-finite values never reach the parameters.  A step is **skipped** — the parameters, the
+optimizer state and the preconditioner state (counters, generator, fits, inverse) are left
+untouched, a :class:`~curvlib.errors.NumericalWarning` says why and
+``metrics["counts"]["skipped_steps"]`` counts it — when the gradients (NaN or ±inf in any
+``.grad`` of the groups) are non-finite, or when finite gradients give a non-finite
+direction (the warning names the layer; e.g. an inverse whose product overflows).  A step
+whose curvature refresh or inversion raises leaves everything untouched too (the
+preconditioner's update is a transaction, :meth:`Preconditioner.transaction`).  Non-finite
+statistics or factors at a refresh keep the previous fit (the approximator's rule, with a
+warning); see docs/reliability.md for the whole policy.  A step has one host
+synchronisation for the check (like ``torch.amp.GradScaler``'s): at a refresh step the
+gradients are checked before the curvature sees the batch (and the direction after it); at
+any other step the preconditioned direction and the fallback parameters' gradients are
+checked together after the (layer by layer, asynchronous) application — a non-finite
+gradient makes the direction non-finite, so the same steps are skipped.
 
 Adaptive damping: when the damping is ``adaptive`` (``levenberg_marquardt``), after every refresh step the loss on ``batch`` is evaluated at
 the new parameters (one forward pass, buffers restored) and
@@ -82,8 +88,9 @@ import torch
 from torch import nn
 
 from curvlib.capture.layout import unwrap_model
+from curvlib.curvatures.batches import split_batch
 from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
-from curvlib.errors import ConfigError, NumericalWarning
+from curvlib.errors import ConfigError, NumericalError, NumericalWarning
 from curvlib.precond import PreconditionerConfig, UpdateInfo, build_preconditioner, preserved_buffers
 
 __all__ = ["NaturalGradient"]
@@ -187,18 +194,23 @@ class NaturalGradient(torch.optim.Optimizer):
         self.last_update: UpdateInfo | None = None
         self.last_kl_scale: torch.Tensor | None = None
         self.last_reduction_ratio: float | None = None
+        self._grad_scale: float | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (``lr``, ``momentum``, ``weight_decay`` default to the constructor's)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f"param_groups[{len(self.param_groups) - 1}]"
-        _check_group_value(f"{where}.lr", group["lr"], low=0.0)
-        _check_group_value(f"{where}.momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-        _check_group_value(f"{where}.weight_decay", group["weight_decay"], low=0.0)
+        self._check_group(group, where)
         for p in group["params"]:
             if p.is_sparse:
                 raise ConfigError(f"{where}: sparse parameters are not supported")
+
+    @staticmethod
+    def _check_group(group: Mapping[str, Any], where: str) -> None:
+        _check_group_value(f"{where}.lr", group["lr"], low=0.0)
+        _check_group_value(f"{where}.momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        _check_group_value(f"{where}.weight_decay", group["weight_decay"], low=0.0)
 
     # -- the step ---------------------------------------------------------------------------
     def _group_of(self) -> dict[int, dict[str, Any]]:
@@ -224,12 +236,16 @@ class NaturalGradient(torch.optim.Optimizer):
             the closure's loss, or ``None``.
 
         Raises:
-            ConfigError: a refresh is due and no ``batch`` was given.
+            ConfigError: a refresh is due and no ``batch`` was given, or a group's ``lr``,
+                ``momentum`` or ``weight_decay`` is no longer valid (e.g. a scheduler made the
+                learning rate NaN); nothing is changed.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for i, group in enumerate(self.param_groups):  # a scheduler or the user may have changed them
+            self._check_group(group, f"param_groups[{i}]")
         pre = self.preconditioner
         k = pre.step
         if batch is None and pre.refresh_due(k):
@@ -244,32 +260,31 @@ class NaturalGradient(torch.optim.Optimizer):
         # checked together after the (asynchronous) application
         if refresh and not self._grads_finite():
             return self._skip(k, loss)
-        info = pre.update(batch, step=k) if refresh else None
 
         group_of = self._group_of()
-        pparams = pre.params()
+        self._grad_scale = self._sum_scale(batch)
+        try:
+            with pre.transaction():  # a step that raises or is skipped leaves the preconditioner as it was
+                info = pre.update(batch, step=k) if refresh else None
+                pparams = pre.params()
+                grads = self._gradients(pparams, group_of)
+                directions = pre.apply(grads, check_finite=False)
+                covered = {id(q) for q in pparams}
+                fallback = [p.grad for g in self.param_groups for p in g["params"]
+                            if p.grad is not None and id(p) not in covered]
+                flags = [torch.isfinite(t).all() for t in (*directions, *fallback)]
+                if not bool(torch.stack(flags).all()):
+                    if not self._grads_finite():
+                        raise _Skip(None)
+                    try:
+                        pre.apply(grads)  # finite gradients, non-finite direction: names the layer
+                    except NumericalError as exc:
+                        raise _Skip(str(exc)) from None
+                if not refresh:
+                    info = pre.update(batch, step=k)
+        except _Skip as skip:
+            return self._skip(k, loss, skip.reason)
         index = {id(p): i for i, p in enumerate(pparams)}
-        grads = []
-        for p in pparams:
-            group = group_of.get(id(p))
-            if group is None or p.grad is None:
-                grads.append(torch.zeros_like(p))
-                continue
-            g = p.grad
-            if group["weight_decay"] != 0:
-                g = g.add(p, alpha=group["weight_decay"])
-            grads.append(g)
-        if refresh:
-            directions = pre.apply(grads)
-        else:
-            directions = pre.apply(grads, check_finite=False)
-            fallback = [p.grad for g in self.param_groups for p in g["params"] if id(p) not in index and p.grad is not None]
-            flags = [torch.isfinite(t).all() for t in (*directions, *fallback)]
-            if not bool(torch.stack(flags).all()):
-                if not self._grads_finite():
-                    return self._skip(k, loss)
-                pre.apply(grads)  # finite gradients, non-finite direction: raises NumericalError naming the layer
-            info = pre.update(batch, step=k)
         self.last_update = info
         self.last_kl_scale = None
         self.last_reduction_ratio = None
@@ -306,10 +321,38 @@ class NaturalGradient(torch.optim.Optimizer):
         self._publish(self._step_metrics(info))
         return loss
 
-    def _skip(self, k: int, loss: Any) -> Any:
+    def _gradients(self, pparams: Sequence[torch.Tensor], group_of: dict[int, dict[str, Any]]) -> list[torch.Tensor]:
+        """g = ∇θ + η θ of the preconditioned parameters (zero outside the groups)."""
+        grads = []
+        for p in pparams:
+            group = group_of.get(id(p))
+            if group is None or p.grad is None:
+                grads.append(torch.zeros_like(p))
+                continue
+            grads.append(self._gradient(p, group))
+        return grads
+
+    def _gradient(self, p: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+        """g = ∇θ (÷ m for a ``reduction="sum"`` loss, module docstring) + η θ."""
+        g = p.grad if self._grad_scale is None else p.grad * self._grad_scale
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        return g
+
+    def _sum_scale(self, batch: Any) -> float | None:
+        """1/m for a ``reduction="sum"`` loss (m: the batch's samples, or the last refresh's), else None."""
+        if getattr(self.loss_fn, "reduction", "mean") != "sum":
+            return None
+        m = split_batch(batch).num_samples if batch is not None else None
+        if m is None and self.preconditioner.curvature is not None:
+            m = self.preconditioner.curvature.num_samples
+        return None if not m else 1.0 / m
+
+    def _skip(self, k: int, loss: Any, reason: str | None = None) -> Any:
+        why = "non-finite gradients" if reason is None else f"finite gradients gave a non-finite direction ({reason})"
         warnings.warn(
-            f"NaturalGradient.step: non-finite gradients at step {k}; the step is skipped (parameters, "
-            "optimizer state and preconditioner state unchanged)",
+            f"NaturalGradient.step: {why} at step {k}; the step is skipped (parameters, optimizer state and "
+            "preconditioner state unchanged)",
             NumericalWarning,
             stacklevel=3,
         )
@@ -356,9 +399,7 @@ class NaturalGradient(torch.optim.Optimizer):
     def _fallback_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if p.grad is None:
             return
-        g = p.grad
-        if group["weight_decay"] != 0:
-            g = g.add(p, alpha=group["weight_decay"])
+        g = self._gradient(p, group)
         state = self.state[p]
         if self.fallback == "sgd":
             mu = group["momentum"]
@@ -445,6 +486,15 @@ class NaturalGradient(torch.optim.Optimizer):
             super().load_state_dict(before)
             self.preconditioner.load_state_dict(pre_before)
             raise ConfigError(f"{caller}: the optimizer state does not load ({type(exc).__name__}: {exc})") from exc
+
+
+class _Skip(Exception):
+    """Internal: the step is skipped (``reason``: why the direction is non-finite, ``None``:
+    non-finite gradients); raised inside the preconditioner's transaction to undo it."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _add_scaled(p: torch.Tensor, d: torch.Tensor, lr: float | torch.Tensor) -> None:

@@ -203,6 +203,20 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
 # --------------------------------------------------------------------------- the preconditioner
 
 
+def _foreign_tensor(state: Any, dtype: torch.dtype, device: torch.device, where: str = "state") -> (
+        tuple[str, torch.Tensor] | None):
+    """The first floating-point tensor of a (nested) state in another dtype or on another device."""
+    if isinstance(state, torch.Tensor):
+        off = state.is_floating_point() and (state.dtype != dtype or state.device != device)
+        return (where, state) if off else None
+    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        found = _foreign_tensor(value, dtype, device, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 class Preconditioner(OnLayers, LinearOperator):
     """A curvature approximation kept up to date on the T1/T2 schedule and applied to gradients.
 
@@ -337,6 +351,9 @@ class Preconditioner(OnLayers, LinearOperator):
         Returns:
             an :class:`UpdateInfo`.
 
+        Atomic: when the capture, the fit or the inversion raises, the preconditioner
+        (counters, generator, damping, fits, inverse) is left exactly as it was.
+
         Raises:
             ConfigError: a refresh is due and ``batch`` is ``None``; or ``step`` < 0.
         """
@@ -351,14 +368,15 @@ class Preconditioner(OnLayers, LinearOperator):
                 f"{self.config.update_every}{', first refresh' if self._operator is None else ''}) and needs "
                 "the batch: pass batch=(X, y)"
             )
-        t0 = time.perf_counter()
-        if refresh and self._refresh(batch, k):
-            invert = True  # the layers changed: the old inverse no longer fits
-        t1 = time.perf_counter()
-        if invert:
-            self._invert(k)
-        if refresh:
-            self._build_operator()
+        t0 = t1 = time.perf_counter()
+        with self.transaction("Preconditioner.update"):  # a failed update leaves no trace
+            if refresh and self._refresh(batch, k):
+                invert = True  # the layers changed: the old inverse no longer fits
+            t1 = time.perf_counter()
+            if invert:
+                self._invert(k)
+            if refresh:
+                self._build_operator()
         t2 = time.perf_counter()
         self._step = k + 1
         return UpdateInfo(step=k, refreshed=refresh, inverted=invert, refresh_seconds=t1 - t0 if refresh else 0.0,
@@ -593,20 +611,32 @@ class Preconditioner(OnLayers, LinearOperator):
                 negative step or a corrupt generator state, or does not load for another reason.
         """
         caller = "Preconditioner.load_state_dict"
+        with self.transaction(caller, "the state does not load"):
+            self._load(state, caller)
+
+    @contextlib.contextmanager
+    def transaction(self, caller: str = "Preconditioner.transaction", what: str | None = None) -> Iterator[None]:
+        """All or nothing: on any exception the preconditioner (attributes, generator state,
+        damping state) is restored exactly and the exception re-raised — with ``what`` given,
+        one that is not a :class:`CurvlibError` as a :class:`ConfigError` (``what`` says what
+        failed) chained to it.
+
+        The attributes are restored by reference: an update or a load only rebinds them to new
+        objects (fits, inverses, curvatures are never changed in place)."""
         saved = dict(self.__dict__)
         generator_state = self.generator.get_state()
         damping_state = copy.deepcopy(self.damping.state_dict())
         try:
-            self._load(state, caller)
-        except Exception as exc:
+            yield
+        except BaseException as exc:
             self.__dict__.clear()
             self.__dict__.update(saved)
             self.generator.set_state(generator_state)
             self.damping.load_state_dict(damping_state)
-            if isinstance(exc, CurvlibError):
+            if what is None or isinstance(exc, CurvlibError) or not isinstance(exc, Exception):
                 raise
-            raise ConfigError(f"{caller}: the state does not load ({type(exc).__name__}: {exc}); "
-                              "the preconditioner is unchanged") from exc
+            raise ConfigError(f"{caller}: {what} ({type(exc).__name__}: {exc}); the preconditioner is "
+                              "unchanged") from exc
 
     def _load(self, state: Mapping[str, Any], caller: str) -> None:
         if not isinstance(state, Mapping):
@@ -619,6 +649,12 @@ class Preconditioner(OnLayers, LinearOperator):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"{caller}: expected a step ≥ 0, got {step!r}")
+        bad = _foreign_tensor(state, self.dtype, self.device)
+        if bad is not None:
+            where, t = bad
+            raise ConfigError(f"{caller}: the state's tensor {where} is {t.dtype} on {t.device}; this preconditioner "
+                              f"works in {self.dtype} on {self.device} (cast the model, or load with "
+                              "torch.load(..., map_location=...))")
         if self._needs_latest_curvature() and state.get("layers") is not None and state.get("curvature") is None:
             raise ConfigError(f"{caller}: this preconditioner's coarse space needs the captured curvature, and the state "
                               "has none (it was saved by a preconditioner without a coarse space?)")
