@@ -78,6 +78,7 @@ optional ``callback(metrics)`` receives it):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -264,7 +265,9 @@ class NaturalGradient(torch.optim.Optimizer):
         group_of = self._group_of()
         self._grad_scale = self._sum_scale(batch)
         try:
-            with pre.transaction():  # a step that raises or is skipped leaves the preconditioner as it was
+            # a step that raises or is skipped leaves the preconditioner as it was (a plain step
+            # changes nothing before its check: apply is pure, the counter advances after it)
+            with pre.transaction() if refresh else contextlib.nullcontext():
                 info = pre.update(batch, step=k) if refresh else None
                 pparams = pre.params()
                 grads = self._gradients(pparams, group_of)
