@@ -161,7 +161,8 @@ def test_monte_carlo_fisher_on_a_nan_batch_keeps_the_previous_fit(loss_fn, targe
     bad[0, 0] = float("nan")
     opt.zero_grad()
     loss_fn(model(X), y).backward()
-    with pytest.warns(NumericalWarning, match="non-finite statistics"):
+    with pytest.warns(NumericalWarning, match=r"captured at step 2 is not finite \(statistics of layer '0'.*keeping the "
+                      r"previous refresh \(step 1\)"):
         opt.step(batch=(bad, y))
     after = [fit.terms for fit in opt.preconditioner.approximation.fits]
     assert all(torch.equal(a, b) for t0, t1 in zip(before, after) for p0, p1 in zip(t0, t1) for a, b in zip(p0, p1))
@@ -211,15 +212,45 @@ def test_a_failed_refresh_leaves_optimizer_and_preconditioner_untouched(monkeypa
     import curvlib.precond.preconditioner as mod
 
     def broken(*args, **kwargs):
-        raise NumericalError("forced inversion failure")
+        raise RuntimeError("forced bug in the inversion")
 
     monkeypatch.setattr(mod, "damped_inverse", broken)
-    with pytest.raises(NumericalError, match="forced"):
+    with pytest.raises(RuntimeError, match="forced"):
         _step(opt, model, X, y)
     assert _equal(before, _snapshot(opt, model))  # step counter, fits, generator, parameters
     monkeypatch.undo()
     _step(opt, model, X, y)
     assert opt.preconditioner.step == 3 and opt.metrics["counts"]["refreshes"] == counts["refreshes"] + 1
+
+
+def test_a_numerical_failure_of_a_refresh_keeps_the_previous_refresh(monkeypatch):
+    model = _mlp()
+    X, y = _data()
+    opt = _opt(model, {"update_every": 1, "invert_every": 2})
+    _step(opt, model, X, y)
+    _step(opt, model, X, y)
+    pre = opt.preconditioner
+    kept = (pre.approximation, pre.inverse, pre.curvature, pre.num_refreshes, pre.generator.get_state())
+    import curvlib.precond.preconditioner as mod
+
+    def overflowing(*args, **kwargs):
+        raise NumericalError("forced: a Gram matrix overflowed")
+
+    monkeypatch.setattr(mod, "damped_inverse", overflowing)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(NumericalWarning, match=r"refresh at step 2 failed numerically \(forced.*keeping the previous "
+                      r"refresh \(step 1\)"):
+        _step(opt, model, X, y)
+    assert pre.step == 3 and not opt.metrics["refreshed"] and not opt.metrics["inverted"]
+    assert (pre.approximation, pre.inverse, pre.curvature, pre.num_refreshes) == kept[:4]
+    assert torch.equal(pre.generator.get_state(), kept[4])
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # the step was taken
+    # nothing to keep at the first refresh: the error is raised, nothing changed
+    fresh = _mlp()
+    opt2 = _opt(fresh)
+    with pytest.raises(NumericalError, match="forced"):
+        _step(opt2, fresh, X, y)
+    assert opt2.preconditioner.step == 0 and not opt2.preconditioner.is_ready
 
 
 def test_a_non_finite_direction_from_finite_gradients_skips_the_step(monkeypatch):

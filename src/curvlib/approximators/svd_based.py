@@ -173,7 +173,7 @@ class KPSVDOptions(IterativeOptions):
 class DeflationOptions(IterativeOptions):
     """Options of ``deflation``: ``rank`` ≥ 1 Kronecker terms (default 2)."""
 
-    rank: int = Field(2, ge=1, description="number of Kronecker terms")
+    rank: int = Field(2, ge=1, le=64, description="number of Kronecker terms (≤ 64: beyond, use exact_block)")
 
 
 class KFACCorrectedOptions(IterativeOptions):
@@ -191,7 +191,7 @@ class LanczosOptions(IterativeOptions):
     ``max_iters`` caps the restarted cycles (§3.2.3.2).
     """
 
-    rank: int = Field(2, ge=1, description="number of Kronecker terms")
+    rank: int = Field(2, ge=1, le=64, description="number of Kronecker terms (≤ 64: beyond, use exact_block)")
     krylov_dim: int | None = Field(None, ge=2, description="Krylov basis size K per cycle (> rank)")
 
     @model_validator(mode="after")

@@ -209,7 +209,9 @@ def check_samples_independent(
         if gr is None:
             continue
         g = gr.movedim(bd, 0) if bd else gr
-        if g.shape[0] != m or bool(g[1:].ne(0).any()):
+        # a non-finite value (NaN·0 from a non-finite batch) proves nothing either way: the
+        # non-finite statistics are the approximator's business, not a sharing error
+        if g.shape[0] != m or bool((g[1:].ne(0) & torch.isfinite(g[1:])).any()):
             raise ShapeError(
                 f"{ad._label()}: a backward pass from sample 0 reaches other samples at its output (axis {bd}), so its "
                 "statistics would not be per sample.  Its input has no batch axis — e.g. a positional embedding on "

@@ -81,6 +81,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -103,8 +104,11 @@ def _check_group_value(name: str, value: Any, *, low: float, high: float | None 
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ConfigError(f"{name}: expected a number or a one-element tensor, got a tensor of shape {list(value.shape)}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if value.device.type != "cpu":
+            return  # checking a device tensor would add a host synchronisation to every step
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > sys.float_info.max:
         raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     if value < low or (high is not None and (value >= high if high_open else value > high)):
         bound = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f"≥ {low}"
@@ -171,7 +175,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 raise ConfigError(f"kl_clip: expected c > 0 or None, got {kl_clip!r}")
         if fallback not in _FALLBACKS:
             raise ConfigError(f"fallback: expected one of {list(_FALLBACKS)}, got {fallback!r}")
-        if len(adam_betas) != 2:
+        if not isinstance(adam_betas, (tuple, list)) or len(adam_betas) != 2:
             raise ConfigError(f"adam_betas: expected two values (β₁, β₂), got {adam_betas!r}")
         for i, b in enumerate(adam_betas):
             _check_group_value(f"adam_betas[{i}]", b, low=0.0, high=1.0, high_open=True)
@@ -181,7 +185,14 @@ class NaturalGradient(torch.optim.Optimizer):
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback: expected a callable taking the metrics dict, got {type(callback).__name__}")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        super().__init__(model.parameters() if params is None else params, defaults)
+        if isinstance(params, (str, bytes, torch.Tensor)):
+            raise ConfigError(f"params: expected an iterable of parameters or of parameter groups, got {params!r}"
+                              if not isinstance(params, torch.Tensor) else
+                              "params: expected an iterable of parameters, got one tensor (wrap it in a list)")
+        try:
+            super().__init__(model.parameters() if params is None else params, defaults)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"params: {exc}") from exc
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.callback = callback
@@ -271,18 +282,25 @@ class NaturalGradient(torch.optim.Optimizer):
                 info = pre.update(batch, step=k) if refresh else None
                 pparams = pre.params()
                 grads = self._gradients(pparams, group_of)
-                directions = pre.apply(grads, check_finite=False)
+                try:
+                    directions = pre.apply(grads, check_finite=False)
+                except NumericalError as exc:  # a path that checks itself (coarse space, references)
+                    raise _Skip(None if not self._grads_finite() else _nonfinite_direction(exc)) from None
                 covered = {id(q) for q in pparams}
                 fallback = [p.grad for g in self.param_groups for p in g["params"]
                             if p.grad is not None and id(p) not in covered]
                 flags = [torch.isfinite(t).all() for t in (*directions, *fallback)]
+                if self.fallback == "adam":  # g² of Adam's second moment must not overflow either
+                    flags += [t.abs().amax() <= math.sqrt(torch.finfo(t.dtype).max) for t in fallback if t.numel()]
                 if not bool(torch.stack(flags).all()):
                     if not self._grads_finite():
                         raise _Skip(None)
+                    if self.fallback == "adam" and not all(bool(f) for f in flags[len(directions) + len(fallback):]):
+                        raise _Skip("a fallback parameter's gradient overflows Adam's second moment g²")
                     try:
                         pre.apply(grads)  # finite gradients, non-finite direction: names the layer
                     except NumericalError as exc:
-                        raise _Skip(str(exc)) from None
+                        raise _Skip(_nonfinite_direction(exc)) from None
                 if not refresh:
                     info = pre.update(batch, step=k)
         except _Skip as skip:
@@ -352,7 +370,7 @@ class NaturalGradient(torch.optim.Optimizer):
         return None if not m else 1.0 / m
 
     def _skip(self, k: int, loss: Any, reason: str | None = None) -> Any:
-        why = "non-finite gradients" if reason is None else f"finite gradients gave a non-finite direction ({reason})"
+        why = "non-finite gradients" if reason is None else reason
         warnings.warn(
             f"NaturalGradient.step: {why} at step {k}; the step is skipped (parameters, optimizer state and "
             "preconditioner state unchanged)",
@@ -452,6 +470,56 @@ class NaturalGradient(torch.optim.Optimizer):
         self.last_reduction_ratio = rho
 
     # -- checkpoints ----------------------------------------------------------------------
+    def _check_state(self, state: Mapping[str, Any], caller: str) -> None:
+        """Validate the ``torch.optim`` part of a state against this optimizer (load_state_dict)."""
+        groups = state.get("param_groups")
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
+            n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+            raise ConfigError(f"{caller}: the state has param_groups {n}, this optimizer {len(self.param_groups)} groups")
+        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            where = f"param_groups[{i}]"
+            if not isinstance(saved, Mapping):
+                raise ConfigError(f"{caller}: {where} is a {type(saved).__name__}, expected a mapping")
+            missing = [k for k in ("params", "lr", "momentum", "weight_decay") if k not in saved]
+            if missing:
+                raise ConfigError(f"{caller}: {where} has no {missing}")
+            if not isinstance(saved["params"], (list, tuple)) or len(saved["params"]) != len(mine["params"]):
+                raise ConfigError(f"{caller}: {where} holds {saved['params']!r} parameter ids, this group has "
+                                  f"{len(mine['params'])} parameters")
+            try:
+                self._check_group(saved, f"{caller}: {where}")
+            except ConfigError as exc:
+                raise ConfigError(str(exc)) from None
+        buffers_of = state.get("state", {})
+        if not isinstance(buffers_of, Mapping):
+            raise ConfigError(f"{caller}: the state's 'state' is a {type(buffers_of).__name__}, expected a mapping")
+        params = [p for g in self.param_groups for p in g["params"]]
+        known = _BUFFERS[self.fallback]
+        for key, buffers in buffers_of.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params):
+                raise ConfigError(f"{caller}: the state holds buffers of parameter {key!r}; this optimizer has "
+                                  f"parameters 0..{len(params) - 1}")
+            if not isinstance(buffers, Mapping):
+                raise ConfigError(f"{caller}: the buffers of parameter {key} are a {type(buffers).__name__}")
+            p = params[key]
+            for name, t in buffers.items():
+                where = f"buffer {name!r} of parameter {key}"
+                if name not in known:
+                    raise ConfigError(f"{caller}: unknown {where} (fallback {self.fallback!r} keeps {list(known)})")
+                if name == "step":
+                    value = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                            or value != int(value):
+                        raise ConfigError(f"{caller}: {where} must be a whole number ≥ 0, got {t!r}")
+                    continue
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise ConfigError(f"{caller}: {where} must be a floating-point tensor, got {type(t).__name__}")
+                if t.shape != p.shape:
+                    raise ConfigError(f"{caller}: {where} is {list(t.shape)}, the parameter {list(p.shape)}")
+                if not bool(torch.isfinite(t).all()) or (name == "exp_avg_sq" and bool((t < 0).any())):
+                    raise ConfigError(f"{caller}: {where} holds non-finite{' or negative' if name == 'exp_avg_sq' else ''} "
+                                      "values; a checkpoint never holds them")
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state (groups, momentum buffers, Adam moments) plus
         ``"preconditioner"``: :meth:`Preconditioner.state_dict` (exact round trip)."""
@@ -462,25 +530,25 @@ class NaturalGradient(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; resuming gives bit-identical steps on CPU.
 
-        Atomic: the buffers' shapes are checked against the parameters first, and when any
-        part does not load, the optimizer and its preconditioner are left as they were.
+        Atomic: everything is checked first — the groups (count, sizes, valid ``lr``,
+        ``momentum``, ``weight_decay``), every buffer (a known name, shaped like its parameter,
+        finite; Adam's ``step`` ≥ 0 and ``exp_avg_sq`` ≥ 0) and the preconditioner's state — and
+        when any part does not load, the optimizer and its preconditioner are left as they were.
 
         Raises:
-            ConfigError: no ``"preconditioner"`` entry, a buffer shaped unlike its parameter, or
-                a state that does not load (see :meth:`Preconditioner.load_state_dict`).
+            ConfigError: not a mapping, no ``"preconditioner"`` entry, a group or buffer that does
+                not fit (the message names it and both values), or a state that does not load
+                (see :meth:`Preconditioner.load_state_dict`).
         """
         caller = "NaturalGradient.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise ConfigError(f"{caller}: expected the mapping of NaturalGradient.state_dict(), got "
+                              f"{type(state_dict).__name__} (a path? load it with torch.load first)")
         state = dict(state_dict)
         pre_state = state.pop("preconditioner", None)
         if pre_state is None:
             raise ConfigError(f"{caller}: the state has no 'preconditioner' entry")
-        params = [p for g in self.param_groups for p in g["params"]]
-        for key, buffers in dict(state.get("state", {})).items():
-            p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
-            for name, t in dict(buffers).items():
-                if p is not None and isinstance(t, torch.Tensor) and t.ndim and t.shape != p.shape:
-                    raise ConfigError(f"{caller}: buffer {name!r} of parameter {key} is {list(t.shape)}, the parameter "
-                                      f"{list(p.shape)}")
+        self._check_state(state, caller)
         before, pre_before = super().state_dict(), self.preconditioner.state_dict()
         self.preconditioner.load_state_dict(pre_state)  # atomic itself
         try:
@@ -489,6 +557,13 @@ class NaturalGradient(torch.optim.Optimizer):
             super().load_state_dict(before)
             self.preconditioner.load_state_dict(pre_before)
             raise ConfigError(f"{caller}: the optimizer state does not load ({type(exc).__name__}: {exc})") from exc
+
+
+_BUFFERS = {"sgd": ("momentum_buffer",), "adam": ("momentum_buffer", "step", "exp_avg", "exp_avg_sq")}
+
+
+def _nonfinite_direction(exc: Exception) -> str:
+    return f"finite gradients gave a non-finite direction ({exc})"
 
 
 class _Skip(Exception):

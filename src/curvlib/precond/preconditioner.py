@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import operator
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +59,7 @@ from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping
-from curvlib.errors import ConfigError, CurvlibError, ShapeError
+from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError
 from curvlib.linalg import BlockDiagonalOperator, FactorEigenbasis, LinearOperator
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
@@ -168,6 +171,51 @@ def _flat_gradient_list(F: Any) -> list[torch.Tensor]:
     return [gv[L.slice].reshape(L.a_dim, L.g_dim).T for L in F.layers]
 
 
+def _first_difference(a: Any, b: Any, where: str = "state") -> str | None:
+    """The path of the first leaf where two nested states differ (types included), or None."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+        return None if same else where
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if set(a) != set(b):
+            return f"{where} (keys {sorted(map(str, set(a) ^ set(b)))})"
+        return next((d for k in a if (d := _first_difference(a[k], b[k], f"{where}[{k!r}]")) is not None), None)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} (length {len(a)}, expected {len(b)})"
+        return next((d for i, (x, y) in enumerate(zip(a, b))
+                     if (d := _first_difference(x, y, f"{where}[{i}]")) is not None), None)
+    return None if type(a) is type(b) and a == b else where
+
+
+def _step_index(step: Any, caller: str) -> int:
+    """A step index: an integer ≥ 0 (Python or NumPy/torch integer scalars)."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        k = operator.index(step)
+    except TypeError:
+        raise ConfigError(f"{caller}: step must be an integer ≥ 0, got {step!r}") from None
+    if k < 0:
+        raise ConfigError(f"{caller}: step must be ≥ 0, got {k}")
+    return k
+
+
+def _nonfinite_parts(F: CurvatureOperator) -> list[str]:
+    """What of a captured curvature holds NaN/inf: layers' statistics, the loss, the gradient."""
+    bad = []
+    for i, L in enumerate(F.layers):
+        st = F.statistics(i)
+        if any(st.num_nonfinite()) or not math.isfinite(float(st.scale)):
+            bad.append(f"statistics of layer {L.name!r}")
+    if F.loss is not None and not bool(torch.isfinite(torch.as_tensor(F.loss)).all()):
+        bad.append("the loss")
+    if F._gradient is not None and not all(bool(torch.isfinite(g).all()) for g in F._gradient):
+        bad.append("the gradient")
+    return bad
+
+
 def _curvature_state(F: Any) -> dict[str, Any]:
     """A curvature operator's captured statistics as plain containers (to rebuild it exactly)."""
     if not isinstance(F, CurvatureOperator):
@@ -205,9 +253,11 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
 
 def _foreign_tensor(state: Any, dtype: torch.dtype, device: torch.device, where: str = "state") -> (
         tuple[str, torch.Tensor] | None):
-    """The first floating-point tensor of a (nested) state in another dtype or on another device."""
+    """The first floating-point tensor of a (nested) state in another dtype, on another device,
+    or holding NaN/inf."""
     if isinstance(state, torch.Tensor):
-        off = state.is_floating_point() and (state.dtype != dtype or state.device != device)
+        off = state.is_floating_point() and (state.dtype != dtype or state.device != device
+                                             or not bool(torch.isfinite(state).all()))
         return (where, state) if off else None
     items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
     for key, value in items:
@@ -295,6 +345,7 @@ class Preconditioner(OnLayers, LinearOperator):
         self._inverted_damping_state: dict[str, Any] | None = None
         self.last_inversion: InversionReport | None = None
         self._operator: Any = None  # what apply() multiplies by (two-level when configured)
+        self._operator_lam: float | None = None  # λ the two-level operator was built with
         self._layer_params: list[list[int]] | None = None  # the layer-by-layer plan of apply()
 
     # -- description ---------------------------------------------------------------------
@@ -322,12 +373,12 @@ class Preconditioner(OnLayers, LinearOperator):
 
     def refresh_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""
-        k = self._step if step is None else int(step)
+        k = self._step if step is None else _step_index(step, "Preconditioner.refresh_due")
         return self._operator is None or k % self.config.update_every == 0
 
     def inversion_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) rebuilds the inverse."""
-        k = self._step if step is None else int(step)
+        k = self._step if step is None else _step_index(step, "Preconditioner.inversion_due")
         return self._operator is None or k % self.config.invert_every == 0
 
     def __repr__(self) -> str:
@@ -352,14 +403,17 @@ class Preconditioner(OnLayers, LinearOperator):
             an :class:`UpdateInfo`.
 
         Atomic: when the capture, the fit or the inversion raises, the preconditioner
-        (counters, generator, damping, fits, inverse) is left exactly as it was.
+        (counters, generator, damping, fits, inverse) is left exactly as it was.  A numerical
+        failure (:class:`~curvlib.errors.NumericalError`, e.g. a Gram or coarse matrix that
+        overflows) with a previous refresh to fall back on is not raised: that refresh and its
+        inverse are kept, with a :class:`~curvlib.errors.NumericalWarning`, the step counter
+        advances and the returned info says ``refreshed=False, inverted=False``.
 
         Raises:
             ConfigError: a refresh is due and ``batch`` is ``None``; or ``step`` < 0.
+            NumericalError: the first refresh fails numerically (nothing to keep).
         """
-        k = self._step if step is None else int(step)
-        if k < 0:
-            raise ConfigError(f"Preconditioner.update: step must be ≥ 0, got {k}")
+        k = self._step if step is None else _step_index(step, "Preconditioner.update")
         refresh = self.refresh_due(k)
         invert = self.inversion_due(k)
         if refresh and batch is None:
@@ -369,14 +423,22 @@ class Preconditioner(OnLayers, LinearOperator):
                 "the batch: pass batch=(X, y)"
             )
         t0 = t1 = time.perf_counter()
-        with self.transaction("Preconditioner.update"):  # a failed update leaves no trace
-            if refresh and self._refresh(batch, k):
-                invert = True  # the layers changed: the old inverse no longer fits
-            t1 = time.perf_counter()
-            if invert:
-                self._invert(k)
-            if refresh:
-                self._build_operator()
+        try:
+            with self.transaction("Preconditioner.update"):  # a failed update leaves no trace
+                if refresh and self._refresh(batch, k):
+                    invert = True  # the layers changed: the old inverse no longer fits
+                t1 = time.perf_counter()
+                if invert:
+                    self._invert(k)
+                if refresh:
+                    self._build_operator()
+        except NumericalError as exc:
+            if self._operator is None:
+                raise
+            warnings.warn(f"Preconditioner.update: the refresh at step {k} failed numerically ({exc}); keeping the "
+                          f"previous refresh (step {self.last_refresh_step}) and its inverse", NumericalWarning,
+                          stacklevel=3)
+            refresh = invert = False
         t2 = time.perf_counter()
         self._step = k + 1
         return UpdateInfo(step=k, refreshed=refresh, inverted=invert, refresh_seconds=t1 - t0 if refresh else 0.0,
@@ -392,6 +454,16 @@ class Preconditioner(OnLayers, LinearOperator):
         extra = {"verify": False} if isinstance(factory, BuiltinCurvature) and key == self._verified else {}
         with preserved_buffers(self.model), torch.enable_grad():
             F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry, **extra)
+        bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
+        if bad:
+            where = "; ".join(bad)
+            if self.curvature is None:
+                raise NumericalError(f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}), "
+                                     "and there is no previous refresh to keep")
+            warnings.warn(f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}); keeping "
+                          f"the previous refresh (step {self.last_refresh_step}): its fits, curvature and inverse",
+                          NumericalWarning, stacklevel=4)
+            return False
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
         if changed and extra:  # another set of layers than the verified one: verify it
             with preserved_buffers(self.model), torch.enable_grad():
@@ -440,9 +512,11 @@ class Preconditioner(OnLayers, LinearOperator):
             return exact_natural_gradient(F, self._lam())
         return block_natural_gradient(F, self._lam())
 
-    def _build_operator(self) -> None:
-        """The operator apply() uses: the inverse, or the two-level one around it."""
+    def _build_operator(self, lam: float | None = None) -> None:
+        """The operator apply() uses: the inverse, or the two-level one around it (with the
+        damping's current λ, or ``lam`` — the one it was built with, when a state is loaded)."""
         self._layer_params = None
+        self._operator_lam = self._lam() if lam is None else float(lam)
         if self.resolved.coarse_space is None:
             self._operator = self.inverse
             self._layer_params = self._layerwise_plan()
@@ -454,7 +528,7 @@ class Preconditioner(OnLayers, LinearOperator):
             self.inverse,
             self.curvature,
             {"kind": rc.kind, **rc.data},
-            self._lam(),
+            self._operator_lam,
             self.config.coarse_mode,
             registry=self.registry,
             tko_diagonal=tko_diagonal,
@@ -586,6 +660,7 @@ class Preconditioner(OnLayers, LinearOperator):
             "curvature": None,
             "inverted_curvature": None,
             "inverted_curvature_is_latest": False,
+            "operator_lam": self._operator_lam,
         }
         if self._operator is not None and self._needs_latest_curvature():
             state["curvature"] = _curvature_state(self.curvature)
@@ -613,12 +688,17 @@ class Preconditioner(OnLayers, LinearOperator):
         caller = "Preconditioner.load_state_dict"
         with self.transaction(caller, "the state does not load"):
             self._load(state, caller)
+            # whatever the loaders coerced (a NaN flag into True, a truncated tensor) shows here
+            where = _first_difference(state, self.state_dict())
+            if where is not None:
+                raise ConfigError(f"{caller}: the state's entry {where} is not what a preconditioner saves (a corrupt "
+                                  "or edited state?): it does not round-trip")
 
     @contextlib.contextmanager
     def transaction(self, caller: str = "Preconditioner.transaction", what: str | None = None) -> Iterator[None]:
         """All or nothing: on any exception the preconditioner (attributes, generator state,
         damping state) is restored exactly and the exception re-raised — with ``what`` given,
-        one that is not a :class:`CurvlibError` as a :class:`ConfigError` (``what`` says what
+        one that is not a :class:`ConfigError` as a :class:`ConfigError` (``what`` says what
         failed) chained to it.
 
         The attributes are restored by reference: an update or a load only rebinds them to new
@@ -633,7 +713,7 @@ class Preconditioner(OnLayers, LinearOperator):
             self.__dict__.update(saved)
             self.generator.set_state(generator_state)
             self.damping.load_state_dict(damping_state)
-            if what is None or isinstance(exc, CurvlibError) or not isinstance(exc, Exception):
+            if what is None or isinstance(exc, ConfigError) or not isinstance(exc, Exception):
                 raise
             raise ConfigError(f"{caller}: {what} ({type(exc).__name__}: {exc}); the preconditioner is "
                               "unchanged") from exc
@@ -649,9 +729,22 @@ class Preconditioner(OnLayers, LinearOperator):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"{caller}: expected a step ≥ 0, got {step!r}")
+        for key in ("approximation", "inverted_approximation"):
+            saved = state.get(key)
+            if saved is not None and (not isinstance(saved, Mapping) or saved.get("kind") != self.resolved.approximator.kind):
+                got = saved.get("kind") if isinstance(saved, Mapping) else type(saved).__name__
+                raise ConfigError(f"{caller}: the state's {key} was fitted by {got!r}; this preconditioner uses "
+                                  f"{self.resolved.approximator.kind!r}")
+        lam = state.get("operator_lam")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam)
+                                or lam <= 0):
+            raise ConfigError(f"{caller}: expected operator_lam to be a finite λ > 0 or None, got {lam!r}")
         bad = _foreign_tensor(state, self.dtype, self.device)
         if bad is not None:
             where, t = bad
+            if t.dtype == self.dtype and t.device == self.device:
+                raise ConfigError(f"{caller}: the state's tensor {where} holds non-finite values; a checkpoint never "
+                                  "holds them (a corrupt file?)")
             raise ConfigError(f"{caller}: the state's tensor {where} is {t.dtype} on {t.device}; this preconditioner "
                               f"works in {self.dtype} on {self.device} (cast the model, or load with "
                               "torch.load(..., map_location=...))")
@@ -703,7 +796,8 @@ class Preconditioner(OnLayers, LinearOperator):
             self._inverted_damping_state = copy.deepcopy(dict(state["inverted_damping"]))
         self._load_damping(state["damping"], caller)
         if self.inverse is not None:
-            self._build_operator()
+            # an adaptive λ may have moved since the operator was built (after its refresh)
+            self._build_operator(state.get("operator_lam"))
         self._step = int(state["step"])
         self.num_refreshes = int(state["num_refreshes"])
         self.num_inversions = int(state["num_inversions"])
