@@ -3,6 +3,11 @@
 * ``curvlib plugins list`` — every plugin family with its kinds and their distributions;
 * ``curvlib bench`` — train methods on benchmark problems and report curves, plots and a
   summary table (docs/bench.md).
+
+Exit codes: 0 success; 2 a usage or configuration problem (a bad option, config file,
+method, problem or ``--out``; one line ``curvlib: error: ...`` on stderr, no traceback);
+130 interrupted (Ctrl-C; ``curvlib bench`` keeps the finished runs and their summary).
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from curvlib.bench import report
-from curvlib.bench.job import run_bench
+from curvlib.bench.job import BenchInterrupted, run_bench
 from curvlib.bench.methods import available_methods, resolve_method
 from curvlib.bench.problems import PROBLEMS, default_methods_of
 from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, BenchConfig, load_config_file
 from curvlib.errors import CurvlibError
 from curvlib.plugins import load_registry
 
-__all__ = ["main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "main"]
+
+#: exit code of a usage or configuration error (argparse's own code for a bad option)
+EXIT_USAGE = 2
+#: exit code after Ctrl-C (128 + SIGINT, what shells report)
+EXIT_INTERRUPTED = 130
 
 
 def _plugins_list(args: argparse.Namespace) -> int:
@@ -185,12 +195,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list_problems:
         _list_problems()
         return 0
+    config = bench_config_from_args(args)
     try:
-        config = bench_config_from_args(args)
         result = run_bench(config, registry=registry)
-    except CurvlibError as exc:
-        sys.stderr.write(f"curvlib bench: error: {exc}\n")
-        return 2
+    except BenchInterrupted as exc:
+        sys.stdout.flush()
+        sys.stderr.write(f"\ncurvlib bench: interrupted after {exc.finished} of {exc.total} runs; "
+                         f"results so far in {exc.out}\n")
+        return EXIT_INTERRUPTED
     sys.stdout.write("\n")
     _print_summary(result.summary, config.progress)
     sys.stdout.write(f"\nresults: {result.out}\n")
@@ -286,10 +298,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """A possibly multi-line error message on one line (problems separated by ``; ``)."""
+    out = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:
+            out += part if not out else (" " if out.endswith(":") else "; ") + part
+    return out
+
+
+def _os_error(exc: OSError) -> str:
+    where = " ".join(repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{exc.strerror or exc}{': ' + where if where else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``curvlib`` command line; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CurvlibError as exc:
+        sys.stderr.write(f"curvlib: error: {_one_line(str(exc))}\n")
+        return EXIT_USAGE
+    except OSError as exc:
+        sys.stderr.write(f"curvlib: error: {_one_line(_os_error(exc))}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\ncurvlib: interrupted\n")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,12 +17,14 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "PluginCollisionError",
+    "PluginOutputError",
     "UnsupportedLayerError",
     "UnsupportedLossError",
     "NotPSDError",
     "NumericalError",
     "NumericalWarning",
     "PerformanceWarning",
+    "PluginWarning",
 ]
 
 
@@ -61,6 +63,12 @@ class PluginCollisionError(PluginError, ValueError):
     """Two plugins registered the same kind in the same family."""
 
 
+class PluginOutputError(PluginError):
+    """A kind returned something its family's contract forbids (a wrong type, shape, dtype or
+    device; non-finite, asymmetric or indefinite factors); the message names the family, the
+    kind, its distribution, the layer, and what was expected and what came."""
+
+
 class UnsupportedLayerError(CurvlibError, TypeError):
     """A module type has no layer adapter."""
 
@@ -83,3 +91,7 @@ class NumericalWarning(UserWarning):
 
 class PerformanceWarning(UserWarning):
     """An operation forms something large (a dense p × p matrix, say)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin problem that does not stop the work (a kind that another plugin also registers)."""

@@ -20,6 +20,7 @@ from curvlib.errors import (
     PluginCollisionError,
     PluginError,
     PluginLoadError,
+    PluginWarning,
     UnknownKindError,
 )
 from curvlib.plugins import (
@@ -145,12 +146,130 @@ def test_strict_loading_raises_on_broken_plugin(site):
         Registry.load(strict=True)
 
 
-def test_collision_names_both_distributions(site):
+def test_collision_names_both_distributions_and_the_first_registration_wins(site):
     make_distribution(site, "tp-first", {"tp_first": GOOD_PLUGIN.format(kind="same")}, {"first": "tp_first"})
     make_distribution(site, "tp-second", {"tp_second": GOOD_PLUGIN.format(kind="same")}, {"second": "tp_second"})
-    with pytest.raises(PluginCollisionError) as info:
+    registry = Registry.load()
+    (failure,) = registry.failures
+    assert (failure.plugin, failure.distribution) == ("second", "tp-second")
+    assert isinstance(failure.error, PluginCollisionError)
+    msg = str(failure)
+    assert "dampings" in msg and "'same'" in msg and "tp-first" in msg and "tp-second" in msg
+    with pytest.warns(PluginWarning, match=r"'same'.*tp-first.*tp-second"):
+        assert registry.dampings.get("same").distribution == "tp-first"
+    assert "second" not in registry.plugins
+    with pytest.raises(PluginCollisionError, match=r"'same'.*tp-first.*tp-second"):
+        Registry.load(strict=True)
+
+
+CLASH_PLUGIN = """
+    from curvlib.config import StrictModel
+    from curvlib.plugins import hookimpl
+
+    class Options(StrictModel):
+        value: float = 1.0
+
+    class Fake:
+        '''Not the built-in (test plugin).'''
+        def __init__(self, options):
+            raise AssertionError("the colliding plugin must never be built")
+
+    @hookimpl
+    def curvlib_register_dampings(registry):
+        registry.add("clash_extra", Fake, options=Options)
+        registry.add("tikhonov", Fake, options=Options)
+"""
+
+
+def test_collision_with_a_builtin_keeps_the_builtin_and_everything_else_working(site):
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from curvlib.optim import NaturalGradient
+
+    make_distribution(site, "tp-clash", {"tp_clash": CLASH_PLUGIN}, {"clash": "tp_clash"})
+    make_distribution(site, "tp-good", {"tp_good": GOOD_PLUGIN.format(kind="constant")}, {"good": "tp_good"})
+    registry = Registry.load()  # does not raise
+    (failure,) = registry.failures
+    assert (failure.plugin, failure.distribution, failure.stage) == ("clash", "tp-clash", "registering")
+    assert isinstance(failure.error, PluginCollisionError)
+    msg = str(failure)
+    assert "dampings kind 'tikhonov'" in msg and "'curvlib'" in msg and "'tp-clash'" in msg
+    assert "\n" not in msg
+    # the colliding plugin is left out entirely; the other plugin and every built-in load
+    assert "clash_extra" not in registry.dampings and "clash" not in registry.plugins
+    assert "constant" in registry.dampings
+    for name in BUILTIN_PLUGIN_MODULES:
+        assert registry.plugins[name] == "curvlib"
+    # its other kind is unknown, and the message says which plugin failed
+    with pytest.raises(UnknownKindError, match=r"clash \(tp-clash: PluginCollisionError\)"):
+        registry.dampings.get("clash_extra")
+    # the collided kind is the built-in's, with a warning naming both
+    with pytest.warns(PluginWarning, match=r"dampings kind 'tikhonov'.*'curvlib'.*'tp-clash'"):
+        spec = registry.dampings.get("tikhonov")
+    assert spec.distribution == "curvlib"
+    # a NaturalGradient whose kinds do not involve the collision builds and steps, silently
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        opt = NaturalGradient(model, nn.CrossEntropyLoss(), {"damping": {"kind": "heuristic", "value": 1e-2}},
+                              lr=0.1, registry=registry, generator=torch.Generator().manual_seed(0))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        opt.step(batch=(X, y))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # and one that asks for it gets the built-in
+    with pytest.warns(PluginWarning, match="tikhonov"):
+        NaturalGradient(model, nn.CrossEntropyLoss(), {"damping": {"kind": "tikhonov", "value": 1e-2}},
+                        lr=0.1, registry=registry)
+
+
+def test_plugin_calling_sys_exit_on_import_is_recorded_not_fatal(site):
+    make_distribution(
+        site,
+        "tp-exit",
+        {"tp_exit": "import sys\nsys.exit(3)\n", "tp_fine": GOOD_PLUGIN.format(kind="fine")},
+        {"exiting": "tp_exit", "fine": "tp_fine"},
+    )
+    registry = Registry.load()  # the process is still alive
+    assert "fine" in registry.dampings
+    (failure,) = registry.failures
+    assert (failure.plugin, failure.distribution) == ("exiting", "tp-exit")
+    assert isinstance(failure.error, PluginLoadError)
+    msg = str(failure)
+    assert "called sys.exit(3) on import" in msg and "entry point exiting = tp_exit" in msg and "tp-exit" in msg
+    with pytest.raises(PluginLoadError, match=r"exiting.*tp-exit.*sys\.exit\(3\)"):
+        Registry.load(strict=True)
+
+
+def test_sys_exit_in_a_registration_hook_is_recorded(site):
+    source = """
+        import sys
+        from curvlib.plugins import hookimpl
+
+        @hookimpl
+        def curvlib_register_dampings(registry):
+            sys.exit("bye")
+    """
+    make_distribution(site, "tp-exithook", {"tp_exithook": source}, {"exithook": "tp_exithook"})
+    registry = Registry.load()
+    (failure,) = registry.failures
+    assert failure.plugin == "exithook" and failure.stage == "registering"
+    assert "called sys.exit('bye') while registering" in str(failure)
+
+
+def test_keyboard_interrupt_during_import_propagates_with_a_note(site):
+    make_distribution(site, "tp-ctrlc", {"tp_ctrlc": "raise KeyboardInterrupt\n"}, {"ctrlc": "tp_ctrlc"})
+    with pytest.raises(KeyboardInterrupt) as info:
         Registry.load()
-    assert "tp-first" in str(info.value) and "tp-second" in str(info.value) and "'same'" in str(info.value)
+    if sys.version_info >= (3, 11):
+        notes = " ".join(info.value.__notes__)
+        assert 'plugin "ctrlc"' in notes and "tp-ctrlc" in notes and "tp_ctrlc" in notes
 
 
 def test_misspelt_hook_is_caught_and_nothing_is_registered(site):
@@ -256,3 +375,24 @@ def test_cli_plugins_list_shows_kinds_distributions_and_failures(site, capsys):
     assert 'Error importing plugin "clibroken" (distribution tp-cli)' in out
     assert main(["plugins", "list", "--no-external"]) == 0
     assert "cli_kind" not in capsys.readouterr().out
+
+
+def test_cli_plugins_list_reports_collisions_and_exits_one_line_each(site, capsys):
+    from curvlib.cli import main
+
+    make_distribution(site, "tp-clash", {"tp_clash": CLASH_PLUGIN}, {"clash": "tp_clash"})
+    make_distribution(site, "tp-exit", {"tp_exit": "import sys\nsys.exit(3)\n"}, {"exiting": "tp_exit"})
+    make_distribution(site, "tp-cli", {"tp_cli": GOOD_PLUGIN.format(kind="cli_kind")}, {"cli": "tp_cli"})
+    assert main(["plugins", "list"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Traceback" not in out + captured.err
+    assert "cli_kind" in out and "clash_extra" not in out
+    lines = out.splitlines()
+    failures = lines[lines.index("failed plugins (2)") + 1:]
+    assert len(failures) == 2, failures
+    clash = next(line for line in failures if '"clash"' in line)
+    assert "PluginCollisionError" in clash and "dampings kind 'tikhonov'" in clash
+    assert "'curvlib'" in clash and "'tp-clash'" in clash
+    exiting = next(line for line in failures if '"exiting"' in line)
+    assert "called sys.exit(3) on import" in exiting and "tp-exit" in exiting

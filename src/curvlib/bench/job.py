@@ -2,8 +2,11 @@
 
 * :func:`run_bench` — for each problem, an optional grid search per method
   (:mod:`curvlib.bench.grid`), the timed runs (:func:`~curvlib.bench.training.train`), one
-  JSON per run, then the summary (``summary.json``, ``summary.txt``) and the plots
+  JSON per run and the summary of the runs finished so far (``summary.json``,
+  ``summary.txt``, rewritten atomically after every run), then the plots
   (:mod:`curvlib.bench.report`);
+* :class:`BenchInterrupted` — the ``KeyboardInterrupt`` that stopped a job, with what it
+  had finished;
 * :func:`build_problem`, :func:`resolve_methods` — the problems and methods a
   :class:`~curvlib.bench.settings.BenchConfig` names, built and resolved;
 * :class:`BenchResult` — what the job produced.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +31,22 @@ from curvlib.bench.grid import grid_search
 from curvlib.bench.methods import Method, resolve_method
 from curvlib.bench.problems import PROBLEMS, Problem
 from curvlib.bench.progress import ProgressReporter, make_progress
-from curvlib.bench.record import RunRecord, versions
+from curvlib.bench.record import RunRecord, versions, write_text_atomic
 from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_STEPS, BenchConfig, MethodConfig
 from curvlib.bench.tensorboard import require_tensorboard, write_tensorboard
 from curvlib.bench.training import steps_per_epoch, train, warm_up
+from curvlib.errors import ConfigError
 from curvlib.plugins import load_registry
 
-__all__ = ["SUMMARY_SCHEMA", "BenchResult", "build_problem", "default_out", "resolve_methods", "run_bench"]
+__all__ = [
+    "SUMMARY_SCHEMA",
+    "BenchInterrupted",
+    "BenchResult",
+    "build_problem",
+    "default_out",
+    "resolve_methods",
+    "run_bench",
+]
 
 SUMMARY_SCHEMA = "curvlib.bench.summary/1"
 
@@ -48,6 +61,44 @@ class BenchResult:
     summary: dict[str, Any]
     grids: dict[tuple[str, str], Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` (Ctrl-C, SIGINT) that stopped :func:`run_bench` between or
+    during runs. The finished runs' JSON files and the summary of those runs are on disk.
+
+    Attributes:
+        finished: runs finished; ``total``: runs planned; ``out``: the results directory;
+        result: the :class:`BenchResult` of the finished runs (no plots).
+    """
+
+    def __init__(self, finished: int, total: int, out: Path, result: BenchResult) -> None:
+        super().__init__(f"interrupted after {finished} of {total} runs; results so far in {out}")
+        self.finished, self.total, self.out, self.result = finished, total, out, result
+
+
+def _prepare_out(out_dir: Path) -> None:
+    """Create the results directory, or say why it cannot be one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out: the results directory {str(out_dir)!r} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"out: cannot create the results directory {str(out_dir)!r}: {exc.strerror or exc}"
+        ) from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: the results directory {str(out_dir)!r} is not writable")
+
+
+def _write_summary(out_dir: Path, records: list[RunRecord], config: BenchConfig, total: int) -> tuple[dict[str, Any], str]:
+    """Rewrite ``summary.json`` and ``summary.txt`` (atomically) for the runs finished so far."""
+    summary = report.summarize(records, target_loss=config.target_loss, target_margin=config.target_margin)
+    data = {"schema": SUMMARY_SCHEMA, "runs_finished": len(records), "runs_planned": total, **summary}
+    write_text_atomic(out_dir / "summary.json", json.dumps(data, indent=1, allow_nan=False) + "\n")
+    table = report.format_summary(summary)
+    write_text_atomic(out_dir / "summary.txt", table + "\n")
+    return summary, table
 
 
 def _safe(name: str) -> str:
@@ -103,7 +154,8 @@ def run_bench(
         grid/<problem>__<method>.json   the grid search of each method (with grid)
         <problem>_train_loss_vs_epoch.png, <problem>_train_loss_vs_time.png,
         <problem>_test_loss_vs_epoch.png
-        summary.json, summary.txt       the summary table (also printed through ``echo``)
+        summary.json, summary.txt       the summary table (also printed through ``echo``),
+                                        rewritten after every finished run
 
     Args:
         registry: plugin registry (default: :func:`curvlib.plugins.load_registry`);
@@ -111,9 +163,16 @@ def run_bench(
         progress: a :class:`~curvlib.bench.progress.ProgressReporter` (default: from ``config.progress``).
         echo: prints the summary table (default: nothing is printed).
 
+    Every file is written atomically (:func:`~curvlib.bench.record.write_text_atomic`), and
+    after every finished run its JSON and the summary of the runs finished so far are on
+    disk (``summary.json`` says ``runs_finished`` of ``runs_planned``).
+
     Raises:
         UnknownKindError: a method name is not valid (before anything runs).
+        ConfigError: ``out`` is an existing file, or cannot be created or written.
         OptimizerUnavailableError: a natural-gradient method without ``curvlib.optim``.
+        BenchInterrupted: a ``KeyboardInterrupt`` (Ctrl-C) stopped the job; the finished
+            runs and their summary are kept.
     """
     if config.tensorboard is not None:
         require_tensorboard()
@@ -121,10 +180,11 @@ def run_bench(
         registry = load_registry()
     if config.methods is not None:
         resolve_methods(config, registry)  # a misspelt name fails before any data is loaded
+    out_dir = Path(out) if out is not None else (Path(config.out) if config.out else default_out(config.name))
+    _prepare_out(out_dir)  # before any data is loaded: a bad --out fails at once
     problems = [build_problem(config, name) for name in config.problems]
     methods = {problem.name: resolve_methods(config, registry, problem) for problem in problems}
-    out_dir = Path(out) if out is not None else (Path(config.out) if config.out else default_out(config.name))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(len(run) for run in methods.values())
     threads_before = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -133,9 +193,10 @@ def run_bench(
     files: list[Path] = []
     records: list[RunRecord] = []
     grids: dict[tuple[str, str], Any] = {}
+    summary_files = [out_dir / "summary.json", out_dir / "summary.txt"]
     try:
         config_path = out_dir / "config.json"
-        config_path.write_text(json.dumps({
+        write_text_atomic(config_path, json.dumps({
             "config": config.model_dump(mode="json"),
             "methods_by_problem": {name: [entry.name for _, entry in run] for name, run in methods.items()},
             "versions": versions(),
@@ -167,19 +228,23 @@ def run_bench(
                     label=f"{problem.name} {method.name}", small=config.small,
                 )
                 record.grid = grid_info
+                path = record.write(out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json")
                 records.append(record)
-                files.append(record.write(out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json"))
+                files.append(path)
+                _write_summary(out_dir, records, config, total)
+    except KeyboardInterrupt as exc:
+        if records:  # the interrupt may have cut the last summary write short
+            _write_summary(out_dir, records, config, total)
+        summary = report.summarize(records, target_loss=config.target_loss, target_margin=config.target_margin)
+        partial = BenchResult(config=config, out=out_dir, records=records, summary=summary, grids=grids,
+                              files=files + [f for f in summary_files if records])
+        raise BenchInterrupted(len(records), total, out_dir, partial) from exc
     finally:
         if own_progress:
             progress.close()
         torch.set_num_threads(threads_before)
-    summary = report.summarize(records, target_loss=config.target_loss, target_margin=config.target_margin)
-    summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps({"schema": SUMMARY_SCHEMA, **summary}, indent=1, allow_nan=False) + "\n")
-    files.append(summary_path)
-    table = report.format_summary(summary)
-    (out_dir / "summary.txt").write_text(table + "\n")
-    files.append(out_dir / "summary.txt")
+    summary, table = _write_summary(out_dir, records, config, total)
+    files.extend(summary_files)
     if config.plots:
         files.extend(report.plot_runs(records, out_dir))
     if config.tensorboard is not None:

@@ -3,7 +3,10 @@
 * :class:`RunRecord` — one method on one problem, written as one JSON file
   (``runs/<problem>__<method>.json``, schema :data:`RUN_SCHEMA`) and read back by
   :meth:`RunRecord.from_json`;
-* :func:`versions` — the versions of python, torch, numpy and curvlib stored with it.
+* :func:`versions` — the versions of python, torch, numpy and curvlib stored with it;
+* :func:`write_text_atomic` — how every results file is written: to a temporary file in
+  the same directory, then renamed over the target, so that an interrupted job never
+  leaves a half-written file.
 
 Non-finite numbers (a diverged loss) are written as ``null``, so every file is strict JSON.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -23,7 +28,7 @@ from typing import Any
 import numpy
 import torch
 
-__all__ = ["RUN_SCHEMA", "RunRecord", "plain_metrics", "versions"]
+__all__ = ["RUN_SCHEMA", "RunRecord", "plain_metrics", "versions", "write_text_atomic"]
 
 RUN_SCHEMA = "curvlib.bench.run/1"
 
@@ -122,9 +127,29 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
-        return path
+        """Write the record's JSON to ``path`` (atomically: :func:`write_text_atomic`)."""
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path``: to a temporary file in the same directory, then
+    ``os.replace`` onto ``path``, so that a reader — or a job killed half-way — sees the old
+    file or the new one, never a part. Creates the parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not tempfile.mkstemp: its 0600 mode would make every results file private
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
 
 
 def _finite(value: Any) -> Any:

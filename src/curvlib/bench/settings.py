@@ -15,7 +15,6 @@ method's family, then the method's own defaults.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from curvlib.bench.grid import THESIS_GRID_3_3_2
 from curvlib.bench.methods import Hyperparameters, Method
 from curvlib.bench.problems import PROBLEMS, Problem
-from curvlib.config import StrictModel, validate_options
+from curvlib.config import FrozenDict, StrictModel, load_config_mapping, validate_options
 from curvlib.errors import ConfigError
 
 __all__ = [
@@ -53,7 +52,8 @@ class MethodConfig(StrictModel):
     to the method's defaults). In a config file a bare string is the name alone.
 
     Attributes mirror :class:`~curvlib.bench.methods.Hyperparameters`; ``name`` is a
-    method name (:func:`~curvlib.bench.methods.resolve_method`).
+    method name (:func:`~curvlib.bench.methods.resolve_method`). The ``*_options``
+    mappings are stored read-only (:class:`~curvlib.config.FrozenDict`).
     """
 
     name: str
@@ -68,10 +68,10 @@ class MethodConfig(StrictModel):
     update_every: int | None = Field(None, ge=1)
     invert_every: int | None = Field(None, ge=1)
     ema: float | None = Field(None, ge=0, le=1)
-    approximator_options: dict[str, Any] | None = None
-    coarse_options: dict[str, Any] | None = None
+    approximator_options: FrozenDict | None = None
+    coarse_options: FrozenDict | None = None
     fallback: Literal["sgd", "adam"] | None = None
-    optimizer_options: dict[str, Any] | None = None
+    optimizer_options: FrozenDict | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -79,7 +79,7 @@ class MethodConfig(StrictModel):
         return {"name": data} if isinstance(data, str) else data
 
     def overrides(self) -> dict[str, Any]:
-        """The hyperparameters this entry sets (``None`` fields left out)."""
+        """The hyperparameters this entry sets (``None`` fields left out), as plain values."""
         return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
 
 
@@ -255,25 +255,11 @@ class BenchConfig(StrictModel):
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``--config`` file: YAML (``.yaml``/``.yml``, needs PyYAML) or JSON."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {str(file)!r} does not exist")
-    text = file.read_text()
-    if file.suffix.lower() in (".yaml", ".yml"):
-        try:
-            # PyYAML is optional (the bench extra): only a YAML file needs it
-            import yaml
-        except ImportError as exc:  # pragma: no cover - pyyaml is in the bench extra
-            raise ConfigError(f"reading {file} needs PyYAML: pip install pyyaml (or use a .json file)") from exc
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid JSON: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of options, got {type(data).__name__}")
-    return data
+    """Read a ``--config`` file: JSON (``.json``) or YAML (any other suffix; needs PyYAML).
+
+    The shared reader :func:`curvlib.config.load_config_mapping`: YAML 1.2 floats
+    (``lr: 1e-3`` is a number), an empty file is an empty mapping, and a missing path, a
+    directory, a binary file, a syntax error (with its line), a key given twice or a top
+    level that is not a mapping raise :class:`~curvlib.errors.ConfigError` naming the file.
+    """
+    return load_config_mapping(path, who="config file")

@@ -3,12 +3,17 @@ every family, with the distribution that provides it.
 
 ``Registry.load()`` discovers plugins through the ``curvlib`` entry-point group,
 curvlib's own built-ins included (they are declared in curvlib's ``pyproject.toml``
-exactly as a third party declares its own).  A plugin that fails to import, or
-implements a misspelt hook, is recorded in :attr:`Registry.failures` with its
-entry-point name and distribution while the others still load; two plugins that
-register the same kind in the same family raise :class:`PluginCollisionError`.
-Setting the environment variable ``CURVLIB_DISABLE_EXTERNAL_PLUGINS=1`` loads only
-curvlib's own plugins.
+exactly as a third party declares its own).  A plugin that fails to import (an
+exception, or ``sys.exit()`` called on import), implements a misspelt hook, or registers
+a kind that is already registered in the same family is recorded in
+:attr:`Registry.failures` with its entry-point name and distribution while the others
+still load.  On a collision the first registration wins: curvlib's built-ins are always
+registered first, then external distributions in name order; the colliding plugin is
+left out entirely (none of its kinds) and its failure is a :class:`PluginCollisionError`
+naming the family, the kind and both distributions (looking the kind up warns with a
+:class:`~curvlib.errors.PluginWarning` saying which one is used).  ``KeyboardInterrupt``
+during an import propagates, with a note naming the plugin.  Setting the environment
+variable ``CURVLIB_DISABLE_EXTERNAL_PLUGINS=1`` loads only curvlib's own plugins.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import importlib.metadata as importlib_metadata
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,6 +36,7 @@ from curvlib.errors import (
     PluginCollisionError,
     PluginError,
     PluginLoadError,
+    PluginWarning,
     UnknownKindError,
 )
 from curvlib.plugins import hookspecs
@@ -81,18 +88,24 @@ class PluginSpec:
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that could not be loaded: its entry-point name, distribution and why."""
+    """A plugin that could not be loaded: its entry-point name, distribution and why.
+
+    ``stage`` is ``"importing"`` (the entry point did not load) or ``"registering"`` (its
+    hooks failed, or a kind collided); ``str()`` is one line, without the traceback.
+    """
 
     plugin: str
     distribution: str
     error: BaseException
     traceback: str
+    stage: str = "importing"
 
     def __str__(self) -> str:
-        return (
-            f'Error importing plugin "{self.plugin}" (distribution {self.distribution}): '
+        text = (
+            f'Error {self.stage} plugin "{self.plugin}" (distribution {self.distribution}): '
             f"{type(self.error).__name__}: {self.error}"
         )
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class FamilyRegistrar:
@@ -162,15 +175,20 @@ class Family:
         self.name = name
         self._registry = registry
         self._specs: dict[str, PluginSpec] = {}
+        #: kind -> the collisions recorded while loading (the registered spec won)
+        self._collisions: dict[str, list[PluginCollisionError]] = {}
 
     def _add(self, spec: PluginSpec) -> None:
         old = self._specs.get(spec.kind)
         if old is not None:
-            raise PluginCollisionError(
+            error = PluginCollisionError(
                 f"{self.name} kind {spec.kind!r} is registered twice: by plugin "
                 f"{old.plugin!r} of distribution {old.distribution!r} and by plugin "
-                f"{spec.plugin!r} of distribution {spec.distribution!r}"
+                f"{spec.plugin!r} of distribution {spec.distribution!r}; the first registration is kept"
             )
+            error.family, error.kind = self.name, spec.kind  # type: ignore[attr-defined]
+            error.winner, error.loser = old, spec  # type: ignore[attr-defined]
+            raise error
         self._specs[spec.kind] = spec
 
     def kinds(self) -> list[str]:
@@ -187,17 +205,31 @@ class Family:
         return len(self._specs)
 
     def get(self, kind: str) -> PluginSpec:
-        """The spec of ``kind``; :class:`UnknownKindError` lists the known kinds."""
+        """The spec of ``kind``; :class:`UnknownKindError` lists the known kinds.
+
+        A kind that another plugin also tried to register (a collision recorded while
+        loading) is returned with a :class:`~curvlib.errors.PluginWarning` naming both.
+        """
         try:
-            return self._specs[kind]
+            spec = self._specs[kind]
         except KeyError:
             known = ", ".join(repr(k) for k in self.kinds()) or "(none)"
             msg = f"unknown {self.name[:-1].replace('_', ' ')} kind {kind!r}; known kinds: {known}"
             if self._registry.failures:
                 msg += "; plugins that failed to load: " + ", ".join(
-                    f"{f.plugin} ({f.distribution})" for f in self._registry.failures
+                    f"{f.plugin} ({f.distribution}: {type(f.error).__name__})" for f in self._registry.failures
                 )
             raise UnknownKindError(msg) from None
+        for collision in self._collisions.get(kind, ()):
+            loser = collision.loser  # type: ignore[attr-defined]
+            warnings.warn(
+                f"{self.name} kind {kind!r}: using plugin {spec.plugin!r} of distribution {spec.distribution!r}; "
+                f"plugin {loser.plugin!r} of distribution {loser.distribution!r} registers it too and was not "
+                "loaded (see `curvlib plugins list`)",
+                PluginWarning,
+                stacklevel=2,
+            )
+        return spec
 
     def resolve(self, config: str | Mapping[str, Any] | BaseModel, /, **overrides: Any) -> tuple[PluginSpec, BaseModel]:
         """Look up a kind and validate its options.
@@ -276,42 +308,50 @@ class Registry:
             importlib_metadata.entry_points(group=group),
             key=lambda ep: (_dist_name(ep) != BUILTIN_DISTRIBUTION, _dist_name(ep), ep.name),
         )
-        builtin_seen = False
-        for ep in eps:
-            dist = _dist_name(ep)
-            is_builtin = _normalize_dist(dist) == BUILTIN_DISTRIBUTION
-            if not is_builtin and not external:
-                continue
-            builtin_seen |= is_builtin
-            reg._load_entry_point(ep, dist, strict=strict)
-        if not builtin_seen and group == ENTRY_POINT_GROUP:
+        builtins = [ep for ep in eps if _normalize_dist(_dist_name(ep)) == BUILTIN_DISTRIBUTION]
+        others = [ep for ep in eps if ep not in builtins] if external else []
+        # Built-ins first, always: on a collision the first registration wins.
+        for ep in builtins:
+            reg._load_entry_point(ep, BUILTIN_DISTRIBUTION, strict=strict)
+        if not builtins and group == ENTRY_POINT_GROUP:
             # Running from a source tree that was never installed: register the
             # built-ins directly so curvlib still works (pip install registers them
             # through entry points, the path a test checks).
             for name, modname in BUILTIN_PLUGIN_MODULES.items():
-                reg._load_object(name, BUILTIN_DISTRIBUTION, lambda m=modname: importlib.import_module(m), strict=strict)
+                reg._load_object(name, BUILTIN_DISTRIBUTION, lambda m=modname: importlib.import_module(m),
+                                 strict=strict, target=modname)
+        for ep in others:
+            reg._load_entry_point(ep, _dist_name(ep), strict=strict)
         return reg
 
     def _load_entry_point(self, ep: importlib_metadata.EntryPoint, dist: str, *, strict: bool) -> None:
-        self._load_object(ep.name, dist, ep.load, strict=strict)
+        self._load_object(ep.name, dist, ep.load, strict=strict, target=ep.value)
 
-    def _load_object(self, name: str, dist: str, loader: Callable[[], Any], *, strict: bool) -> None:
+    def _load_object(self, name: str, dist: str, loader: Callable[[], Any], *, strict: bool, target: str) -> None:
+        where = f'plugin "{name}" (distribution {dist}, entry point {name} = {target})'
         try:
-            obj = loader()
+            obj = _guarded(loader, where, "on import")
         except Exception as exc:  # a broken plugin must not break the others
-            self._fail(name, dist, exc, strict, prefix=f'Error importing plugin "{name}"')
+            self._fail(name, dist, exc, strict, stage="importing")
             return
         try:
-            self.register(obj, name=name, distribution=dist)
-        except PluginCollisionError:
-            raise
+            _guarded(lambda: self.register(obj, name=name, distribution=dist), where, "while registering")
+        except PluginCollisionError as exc:
+            if strict:
+                raise
+            family, kind = getattr(exc, "family", None), getattr(exc, "kind", None)
+            if family is not None and kind is not None:  # a kind collision (not a reused plugin name)
+                self._families[family]._collisions.setdefault(kind, []).append(exc)
+            self._fail(name, dist, exc, strict, stage="registering")
         except Exception as exc:
-            self._fail(name, dist, exc, strict, prefix=f'Error registering plugin "{name}"')
+            self._fail(name, dist, exc, strict, stage="registering")
 
-    def _fail(self, name: str, dist: str, exc: BaseException, strict: bool, *, prefix: str) -> None:
-        failure = PluginFailure(name, dist, exc, traceback.format_exc())
+    def _fail(self, name: str, dist: str, exc: BaseException, strict: bool, *, stage: str) -> None:
+        failure = PluginFailure(name, dist, exc, traceback.format_exc(), stage=stage)
         if strict:
-            raise PluginLoadError(f"{prefix} (distribution {dist}): {type(exc).__name__}: {exc}") from exc
+            raise PluginLoadError(
+                f'Error {stage} plugin "{name}" (distribution {dist}): {type(exc).__name__}: {exc}'
+            ) from exc
         self.failures.append(failure)
 
     def register(self, plugin: object, *, name: str, distribution: str = "<local>") -> None:
@@ -375,6 +415,20 @@ class Registry:
             return importlib_metadata.version(distribution)
         except importlib_metadata.PackageNotFoundError:
             return "?"
+
+
+def _guarded(call: Callable[[], Any], where: str, when: str) -> Any:
+    """``call()`` with a plugin's ``sys.exit()`` turned into a :class:`PluginLoadError`
+    (it would otherwise end the process silently) and a note on ``KeyboardInterrupt``
+    naming the plugin (which still propagates: the user pressed Ctrl-C)."""
+    try:
+        return call()
+    except SystemExit as exc:
+        raise PluginLoadError(f"{where} called sys.exit({exc.code!r}) {when}") from exc
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"(interrupted {'importing' if when == 'on import' else 'registering'} curvlib {where})")
+        raise
 
 
 def _dist_name(ep: importlib_metadata.EntryPoint) -> str:

@@ -30,6 +30,12 @@ plus the schedule and the way the pieces are combined:
   ρ = min(1 − 1/k, γ) at the k-th refresh; passed to the approximator unless its own
   mapping sets ``ema`` (and only if its options model has an ``ema`` field).
 
+Every field is strictly typed (``update_every="2"`` or ``update_every=True`` is refused, not
+converted; ``ema`` takes an int or a float) and the configuration is immutable all the way
+down: the four kind mappings are stored as read-only :class:`~curvlib.config.FrozenDict`
+(nested lists as tuples), so ``config.approximator["rank"] = 3`` raises ``TypeError``;
+:meth:`PreconditionerConfig.to_dict` (``model_dump``) gives plain, mutable dicts and lists.
+
 The options of each kind are validated against the kind's own pydantic model when the
 configuration is resolved against a plugin registry (:func:`resolve_config`, called by
 :func:`curvlib.build_preconditioner`); errors name the field path, e.g.
@@ -38,17 +44,15 @@ configuration is resolved against a plugin registry (:func:`resolve_config`, cal
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from curvlib.config import StrictModel
+from curvlib.config import FrozenDict, StrictModel, format_validation_error, load_config_mapping, thaw
 from curvlib.errors import ConfigError, UnknownKindError
 
 __all__ = [
@@ -66,21 +70,6 @@ KIND_FIELDS: dict[str, str] = {
     "damping": "dampings",
     "coarse_space": "coarse_spaces",
 }
-
-
-def _format_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if not loc and err.get("type") == "value_error":
-            # a cross-field rule: its message names the fields itself
-            lines.append(f"{prefix}: {msg}" if prefix else msg)
-            continue
-        path = ".".join(p for p in (prefix, loc) if p) or "<root>"
-        got = f" (got {err['input']!r})" if "input" in err and err.get("type") != "missing" else ""
-        lines.append(f"{path}: {msg}{got}")
-    return "\n".join(lines)
 
 
 def _kind_mapping(value: Any, field: str) -> dict[str, Any]:
@@ -114,28 +103,22 @@ class PreconditionerConfig(StrictModel):
                                    update_every=10, invert_every=100, ema=0.95)
     """
 
-    curvature: dict[str, Any] = Field(
+    curvature: FrozenDict = Field(
         default_factory=lambda: {"kind": "fisher", "mc_samples": 1},
         description="curvature kind and options (the matrix approximated: fisher, empirical_fisher, ggn, ...)",
     )
-    approximator: dict[str, Any] = Field(
+    approximator: FrozenDict = Field(
         default_factory=lambda: {"kind": "kfac"}, description="block approximator kind and options"
     )
-    damping: dict[str, Any] = Field(
+    damping: FrozenDict = Field(
         default_factory=lambda: {"kind": "heuristic", "value": 1e-3}, description="damping kind and options (λ = value)"
     )
-    coarse_space: dict[str, Any] | None = Field(None, description="coarse space kind and options; None: one level")
+    coarse_space: FrozenDict | None = Field(None, description="coarse space kind and options; None: one level")
     coarse_mode: Literal["multiplicative", "additive", "previous"] = "multiplicative"
     preconditioner: Literal["kronecker", "block_natural_gradient", "exact_natural_gradient"] = "kronecker"
     update_every: int = Field(1, ge=1, description="T1: steps between curvature refreshes")
     invert_every: int = Field(1, ge=1, description="T2: steps between inversions (a multiple of T1)")
     ema: float | None = Field(0.95, ge=0.0, le=1.0, description="γ of the EMA ρ = min(1 − 1/k, γ); None: no average")
-
-    def __init__(self, /, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            raise ConfigError("invalid PreconditionerConfig:\n" + _format_validation_error(exc)) from exc
 
     @field_validator("curvature", "approximator", "damping", mode="before")
     @classmethod
@@ -176,6 +159,9 @@ class PreconditionerConfig(StrictModel):
         if isinstance(config, (str, os.PathLike)):
             return cls.from_file(config)
         if isinstance(config, Mapping):
+            bad = [k for k in config if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"PreconditionerConfig: field names must be strings, got {bad!r}")
             return cls(**dict(config))
         raise ConfigError(
             f"expected a PreconditionerConfig, a mapping, a YAML/JSON file path or None; got {type(config).__name__}"
@@ -186,38 +172,23 @@ class PreconditionerConfig(StrictModel):
         """Read a configuration from a YAML (``.yaml``/``.yml``) or JSON (``.json``) file.
 
         The file holds one mapping with the fields of this class.  Other suffixes are
-        parsed as YAML (a superset of JSON).
+        parsed as YAML (a superset of JSON), with YAML 1.2 floats (``1e-3`` is a number).
+        See :func:`curvlib.config.load_config_mapping` for what is refused: a missing path
+        or a directory, a file that is not UTF-8 text, a syntax error (with its line), a
+        key given twice, a top level that is not a mapping.
+
+        Raises:
+            ConfigError: the file cannot be used (see above) or its values are invalid (the
+                message names the fields and the file).
         """
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"PreconditionerConfig.from_file: expected an existing file, got {str(file)!r}")
-        text = file.read_text(encoding="utf-8")
-        if file.suffix.lower() == ".json":
-            loads = json.loads
-        else:
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ConfigError(
-                    f"PreconditionerConfig.from_file: reading {str(file)!r} as YAML needs PyYAML "
-                    "(pip install pyyaml), or use a .json file"
-                ) from exc
-            loads = yaml.safe_load
+        data = load_config_mapping(path, who="PreconditionerConfig.from_file")
         try:
-            data = loads(text)
-        except Exception as exc:  # parse errors of either format
-            raise ConfigError(f"PreconditionerConfig.from_file: could not parse {str(file)!r}: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"PreconditionerConfig.from_file: expected {str(file)!r} to hold a mapping, got {type(data).__name__}"
-            )
-        try:
-            return cls(**dict(data))
+            return cls(**data)
         except ConfigError as exc:
-            raise ConfigError(f"{exc} (in {str(file)!r})") from exc
+            raise ConfigError(f"{exc} (in {str(path)!r})") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain mapping (JSON/YAML-serialisable when the options are) that :meth:`coerce` accepts."""
+        """A plain, mutable mapping (JSON/YAML-serialisable when the options are) that :meth:`coerce` accepts."""
         return self.model_dump()
 
 
@@ -263,7 +234,7 @@ class ResolvedConfig:
 
 def _resolve_kind(registry: Any, field: str, data: Mapping[str, Any], inherited: Mapping[str, Any]) -> ResolvedKind:
     family = registry.family(KIND_FIELDS[field])
-    options = dict(data)
+    options = thaw(data)  # plain dicts and lists: the kind's (strict) options model validates them
     kind = options.pop("kind")
     try:
         spec = family.get(kind)
@@ -277,7 +248,7 @@ def _resolve_kind(registry: Any, field: str, data: Mapping[str, Any], inherited:
         model = spec.options.model_validate(options)
     except pydantic.ValidationError as exc:
         raise ConfigError(
-            f"invalid options for {field} kind {kind!r}:\n" + _format_validation_error(exc, prefix=field)
+            f"invalid options for {field} kind {kind!r}:\n" + format_validation_error(exc, prefix=field)
         ) from exc
     return ResolvedKind(field=field, kind=kind, spec=spec, options=model, data=options)
 
