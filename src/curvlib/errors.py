@@ -8,6 +8,10 @@ and what came.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = [
     "CurvlibError",
     "ShapeError",
@@ -95,3 +99,32 @@ class PerformanceWarning(UserWarning):
 
 class PluginWarning(UserWarning):
     """A plugin problem that does not stop the work (a kind that another plugin also registers)."""
+
+
+# ---------------------------------------------------------------------------- where warnings point
+
+_CURVLIB_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_WRAPPERS = ("torch", "pluggy")  # packages whose frames sit between the user's call and curvlib
+
+
+def _internal(filename: str) -> bool:
+    if filename.startswith(_CURVLIB_DIR) or os.path.basename(filename) == "contextlib.py":
+        return True
+    for name in _WRAPPERS:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path and filename.startswith(os.path.dirname(os.path.abspath(path)) + os.sep):
+            return True
+    return False
+
+
+def warn(message: str, category: type[Warning] = NumericalWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame of the call stack
+    outside curvlib (and outside the torch / pluggy / contextlib wrappers around it, such as
+    ``torch.no_grad`` on an optimizer's step), whatever the depth of the call inside curvlib."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level + 1)

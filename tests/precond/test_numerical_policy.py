@@ -319,3 +319,24 @@ def test_a_sum_loss_takes_the_same_steps_as_the_mean_loss():
 def test_every_error_here_is_a_curvlib_error():
     for exc in (ShapeError, ConfigError, NumericalError, NotPSDError):
         assert issubclass(exc, CurvlibError)
+
+
+# --------------------------------------------------------------------------- where warnings point
+
+
+def test_warnings_point_at_the_users_line():
+    """Reported: warnings pointed at curvlib's own line; now at the caller's, whatever the depth
+    (here a kept refresh, deep inside step() under torch's no_grad wrapper)."""
+    model = _mlp()
+    X, y = _data()
+    opt = _opt(model)
+    _step(opt, model, X, y)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    opt.zero_grad()
+    opt.loss_fn(model(X), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(batch=(bad, y)); line = __import__("inspect").currentframe().f_lineno  # noqa: E702
+    numerical = [w for w in caught if issubclass(w.category, NumericalWarning)]
+    assert numerical and all((w.filename, w.lineno) == (__file__, line) for w in numerical)

@@ -21,7 +21,6 @@ J_iᵀJ_i otherwise (:class:`~curvlib.linalg.WoodburySolver`; never a p_i × p_i
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +30,7 @@ from pydantic import Field
 from curvlib.approximators.base import BlockApproximator, FitInfo, LayerFit
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError, warn
 from curvlib.linalg import ShiftSolvable, WoodburySolver, eigh_safe, unvec, vec
 
 __all__ = ["ExactBlock", "ExactBlockApproximator", "ExactBlockOptions", "pair_gram"]
@@ -168,7 +167,10 @@ class ExactBlock(ShiftSolvable):
     def to_dense(self) -> torch.Tensor:
         """F_ii as a dense ``[p_i, p_i]`` matrix (tests and small blocks; PerformanceWarning above p_i = 4096)."""
         if self.p > _DENSE_WARN:
-            warnings.warn(f"ExactBlock.to_dense() forms a dense {self.p} × {self.p} matrix", PerformanceWarning, stacklevel=2)
+            warn(
+                f"ExactBlock.to_dense() forms a dense {self.p} × {self.p} matrix",
+                PerformanceWarning,
+            )
         out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
         m, c = self.stats.m, self.stats.c
         step = max(1, (1 << 22) // max(1, c * self.p))
@@ -217,11 +219,10 @@ class ExactBlock(ShiftSolvable):
             if int(info) == 0:
                 fac: Any = ("chol", L)
             else:
-                warnings.warn(
+                warn(
                     f"ExactBlock.tikhonov_solve: Cholesky of F_ii + λI [{self.p}, {self.p}] failed (leading minor "
                     f"{int(info)}, λ = {lam:g}); using an eigendecomposition with F_ii's eigenvalues clamped at 0",
                     NumericalWarning,
-                    stacklevel=3,
                 )
                 e, Q = eigh_safe(M - lam * torch.eye(self.p, dtype=self.dtype, device=self.device))
                 fac = ("eig", (Q, 1.0 / (e.clamp_min(0) + lam)))

@@ -29,7 +29,6 @@ collected with their reasons and announced once by :func:`warn_excluded`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from curvlib.capture.adapters.base import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
-from curvlib.errors import ShapeError, UnsupportedLayerError
+from curvlib.errors import ShapeError, UnsupportedLayerError, warn
 from curvlib.linalg.operator import VectorLayout
 from curvlib.linalg.rows import Rows
 
@@ -517,11 +516,10 @@ def warn_excluded(excluded: dict[str, str], *, stacklevel: int = 3) -> None:
     if not excluded:
         return
     lines = "\n".join(f"  {name}: {why}" for name, why in excluded.items())
-    warnings.warn(
+    warn(
         f"{len(excluded)} trainable parameter(s) are left out of the curvature (no curvature block; "
         f"curvlib.optim.NaturalGradient updates them with its first-order fallback):\n{lines}",
         ExcludedParametersWarning,
-        stacklevel=stacklevel,
     )
 
 
@@ -534,10 +532,9 @@ def warn_batch_coupling(model: nn.Module, *, stacklevel: int = 3) -> None:
     """Warn (:class:`BatchCouplingWarning`) if a BatchNorm module of ``model`` is in training mode."""
     coupled = batch_coupled_modules(model)
     if coupled:
-        warnings.warn(
+        warn(
             f"BatchNorm module(s) {coupled} are in training mode: batch statistics couple the samples, so the "
             "captured per-sample gradients are not those of independent samples (and the forward updates their "
             "running statistics); call model.eval() for exact per-sample curvature",
             BatchCouplingWarning,
-            stacklevel=stacklevel,
         )

@@ -49,7 +49,7 @@ from curvlib.curvatures.factors import WEIGHT_SHARING, WeightSharing, kfac_facto
 from curvlib.curvatures.kinds import BuiltinCurvature, capture_batch
 from curvlib.curvatures.losses import loss_model_for
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, NoStatisticsError, PerSampleMean
-from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError, UnsupportedLossError
+from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError, UnsupportedLossError, warn
 
 __all__ = ["DataCurvatureOperator", "kfac_factors_over"]
 
@@ -230,8 +230,10 @@ class DataCurvatureOperator(OnLayers, PerSampleMean):
 
     def to_dense(self) -> torch.Tensor:
         """C_data as a dense ``[p, p]`` matrix (one pass; :class:`PerformanceWarning`)."""
-        warnings.warn(f"{type(self).__name__}.to_dense() forms a dense {self.p} × {self.p} matrix", PerformanceWarning,
-                      stacklevel=2)
+        warn(
+            f"{type(self).__name__}.to_dense() forms a dense {self.p} × {self.p} matrix",
+            PerformanceWarning,
+        )
         return self._accumulate("dense matrix", lambda op: op._dense())
 
     def statistics(self, i: int) -> Any:
@@ -392,6 +394,8 @@ def _progress_bar(enabled: bool) -> Callable[[Iterable[Any], str], Iterable[Any]
         pass
     else:
         return lambda it, desc: track(it, description=desc, total=total(it), transient=True)
-    warnings.warn("progress=True shows a bar with tqdm or rich; neither is installed, so no progress is shown",
-                  UserWarning, stacklevel=4)
+    warn(
+        "progress=True shows a bar with tqdm or rich; neither is installed, so no progress is shown",
+        UserWarning,
+    )
     return lambda it, desc: it

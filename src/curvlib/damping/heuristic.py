@@ -41,7 +41,6 @@ flipped to positive traces before the split.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -49,7 +48,7 @@ from pydantic import Field
 
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, Damping, InverseInfo
-from curvlib.errors import ConfigError, NotPSDError, NumericalWarning
+from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, warn
 from curvlib.linalg import (
     DampedKroneckerFactors,
     FactorEigenbasis,
@@ -217,11 +216,10 @@ class TwoTermHeuristicInverse(BlockInverse, DampedKroneckerFactors):
         try:
             inv = TwoTermKroneckerInverse(Ad, Bd, C, D, floor=floor)
         except NotPSDError as exc:
-            warnings.warn(
+            warn(
                 f"TwoTermHeuristicInverse: a damped leading factor is not positive definite ({exc}); clamping "
                 f"the leading factors' eigenvalues at 0 before the π-split shifts ({shift_a:.3e}, {shift_b:.3e})",
                 NumericalWarning,
-                stacklevel=4,
             )
             Ad, Bd = _clamped_factor(Ad, shift_a), _clamped_factor(Bd, shift_b)
             inv = TwoTermKroneckerInverse(Ad, Bd, C, D, floor=floor)

@@ -33,7 +33,6 @@ the inverses (``curvlib.damped_inverse(approx, inv.damping, previous=inv)``) for
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -44,7 +43,7 @@ from curvlib.config import StrictModel, validate_options
 from curvlib.damping.base import BlockInverse, Damping
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
 from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
-from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError, warn
 
 __all__ = [
     "LevenbergMarquardtOptions",
@@ -166,11 +165,10 @@ class LevenbergMarquardtDamping(Damping):
         omega = o.resolved_omega
         lam = self._lam
         if not math.isfinite(rho):
-            warnings.warn(
+            warn(
                 f"LevenbergMarquardtDamping.update: non-finite reduction ratio {rho}; treating the step as a "
                 f"failure and increasing λ from {lam:.3e} to {lam / omega:.3e}",
                 NumericalWarning,
-                stacklevel=2,
             )
             lam = lam / omega
         elif rho < o.rho_low:

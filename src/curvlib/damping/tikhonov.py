@@ -44,7 +44,6 @@ closed-form and ⪰ λI, so a solve never raises mid-training.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace as _replace
 from typing import Any, Literal
 
@@ -58,7 +57,7 @@ from curvlib.damping.base import (
     InverseInfo,
     psd_part_terms,
 )
-from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, PerformanceWarning
+from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, PerformanceWarning, warn
 from curvlib.linalg import FactorEigenbasis, KroneckerEigen, KroneckerFactored, KroneckerSum, eigh_safe, pcg
 
 __all__ = [
@@ -256,22 +255,20 @@ class PCGTikhonovInverse(BlockInverse):
     def _fall_back(self, why: str) -> None:
         """Take the next documented fallback: M → psd_part → leading_term (module docstring)."""
         if self._psd_op is None:
-            warnings.warn(
+            warn(
                 f"PCGTikhonovInverse: Σ_k A_k⊗B_k + λI (λ = {self._lam:.3e}, {self._op.rank} terms, "
                 f"p_i = {self.shape[0]}) {why}; falling back to the PSD part of every Kronecker term, "
                 "Σ_k (A_k⁺⊗B_k⁺ + A_k⁻⊗B_k⁻) + λI, for this and later solves",
                 NumericalWarning,
-                stacklevel=4,
             )
             self._psd_op = KroneckerSum(psd_part_terms(self._eigs))
             self._info = _replace(self._info, fallback="psd_part")
             return
-        warnings.warn(
+        warn(
             f"PCGTikhonovInverse: the PSD part + λI (λ = {self._lam:.3e}, p_i = {self.shape[0]}) {why} in "
             f"{self.dtype} (λ is below the rounding level of the factors); falling back to the exact Tikhonov "
             "inverse of the leading term, (A_1⊗B_1 + λI)⁻¹, for this and later solves",
             NumericalWarning,
-            stacklevel=4,
         )
         self._leading_only = True
         self._info = _replace(self._info, fallback="leading_term")
@@ -296,11 +293,10 @@ class PCGTikhonovInverse(BlockInverse):
         self._info = _replace(self._info, iterations=info.iterations, converged=info.converged, relative_residual=rel)
         if not info.converged:
             stalled = f" ({info.breakdowns} column(s) broke down at rounding level)" if info.breakdowns else ""
-            warnings.warn(
+            warn(
                 f"PCGTikhonovInverse: PCG stopped after {info.iterations} iterations at relative residual "
                 f"{rel:.3e} > pcg_tol = {self._tol:.1e} (p_i = {self.shape[0]}){stalled}; raise pcg_max_iters or λ",
                 NumericalWarning,
-                stacklevel=3,
             )
         return Y
 
@@ -330,10 +326,9 @@ class DenseTikhonovInverse(BlockInverse):
                 f"tikhonov method='exact': the block has p_i = d_a·d_g = {d_a}·{d_g} = {p} > dense_max = {dense_max}; "
                 "a dense p_i×p_i solve is refused for real layers: use method='pcg' (or raise dense_max)"
             )
-        warnings.warn(
+        warn(
             f"tikhonov method='exact' forms a dense [{p}, {p}] matrix and factorizes it (O(p_i³) = O(d⁶))",
             PerformanceWarning,
-            stacklevel=4,
         )
         self._lam = float(lam)
         eye = torch.eye(p, dtype=A0.dtype, device=A0.device)
@@ -341,12 +336,11 @@ class DenseTikhonovInverse(BlockInverse):
         L, info = torch.linalg.cholesky_ex(0.5 * (M + M.T) + self._lam * eye)
         fallback = None
         if int(info) != 0:
-            warnings.warn(
+            warn(
                 f"DenseTikhonovInverse: Σ_k A_k⊗B_k + λI (λ = {self._lam:.3e}, p_i = {p}) is not positive "
                 f"definite (Cholesky failed at leading minor {int(info)}); falling back to the PSD part of "
                 "every Kronecker term, Σ_k (A_k⁺⊗B_k⁺ + A_k⁻⊗B_k⁻) + λI",
                 NumericalWarning,
-                stacklevel=4,
             )
             M = KroneckerSum(psd_part_terms(_term_eigs(terms, self._lam))).to_dense()
             L, info = torch.linalg.cholesky_ex(0.5 * (M + M.T) + self._lam * eye)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from curvlib.errors import DTypeDeviceError, PerformanceWarning, ShapeError
+from curvlib.errors import DTypeDeviceError, PerformanceWarning, ShapeError, warn
 from curvlib.linalg.inverse import KroneckerEigen
 from curvlib.linalg.kron import unvec, vec
 from curvlib.linalg.operator import LinearOperator, VectorLayout
@@ -231,8 +231,10 @@ class BlockDiagonalOperator(LinearOperator):
         """The dense ``[p, p]`` matrix, block by block (PerformanceWarning above
         :attr:`dense_warning_size`)."""
         if self._p > self.dense_warning_size:
-            warnings.warn(f"{type(self).__name__}.to_dense() forms a dense {self._p} × {self._p} matrix",
-                          PerformanceWarning, stacklevel=2)
+            warn(
+                f"{type(self).__name__}.to_dense() forms a dense {self._p} × {self._p} matrix",
+                PerformanceWarning,
+            )
         out = torch.zeros(self._p, self._p, dtype=self.dtype, device=self.device)
         if self.uncovered:
             out.diagonal().fill_(self._uncovered_scale)

@@ -23,7 +23,6 @@ float64 retry of :func:`eigh_safe`.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from curvlib.errors import (
     NumericalError,
     NumericalWarning,
     ShapeError,
+    warn,
 )
 
 __all__ = [
@@ -116,10 +116,9 @@ def eigh_safe(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         reason = f"raised {type(exc).__name__}: {exc}"
     if S.dtype == torch.float64:
         raise NumericalError(f"{caller}: float64 eigh of a {list(S.shape)} matrix {reason}")
-    warnings.warn(
+    warn(
         f"{caller}: {S.dtype} eigh of a {list(S.shape)} matrix {reason}; retrying in float64",
         NumericalWarning,
-        stacklevel=2,
     )
     try:
         evals, evecs = torch.linalg.eigh(S.to(torch.float64))
@@ -249,11 +248,10 @@ def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor) -> tup
     if math.isfinite(mean_a) and math.isfinite(mean_b) and mean_a > 0 and mean_b > 0:
         pi = math.sqrt(mean_a / mean_b)
     else:
-        warnings.warn(
+        warn(
             f"{caller}: traces must be positive and finite for (2.96), got tr(A)/d_a = {mean_a:.3e}, "
             f"tr(B)/d_b = {mean_b:.3e}; using π = 1",
             NumericalWarning,
-            stacklevel=2,
         )
         pi = 1.0
     root = math.sqrt(lam)

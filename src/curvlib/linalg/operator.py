@@ -25,7 +25,6 @@ dtypes and devices are checked when operators are combined, naming both sides.
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any, ClassVar
@@ -33,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from curvlib.errors import DTypeDeviceError, PerformanceWarning, ShapeError
+from curvlib.errors import DTypeDeviceError, PerformanceWarning, ShapeError, warn
 
 __all__ = [
     "AdjointOperator",
@@ -256,8 +255,10 @@ class LinearOperator(abc.ABC):
         :class:`PerformanceWarning` above :attr:`dense_warning_size`)."""
         m, n = self.shape
         if max(m, n) > self.dense_warning_size:
-            warnings.warn(f"{type(self).__name__}.to_dense() forms a dense {m} × {n} matrix", PerformanceWarning,
-                          stacklevel=2)
+            warn(
+                f"{type(self).__name__}.to_dense() forms a dense {m} × {n} matrix",
+                PerformanceWarning,
+            )
         return self._matmat(torch.eye(n, dtype=self.dtype, device=self.device))
 
     def to_scipy(self) -> Any:

@@ -15,13 +15,12 @@ through :func:`~curvlib.linalg.inverse.eigh_safe`, with its documented float64 r
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, ShapeError
+from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg.inverse import _check_same, _check_square, _positive_lambda, eigh_safe
 
 __all__ = [
@@ -236,11 +235,10 @@ class WoodburySolver:
             self._chol: torch.Tensor | None = L
             self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
         else:
-            warnings.warn(
+            warn(
                 f"{caller}: Cholesky of λm·I + JᵀJ [{n}, {n}] failed (leading minor {int(info)}); "
                 "using an eigendecomposition with JᵀJ's eigenvalues clamped at 0",
                 NumericalWarning,
-                stacklevel=2,
             )
             e, Q = eigh_safe(G)
             self._chol = None

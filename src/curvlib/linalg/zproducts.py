@@ -31,12 +31,11 @@ the EMA of the block itself.  Neither F nor Z(F) is ever formed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError, warn
 from curvlib.linalg.geometry import Geometry, band_mask
 from curvlib.linalg.kron import unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
@@ -187,11 +186,10 @@ class PositionZOperator(ZOperator):
         else:
             self._mode = "band"
             if isinstance(rows, OneHotRows):
-                warnings.warn(
+                warn(
                     f"{name}: a finite band radius {radius} densifies one-hot rows ({m}×{T}×{d_a}); "
                     "use radius 0 or None to keep them sparse",
                     PerformanceWarning,
-                    stacklevel=2,
                 )
             self._a = rows.dense()
 

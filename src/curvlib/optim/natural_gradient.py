@@ -82,7 +82,6 @@ import contextlib
 import math
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -92,7 +91,7 @@ from torch import nn
 from curvlib.capture.layout import unwrap_model
 from curvlib.curvatures.batches import split_batch
 from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
-from curvlib.errors import ConfigError, NumericalError, NumericalWarning
+from curvlib.errors import ConfigError, NumericalError, NumericalWarning, warn
 from curvlib.precond import PreconditionerConfig, UpdateInfo, build_preconditioner, preserved_buffers
 
 __all__ = ["NaturalGradient"]
@@ -371,11 +370,10 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _skip(self, k: int, loss: Any, reason: str | None = None) -> Any:
         why = "non-finite gradients" if reason is None else reason
-        warnings.warn(
+        warn(
             f"NaturalGradient.step: {why} at step {k}; the step is skipped (parameters, optimizer state and "
             "preconditioner state unchanged)",
             NumericalWarning,
-            stacklevel=3,
         )
         self._counts["skipped_steps"] += 1
         self._publish({"step": k, "refreshed": False, "inverted": False, "skipped": True})

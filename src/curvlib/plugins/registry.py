@@ -22,7 +22,6 @@ import importlib
 import importlib.metadata as importlib_metadata
 import os
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,6 +37,7 @@ from curvlib.errors import (
     PluginLoadError,
     PluginWarning,
     UnknownKindError,
+    warn,
 )
 from curvlib.plugins import hookspecs
 from curvlib.plugins.hookspecs import BUILTIN_PLUGIN_MODULES, ENTRY_POINT_GROUP, HOOK_FAMILIES, PROJECT_NAME
@@ -222,12 +222,11 @@ class Family:
             raise UnknownKindError(msg) from None
         for collision in self._collisions.get(kind, ()):
             loser = collision.loser  # type: ignore[attr-defined]
-            warnings.warn(
+            warn(
                 f"{self.name} kind {kind!r}: using plugin {spec.plugin!r} of distribution {spec.distribution!r}; "
                 f"plugin {loser.plugin!r} of distribution {loser.distribution!r} registers it too and was not "
                 "loaded (see `curvlib plugins list`)",
                 PluginWarning,
-                stacklevel=2,
             )
         return spec
 

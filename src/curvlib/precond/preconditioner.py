@@ -42,7 +42,6 @@ import copy
 import math
 import operator
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +58,7 @@ from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping
-from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError
+from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import BlockDiagonalOperator, FactorEigenbasis, LinearOperator
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
@@ -435,9 +434,11 @@ class Preconditioner(OnLayers, LinearOperator):
         except NumericalError as exc:
             if self._operator is None:
                 raise
-            warnings.warn(f"Preconditioner.update: the refresh at step {k} failed numerically ({exc}); keeping the "
-                          f"previous refresh (step {self.last_refresh_step}) and its inverse", NumericalWarning,
-                          stacklevel=3)
+            warn(
+                f"Preconditioner.update: the refresh at step {k} failed numerically ({exc}); keeping the "
+                          f"previous refresh (step {self.last_refresh_step}) and its inverse",
+                NumericalWarning,
+            )
             refresh = invert = False
         t2 = time.perf_counter()
         self._step = k + 1
@@ -460,9 +461,11 @@ class Preconditioner(OnLayers, LinearOperator):
             if self.curvature is None:
                 raise NumericalError(f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}), "
                                      "and there is no previous refresh to keep")
-            warnings.warn(f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}); keeping "
+            warn(
+                f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}); keeping "
                           f"the previous refresh (step {self.last_refresh_step}): its fits, curvature and inverse",
-                          NumericalWarning, stacklevel=4)
+                NumericalWarning,
+            )
             return False
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
         if changed and extra:  # another set of layers than the verified one: verify it
