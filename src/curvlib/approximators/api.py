@@ -12,6 +12,11 @@ Example::
 
     # next batch: EMA and warm starts continue from the previous approximation
     approx = curvlib.approximate(F_next, "deflation", previous=approx, ema=0.95)
+
+:func:`approximate` is where curvlib receives every approximator's result, and the
+statistics it was fitted from: both are checked there, for the built-in kinds as for a
+plugin's (:mod:`curvlib.approximators.base`, "What curvlib checks"), and a failure raises
+:class:`~curvlib.errors.PluginOutputError` naming the kind, its distribution and the layer.
 """
 
 from __future__ import annotations
@@ -24,18 +29,28 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from curvlib.approximators.base import FactorFitted, LayerFit
+from curvlib.approximators.base import (
+    PSD_RTOL,
+    BlockApproximator,
+    FactorFitted,
+    LayerFit,
+    fit_structure_problem,
+    fit_value_flags,
+    fit_value_problem,
+    single_term_definite_flag,
+)
 from curvlib.approximators.exact import ExactBlock, pair_gram
 from curvlib.approximators.svd_based import z_operator
 from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError, ShapeError
+from curvlib.errors import ConfigError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import BlockDiagonalOperator, KroneckerSum, VectorLayout, vec
 from curvlib.plugins import load_registry
+from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
 
 __all__ = ["ApproximationError", "BlockDiagonalApproximation", "approximate", "approximation_error"]
 
-class BlockDiagonalApproximation(BlockDiagonalOperator):
+class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
     """diag(F̂_11, …, F̂_ℓℓ): one fitted block per layer of a curvature operator (3.20).
 
     A :class:`~curvlib.linalg.BlockDiagonalOperator`: ``approx @ v`` for ``v [p]``, ``[p, k]``
@@ -50,6 +65,11 @@ class BlockDiagonalApproximation(BlockDiagonalOperator):
         names: their module names.
         slices: their rows in the flat curvlib vector ``[p]``.
         p: the size of the flat vector (all layers of the operator).
+        origin: the :class:`~curvlib.plugins.hookspecs.KindOrigin` of the approximator kind
+            (its distribution and plugin), ``None`` when not made through a registry.
+
+    A :class:`~curvlib.plugins.hookspecs.CheckedApproximation`: :func:`curvlib.damped_inverse`
+    names its layers and its kind in messages and calls :meth:`check_before_inversion` first.
     """
 
     def __init__(
@@ -61,15 +81,59 @@ class BlockDiagonalApproximation(BlockDiagonalOperator):
         p: int,
         *,
         layout: VectorLayout | None = None,
+        origin: KindOrigin | None = None,
     ) -> None:
         if not fits:
             raise ShapeError("BlockDiagonalApproximation: expected at least one layer fit, got none")
         self.kind = kind
+        self._origin = origin
+        self._checked_definite = False
         self.layer_indices: tuple[int, ...] = tuple(sorted(fits))
         self._fits = {i: fits[i] for i in self.layer_indices}
         self.names: tuple[str, ...] = tuple(names[i] for i in self.layer_indices)
         super().__init__([self._fits[i].block for i in self.layer_indices], [slices[i] for i in self.layer_indices],
                          p=p, layout=layout)
+
+    # -- provenance and the check deferred to the inversion ---------------------------------
+    @property
+    def origin(self) -> KindOrigin | None:
+        return self._origin
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return self.names
+
+    def check_before_inversion(self) -> None:
+        """Warn about single-term blocks A ⊗ B that are indefinite: with s = sign tr A, s·A or
+        s·B has an eigenvalue below −:data:`~curvlib.approximators.base.PSD_RTOL`·‖·‖_F
+        (:func:`~curvlib.approximators.base.single_term_definite_flag`, a Cholesky factorization
+        of each factor, O(d³) — so it runs here, once per approximation and before its first
+        inversion, where the factors are decomposed anyway, not at every refresh; one host
+        synchronisation for all layers).  A block of the wrong sign was refused by
+        :func:`approximate` already; an indefinite one with the right sign is inverted by the
+        damping's documented rule for it (``tikhonov``: negative joint eigenvalues count as 0;
+        ``heuristic``: the factors' negative eigenvalues are clamped at 0), with a
+        :class:`~curvlib.errors.NumericalWarning` naming the kind, its distribution and the
+        layers (docs/plugin_guide.md §7).
+        """
+        if self._checked_definite:
+            return
+        self._checked_definite = True
+        flags = [(i, f) for i, fit in enumerate(self.fits) if (f := single_term_definite_flag(fit.block)) is not None]
+        if not flags:
+            return
+        ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+        bad = [self.names[i] for (i, _), good in zip(flags, ok) if not good]
+        if bad:
+            origin = self._origin or KindOrigin("approximators", self.kind)
+            # the text names no numbers, so Python's default filter shows it once per kind and layers
+            warn(
+                f"{origin} returned indefinite single-term blocks A ⊗ B for layers {bad} (a factor, sign-normalized by "
+                f"tr A, has eigenvalues below −{PSD_RTOL:g}·‖·‖_F; an approximation of a PSD curvature block should be "
+                "PSD): each is inverted by the damping's rule for indefinite blocks (tikhonov: negative joint "
+                "eigenvalues count as 0; heuristic: the factors' negative eigenvalues are clamped at 0)",
+                NumericalWarning,
+            )
 
     # -- container ---------------------------------------------------------------------
     def __getitem__(self, i: int) -> LayerFit:
@@ -100,6 +164,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator):
         return {
             "kind": self.kind,
             "p": self.p,
+            "origin": None if self._origin is None else self._origin.state_dict(),
             "layers": [
                 {"index": i, "name": n, "start": sl.start, "stop": sl.stop, "fit": self._fits[i].state_dict()}
                 for i, n, sl in zip(self.layer_indices, self.names, self.slices)
@@ -116,6 +181,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator):
             names={d["index"]: d["name"] for d in layers},
             slices={d["index"]: slice(d["start"], d["stop"]) for d in layers},
             p=data["p"],
+            origin=KindOrigin.from_state_dict(data.get("origin")),
         )
 
 
@@ -171,7 +237,11 @@ def approximate(
     if registry is None:
         registry = load_registry()
     spec, opts = registry.approximators.resolve(kind, **options)
+    origin = KindOrigin.of(spec)
     approximator = spec.factory(opts)
+    if not isinstance(approximator, BlockApproximator):
+        raise origin.error(None, f"the factory built {type(approximator).__name__}; expected a "
+                                 "curvlib.approximators.BlockApproximator (with fit(stats, previous) -> LayerFit)")
     idx = _layer_indices(F, layers)
     if previous is not None:
         if not isinstance(previous, BlockDiagonalApproximation):
@@ -193,7 +263,12 @@ def approximate(
         factors = kfac_factors_over(F, approximator.options.weight_sharing)
         fits = {i: approximator.fit_factors(factors[i], previous=prev[i]) for i in idx}
     else:
-        fits = {i: approximator.fit(F.statistics(i), previous=prev[i]) for i in idx}
+        fits = {}
+        for i in idx:
+            stats = F.statistics(i)
+            _check_statistics(F, i, stats, registry)
+            fits[i] = approximator.fit(stats, previous=prev[i])
+    _check_fits(F, fits, origin, approximator.declared_blocks())
     return BlockDiagonalApproximation(
         kind=spec.kind,
         fits=fits,
@@ -201,7 +276,47 @@ def approximate(
         slices={i: F.layers[i].slice for i in idx},
         p=F.p,
         layout=F.layout,
+        origin=origin,
     )
+
+
+def _check_statistics(F: Any, i: int, stats: Any, registry: Any) -> None:
+    """The statistics F gave for layer i fit the layer block: a :class:`LayerStatistics` of
+    its (d_a, d_g), in F's dtype and on its device.  They come from the curvature kind and
+    the layer's adapter, both plugins: the message names both."""
+    L = F.layers[i]
+    problem = None
+    if not isinstance(stats, LayerStatistics):
+        problem = f"statistics(i) returned {'None' if stats is None else type(stats).__name__}; expected LayerStatistics"
+    elif (stats.a_dim, stats.g_dim) != (L.a_dim, L.g_dim):
+        problem = (f"the statistics have (d_a, d_g) = {(stats.a_dim, stats.g_dim)}; expected {(L.a_dim, L.g_dim)}, "
+                   "the layer block's")
+    elif stats.dtype != F.dtype or stats.device != torch.device(F.device):
+        problem = f"the statistics are {stats.dtype} on {stats.device}; expected {F.dtype} on {F.device}, the operator's"
+    if problem is not None:
+        layer = KindOrigin.lookup(registry, "layers", L.kind)
+        raise KindOrigin.lookup(registry, "curvatures", F.kind).error(L.name, f"{problem} (captured by the {layer})")
+
+
+def _check_fits(F: Any, fits: Mapping[int, LayerFit], origin: KindOrigin, declared: Any) -> None:
+    """Every fit passes :func:`~curvlib.approximators.base.fit_structure_problem` and
+    :func:`~curvlib.approximators.base.fit_value_flags` (one host synchronisation for all layers)."""
+    flags = []
+    for i, fit in fits.items():
+        L = F.layers[i]
+        problem = fit_structure_problem(fit, a_dim=L.a_dim, g_dim=L.g_dim, dtype=F.dtype, device=torch.device(F.device),
+                                        declared=declared)
+        if problem is not None:
+            raise origin.error(L.name, problem)
+        f = fit_value_flags(fit)
+        if f is not None:
+            flags.append((i, f))
+    if not flags:
+        return
+    ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).all(dim=1).tolist()
+    for (i, _), good in zip(flags, ok):
+        if not good:
+            raise origin.error(F.layers[i].name, fit_value_problem(fits[i]) or "the factors failed the value checks")
 
 
 # --------------------------------------------------------------------------- errors of §3.3.1

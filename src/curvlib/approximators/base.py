@@ -25,6 +25,20 @@ more than γ.  :func:`ema_rho` computes it; :func:`ema_terms` averages Kronecker
 factor by factor, after aligning their signs (:func:`align_signs`): singular vectors come
 with arbitrary signs, and an average of (A, B) with (−A, −B) — the same Kronecker
 product — would cancel (DESIGN.md §10, "Sign ambiguity").
+
+What curvlib checks in a fit (:func:`curvlib.approximate`, for every kind, built-in or not;
+docs/plugin_guide.md, "What curvlib checks"): :func:`fit_structure_problem` (a
+:class:`LayerFit`, a layer block of the layer's size, dtype and device, factors
+``[d_a, d_a]`` and ``[d_g, d_g]``, what the kind declares in :attr:`BlockApproximator.blocks`)
+and :func:`fit_value_flags` (finite factors; each term symmetric — both factors symmetric,
+or both antisymmetric; a single term A ⊗ B with symmetric factors and a diagonal of the sign
+of a curvature block, A_ii·B_jj ≥ 0), O(d²) per layer and refresh with one host
+synchronisation for all layers; a failure raises :class:`~curvlib.errors.PluginOutputError`
+naming the kind, its distribution and the layer.  :func:`single_term_definite_flag` (a
+single term A ⊗ B positive semi-definite: A and B both PSD or both NSD, by a Cholesky
+factorization) runs once per inversion; an indefinite single term gets a
+:class:`~curvlib.errors.NumericalWarning` and the damping's documented rule for indefinite
+blocks (:meth:`curvlib.approximators.BlockDiagonalApproximation.check_before_inversion`).
 """
 
 from __future__ import annotations
@@ -44,19 +58,27 @@ from pydantic import BaseModel, Field
 from curvlib.config import StrictModel, validate_options
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError
-from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator
+from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator, ShiftSolvable
+from curvlib.plugins.hookspecs import BlockDeclaration
 
 _EXACT_BLOCK_CLASS = "curvlib.approximators.exact:ExactBlock"
 
 __all__ = [
+    "PSD_RTOL",
     "ApproximatorOptions",
     "BlockApproximator",
+    "BlockDeclaration",
     "FactorFitted",
     "FitInfo",
     "LayerFit",
     "align_signs",
     "ema_rho",
     "ema_terms",
+    "fit_structure_problem",
+    "fit_value_flags",
+    "fit_value_problem",
+    "single_term_definite_flag",
+    "single_term_sign_problem",
 ]
 
 
@@ -303,6 +325,13 @@ class BlockApproximator(abc.ABC):
 
     options_model: ClassVar[type[BaseModel]] = ApproximatorOptions
     kind: ClassVar[str] = ""
+    #: What every block :meth:`fit` returns is, e.g. ``BlockDeclaration((ShiftSolvable,))`` or
+    #: ``BlockDeclaration((KroneckerFactored,), terms=(1, 1))``; ``None``: not declared (then
+    #: only the data-time checks apply).  A kind whose blocks depend on its options overrides
+    #: :meth:`declared_blocks` instead.  :func:`curvlib.build_preconditioner` checks it against
+    #: the damping's :meth:`~curvlib.damping.Damping.block_requirement` before any data is
+    #: seen, and :func:`curvlib.approximate` checks every fit against it.
+    blocks: ClassVar[BlockDeclaration | None] = None
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         model = type(self).options_model
@@ -319,6 +348,15 @@ class BlockApproximator(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+    def declared_blocks(self) -> BlockDeclaration | None:
+        """What every block of this approximator (with its options) is: :attr:`blocks`, or for
+        curvlib's own kinds the table :data:`BUILTIN_BLOCKS`; ``None`` when not declared."""
+        declared = type(self).blocks
+        if declared is not None:
+            return declared
+        rule = BUILTIN_BLOCKS.get(f"{type(self).__module__}:{type(self).__qualname__}")
+        return None if rule is None else rule(self.options)
 
     @abc.abstractmethod
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
@@ -414,3 +452,232 @@ class FactorFitted(abc.ABC):
     @abc.abstractmethod
     def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
         """The fit from the factor terms ``[(A [d_a, d_a], G [d_g, d_g]), …]`` of one layer."""
+
+
+#: The blocks of curvlib's own approximator kinds (exact class -> declaration from its
+#: options); a subclass declares its own (:attr:`BlockApproximator.blocks`).  ``kfac`` gives
+#: one term, or two for a weight tied in transposed form (one per orientation).
+BUILTIN_BLOCKS: dict[str, Any] = {
+    "curvlib.approximators.kfac:KFACApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (1, 2)),
+    "curvlib.approximators.svd_based:KPSVDApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (1, 1)),
+    "curvlib.approximators.svd_based:DeflationApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (o.rank, o.rank)),
+    "curvlib.approximators.svd_based:LanczosApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (o.rank, o.rank)),
+    "curvlib.approximators.svd_based:KFACCorrectedApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (2, 2)),
+    "curvlib.approximators.exact:ExactBlockApproximator": lambda o: BlockDeclaration((ShiftSolvable,)),
+}
+
+
+# --------------------------------------------------------------------------- output checks
+
+#: Tolerance of the sign and positive semi-definiteness checks of a single-term block A ⊗ B:
+#: a factor M (sign-normalized, see :func:`single_term_definite_flag`) counts as PSD when
+#: λ_min(M) ≥ −PSD_RTOL·‖M‖_F (and its diagonal as non-negative when M_ii ≥ −PSD_RTOL·‖M‖_F).
+#: Rounding and the solver tolerances of the built-in kinds stay orders of magnitude below it;
+#: a negative-definite factor has λ_min ≤ −‖M‖_F/√d.
+PSD_RTOL = 1e-3
+
+
+def _what(x: Any) -> str:
+    return "None" if x is None else f"a {type(x).__name__}"
+
+
+def fit_structure_problem(
+    fit: Any,
+    *,
+    a_dim: int,
+    g_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    declared: BlockDeclaration | None = None,
+) -> str | None:
+    """What is wrong with the structure of an approximator's result for a layer whose
+    statistics are ``(a_dim, g_dim)`` in ``dtype`` on ``device`` (``None``: nothing).
+
+    Checks (no tensor is read, no host synchronisation): a :class:`LayerFit` whose block is a
+    :class:`~curvlib.linalg.LayerBlockOperator` with the capabilities ``declared``, of the
+    layer's (d_a, d_g) (so [p_i, p_i], p_i = d_a·d_g), dtype and device; a
+    :class:`~curvlib.linalg.KroneckerFactored` block has at least one term, as many as
+    declared, each a pair of tensors A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]`` in that dtype
+    and on that device.
+
+    Returns:
+        the problem, stating what was expected and what came, or ``None``.
+    """
+    if not isinstance(fit, LayerFit):
+        return f"fit() returned {_what(fit)}; expected a curvlib.approximators.LayerFit (block, info, state)"
+    block = fit.block
+    if not isinstance(block, LayerBlockOperator):
+        return f"fit() returned a LayerFit whose block is {_what(block)}; expected a curvlib.linalg.LayerBlockOperator"
+    if declared is not None:
+        missing = [c.__name__ for c in declared.capabilities if not isinstance(block, c)]
+        if missing:
+            return (f"fit() returned a {type(block).__name__} block, which is not {' and '.join(missing)}; "
+                    f"the kind declares {declared}")
+    p = a_dim * g_dim
+    got = (int(block.a_dim), int(block.b_dim))
+    if got != (a_dim, g_dim) or tuple(block.shape) != (p, p):
+        return (
+            f"fit() returned a block of (d_a, d_g) = {got} and shape {list(block.shape)}; expected "
+            f"({a_dim}, {g_dim}) and [{p}, {p}] (p_i = d_a·d_g, the layer's parameter count), the layer's statistics"
+        )
+    if block.dtype != dtype or torch.device(block.device) != torch.device(device):
+        return f"fit() returned a block in {block.dtype} on {block.device}; expected {dtype} on {device}, the statistics'"
+    if not isinstance(block, KroneckerFactored):
+        return None
+    terms = block.terms
+    if len(terms) == 0:
+        return (f"fit() returned a {type(block).__name__} block with no terms; expected at least one pair "
+                "(A [d_a, d_a], B [d_g, d_g])")
+    if declared is not None and declared.terms is not None:
+        lo, hi = declared.terms
+        if len(terms) < lo or (hi is not None and len(terms) > hi):
+            return f"fit() returned {len(terms)} Kronecker term(s); the kind declares {declared}"
+    for k, term in enumerate(terms):
+        if not (isinstance(term, (tuple, list)) and len(term) == 2):
+            return f"term {k} is {_what(term)}; expected a pair (A_{k} [d_a, d_a], B_{k} [d_g, d_g])"
+        for name, M, n in (("A", term[0], a_dim), ("B", term[1], g_dim)):
+            if not isinstance(M, torch.Tensor):
+                return f"term {k}: factor {name}_{k} is {_what(M)}; expected a tensor [{n}, {n}]"
+            if tuple(M.shape) != (n, n):
+                side = "d_a" if name == "A" else "d_g"
+                return f"term {k}: factor {name}_{k} has shape {list(M.shape)}; expected [{side}, {side}] = [{n}, {n}]"
+            if M.dtype != dtype or M.device != torch.device(device):
+                return f"term {k}: factor {name}_{k} is {M.dtype} on {M.device}; expected {dtype} on {device}, the statistics'"
+    return None
+
+
+def _symmetry(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(symmetric, antisymmetric, zero) of M within rounding, 0-d bool tensors: max|M ∓ Mᵀ| ≤ √eps·max|M|."""
+    size = M.abs().amax()
+    tol = math.sqrt(torch.finfo(M.dtype).eps) * size
+    return (M - M.T).abs().amax() <= tol, (M + M.T).abs().amax() <= tol, size == 0
+
+
+def _sign(A: torch.Tensor) -> torch.Tensor:
+    """+1, or −1 when tr A < 0: A ⊗ B = (−A) ⊗ (−B) is checked with tr A ≥ 0."""
+    return torch.where(torch.diagonal(A).sum() < 0, -1.0, 1.0).to(A.dtype)
+
+
+def _diagonal_sign_ok(M: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s·diag(M) ≥ −PSD_RTOL·‖M‖_F: the diagonal of a PSD factor is ≥ 0."""
+    return (s * torch.diagonal(M) >= -PSD_RTOL * torch.linalg.matrix_norm(M)).all()
+
+
+def fit_value_flags(fit: LayerFit) -> torch.Tensor | None:
+    """The O(d²) value checks of a structurally checked fit, on the block's device (no host
+    synchronisation): ``[finite, symmetric, single_term_diagonal]`` (0/1), or ``None`` for a
+    block that is not :class:`~curvlib.linalg.KroneckerFactored` (its tensors are its own).
+
+    - finite: every factor;
+    - symmetric: each term A_k ⊗ B_k — A_k and B_k both symmetric, or (the unconstrained
+      fits of ``symmetric_factors=False``) both antisymmetric, within rounding;
+    - single-term diagonal: one term A ⊗ B has symmetric factors whose diagonals have the
+      sign of a PSD block (s·diag(A) ≥ 0 and s·diag(B) ≥ 0, s = sign tr A, up to
+      :data:`PSD_RTOL`·‖·‖_F): a negative-definite block (−A, B) fails it.  Always 1 for
+      sums of several terms, whose later terms are legitimately indefinite.
+    """
+    block = fit.block
+    if not isinstance(block, KroneckerFactored):
+        return None
+    finite, symmetric = [], []
+    for A, B in block.terms:
+        finite += [torch.isfinite(A).all(), torch.isfinite(B).all()]
+        (sa, aa, za), (sb, ab, zb) = _symmetry(A), _symmetry(B)
+        symmetric.append((sa & sb) | (aa & ab) | za | zb)
+    diagonal = torch.ones((), dtype=torch.bool, device=block.device)
+    if len(block.terms) == 1:
+        (A, B), = block.terms
+        (sa, _, za), (sb, _, zb) = _symmetry(A), _symmetry(B)
+        s = _sign(A)
+        diagonal = (sa & sb & _diagonal_sign_ok(A, s) & _diagonal_sign_ok(B, s)) | za | zb
+    return torch.stack([torch.stack(finite).all(), torch.stack(symmetric).all(), diagonal])
+
+
+def _spectrum_text(M: torch.Tensor) -> tuple[float, float, str]:
+    """(λ_min, λ_max, text) of the symmetric part of M, in float64 (error messages only)."""
+    S = M.detach().to(torch.float64)
+    e = torch.linalg.eigvalsh(0.5 * (S + S.T))
+    lo, hi = float(e[0]), float(e[-1])
+    return lo, hi, f"eigenvalues in [{lo:.3e}, {hi:.3e}], ‖·‖_F = {float(torch.linalg.matrix_norm(S)):.3e}"
+
+
+def single_term_sign_problem(block: KroneckerFactored) -> str | None:
+    """Why a single-term block A ⊗ B fails the diagonal test of :func:`fit_value_flags` (the
+    error path; O(d³) for the spectra it quotes, host): a factor that is not symmetric, or
+    diagonal entries A_ii·B_jj of the wrong sign — a negative (semi-)definite block."""
+    (A, B), = block.terms
+    for name, M in (("A", A), ("B", B)):
+        sym, _, zero = (bool(t) for t in _symmetry(M))
+        if not (sym or zero):
+            return (
+                f"the single term A ⊗ B must have symmetric factors, but {name} {list(M.shape)} is not symmetric "
+                f"(max|{name} − {name}ᵀ| = {float((M - M.T).abs().amax()):.3e}); expected A and B both PSD, or both NSD"
+            )
+    if bool(_symmetry(A)[2]) or bool(_symmetry(B)[2]):
+        return None
+    s = _sign(A)
+    if bool(_diagonal_sign_ok(A, s)) and bool(_diagonal_sign_ok(B, s)):
+        return None
+    tol = PSD_RTOL
+
+    def verdict(M: torch.Tensor) -> str:
+        lo, hi, text = _spectrum_text(M)
+        n = float(torch.linalg.matrix_norm(M.double()))
+        kind = "PSD" if lo >= -tol * n else "NSD" if hi <= tol * n else "indefinite"
+        d = torch.diagonal(M).double()
+        return f"{kind} ({text}, diagonal in [{float(d.min()):.3e}, {float(d.max()):.3e}])"
+
+    return (
+        f"the single term A ⊗ B has diagonal entries A_ii·B_jj of the wrong sign (a negative (semi-)definite block, "
+        f"while a curvature block's diagonal is ≥ 0): expected A and B both PSD, or both NSD (up to "
+        f"−{tol:g}·‖·‖_F); got A {list(A.shape)} {verdict(A)} and B {list(B.shape)} {verdict(B)}"
+    )
+
+
+def fit_value_problem(fit: LayerFit) -> str | None:
+    """Which check of :func:`fit_value_flags` fails, with the numbers (the error path; host)."""
+    block = fit.block
+    if not isinstance(block, KroneckerFactored):
+        return None
+    for k, (A, B) in enumerate(block.terms):
+        for name, M in (("A", A), ("B", B)):
+            bad = int((~torch.isfinite(M)).sum())
+            if bad:
+                return f"term {k}: factor {name}_{k} {list(M.shape)} has {bad} non-finite entries; expected finite factors"
+    for k, (A, B) in enumerate(block.terms):
+        (sa, aa, za), (sb, ab, zb) = ((bool(t) for t in _symmetry(M)) for M in (A, B))
+        if not ((sa and sb) or (aa and ab) or za or zb):
+            asym = {n: float((M - M.T).abs().amax() / M.abs().amax()) for n, M in ((f"A_{k}", A), (f"B_{k}", B))}
+            rel = ", ".join(f"max|{n} − {n}ᵀ|/max|{n}| = {v:.3e}" for n, v in asym.items())
+            return (
+                f"term {k}: A_{k} ⊗ B_{k} is not symmetric ({rel}; rounding allows √eps = "
+                f"{math.sqrt(torch.finfo(A.dtype).eps):.1e}); expected both factors symmetric (or both antisymmetric)"
+            )
+    if len(block.terms) == 1:
+        return single_term_sign_problem(block)
+    return None
+
+
+def _cholesky_ok(M: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Cholesky of s·M + (PSD_RTOL·‖M‖_F + tiny)·I succeeds: λ_min(s·M) > −PSD_RTOL·‖M‖_F."""
+    W = M if M.dtype in (torch.float32, torch.float64) else M.to(torch.float32)
+    W = s.to(W.dtype) * 0.5 * (W + W.T)
+    shift = PSD_RTOL * torch.linalg.matrix_norm(W) + torch.finfo(W.dtype).tiny
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    return torch.linalg.cholesky_ex(W + shift * eye).info == 0
+
+
+def single_term_definite_flag(block: LayerBlockOperator) -> torch.Tensor | None:
+    """0-d bool tensor (no host synchronisation): a single-term block A ⊗ B is positive
+    semi-definite — with s = −1 when tr A < 0, else 1, both s·A and s·B pass a Cholesky
+    factorization after a shift of :data:`PSD_RTOL`·‖·‖_F (or a factor is zero).  ``None``
+    for other blocks (sums of several terms, whose later terms may be indefinite; blocks
+    without Kronecker factors).  O(d_a³ + d_g³): run once per inversion, where the factors
+    are decomposed anyway (:meth:`CheckedApproximation.check_before_inversion
+    <curvlib.plugins.hookspecs.CheckedApproximation.check_before_inversion>`)."""
+    if not isinstance(block, KroneckerFactored) or len(block.terms) != 1:
+        return None
+    (A, B), = block.terms
+    s = _sign(A)
+    zero = (A == 0).all() | (B == 0).all()
+    return (_cholesky_ok(A, s) & _cholesky_ok(B, s)) | zero

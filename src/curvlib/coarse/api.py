@@ -14,6 +14,7 @@ from curvlib.coarse.two_level import Mode, TwoLevelPreconditioner
 from curvlib.errors import ConfigError
 from curvlib.linalg import DenseOperator
 from curvlib.plugins import load_registry
+from curvlib.plugins.hookspecs import KindOrigin
 
 __all__ = ["two_level"]
 
@@ -77,7 +78,11 @@ def two_level(
     else:
         if registry is None:
             registry = load_registry()
-        space = registry.coarse_spaces.create(coarse_space, **options)
+        spec, opts = registry.coarse_spaces.resolve(coarse_space, **options)
+        space = spec.factory(opts)
+        if not isinstance(space, CoarseSpace):
+            raise KindOrigin.of(spec).error(None, f"the factory built {type(space).__name__}; expected a curvlib.coarse.CoarseSpace")
+        space.origin = KindOrigin.of(spec)  # named in every message about its bases
     if isinstance(first_level, torch.Tensor):
         first_level = DenseOperator(first_level, symmetric=True)
     return TwoLevelPreconditioner(

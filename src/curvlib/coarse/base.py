@@ -7,6 +7,17 @@ mode read from the curvature's statistics.
 
 The basis R₀ᵀ itself and the partition it is block-diagonal over are in
 :mod:`curvlib.coarse.basis`.
+
+What curvlib checks in a coarse space's basis (:meth:`CoarseSpace.checked_basis`, the one
+place the two-level preconditioner receives it, for every kind): a :class:`CoarseBasis` over
+the context's partition (so V_g ``[p_g, N_g]`` for every group g, R₀ᵀ ``[p, N]``), in the
+curvature's dtype and on its device — else :class:`~curvlib.errors.PluginOutputError` naming
+the kind, its distribution and the group (a layer, for the default partition).  Non-finite
+columns are the documented fallback of :mod:`curvlib.coarse.two_level`: dropped, with a
+:class:`~curvlib.errors.NumericalWarning` naming the same (:meth:`CoarseSpace.nonfinite_message`).
+What a kind needs of the first level is declared by :meth:`CoarseSpace.first_level_requirement`
+(``spectral`` with ``source="first_level"``: an eigenbasis or the damped factors of every
+first-level block), and checked by :func:`curvlib.build_preconditioner` before any data is seen.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from curvlib.coarse.basis import CoarseBasis, Partition
 from curvlib.config import NoOptions, validate_options
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.errors import ConfigError
-from curvlib.linalg import BlockDiagonalOperator
+from curvlib.linalg import BlockDiagonalOperator, DampedKroneckerFactors, FactorEigenbasis
+from curvlib.plugins.hookspecs import BlockRequirement, KindOrigin
 
 __all__ = [
     "CoarseContext",
@@ -181,6 +193,15 @@ class CoarseSpace(abc.ABC):
 
     kind: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: What every block of the first level must offer, e.g.
+    #: ``BlockRequirement((FactorEigenbasis, DampedKroneckerFactors), reason="...")``; ``None``:
+    #: nothing (or not declared).  A kind whose need depends on its options overrides
+    #: :meth:`first_level_requirement`.
+    first_level_needs: ClassVar[BlockRequirement | None] = None
+    #: Who made this coarse space (kind, plugin, distribution), named in every message about its
+    #: bases; set by whoever builds it from a registry (:func:`curvlib.two_level`).  ``None``:
+    #: not made through a registry.
+    origin: KindOrigin | None = None
 
     def __init__(self, options: BaseModel | None = None, **kwargs: Any) -> None:
         if options is None:
@@ -200,6 +221,86 @@ class CoarseSpace(abc.ABC):
     def basis(self, ctx: CoarseContext) -> CoarseBasis:
         """The coarse basis R₀ᵀ over ``ctx.partition``."""
 
+    # -- declarations and checks ---------------------------------------------------------
+    def first_level_requirement(self) -> BlockRequirement | None:
+        """What every first-level block must offer: :attr:`first_level_needs`, or for curvlib's
+        own kinds :data:`BUILTIN_FIRST_LEVEL_NEEDS`; ``None``: nothing (or not declared)."""
+        if type(self).first_level_needs is not None:
+            return type(self).first_level_needs
+        rule = BUILTIN_FIRST_LEVEL_NEEDS.get(f"{type(self).__module__}:{type(self).__qualname__}")
+        return None if rule is None else rule(self.options)
+
+    def _origin(self) -> KindOrigin:
+        return self.origin or KindOrigin("coarse_spaces", self.kind)
+
+    def checked_basis(self, ctx: CoarseContext) -> CoarseBasis:
+        """:meth:`basis`, checked (module docstring): what the two-level preconditioner calls.
+
+        Raises:
+            PluginOutputError: not a :class:`CoarseBasis` over ``ctx.partition`` in the
+                curvature's dtype and on its device.
+        """
+        basis = self.basis(ctx)
+        part = ctx.partition
+        if not isinstance(basis, CoarseBasis):
+            what = "None" if basis is None else f"a {type(basis).__name__}"
+            raise self._origin().error(None, f"basis() returned {what}; expected a curvlib.coarse.CoarseBasis")
+        if basis.partition is not part and not _same_groups(basis.partition, part):
+            got, want = basis.partition, part
+            where = next((g for g in range(min(len(got), len(want))) if got.sizes[g] != want.sizes[g]), None)
+            detail = "" if where is None else (
+                f"; group {where} ({want.names[where]!r}) has {got.sizes[where]} rows, expected {want.sizes[where]}")
+            raise self._origin().error(
+                None if where is None else want.names[where],
+                f"basis() returned a basis over {len(got)} groups of p = {got.p} rows; expected the context's "
+                f"partition, {len(want)} groups of p = {want.p} (sizes {want.sizes[:8]}{'…' if len(want) > 8 else ''})"
+                f"{detail}",
+            )
+        if basis.dtype != ctx.dtype or basis.device != torch.device(ctx.device):
+            raise self._origin().error(
+                None, f"basis() returned columns in {basis.dtype} on {basis.device}; expected {ctx.dtype} on "
+                      f"{ctx.device}, the curvature's")
+        return basis
+
+    def nonfinite_message(self, basis: CoarseBasis, finite: torch.Tensor) -> str:
+        """The warning when columns of ``basis`` are not finite (``finite [N]``, bool): the kind,
+        its distribution, and the groups (layers) they belong to."""
+        bad = (~finite).nonzero().flatten().tolist()
+        groups = sorted({g for k in bad for g in range(len(basis.columns)) if basis.offsets[g] <= k < basis.offsets[g + 1]})
+        names = [basis.partition.names[g] for g in groups]
+        return (f"two-level: the {self._origin()} returned {len(bad)} coarse column(s) with non-finite entries "
+                f"(groups {names}); expected finite columns — they were dropped")
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.model_dump().items())
         return f"{type(self).__name__}({opts})"
+
+
+def _same_groups(a: Partition, b: Partition) -> bool:
+    """Whether two partitions have the same groups, in the same order."""
+    if a.p != b.p or a.sizes != b.sizes:
+        return False
+    for x, y in zip(a.groups, b.groups):
+        if isinstance(x, slice) != isinstance(y, slice):
+            return False
+        if isinstance(x, slice) and (x.start, x.stop) != (y.start, y.stop):
+            return False
+        if not isinstance(x, slice) and not torch.equal(x, y):
+            return False
+    return True
+
+
+def _spectral_needs(options: Any) -> BlockRequirement | None:
+    if options.source != "first_level":
+        return None  # "auto" falls back to the batch's KFAC factors
+    return BlockRequirement(
+        (FactorEigenbasis, DampedKroneckerFactors),
+        reason="spectral (source='first_level') takes v_A,min ⊗ v_G,min (4.30) from the first level's eigenbasis "
+               "or damped factors",
+    )
+
+
+#: What curvlib's own coarse spaces need of the first level (exact class -> rule of its options).
+BUILTIN_FIRST_LEVEL_NEEDS: dict[str, Any] = {
+    "curvlib.coarse.spaces:SpectralCoarseSpace": _spectral_needs,
+}

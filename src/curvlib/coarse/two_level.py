@@ -263,7 +263,7 @@ class TwoLevelPreconditioner(_OnCurvature, LinearOperator):
         return 10.0 * max(n, 1) * torch.finfo(self.dtype).eps
 
     def _problem(self, ctx: CoarseContext) -> _CoarseProblem:
-        basis = self.coarse_space.basis(ctx)
+        basis = self.coarse_space.checked_basis(ctx)
         if basis.p != self.p or basis.dtype != self.dtype or basis.device != self.device:
             raise ShapeError(
                 f"coarse space {self.coarse_space.kind!r} returned a basis over p={basis.p} ({basis.dtype} on "
@@ -287,8 +287,7 @@ class TwoLevelPreconditioner(_OnCurvature, LinearOperator):
                 f"rcond={self._rcond(kept.N):.1e}·max|eigenvalue| and used the pseudo-inverse"
             )
         if not bool(finite.all()):
-            warn.insert(0, f"two-level ({self.coarse_space.kind}): {int((~finite).sum())} coarse column(s) have "
-                           "non-finite entries and were dropped")
+            warn.insert(0, self.coarse_space.nonfinite_message(basis, finite))
         info = CoarseSolveInfo(self.mode, basis.N, dropped, solver.rank, solver.truncated, solver.cond, dict(basis.meta))
         return _CoarseProblem(kept, op, solver, info, warn)
 
@@ -418,7 +417,7 @@ class TwoLevelPreconditioner(_OnCurvature, LinearOperator):
     def coarse_basis(self, u: torch.Tensor | None = None) -> CoarseBasis:
         """The coarse basis R₀ᵀ the coarse space builds for ``u [p]`` (as built, before
         dropping zero columns; ``u`` may be omitted for spaces that do not depend on it)."""
-        return self.coarse_space.basis(self._ctx_for(u, "coarse_basis"))
+        return self.coarse_space.checked_basis(self._ctx_for(u, "coarse_basis"))
 
     def coarse_operator(self, u: torch.Tensor | None = None, *, exact: bool | None = None) -> torch.Tensor:
         """The coarse operator on :meth:`coarse_basis` ``[N, N]`` (the curvature's dtype).

@@ -14,6 +14,18 @@ Layers an approximation does not cover (fitted with ``layers=[...]``) are zero b
 F̂.  Every built-in damping turns a zero block into λI (``tikhonov``: 0 + λI; ``heuristic``:
 (0 + √λI)⊗(0 + √λI), π = 1), so those coordinates are multiplied by 1/λ (the damping's
 ``value``).
+
+:func:`damped_inverse` is where curvlib receives every damping's inverses.  For an
+approximation made by :func:`curvlib.approximate` it first runs the check deferred to the
+inversion (a single-term block must be positive semi-definite,
+:meth:`~curvlib.plugins.hookspecs.CheckedApproximation.check_before_inversion`); then each
+inverse must be a :class:`~curvlib.damping.BlockInverse` of its block's size, dtype and
+device, with the capabilities its kind declares and finite exposed factors
+(:func:`~curvlib.damping.base.inverse_structure_problem`,
+:func:`~curvlib.damping.base.inverse_value_flag`: one host synchronisation for all layers).
+A failure raises :class:`~curvlib.errors.PluginOutputError` naming the damping kind, its
+distribution and the layer; a non-finite product raises :class:`~curvlib.errors.NumericalError`
+naming them too.
 """
 
 from __future__ import annotations
@@ -24,7 +36,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from curvlib.damping.base import BlockInverse, Damping
+from curvlib.damping.base import (
+    BlockInverse,
+    Damping,
+    block_capabilities,
+    inverse_structure_problem,
+    inverse_value_flag,
+    inverse_value_problem,
+)
 from curvlib.errors import ConfigError, NumericalError, ShapeError
 from curvlib.linalg import (
     BlockDiagonalOperator,
@@ -34,6 +53,7 @@ from curvlib.linalg import (
     VectorLayout,
 )
 from curvlib.plugins import load_registry
+from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
 
 __all__ = ["BlockDiagonalInverse", "damped_inverse"]
 
@@ -56,6 +76,7 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
         kept_previous: indices of the layers whose previous inverse was kept (a failed
             inversion, see :meth:`Damping.invert`).
         layout: the list form of the flat vector (the approximation's).
+        names: the layer of each block (named in messages); default ``"block <i>"``.
 
     Attributes:
         shape: ``(p, p)``.
@@ -71,11 +92,16 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
         p: int | None = None,
         kept_previous: Sequence[int] = (),
         layout: VectorLayout | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         # rows of no layer: zero blocks of F̂, damped to λI, so multiplied by 1/λ
         super().__init__(blocks, slices, p=p, uncovered_scale=1.0 / damping.value, layout=layout)
         self.damping = damping
         self.kept_previous = tuple(int(i) for i in kept_previous)
+        if names is not None and len(names) != len(self.blocks):
+            raise ShapeError(f"BlockDiagonalInverse: {len(names)} names for {len(self.blocks)} blocks")
+        self.names: tuple[str, ...] = tuple(names) if names is not None else tuple(
+            f"block {i}" for i in range(len(self.blocks)))
 
     @property
     def infos(self) -> tuple[Any, ...]:
@@ -92,8 +118,12 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
         # one host sync for the whole direction (DESIGN §8), not one per layer
         if not bool(torch.isfinite(Y).all()):
             bad = [i for i, s in enumerate(self.slices) if not bool(torch.isfinite(Y[s]).all())]
-            why = "the right-hand side already has non-finite entries" if not bool(torch.isfinite(X).all()) else (
-                "the inverse produced them from a finite right-hand side")
+            if not bool(torch.isfinite(X).all()):
+                why = "the right-hand side already has non-finite entries"
+            else:
+                origin = self.damping.origin or KindOrigin("dampings", self.damping.kind)
+                why = (f"the inverse produced them from a finite right-hand side (layers "
+                       f"{[self.names[i] for i in bad]}, inverted by the {origin})")
             raise NumericalError(f"{caller}: the direction has non-finite entries in layer block(s) {bad}: {why}")
 
 
@@ -138,11 +168,13 @@ def damped_inverse(
     else:
         if registry is None:
             registry = load_registry()
-        damping = registry.dampings.create(kind, **options)
+        spec, opts = registry.dampings.resolve(kind, **options)
+        damping = spec.factory(opts)
         if not isinstance(damping, Damping):
-            raise ConfigError(
-                f"{caller}: damping kind {kind!r} built a {type(damping).__name__}, expected a curvlib Damping"
+            raise KindOrigin.of(spec).error(
+                None, f"{caller}: the factory built a {type(damping).__name__}; expected a curvlib.damping.Damping"
             )
+        damping.origin = KindOrigin.of(spec)
 
     layout: VectorLayout | None = None
     if isinstance(approx, (KroneckerFactored, ShiftSolvable)):
@@ -167,11 +199,29 @@ def damped_inverse(
             raise ShapeError(f"{caller}: previous has {len(previous.blocks)} layers, approx has {len(blocks_in)}")
         prev_blocks = previous.blocks
 
+    names: tuple[str, ...] = tuple(f"block {i}" for i in range(len(blocks_in)))
+    if isinstance(approx, CheckedApproximation):
+        approx.check_before_inversion()
+        names = approx.layer_names
+    origin = damping.origin or KindOrigin("dampings", damping.kind)
     inverses = []
     kept = []
+    flags = []
     for i, (block, prev) in enumerate(zip(blocks_in, prev_blocks)):
         inv = damping.invert(block, previous=prev)
         if prev is not None and inv is prev:
-            kept.append(i)
+            kept.append(i)  # checked when it was built
+        else:
+            problem = inverse_structure_problem(inv, block, damping.inverse_capabilities(*block_capabilities(block)))
+            if problem is not None:
+                raise origin.error(names[i], problem)
+            flag = inverse_value_flag(inv)
+            if flag is not None:
+                flags.append((i, flag))
         inverses.append(inv)
-    return BlockDiagonalInverse(inverses, slices, damping, p=p, kept_previous=kept, layout=layout)
+    if flags:  # one host synchronisation for every layer
+        ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+        for (i, _), good in zip(flags, ok):
+            if not good:
+                raise origin.error(names[i], inverse_value_problem(inverses[i]) or "the inverse is not finite")
+    return BlockDiagonalInverse(inverses, slices, damping, p=p, kept_previous=kept, layout=layout, names=names)

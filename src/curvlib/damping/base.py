@@ -23,6 +23,14 @@ p_i = d_a·d_g, and (A⊗B) vec(X) = vec(B X Aᵀ).
 
 Factor eigendecompositions are computed in :meth:`Damping.invert` (once per refresh, T2)
 and reused by every :meth:`BlockInverse.solve` until the next refresh.
+
+Declarations (checked by :func:`curvlib.build_preconditioner` before any data is seen):
+:meth:`Damping.block_requirement` — the blocks a kind inverts (``tikhonov``: Kronecker-factored
+or shift-solvable; ``heuristic``: Kronecker-factored with at most two terms) — and
+:meth:`Damping.inverse_capabilities` — what its inverses offer (an eigenbasis, damped
+factors), which the ``spectral`` coarse space may need.  What the inverses must be
+(:func:`inverse_structure_problem`, :func:`inverse_value_flag`) is checked by
+:func:`curvlib.damped_inverse` for every kind.
 """
 
 from __future__ import annotations
@@ -45,12 +53,24 @@ from curvlib.errors import (
     NumericalWarning,
     ShapeError,
 )
-from curvlib.linalg import KroneckerFactored, LayerBlockOperator, ShiftSolvable
+from curvlib.linalg import (
+    DampedKroneckerFactors,
+    FactorEigenbasis,
+    KroneckerFactored,
+    LayerBlockOperator,
+    ShiftSolvable,
+)
+from curvlib.plugins.hookspecs import BlockRequirement, KindOrigin, describe_capabilities
 
 __all__ = [
     "BlockInverse",
+    "BlockRequirement",
     "Damping",
     "InverseInfo",
+    "block_capabilities",
+    "inverse_structure_problem",
+    "inverse_value_flag",
+    "inverse_value_problem",
     "psd_part_terms",
 ]
 
@@ -247,6 +267,15 @@ class Damping(abc.ABC):
     options_model: ClassVar[type[StrictModel]]
     #: λ adapts from the reduction ratio through :meth:`update` (the optimizer measures it)
     adaptive: ClassVar[bool] = False
+    #: The blocks this kind inverts, e.g. ``BlockRequirement((KroneckerFactored,), max_terms=2,
+    #: reason="...")``; ``None``: not declared (a block it cannot invert fails at the first
+    #: inversion).  A kind whose requirement depends on its options overrides
+    #: :meth:`block_requirement`.
+    requires: ClassVar[BlockRequirement | None] = None
+    #: Who made this damping (kind, plugin, distribution), named in every message about its
+    #: inverses; set by whoever builds it from a registry (:func:`curvlib.damped_inverse`,
+    #: :func:`curvlib.build_preconditioner`).  ``None``: not made through a registry.
+    origin: KindOrigin | None = None
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None, /, **overrides: Any) -> None:
         self._options = self._validate_options(options, overrides)
@@ -288,6 +317,30 @@ class Damping(abc.ABC):
         """The kind whose formula λ follows (``tikhonov``, ``heuristic``, …): the kind itself,
         or for a wrapper such as ``levenberg_marquardt`` the kind it wraps."""
         return self.kind
+
+    # -- declarations ------------------------------------------------------------------
+    def _builtin_rule(self) -> Any:
+        key = f"{type(self).__module__}:{type(self).__qualname__}"
+        if key == _LEVENBERG_MARQUARDT:  # λ, and so the blocks, follow the wrapped kind
+            key = _BUILTIN_INNER.get(self.formula_kind, "")
+        return BUILTIN_DAMPINGS.get(key)
+
+    def block_requirement(self) -> BlockRequirement | None:
+        """The blocks this damping inverts: :attr:`requires`, or for curvlib's own kinds the
+        table :data:`BUILTIN_DAMPINGS`; ``None`` when not declared."""
+        if type(self).requires is not None:
+            return type(self).requires
+        rule = self._builtin_rule()
+        return None if rule is None else rule[0]
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...] | None:
+        """The capability classes (:class:`~curvlib.linalg.FactorEigenbasis`,
+        :class:`~curvlib.linalg.DampedKroneckerFactors`) every inverse this damping builds for
+        a block with capabilities ``block`` and ``terms`` Kronecker terms (``None``: not
+        Kronecker-factored) derives from; ``None`` when not declared.  A plugin overrides it
+        to declare its inverses (then :func:`curvlib.damped_inverse` checks them)."""
+        rule = self._builtin_rule() if type(self).requires is None else None
+        return None if rule is None else rule[1](block, terms)
 
     def update(self, reduction_ratio: float | torch.Tensor) -> float:
         """Adapt λ from a reduction ratio (adaptive kinds only); returns the new λ.
@@ -370,3 +423,121 @@ class Damping(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """``{"kind": ..., "value": λ}``; adaptive kinds add their state."""
         return {"kind": self.kind, "value": self.value}
+
+
+# --------------------------------------------------------------------------- declarations of curvlib's kinds
+
+
+def _is_kronecker(block: tuple[type, ...]) -> bool:
+    return any(issubclass(c, KroneckerFactored) for c in block)
+
+
+def _tikhonov_inverses(block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+    # one term: the joint eigenbasis; several: PCG or a dense Cholesky; shift-solvable: the block's own solve
+    return (FactorEigenbasis,) if _is_kronecker(block) and terms == 1 else ()
+
+
+def _heuristic_inverses(block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+    if not _is_kronecker(block):
+        return ()
+    return {1: (FactorEigenbasis, DampedKroneckerFactors), 2: (DampedKroneckerFactors,)}.get(terms, ())
+
+
+_TIKHONOV = "curvlib.damping.tikhonov:TikhonovDamping"
+_HEURISTIC = "curvlib.damping.heuristic:HeuristicDamping"
+_LEVENBERG_MARQUARDT = "curvlib.damping.levenberg_marquardt:LevenbergMarquardtDamping"
+_BUILTIN_INNER = {"tikhonov": _TIKHONOV, "heuristic": _HEURISTIC}
+
+#: The declarations of curvlib's own damping kinds (exact class -> (requirement, inverse
+#: capabilities(block, terms))); ``levenberg_marquardt`` follows its ``inner`` kind.
+BUILTIN_DAMPINGS: dict[str, tuple[BlockRequirement, Any]] = {
+    _TIKHONOV: (
+        BlockRequirement((KroneckerFactored, ShiftSolvable),
+                         reason="(Σ_k A_k⊗B_k + λI)⁻¹ (4.54) is solved from the Kronecker factors, or by the block's "
+                                "own exact tikhonov_solve"),
+        _tikhonov_inverses,
+    ),
+    _HEURISTIC: (
+        BlockRequirement((KroneckerFactored,), max_terms=2,
+                         reason="the π-split (2.95)–(2.96) damps the leading term's two Kronecker factors, and the "
+                                "inversion of §3.2.5 handles one or two terms; use the 'tikhonov' damping"),
+        _heuristic_inverses,
+    ),
+}
+
+
+def block_capabilities(block: Any) -> tuple[tuple[type, ...], int | None]:
+    """(the capability classes a block derives from, its number of Kronecker terms or ``None``)."""
+    caps = tuple(c for c in (KroneckerFactored, ShiftSolvable) if isinstance(block, c))
+    return caps, (len(block.terms) if isinstance(block, KroneckerFactored) else None)
+
+
+# --------------------------------------------------------------------------- output checks
+
+
+def inverse_structure_problem(inv: Any, block: Any, declared: tuple[type, ...] | None = None) -> str | None:
+    """What is wrong with what a damping's ``invert(block)`` returned (``None``: nothing).
+
+    Checks (no tensor is read, no host synchronisation): a :class:`BlockInverse` of the block's
+    (d_a, d_g) (so [p_i, p_i]), dtype and device, deriving from the capability classes the
+    kind ``declared`` (:meth:`Damping.inverse_capabilities`); the damped factors
+    (:class:`~curvlib.linalg.DampedKroneckerFactors`) and eigenvectors
+    (:class:`~curvlib.linalg.FactorEigenbasis`) it exposes are ``[d_a, d_a]`` and ``[d_g, d_g]``.
+    """
+    if not isinstance(inv, BlockInverse):
+        what = "None" if inv is None else f"a {type(inv).__name__}"
+        return f"invert() returned {what}; expected a curvlib.damping.BlockInverse"
+    want = (int(block.a_dim), int(block.b_dim))
+    got = (int(inv.a_dim), int(inv.b_dim))
+    if got != want or tuple(inv.shape) != tuple(block.shape):
+        return (f"invert() returned an inverse of (d_a, d_g) = {got} (shape {list(inv.shape)}); expected {want} "
+                f"(shape {list(block.shape)}), the block's")
+    if inv.dtype != block.dtype or torch.device(inv.device) != torch.device(block.device):
+        return (f"invert() returned an inverse in {inv.dtype} on {inv.device}; expected {block.dtype} on "
+                f"{block.device}, the block's")
+    if declared is not None:
+        missing = [c for c in declared if not isinstance(inv, c)]
+        if missing:
+            return (f"invert() returned a {type(inv).__name__}, which is not {describe_capabilities(tuple(missing))}; "
+                    f"the kind declares {describe_capabilities(declared)} inverses for this block")
+    for name, M, shape in _exposed(inv):
+        if not isinstance(M, torch.Tensor):
+            return f"the inverse exposes {name} as a {type(M).__name__}; expected a tensor {list(shape)}"
+        if tuple(M.shape) != shape:
+            return f"the inverse exposes {name} of shape {list(M.shape)}; expected {list(shape)}"
+        if M.dtype != inv.dtype or M.device != torch.device(inv.device):
+            return f"the inverse exposes {name} in {M.dtype} on {M.device}; expected {inv.dtype} on {inv.device}"
+    return None
+
+
+def _exposed(inv: Any) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """The tensors an inverse exposes through its capabilities: (name, tensor, expected shape)."""
+    a, g = int(inv.a_dim), int(inv.b_dim)
+    out: list[tuple[str, Any, tuple[int, ...]]] = []
+    if isinstance(inv, DampedKroneckerFactors):
+        A, G = inv.damped_factors
+        out += [("damped factor A", A, (a, a)), ("damped factor G", G, (g, g))]
+    if isinstance(inv, FactorEigenbasis):
+        e = inv.eigen
+        out += [("eigen.eval_a", e.eval_a, (a,)), ("eigen.evec_a", e.evec_a, (a, a)),
+                ("eigen.eval_b", e.eval_b, (g,)), ("eigen.evec_b", e.evec_b, (g, g))]
+    return out
+
+
+def inverse_value_flag(inv: BlockInverse) -> torch.Tensor | None:
+    """0-d bool tensor (no host synchronisation): every tensor the inverse exposes through its
+    capabilities is finite; ``None`` when it exposes none (its products are checked for
+    finiteness where they are applied, :meth:`BlockInverse.solve`)."""
+    tensors = [M for _, M, _ in _exposed(inv)]
+    if not tensors:
+        return None
+    return torch.stack([torch.isfinite(M).all() for M in tensors]).all()
+
+
+def inverse_value_problem(inv: BlockInverse) -> str | None:
+    """Which exposed tensor of the inverse is not finite (the error path of :func:`inverse_value_flag`)."""
+    for name, M, _ in _exposed(inv):
+        bad = int((~torch.isfinite(M)).sum())
+        if bad:
+            return f"the inverse's {name} {list(M.shape)} has {bad} non-finite entries; expected finite values"
+    return None
