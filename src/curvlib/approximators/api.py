@@ -21,6 +21,7 @@ plugin's (:mod:`curvlib.approximators.base`, "What curvlib checks"), and a failu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from curvlib.approximators.base import (
     fit_structure_problem,
     fit_value_flags,
     fit_value_problem,
+    fitting_layer,
     single_term_definite_flag,
 )
 from curvlib.approximators.exact import ExactBlock, pair_gram
@@ -205,6 +207,15 @@ def _layer_indices(F: Any, layers: Sequence[int | str] | None) -> list[int]:
     return sorted(out)
 
 
+@contextlib.contextmanager
+def _fitting(name: str) -> Iterator[None]:
+    token = fitting_layer.set(name)
+    try:
+        yield
+    finally:
+        fitting_layer.reset(token)
+
+
 def approximate(
     F: Any,
     kind: str | Mapping[str, Any] | BaseModel,
@@ -261,13 +272,17 @@ def approximate(
                 "of one batch; use an approximator fitted from the KFAC factors ('kfac'), or a single batch"
             )
         factors = kfac_factors_over(F, approximator.options.weight_sharing)
-        fits = {i: approximator.fit_factors(factors[i], previous=prev[i]) for i in idx}
+        fits = {}
+        for i in idx:
+            with _fitting(F.layers[i].name):
+                fits[i] = approximator.fit_factors(factors[i], previous=prev[i])
     else:
         fits = {}
         for i in idx:
             stats = F.statistics(i)
             _check_statistics(F, i, stats, registry)
-            fits[i] = approximator.fit(stats, previous=prev[i])
+            with _fitting(F.layers[i].name):
+                fits[i] = approximator.fit(stats, previous=prev[i])
     _check_fits(F, fits, origin, approximator.declared_blocks())
     return BlockDiagonalApproximation(
         kind=spec.kind,

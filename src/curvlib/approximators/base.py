@@ -44,10 +44,10 @@ blocks (:meth:`curvlib.approximators.BlockDiagonalApproximation.check_before_inv
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 import importlib
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -57,7 +57,7 @@ from pydantic import BaseModel, Field
 
 from curvlib.config import StrictModel, validate_options
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator, ShiftSolvable
 from curvlib.plugins.hookspecs import BlockDeclaration
 
@@ -249,6 +249,11 @@ def _plugin_block_class(path: str) -> type:
 # --------------------------------------------------------------------------- EMA helpers
 
 
+#: The name of the layer being fitted, set by :func:`curvlib.approximate` around each
+#: ``fit``/``fit_factors`` call so that an approximator's warnings and errors can name it.
+fitting_layer: contextvars.ContextVar[str | None] = contextvars.ContextVar("fitting_layer", default=None)
+
+
 def ema_rho(refresh: int, gamma: float | None) -> float:
     """ρ = min(1 − 1/k, γ) at the k-th refresh (§3.1.2); 0 when ``gamma`` is ``None``."""
     if refresh < 1:
@@ -413,16 +418,13 @@ class BlockApproximator(abc.ABC):
             ``(None, k)`` once :meth:`_check_previous` has passed, with k the refresh count
             of the new fit (1, or ``previous.refresh + 1``).
         """
-        # stacklevel 4: the warning names the line of fit() that called this helper
-        kept = self._keep_previous_if_nonfinite(stats, previous, stacklevel=4)
+        kept = self._keep_previous_if_nonfinite(stats, previous)
         if kept is not None:
             return kept, 0
         self._check_previous(stats, previous)
         return None, (1 if previous is None else previous.refresh + 1)
 
-    def _keep_previous_if_nonfinite(
-        self, stats: LayerStatistics, previous: LayerFit | None, *, stacklevel: int = 3
-    ) -> LayerFit | None:
+    def _keep_previous_if_nonfinite(self, stats: LayerStatistics, previous: LayerFit | None) -> LayerFit | None:
         """``previous`` (with a :class:`NumericalWarning`) if ``stats`` hold non-finite values,
         :class:`NumericalError` if they do and there is no previous fit, else ``None``."""
         bad_a, bad_g = stats.num_nonfinite()
@@ -430,16 +432,16 @@ class BlockApproximator(abc.ABC):
         if not (bad_a or bad_g or bad_scale):
             return None
         why = f"non-finite statistics (activations: {bad_a} entries, gradients: {bad_g} entries, scale {stats.scale})"
-        return self._fallback(why, previous, stacklevel=stacklevel)
+        return self._fallback(why, previous)
 
-    def _fallback(self, why: str, previous: LayerFit | None, *, stacklevel: int = 3) -> LayerFit:
+    def _fallback(self, why: str, previous: LayerFit | None) -> LayerFit:
+        """``previous`` with a :class:`NumericalWarning` naming the layer (:data:`fitting_layer`)
+        and ``why``; :class:`NumericalError` when there is none."""
+        layer = fitting_layer.get()
+        who = self.kind if layer is None else f"{self.kind}, layer {layer!r}"
         if previous is None:
-            raise NumericalError(f"{self.kind}: {why}; expected finite values, and there is no previous fit to keep")
-        warnings.warn(
-            f"{self.kind}: {why}; keeping the previous fit (refresh {previous.refresh}) unchanged",
-            NumericalWarning,
-            stacklevel=stacklevel,
-        )
+            raise NumericalError(f"{who}: {why}; expected finite values, and there is no previous fit to keep")
+        warn(f"{who}: {why}; keeping the previous fit (refresh {previous.refresh}) unchanged", NumericalWarning)
         return previous
 
 

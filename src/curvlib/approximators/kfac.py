@@ -85,7 +85,7 @@ class KFACApproximator(BlockApproximator, FactorFitted):
         bad = int(sum((~torch.isfinite(M)).sum() for A, G in terms for M in (A, G)))
         if bad:
             return self._fallback(f"non-finite KFAC factors ({bad} entries; finite statistics that overflowed)",
-                                  previous, stacklevel=4)
+                                  previous)
         rho = ema_rho(k, self.options.ema)
         if rho > 0:
             if len(previous.terms) != len(terms):

@@ -511,7 +511,7 @@ def find_layers(model: nn.Module, registry: Any) -> tuple[list[BlockCandidate], 
     return candidates, excluded
 
 
-def warn_excluded(excluded: dict[str, str], *, stacklevel: int = 3) -> None:
+def warn_excluded(excluded: dict[str, str]) -> None:
     """Emit one :class:`ExcludedParametersWarning` listing every excluded parameter and why."""
     if not excluded:
         return
@@ -528,7 +528,7 @@ def batch_coupled_modules(model: nn.Module) -> list[str]:
     return [n for n, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training]
 
 
-def warn_batch_coupling(model: nn.Module, *, stacklevel: int = 3) -> None:
+def warn_batch_coupling(model: nn.Module) -> None:
     """Warn (:class:`BatchCouplingWarning`) if a BatchNorm module of ``model`` is in training mode."""
     coupled = batch_coupled_modules(model)
     if coupled:

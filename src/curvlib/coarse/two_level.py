@@ -44,7 +44,6 @@ form is −⟨c, r⟩ up to rounding (⟨F•c, c⟩ = ⟨c, r⟩), ≤ 0 (4.21)
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,7 +54,7 @@ from curvlib.coarse.basis import CoarseBasis, Partition
 from curvlib.coarse.coarse_operator import _EquilibratedPinv, exact_coarse_operator, tko_coarse_operator
 from curvlib.config import positive_damping
 from curvlib.curvatures.operator import NoStatisticsError
-from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import LinearOperator, VectorLayout
 
 __all__ = [
@@ -316,8 +315,8 @@ class TwoLevelPreconditioner(_OnCurvature, LinearOperator):
             parts.append((prob, cols, beta))
         self._last_infos = [prob.info for prob, _, _ in parts]
         for prob, _, _ in parts:
-            while prob.pending_warnings:  # stacklevel: _run <- public method <- caller
-                warnings.warn(prob.pending_warnings.pop(0), NumericalWarning, stacklevel=3)
+            while prob.pending_warnings:
+                warn(prob.pending_warnings.pop(0), NumericalWarning)
         return Z1 + C, Z1, R, C, parts
 
     # -- public API ------------------------------------------------------------------------------

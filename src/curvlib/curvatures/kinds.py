@@ -141,7 +141,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
     backward pass; ``gradient`` is then ``None``), for a caller that needs only products.
     """
     candidates, excluded = find_layers(model, registry)
-    warn_batch_coupling(model, stacklevel=4)
+    warn_batch_coupling(model)
     split = split_batch(batch)
     target = split.target
     first_param = next((p for c in candidates for p in c.adapter.params()), None)
@@ -174,7 +174,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         uses = [[record.uses[index[id(ad)]] for ad in L.adapters] for L in layers]
         loss = loss_model.loss_fn(output, target)
         grad = _loss_gradient(loss, layers) if gradient else None
-    warn_excluded(excluded, stacklevel=4)
+    warn_excluded(excluded)
     return CapturedBatch(
         layers=layers,
         excluded=excluded,

@@ -36,7 +36,6 @@ factors), which the ``spectral`` coarse space may need.  What the inverses must 
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +51,7 @@ from curvlib.errors import (
     NumericalError,
     NumericalWarning,
     ShapeError,
+    warn,
 )
 from curvlib.linalg import (
     DampedKroneckerFactors,
@@ -392,11 +392,10 @@ class Damping(abc.ABC):
         except (NumericalError, NotPSDError) as exc:
             if previous is None:
                 raise
-            warnings.warn(
+            warn(
                 f"{caller}: could not build the damped inverse ({type(exc).__name__}: {exc}); "
                 "keeping the previous inverse",
                 NumericalWarning,
-                stacklevel=2,
             )
             return previous
 

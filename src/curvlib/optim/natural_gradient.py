@@ -356,7 +356,7 @@ class NaturalGradient(torch.optim.Optimizer):
         """g = ∇θ (÷ m for a ``reduction="sum"`` loss, module docstring) + η θ."""
         g = p.grad if self._grad_scale is None else p.grad * self._grad_scale
         if group["weight_decay"] != 0:
-            g = g.add(p, alpha=group["weight_decay"])
+            g = g.add(p, alpha=float(group["weight_decay"]))  # a float: torch takes an int alpha as int64
         return g
 
     def _sum_scale(self, batch: Any) -> float | None:
@@ -578,4 +578,4 @@ def _add_scaled(p: torch.Tensor, d: torch.Tensor, lr: float | torch.Tensor) -> N
     if isinstance(lr, torch.Tensor):
         p.sub_(lr * d)
     else:
-        p.add_(d, alpha=-lr)
+        p.add_(d, alpha=-float(lr))

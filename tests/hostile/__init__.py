@@ -1,0 +1,1 @@
+"""Hostile-input suite (issue 13); helpers in conftest.py."""
