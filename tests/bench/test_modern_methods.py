@@ -126,3 +126,31 @@ def test_reduce_config_is_a_valid_preconditioner_config(registry):
     assert dumped["approximator"]["kind"] == "kfac"
     assert registry.approximators.get("kfac").make_options(
         **{k: v for k, v in dumped["approximator"].items() if k != "kind"}).weight_sharing == "reduce"
+
+
+# --------------------------------------------------------------------------- default damping
+
+
+@pytest.mark.skipif(not NG_OK, reason=f"curvlib.optim is not importable: {NG_WHY}")
+def test_exact_block_method_defaults_to_tikhonov_and_builds(registry):
+    """``exact_block`` returns shift-solvable blocks, which the π-split refuses when the
+    preconditioner is built; its registration's ``default_damping="tikhonov"`` metadata makes
+    the bench method named after it a combination that builds (and ``exact_block_tikhonov``
+    agrees with it)."""
+    import curvlib
+
+    assert registry.approximators.get("exact_block").metadata["default_damping"] == "tikhonov"
+    assert "default_damping" not in registry.approximators.get("kfac").metadata
+    for name in ("exact_block", "exact_block_tikhonov"):
+        method = resolve_method(name, registry)
+        assert method.approximator == "exact_block" and method.damping_kind == "tikhonov", name
+        config = method.preconditioner_config(method.default_hyperparameters(damping=1e-2))
+        assert config["approximator"] == {"kind": "exact_block"} and config["damping"] == {"kind": "tikhonov", "value": 1e-2}
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        pre = curvlib.build_preconditioner(model, nn.MSELoss(), config, registry=registry)
+        X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        pre.update((X, y))
+        out = pre.apply([torch.ones_like(q) for q in pre.params()])
+        assert all(bool(torch.isfinite(o).all()) for o in out)
+    assert resolve_method("kfac", registry).damping_kind == "heuristic"  # kinds without the metadata
+

@@ -126,7 +126,10 @@ def test_method_grammar(registry):
     assert (tik.approximator, tik.damping_kind) == ("kfac", "tikhonov")
     for kind in registry.approximators.kinds():
         method = resolve_method(kind, registry)
-        assert method.approximator == kind and method.damping_kind == "heuristic"
+        # the damping its registration names (exact_block: tikhonov), else the π-split
+        default = registry.approximators.get(kind).metadata.get("default_damping", "heuristic")
+        assert method.approximator == kind and method.damping_kind == default
+    assert resolve_method("kfac", registry).damping_kind == "heuristic"
     for coarse in registry.coarse_spaces.kinds():
         two = resolve_method(f"kfac+{coarse}", registry)
         assert (two.approximator, two.coarse_space, two.coarse_mode) == ("kfac", coarse, "multiplicative")

@@ -347,12 +347,61 @@ def test_plugin_curvatures_declare_statistics_by_registration_metadata(plugin_re
     _build({"curvature": "my_hessian"}, plugin_registry)  # undeclared: decided at the first refresh
 
 
-def test_subclasses_of_builtins_do_not_inherit_the_builtin_table(plugin_registry):
-    """The built-in declarations are keyed by the exact class: a plugin subclass that may
-    return something else is undeclared unless it declares (FactorsOnly declares; ExactLike's
-    subclass DeclaredExactLike declares; a bare subclass of TikhonovDamping would not)."""
+def test_subclasses_of_builtins_inherit_their_declarations_like_a_plugins(plugin_registry):
+    """The built-in declarations live on their classes (``requires``, ``blocks``,
+    ``declared_blocks()``), as a plugin's do, so a subclass inherits them like any class
+    attribute; a subclass that may return something else re-declares — ``requires = None``
+    (or ``blocks = None``): undeclared, checked where it is first used; FactorsOnly declares
+    its own requirement."""
+    from curvlib.approximators.kfac import KFACApproximator
+    from curvlib.approximators.svd_based import LanczosApproximator
+
+    class Same(TikhonovDamping):
+        kind = "same"
+
     class Sub(TikhonovDamping):
         kind = "sub"
+        requires = None
 
+    assert Same(value=LAM).block_requirement() == TikhonovDamping(value=LAM).block_requirement()
     assert Sub(value=LAM).block_requirement() is None
     assert TikhonovDamping(value=LAM).block_requirement() is not None
+    assert FactorsOnly(value=LAM).block_requirement().any_of == (ShiftSolvable,)
+
+    class CountingKFAC(KFACApproximator):
+        kind = "counting_kfac"
+
+    class UndeclaredKFAC(KFACApproximator):
+        kind = "undeclared_kfac"
+        blocks = None
+
+    class WideLanczos(LanczosApproximator):
+        kind = "wide_lanczos"
+
+    assert CountingKFAC().declared_blocks() == KFACApproximator().declared_blocks()
+    assert UndeclaredKFAC().declared_blocks() is None
+    assert WideLanczos({"rank": 5}).declared_blocks().terms == (5, 5)
+
+
+def test_the_base_classes_declare_nothing():
+    """The documented defaults: a kind that declares nothing is ``None`` everywhere."""
+    from curvlib.damping.base import Damping
+
+    class BareSpace(CoarseSpace):
+        kind = "bare_space"
+
+        def basis(self, ctx):
+            raise AssertionError("not called")
+
+    class BareDamping(Damping):
+        kind = "bare_damping"
+        options_model = TikhonovOptions
+
+        def _invert(self, block):
+            raise AssertionError("not called")
+
+    assert ExactLike().declared_blocks() is None
+    assert BareSpace().first_level_requirement() is None
+    bare = BareDamping(value=LAM)
+    assert bare.block_requirement() is None
+    assert bare.inverse_capabilities((ShiftSolvable,), None) is None

@@ -302,3 +302,16 @@ def test_defaults_are_frozen_and_not_shared_state():
     with pytest.raises(TypeError):
         PreconditionerConfig().approximator["kind"] = "kpsvd"  # type: ignore[index]
     assert PreconditionerConfig().approximator == {"kind": "kfac"}
+
+
+def test_nested_free_form_options_are_frozen_too():
+    from curvlib.bench.methods import Hyperparameters
+    from curvlib.damping.levenberg_marquardt import LevenbergMarquardtOptions
+
+    lm = LevenbergMarquardtOptions(value=1e-2, inner="tikhonov", inner_options={})
+    hp = Hyperparameters(lr=0.1, approximator_options={"rank": 2}, coarse_options={"k": [1, 2]}, optimizer_options={})
+    for mapping in (lm.inner_options, hp.approximator_options, hp.coarse_options, hp.optimizer_options):
+        with pytest.raises(TypeError):
+            mapping["value"] = 3
+    assert hp.approximator_options == {"rank": 2} and hp.coarse_options["k"] == (1, 2)
+    assert hp.model_dump()["coarse_options"] == {"k": [1, 2]}  # plain containers out

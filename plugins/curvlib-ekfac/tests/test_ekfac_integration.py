@@ -110,6 +110,44 @@ def test_natural_gradient_steps_with_ekfac():
     assert state is not None
 
 
+@pytest.mark.parametrize("damping", [{"kind": "heuristic", "value": 1e-2},
+                                     {"kind": "levenberg_marquardt", "value": 1e-2, "inner": "heuristic"}])
+def test_ekfac_with_the_pi_split_is_refused_when_the_optimizer_is_built(damping):
+    """EKFAC declares its blocks (``EKFACApproximator.blocks``: shift-solvable, no Kronecker
+    factors), so ``NaturalGradient`` refuses the π-split before any data is seen, naming both
+    kinds with their distributions; ``tikhonov`` builds and steps."""
+    from curvlib.errors import ConfigError
+    from curvlib.linalg import KroneckerFactored, ShiftSolvable
+    from curvlib.optim import NaturalGradient
+    from curvlib_ekfac import EKFACApproximator, EKFACBlock
+
+    declared = EKFACApproximator().declared_blocks()
+    assert declared.capabilities == (ShiftSolvable,) and declared.terms is None
+    assert issubclass(EKFACBlock, ShiftSolvable) and not issubclass(EKFACBlock, KroneckerFactored)
+    model, loss_fn, X, y = _problem("mlp", m=8)
+    with pytest.raises(ConfigError) as info:
+        NaturalGradient(model, loss_fn, {"approximator": "ekfac", "damping": damping}, lr=0.1)
+    text = str(info.value)
+    assert text.startswith("incompatible kinds:"), text
+    assert "approximator kind 'ekfac' (distribution 'curvlib-ekfac'" in text, text
+    assert f"damping kind {damping['kind']!r} (distribution 'curvlib'" in text, text
+    assert "ShiftSolvable" in text, text
+
+    xfail_without_plugin_block_serialization()
+    opt = NaturalGradient(model, loss_fn, {"approximator": "ekfac", "damping": {"kind": "tikhonov", "value": 1e-2}},
+                          lr=0.1)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step(batch=(X, y))
+        losses.append(loss.item())
+    assert opt.preconditioner.num_refreshes == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0], losses
+
+
 def test_bench_runs_ekfac_by_name(tmp_path, capsys):
     """``curvlib bench --methods ekfac``, with Tikhonov damping (the π-split needs Kronecker factors)."""
     from curvlib.bench.methods import available_methods, resolve_method

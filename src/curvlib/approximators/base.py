@@ -58,7 +58,7 @@ from pydantic import BaseModel, Field
 from curvlib.config import StrictModel, validate_options
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator, ShiftSolvable
+from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator
 from curvlib.plugins.hookspecs import BlockDeclaration
 
 _EXACT_BLOCK_CLASS = "curvlib.approximators.exact:ExactBlock"
@@ -355,13 +355,10 @@ class BlockApproximator(abc.ABC):
         return f"{type(self).__name__}({self.options!r})"
 
     def declared_blocks(self) -> BlockDeclaration | None:
-        """What every block of this approximator (with its options) is: :attr:`blocks`, or for
-        curvlib's own kinds the table :data:`BUILTIN_BLOCKS`; ``None`` when not declared."""
-        declared = type(self).blocks
-        if declared is not None:
-            return declared
-        rule = BUILTIN_BLOCKS.get(f"{type(self).__module__}:{type(self).__qualname__}")
-        return None if rule is None else rule(self.options)
+        """What every block of this approximator (with its options) is: :attr:`blocks` by
+        default; ``None`` when not declared.  A kind whose blocks depend on its options (the
+        number of terms of ``deflation``/``lanczos`` is their ``rank``) overrides it."""
+        return type(self).blocks
 
     @abc.abstractmethod
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
@@ -454,19 +451,6 @@ class FactorFitted(abc.ABC):
     @abc.abstractmethod
     def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
         """The fit from the factor terms ``[(A [d_a, d_a], G [d_g, d_g]), …]`` of one layer."""
-
-
-#: The blocks of curvlib's own approximator kinds (exact class -> declaration from its
-#: options); a subclass declares its own (:attr:`BlockApproximator.blocks`).  ``kfac`` gives
-#: one term, or two for a weight tied in transposed form (one per orientation).
-BUILTIN_BLOCKS: dict[str, Any] = {
-    "curvlib.approximators.kfac:KFACApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (1, 2)),
-    "curvlib.approximators.svd_based:KPSVDApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (1, 1)),
-    "curvlib.approximators.svd_based:DeflationApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (o.rank, o.rank)),
-    "curvlib.approximators.svd_based:LanczosApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (o.rank, o.rank)),
-    "curvlib.approximators.svd_based:KFACCorrectedApproximator": lambda o: BlockDeclaration((KroneckerFactored,), (2, 2)),
-    "curvlib.approximators.exact:ExactBlockApproximator": lambda o: BlockDeclaration((ShiftSolvable,)),
-}
 
 
 # --------------------------------------------------------------------------- output checks

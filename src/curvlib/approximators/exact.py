@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from curvlib.approximators.base import BlockApproximator, FitInfo, LayerFit
+from curvlib.approximators.base import BlockApproximator, BlockDeclaration, FitInfo, LayerFit
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError, warn
@@ -278,6 +278,8 @@ class ExactBlockApproximator(BlockApproximator):
 
     options_model = ExactBlockOptions
     kind = "exact_block"
+    #: an :class:`ExactBlock`: no Kronecker factors, an exact ``tikhonov_solve``
+    blocks = BlockDeclaration((ShiftSolvable,))
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """An :class:`ExactBlock` of ``stats`` (see :meth:`BlockApproximator.fit`)."""

@@ -42,11 +42,19 @@ from collections.abc import Sequence
 
 import torch
 
-from curvlib.approximators.base import ApproximatorOptions, BlockApproximator, FactorFitted, FitInfo, LayerFit, ema_rho
+from curvlib.approximators.base import (
+    ApproximatorOptions,
+    BlockApproximator,
+    BlockDeclaration,
+    FactorFitted,
+    FitInfo,
+    LayerFit,
+    ema_rho,
+)
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ShapeError
-from curvlib.linalg import KroneckerSum
+from curvlib.linalg import KroneckerFactored, KroneckerSum
 
 __all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
 
@@ -62,6 +70,8 @@ class KFACApproximator(BlockApproximator, FactorFitted):
 
     options_model = KFACOptions
     kind = "kfac"
+    #: one term A ⊗ G, or two for a weight tied in transposed form (one per orientation)
+    blocks = BlockDeclaration((KroneckerFactored,), terms=(1, 2))
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A :class:`~curvlib.linalg.KroneckerSum` (A, G) — one term, or one per orientation for a

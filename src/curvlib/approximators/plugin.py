@@ -23,17 +23,21 @@ from curvlib.approximators.svd_based import (
 from curvlib.plugins import hookimpl
 
 BUILTIN_APPROXIMATORS = (
-    ("kfac", KFACApproximator, KFACOptions, "KFAC A⊗G (3.19); KFC for Conv2d/ConvTranspose2d (3.29), §5.2.3"),
-    ("kpsvd", KPSVDApproximator, KPSVDOptions, "best single Kronecker product (3.22) by power SVD of Z(F)"),
-    ("deflation", DeflationApproximator, DeflationOptions, "Kronecker rank-r by successive deflated power SVDs (§3.2.3.1)"),
-    ("lanczos", LanczosApproximator, LanczosOptions, "Kronecker rank-r by restarted Lanczos bidiagonalization (§3.2.3.2)"),
-    ("kfac_corrected", KFACCorrectedApproximator, KFACCorrectedOptions, "KFAC plus the best rank-1 correction of F − A⊗G (3.26)"),
-    ("exact_block", ExactBlockApproximator, ExactBlockOptions, "the exact sampled block scale·J_i J_iᵀ; (F_ii + λI)⁻¹ by (4.52)"),
+    ("kfac", KFACApproximator, KFACOptions, "KFAC A⊗G (3.19); KFC for Conv2d/ConvTranspose2d (3.29), §5.2.3", {}),
+    ("kpsvd", KPSVDApproximator, KPSVDOptions, "best single Kronecker product (3.22) by power SVD of Z(F)", {}),
+    ("deflation", DeflationApproximator, DeflationOptions, "Kronecker rank-r by successive deflated power SVDs (§3.2.3.1)", {}),
+    ("lanczos", LanczosApproximator, LanczosOptions, "Kronecker rank-r by restarted Lanczos bidiagonalization (§3.2.3.2)", {}),
+    ("kfac_corrected", KFACCorrectedApproximator, KFACCorrectedOptions, "KFAC plus the best rank-1 correction of F − A⊗G (3.26)", {}),
+    # no Kronecker factors for the π-split: front ends default to tikhonov, which solves it exactly
+    ("exact_block", ExactBlockApproximator, ExactBlockOptions, "the exact sampled block scale·J_i J_iᵀ; (F_ii + λI)⁻¹ by (4.52)",
+     {"default_damping": "tikhonov"}),
 )
-"""(kind, approximator class, options model, description) of every built-in approximator."""
+"""(kind, approximator class, options model, description, registration metadata) of every built-in
+approximator; ``default_damping`` tells front ends (``curvlib bench``) which damping suits the kind's
+blocks (``heuristic`` when absent)."""
 
 
 @hookimpl
 def curvlib_register_approximators(registry):
-    for kind, factory, options, description in BUILTIN_APPROXIMATORS:
-        registry.add(kind, factory, options=options, description=description)
+    for kind, factory, options, description, metadata in BUILTIN_APPROXIMATORS:
+        registry.add(kind, factory, options=options, description=description, **metadata)

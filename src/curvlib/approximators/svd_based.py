@@ -73,6 +73,7 @@ from pydantic import Field, model_validator
 from curvlib.approximators.base import (
     ApproximatorOptions,
     BlockApproximator,
+    BlockDeclaration,
     FitInfo,
     LayerFit,
     ema_rho,
@@ -83,6 +84,7 @@ from curvlib.curvatures.factors import z_operator as _z_operator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import NumericalError
 from curvlib.linalg import (
+    KroneckerFactored,
     KroneckerSum,
     SVDResult,
     ZOperator,
@@ -416,6 +418,11 @@ class DeflationApproximator(_PowerDeflationApproximator):
     options_model = DeflationOptions
     kind = "deflation"
 
+    def declared_blocks(self) -> BlockDeclaration:
+        """Kronecker sums of exactly ``rank`` terms (those beyond the block's numerical Kronecker rank are zero)."""
+        rank = self.options.rank
+        return BlockDeclaration((KroneckerFactored,), terms=(rank, rank))
+
     def _rank(self) -> int:
         return self.options.rank
 
@@ -430,6 +437,7 @@ class KPSVDApproximator(_PowerDeflationApproximator):
 
     options_model = KPSVDOptions
     kind = "kpsvd"
+    blocks = BlockDeclaration((KroneckerFactored,), terms=(1, 1))
 
     def _rank(self) -> int:
         return 1
@@ -445,6 +453,11 @@ class LanczosApproximator(_SVDApproximator):
 
     options_model = LanczosOptions
     kind = "lanczos"
+
+    def declared_blocks(self) -> BlockDeclaration:
+        """Kronecker sums of exactly ``rank`` terms (the missing ones zero)."""
+        rank = self.options.rank
+        return BlockDeclaration((KroneckerFactored,), terms=(rank, rank))
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
         base = self._base(op, past, rho)
@@ -481,6 +494,8 @@ class KFACCorrectedApproximator(_SVDApproximator):
 
     options_model = KFACCorrectedOptions
     kind = "kfac_corrected"
+    #: A⊗G + P⊗Q (a zero correction when F = A⊗G)
+    blocks = BlockDeclaration((KroneckerFactored,), terms=(2, 2))
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
         A, G = kfac_factors(stats, self.options.weight_sharing)[0]

@@ -194,6 +194,7 @@ def run_bench(
     records: list[RunRecord] = []
     grids: dict[tuple[str, str], Any] = {}
     summary_files = [out_dir / "summary.json", out_dir / "summary.txt"]
+    unwritten: tuple[RunRecord, Path] | None = None  # a finished run whose JSON is being written
     try:
         config_path = out_dir / "config.json"
         write_text_atomic(config_path, json.dumps({
@@ -228,12 +229,17 @@ def run_bench(
                     label=f"{problem.name} {method.name}", small=config.small,
                 )
                 record.grid = grid_info
-                path = record.write(out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json")
+                # the record counts as finished from here on: an interrupt below still writes it
                 records.append(record)
-                files.append(path)
+                path = out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json"
+                unwritten = (record, path)
+                files.append(record.write(path))
+                unwritten = None
                 _write_summary(out_dir, records, config, total)
     except KeyboardInterrupt as exc:
-        if records:  # the interrupt may have cut the last summary write short
+        if unwritten is not None:  # the interrupt cut the last run's write short (it is atomic)
+            files.append(unwritten[0].write(unwritten[1]))
+        if records:  # ... or the summary's
             _write_summary(out_dir, records, config, total)
         summary = report.summarize(records, target_loss=config.target_loss, target_margin=config.target_margin)
         partial = BenchResult(config=config, out=out_dir, records=records, summary=summary, grids=grids,

@@ -64,7 +64,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from curvlib.config import StrictModel
+from curvlib.config import FrozenDict, StrictModel
 from curvlib.errors import ConfigError, UnknownKindError
 
 __all__ = [
@@ -173,10 +173,10 @@ class Hyperparameters(StrictModel):
     update_every: int | None = Field(None, ge=1)
     invert_every: int | None = Field(None, ge=1)
     ema: float | None = Field(None, ge=0, le=1)
-    approximator_options: dict[str, Any] = Field(default_factory=dict)
-    coarse_options: dict[str, Any] = Field(default_factory=dict)
+    approximator_options: FrozenDict = Field(default_factory=FrozenDict)
+    coarse_options: FrozenDict = Field(default_factory=FrozenDict)
     fallback: Literal["sgd", "adam"] = "sgd"
-    optimizer_options: dict[str, Any] = Field(default_factory=dict)
+    optimizer_options: FrozenDict = Field(default_factory=FrozenDict)
 
 
 # --------------------------------------------------------------------------- methods

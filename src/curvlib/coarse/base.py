@@ -15,7 +15,8 @@ curvature's dtype and on its device — else :class:`~curvlib.errors.PluginOutpu
 the kind, its distribution and the group (a layer, for the default partition).  Non-finite
 columns are the documented fallback of :mod:`curvlib.coarse.two_level`: dropped, with a
 :class:`~curvlib.errors.NumericalWarning` naming the same (:meth:`CoarseSpace.nonfinite_message`).
-What a kind needs of the first level is declared by :meth:`CoarseSpace.first_level_requirement`
+What a kind needs of the first level is declared on its own class, curvlib's as a plugin's, by
+:attr:`CoarseSpace.first_level_needs` or :meth:`CoarseSpace.first_level_requirement`
 (``spectral`` with ``source="first_level"``: an eigenbasis or the damped factors of every
 first-level block), and checked by :func:`curvlib.build_preconditioner` before any data is seen.
 """
@@ -34,7 +35,7 @@ from curvlib.coarse.basis import CoarseBasis, Partition
 from curvlib.config import NoOptions, validate_options
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.errors import ConfigError
-from curvlib.linalg import BlockDiagonalOperator, DampedKroneckerFactors, FactorEigenbasis
+from curvlib.linalg import BlockDiagonalOperator
 from curvlib.plugins.hookspecs import BlockRequirement, KindOrigin
 
 __all__ = [
@@ -223,12 +224,10 @@ class CoarseSpace(abc.ABC):
 
     # -- declarations and checks ---------------------------------------------------------
     def first_level_requirement(self) -> BlockRequirement | None:
-        """What every first-level block must offer: :attr:`first_level_needs`, or for curvlib's
-        own kinds :data:`BUILTIN_FIRST_LEVEL_NEEDS`; ``None``: nothing (or not declared)."""
-        if type(self).first_level_needs is not None:
-            return type(self).first_level_needs
-        rule = BUILTIN_FIRST_LEVEL_NEEDS.get(f"{type(self).__module__}:{type(self).__qualname__}")
-        return None if rule is None else rule(self.options)
+        """What every first-level block must offer: :attr:`first_level_needs` by default;
+        ``None``: nothing (or not declared).  A kind whose need depends on its options
+        overrides it (as ``spectral`` does for ``source="first_level"``)."""
+        return type(self).first_level_needs
 
     def _origin(self) -> KindOrigin:
         return self.origin or KindOrigin("coarse_spaces", self.kind)
@@ -288,19 +287,3 @@ def _same_groups(a: Partition, b: Partition) -> bool:
         if not isinstance(x, slice) and not torch.equal(x, y):
             return False
     return True
-
-
-def _spectral_needs(options: Any) -> BlockRequirement | None:
-    if options.source != "first_level":
-        return None  # "auto" falls back to the batch's KFAC factors
-    return BlockRequirement(
-        (FactorEigenbasis, DampedKroneckerFactors),
-        reason="spectral (source='first_level') takes v_A,min ⊗ v_G,min (4.30) from the first level's eigenbasis "
-               "or damped factors",
-    )
-
-
-#: What curvlib's own coarse spaces need of the first level (exact class -> rule of its options).
-BUILTIN_FIRST_LEVEL_NEEDS: dict[str, Any] = {
-    "curvlib.coarse.spaces:SpectralCoarseSpace": _spectral_needs,
-}

@@ -41,6 +41,7 @@ from curvlib.linalg import (
     eigh_safe,
     vec,
 )
+from curvlib.plugins.hookspecs import BlockRequirement
 
 __all__ = [
     "KrylovCoarseSpace",
@@ -178,6 +179,17 @@ class SpectralCoarseSpace(CoarseSpace):
 
     kind = "spectral"
     Options = SpectralOptions
+
+    def first_level_requirement(self) -> BlockRequirement | None:
+        """With ``source="first_level"``: an eigenbasis or the damped factors of every first-level
+        block; otherwise nothing (``"auto"`` falls back to the batch's KFAC factors)."""
+        if self.options.source != "first_level":
+            return None
+        return BlockRequirement(
+            (FactorEigenbasis, DampedKroneckerFactors),
+            reason="spectral (source='first_level') takes v_A,min ⊗ v_G,min (4.30) from the first level's "
+                   "eigenbasis or damped factors",
+        )
 
     def _eigenvectors(self, ctx: CoarseContext, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         source = self.options.source

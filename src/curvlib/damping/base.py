@@ -24,7 +24,8 @@ p_i = d_a·d_g, and (A⊗B) vec(X) = vec(B X Aᵀ).
 Factor eigendecompositions are computed in :meth:`Damping.invert` (once per refresh, T2)
 and reused by every :meth:`BlockInverse.solve` until the next refresh.
 
-Declarations (checked by :func:`curvlib.build_preconditioner` before any data is seen):
+Declarations (checked by :func:`curvlib.build_preconditioner` before any data is seen), made
+by each kind on its own class, curvlib's as a plugin's: :attr:`Damping.requires` /
 :meth:`Damping.block_requirement` — the blocks a kind inverts (``tikhonov``: Kronecker-factored
 or shift-solvable; ``heuristic``: Kronecker-factored with at most two terms) — and
 :meth:`Damping.inverse_capabilities` — what its inverses offer (an eigenbasis, damped
@@ -319,28 +320,19 @@ class Damping(abc.ABC):
         return self.kind
 
     # -- declarations ------------------------------------------------------------------
-    def _builtin_rule(self) -> Any:
-        key = f"{type(self).__module__}:{type(self).__qualname__}"
-        if key == _LEVENBERG_MARQUARDT:  # λ, and so the blocks, follow the wrapped kind
-            key = _BUILTIN_INNER.get(self.formula_kind, "")
-        return BUILTIN_DAMPINGS.get(key)
-
     def block_requirement(self) -> BlockRequirement | None:
-        """The blocks this damping inverts: :attr:`requires`, or for curvlib's own kinds the
-        table :data:`BUILTIN_DAMPINGS`; ``None`` when not declared."""
-        if type(self).requires is not None:
-            return type(self).requires
-        rule = self._builtin_rule()
-        return None if rule is None else rule[0]
+        """The blocks this damping inverts: :attr:`requires` by default; ``None`` when not
+        declared.  A kind whose requirement depends on its options overrides it (as
+        ``levenberg_marquardt`` does: it inverts what its inner kind inverts)."""
+        return type(self).requires
 
     def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...] | None:
         """The capability classes (:class:`~curvlib.linalg.FactorEigenbasis`,
         :class:`~curvlib.linalg.DampedKroneckerFactors`) every inverse this damping builds for
         a block with capabilities ``block`` and ``terms`` Kronecker terms (``None``: not
-        Kronecker-factored) derives from; ``None`` when not declared.  A plugin overrides it
-        to declare its inverses (then :func:`curvlib.damped_inverse` checks them)."""
-        rule = self._builtin_rule() if type(self).requires is None else None
-        return None if rule is None else rule[1](block, terms)
+        Kronecker-factored) derives from; ``None`` (the default) when not declared.  A kind
+        overrides it to declare its inverses (then :func:`curvlib.damped_inverse` checks them)."""
+        return None
 
     def update(self, reduction_ratio: float | torch.Tensor) -> float:
         """Adapt λ from a reduction ratio (adaptive kinds only); returns the new λ.
@@ -424,45 +416,7 @@ class Damping(abc.ABC):
         return {"kind": self.kind, "value": self.value}
 
 
-# --------------------------------------------------------------------------- declarations of curvlib's kinds
-
-
-def _is_kronecker(block: tuple[type, ...]) -> bool:
-    return any(issubclass(c, KroneckerFactored) for c in block)
-
-
-def _tikhonov_inverses(block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
-    # one term: the joint eigenbasis; several: PCG or a dense Cholesky; shift-solvable: the block's own solve
-    return (FactorEigenbasis,) if _is_kronecker(block) and terms == 1 else ()
-
-
-def _heuristic_inverses(block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
-    if not _is_kronecker(block):
-        return ()
-    return {1: (FactorEigenbasis, DampedKroneckerFactors), 2: (DampedKroneckerFactors,)}.get(terms, ())
-
-
-_TIKHONOV = "curvlib.damping.tikhonov:TikhonovDamping"
-_HEURISTIC = "curvlib.damping.heuristic:HeuristicDamping"
-_LEVENBERG_MARQUARDT = "curvlib.damping.levenberg_marquardt:LevenbergMarquardtDamping"
-_BUILTIN_INNER = {"tikhonov": _TIKHONOV, "heuristic": _HEURISTIC}
-
-#: The declarations of curvlib's own damping kinds (exact class -> (requirement, inverse
-#: capabilities(block, terms))); ``levenberg_marquardt`` follows its ``inner`` kind.
-BUILTIN_DAMPINGS: dict[str, tuple[BlockRequirement, Any]] = {
-    _TIKHONOV: (
-        BlockRequirement((KroneckerFactored, ShiftSolvable),
-                         reason="(Σ_k A_k⊗B_k + λI)⁻¹ (4.54) is solved from the Kronecker factors, or by the block's "
-                                "own exact tikhonov_solve"),
-        _tikhonov_inverses,
-    ),
-    _HEURISTIC: (
-        BlockRequirement((KroneckerFactored,), max_terms=2,
-                         reason="the π-split (2.95)–(2.96) damps the leading term's two Kronecker factors, and the "
-                                "inversion of §3.2.5 handles one or two terms; use the 'tikhonov' damping"),
-        _heuristic_inverses,
-    ),
-}
+# --------------------------------------------------------------------------- block capabilities
 
 
 def block_capabilities(block: Any) -> tuple[tuple[type, ...], int | None]:

@@ -47,7 +47,7 @@ import torch
 from pydantic import Field
 
 from curvlib.config import StrictModel
-from curvlib.damping.base import BlockInverse, Damping, InverseInfo
+from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
 from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, warn
 from curvlib.linalg import (
     DampedKroneckerFactors,
@@ -86,6 +86,19 @@ class HeuristicDamping(Damping):
 
     kind = "heuristic"
     options_model = HeuristicOptions
+    requires = BlockRequirement(
+        (KroneckerFactored,), max_terms=2,
+        reason="the π-split (2.95)–(2.96) damps the leading term's two Kronecker factors, and the inversion of "
+               "§3.2.5 handles one or two terms; use the 'tikhonov' damping",
+    )
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+        """One Kronecker term: the eigenbasis and the damped factors (:class:`PiSplitInverse`);
+        two: the damped leading factors (:class:`TwoTermHeuristicInverse`); nothing otherwise
+        (such blocks are refused)."""
+        if not any(issubclass(c, KroneckerFactored) for c in block):
+            return ()
+        return {1: (FactorEigenbasis, DampedKroneckerFactors), 2: (DampedKroneckerFactors,)}.get(terms, ())
 
     def _invert(self, block: Any) -> BlockInverse:
         if not isinstance(block, KroneckerFactored):

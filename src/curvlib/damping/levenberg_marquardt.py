@@ -39,8 +39,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from curvlib.config import StrictModel, validate_options
-from curvlib.damping.base import BlockInverse, Damping
+from curvlib.config import FrozenDict, StrictModel, validate_options
+from curvlib.damping.base import BlockInverse, BlockRequirement, Damping
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
 from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, ShapeError, warn
@@ -80,7 +80,7 @@ class LevenbergMarquardtOptions(StrictModel):
 
     value: float = Field(gt=0, allow_inf_nan=False, description="initial λ of the inner damping")
     inner: Literal["tikhonov", "heuristic"] = "tikhonov"
-    inner_options: dict[str, Any] = Field(default_factory=dict)
+    inner_options: FrozenDict = Field(default_factory=FrozenDict)
     interval: int = Field(1, ge=1)
     omega: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     rho_low: float = Field(0.25, allow_inf_nan=False)
@@ -150,6 +150,14 @@ class LevenbergMarquardtDamping(Damping):
             cls, _ = _INNER[self.options.inner]
             self._inner_cache = (self._lam, cls(dict(self.options.inner_options), value=self._lam))
         return self._inner_cache[1]
+
+    def block_requirement(self) -> BlockRequirement | None:
+        """What the inner damping inverts (λ, and so the blocks, follow the inner kind)."""
+        return self.inner.block_requirement()
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...] | None:
+        """What the inner damping's inverses offer: :meth:`invert` builds them."""
+        return self.inner.inverse_capabilities(block, terms)
 
     def _invert(self, block: Any) -> BlockInverse:
         return self.inner._invert(block)

@@ -53,12 +53,21 @@ from pydantic import Field
 from curvlib.config import StrictModel
 from curvlib.damping.base import (
     BlockInverse,
+    BlockRequirement,
     Damping,
     InverseInfo,
     psd_part_terms,
 )
 from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, PerformanceWarning, warn
-from curvlib.linalg import FactorEigenbasis, KroneckerEigen, KroneckerFactored, KroneckerSum, eigh_safe, pcg
+from curvlib.linalg import (
+    FactorEigenbasis,
+    KroneckerEigen,
+    KroneckerFactored,
+    KroneckerSum,
+    ShiftSolvable,
+    eigh_safe,
+    pcg,
+)
 
 __all__ = [
     "TikhonovOptions",
@@ -96,6 +105,17 @@ class TikhonovDamping(Damping):
 
     kind = "tikhonov"
     options_model = TikhonovOptions
+    requires = BlockRequirement(
+        (KroneckerFactored, ShiftSolvable),
+        reason="(Σ_k A_k⊗B_k + λI)⁻¹ (4.54) is solved from the Kronecker factors, or by the block's own exact "
+               "tikhonov_solve",
+    )
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+        """One Kronecker term: the joint eigenbasis (:class:`EigenTikhonovInverse`); several: PCG
+        or a dense Cholesky, which expose nothing; a shift-solvable block: its own solve."""
+        kronecker = any(issubclass(c, KroneckerFactored) for c in block)
+        return (FactorEigenbasis,) if kronecker and terms == 1 else ()
 
     def _invert(self, block: Any) -> BlockInverse:
         opts: TikhonovOptions = self.options

@@ -55,9 +55,10 @@ import torch
 from pydantic import Field
 
 from curvlib.approximators import ApproximatorOptions, BlockApproximator, FitInfo, LayerFit, ema_rho, kfac_factors
+from curvlib.approximators.base import BlockDeclaration
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import NumericalError
-from curvlib.linalg import eigh_safe
+from curvlib.linalg import ShiftSolvable, eigh_safe
 
 from curvlib_ekfac.block import EKFACBlock
 
@@ -133,6 +134,9 @@ class EKFACApproximator(BlockApproximator):
 
     options_model = EKFACOptions
     kind = "ekfac"
+    #: every fit's block is an EKFACBlock: shift-solvable, not a Kronecker sum, so the π-split
+    #: ``heuristic`` damping is refused when a preconditioner is built
+    blocks = BlockDeclaration((ShiftSolvable,))
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """Fit F_EKFAC to the block of ``stats`` (see the module docstring and
