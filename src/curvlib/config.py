@@ -159,7 +159,8 @@ class StrictModel(BaseModel):
     Strict means no coercion between types: ``int`` fields reject ``True``, ``2.0`` and
     ``"2"``; ``float`` fields accept ``int`` but reject ``bool`` and strings; ``bool`` fields
     reject ``1`` and ``"yes"``; ``str``/``Literal`` fields reject non-strings.  Tuple fields
-    also accept a list (a JSON/YAML array), item types staying strict.
+    also accept a list (a JSON/YAML array), item types staying strict; a NumPy scalar counts
+    as the Python number of its own kind (``np.int64(2)`` as ``2``, ``np.float64`` as a float).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
@@ -193,12 +194,21 @@ class StrictModel(BaseModel):
     def _lists_as_tuples(cls, data: Any) -> Any:
         # Strict mode would refuse a list for a tuple field, but a list is what JSON, YAML
         # and keyword arguments naturally give: convert only the fields declared as tuples.
+        # Likewise a NumPy scalar (a grid from np.arange / np.logspace) is taken as the
+        # Python number of its own kind: np.int64 as int, np.float64 as float, np.bool_ as bool.
         if not isinstance(data, Mapping):
             return data
+        if any(_numpy_scalar(v) for v in data.values()):
+            data = {k: v.item() if _numpy_scalar(v) else v for k, v in data.items()}
         fields = _tuple_fields(cls)
         if not fields or not any(isinstance(data.get(f), list) for f in fields):
             return data
         return {k: tuple(v) if k in fields and isinstance(v, list) else v for k, v in data.items()}
+
+
+def _numpy_scalar(value: Any) -> bool:
+    """A NumPy scalar (without importing NumPy): its ``.item()`` is the Python number."""
+    return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0
 
 
 @functools.lru_cache(maxsize=None)

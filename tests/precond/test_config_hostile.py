@@ -315,3 +315,13 @@ def test_nested_free_form_options_are_frozen_too():
             mapping["value"] = 3
     assert hp.approximator_options == {"rank": 2} and hp.coarse_options["k"] == (1, 2)
     assert hp.model_dump()["coarse_options"] == {"k": [1, 2]}  # plain containers out
+
+
+def test_numpy_scalars_count_as_the_python_number_of_their_kind():
+    np = pytest.importorskip("numpy")
+    cfg = PreconditionerConfig(update_every=np.int64(2), invert_every=np.int32(4), ema=np.float64(0.9))
+    assert (cfg.update_every, cfg.invert_every, cfg.ema) == (2, 4, 0.9) and type(cfg.update_every) is int
+    with pytest.raises(ConfigError, match="update_every"):
+        PreconditionerConfig(update_every=np.float64(2.0), invert_every=2)  # still strict across kinds
+    with pytest.raises(ConfigError, match="update_every"):
+        PreconditionerConfig(update_every=np.bool_(True))
