@@ -46,6 +46,7 @@ from __future__ import annotations
 import abc
 import contextvars
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Mapping, Sequence
@@ -533,10 +534,21 @@ def fit_structure_problem(
 
 
 def _symmetry(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(symmetric, antisymmetric, zero) of M within rounding, 0-d bool tensors: max|M ∓ Mᵀ| ≤ √eps·max|M|."""
-    size = M.abs().amax()
-    tol = math.sqrt(torch.finfo(M.dtype).eps) * size
-    return (M - M.T).abs().amax() <= tol, (M + M.T).abs().amax() <= tol, size == 0
+    """(symmetric, antisymmetric, zero) of M within rounding, 0-d bool tensors, from one probe:
+    ‖Mv ∓ Mᵀv‖ ≤ √eps·‖M‖_F‖v‖ for a fixed pseudo-random v.  Two matrix-vector products
+    and no d×d temporary (an asymmetry above ~√(d·eps) of ‖M‖_F is caught: the check is for
+    a plugin's mistake, not for rounding)."""
+    v = _probe(M.shape[0], M.dtype, M.device)
+    Mv, Mtv = M @ v, v @ M
+    size = torch.linalg.matrix_norm(M)
+    tol = math.sqrt(torch.finfo(M.dtype).eps) * size * torch.linalg.vector_norm(v)
+    return torch.linalg.vector_norm(Mv - Mtv) <= tol, torch.linalg.vector_norm(Mv + Mtv) <= tol, size == 0
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fixed probe vector of :func:`_symmetry` (seeded, so checks are reproducible)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def _sign(A: torch.Tensor) -> torch.Tensor:
@@ -571,9 +583,8 @@ def fit_value_flags(fit: LayerFit) -> torch.Tensor | None:
         (sa, aa, za), (sb, ab, zb) = _symmetry(A), _symmetry(B)
         symmetric.append((sa & sb) | (aa & ab) | za | zb)
     diagonal = torch.ones((), dtype=torch.bool, device=block.device)
-    if len(block.terms) == 1:
+    if len(block.terms) == 1:  # (sa, za, sb, zb) are the single term's
         (A, B), = block.terms
-        (sa, _, za), (sb, _, zb) = _symmetry(A), _symmetry(B)
         s = _sign(A)
         diagonal = (sa & sb & _diagonal_sign_ok(A, s) & _diagonal_sign_ok(B, s)) | za | zb
     return torch.stack([torch.stack(finite).all(), torch.stack(symmetric).all(), diagonal])

@@ -138,7 +138,7 @@ class LayerStatistics:
         a_dim, g_dim: d_a and d_g of W̄ ``[d_g, d_a]``.
     """
 
-    __slots__ = ("uses", "scale", "has_bias", "a_dim", "g_dim")
+    __slots__ = ("uses", "scale", "has_bias", "a_dim", "g_dim", "_nonfinite")
 
     def __init__(
         self,
@@ -271,8 +271,15 @@ class LayerStatistics:
         return LayerStatistics(uses=[u.to(dtype, device) for u in self.uses], scale=self.scale, has_bias=self.has_bias)
 
     def num_nonfinite(self) -> tuple[int, int]:
-        """(non-finite entries of the rows, of the columns), summed over uses."""
-        return (sum(u.a.num_nonfinite() for u in self.uses), sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
+        """(non-finite entries of the rows, of the columns), summed over uses (counted once:
+        the statistics are immutable, and the preconditioner and the approximator both ask)."""
+        try:
+            return self._nonfinite
+        except AttributeError:
+            counts = (sum(u.a.num_nonfinite() for u in self.uses),
+                      sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
+            object.__setattr__(self, "_nonfinite", counts)
+            return counts
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (``torch.load(weights_only=True)`` compatible)."""
