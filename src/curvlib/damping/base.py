@@ -150,8 +150,10 @@ class InverseInfo:
         converged: whether the last PCG solve reached its tolerance.
         relative_residual: the largest ‖b − Mx‖/‖b‖ over the columns of the last PCG solve.
         fallback: ``None``, or the documented fallback taken (``"psd_part"``: the
-            negative part of each Kronecker term dropped; ``"psd_leading_factors"``:
-            the leading factors' negative eigenvalues clamped at 0).
+            negative part of each Kronecker term dropped; ``"leading_term"``: PCG's last
+            fallback, the exact inverse of the leading term (A_1⊗B_1 + λI)⁻¹;
+            ``"psd_leading_factors"``: the leading factors' negative eigenvalues clamped at 0,
+            or at their rounding level).
         certified_definite: PCG only: True when Weyl's bound λ + Σ_k λ_min(A_k⊗B_k) > 0
             proves the damped sum positive definite before any solve; False when it
             could not (PCG's own curvature check then decides).
