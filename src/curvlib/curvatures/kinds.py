@@ -65,7 +65,7 @@ __all__ = [
 class FisherOptions(StrictModel):
     """Options of ``fisher``: the number S of Monte Carlo target draws per sample (2.84)."""
 
-    mc_samples: int = Field(1, ge=1, le=1024, description="target samples drawn per input from the model's predictive distribution (≤ 1024: each is a backward pass; average more over data=)")
+    mc_samples: int = Field(1, ge=1, le=1_000_000, description="target samples drawn per input from the model's predictive distribution (≤ 10⁶: each is a backward pass)")
 
 
 class EmpiricalFisherOptions(StrictModel):
