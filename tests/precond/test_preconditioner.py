@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
+from curvlib.errors import ConfigError, CurvlibError, DTypeDeviceError, ShapeError
 from curvlib.plugins import load_registry
 from curvlib.precond import NotReadyError, build_preconditioner
 from curvlib.testing.compare import assert_close
@@ -119,7 +119,9 @@ def test_fisher_kfac_direction_from_captured_statistics(registry):
     pre = build_preconditioner(model, nn.CrossEntropyLoss(), cfg, registry=registry, generator=torch.Generator().manual_seed(5))
     pre.update((X, y))
     F = pre.curvature
-    g = F.gradient_vector()
+    with pytest.raises(CurvlibError, match="without the loss gradient"):
+        F.gradient_vector()  # not captured: only an adaptive damping uses it (one backward pass saved)
+    g = torch.randn(F.shape[0], dtype=DT, generator=torch.Generator().manual_seed(6))  # any right-hand side
     blocks = []
     for i, L in enumerate(F.layers):
         s = F.statistics(i)

@@ -164,8 +164,11 @@ def default_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _flat_gradient_list(F: Any) -> list[torch.Tensor]:
-    """The captured gradient ∇_{W̄_i} L of each layer, ``[g_dim, a_dim]``, from F.gradient_vector()."""
+def _flat_gradient_list(F: Any) -> list[torch.Tensor] | None:
+    """The captured gradient ∇_{W̄_i} L of each layer, ``[g_dim, a_dim]``, from F.gradient_vector()
+    (``None`` when the refresh did not capture it: only an adaptive damping uses it)."""
+    if isinstance(F, CurvatureOperator) and F._gradient is None:
+        return None
     gv = F.gradient_vector()
     return [gv[L.slice].reshape(L.a_dim, L.g_dim).T for L in F.layers]
 
@@ -242,7 +245,7 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
         [LayerStatistics.from_state_dict(s) for s in state["statistics"]],
         kind=state["kind"],
         loss=state["loss"],
-        gradient=list(state["gradient"]),
+        gradient=None if state["gradient"] is None else list(state["gradient"]),
         sampled_targets=state["sampled_targets"],
     )
 
@@ -289,7 +292,9 @@ class Preconditioner(OnLayers, LinearOperator):
         num_refreshes, num_inversions: how many refreshes / inversions happened.
         last_refresh_step, last_inversion_step: the step index of the last ones (``None``
             before the first).
-        curvature: the curvature operator F of the latest refresh (``None`` before it).
+        curvature: the curvature operator F of the latest refresh (``None`` before it): its
+            products and statistics; its loss gradient ``F.gradient_vector()`` only with an
+            adaptive damping, the one user of it (the refresh skips that backward pass otherwise).
         approximation: the block-diagonal approximation of the latest refresh (``kronecker`` only).
         inverse: the operator :meth:`apply` uses (first level only, without the coarse correction).
         last_inversion: the :class:`InversionReport` of the last inversion (``None`` before).
@@ -452,7 +457,13 @@ class Preconditioner(OnLayers, LinearOperator):
         key = (tuple(mod.training for mod in self.model.modules()),
                tuple(tuple(t.shape) for t in split_batch(batch).tensors()))
         factory = self._curvature_factory
-        extra = {"verify": False} if isinstance(factory, BuiltinCurvature) and key == self._verified else {}
+        extra: dict[str, bool] = {}
+        if isinstance(factory, BuiltinCurvature):
+            if key == self._verified:
+                extra["verify"] = False
+            if not self.damping.adaptive:
+                # only an adaptive damping's reduction ratio uses the captured ∇L: skip its backward pass
+                extra["gradient"] = False
         with preserved_buffers(self.model), torch.enable_grad():
             F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry, **extra)
         bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
@@ -468,9 +479,10 @@ class Preconditioner(OnLayers, LinearOperator):
             )
             return False
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
-        if changed and extra:  # another set of layers than the verified one: verify it
+        if changed and extra.pop("verify", True) is False:  # another set of layers than the verified one: verify it
             with preserved_buffers(self.model), torch.enable_grad():
-                F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry)
+                F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
+                                  **extra)
         self._verified = key
         if changed:
             # a different set of layers (a module skipped by this forward): EMA and warm
