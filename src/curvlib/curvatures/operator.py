@@ -144,6 +144,11 @@ class _BlockOperator(OnLayers, PerSampleMean):
         self.loss = loss
         self._gradient = None if gradient is None else list(gradient)
 
+    @property
+    def gradient_blocks(self) -> list[torch.Tensor] | None:
+        """∇_{W̄_i} L of each layer, ``[g_dim, a_dim]``, or ``None`` when captured for products only."""
+        return None if self._gradient is None else list(self._gradient)
+
     def gradient_vector(self) -> torch.Tensor:
         """∇_θ L of the captured batch (the user's loss and reduction) in curvlib order ``[p]``."""
         if self._gradient is None:

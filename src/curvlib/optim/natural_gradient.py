@@ -484,10 +484,7 @@ class NaturalGradient(torch.optim.Optimizer):
             if not isinstance(saved["params"], (list, tuple)) or len(saved["params"]) != len(mine["params"]):
                 raise ConfigError(f"{caller}: {where} holds {saved['params']!r} parameter ids, this group has "
                                   f"{len(mine['params'])} parameters")
-            try:
-                self._check_group(saved, f"{caller}: {where}")
-            except ConfigError as exc:
-                raise ConfigError(str(exc)) from None
+            self._check_group(saved, f"{caller}: {where}")
         buffers_of = state.get("state", {})
         if not isinstance(buffers_of, Mapping):
             raise ConfigError(f"{caller}: the state's 'state' is a {type(buffers_of).__name__}, expected a mapping")

@@ -52,6 +52,7 @@ from torch import nn
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
 from curvlib.capture.layout import LayerBlock, OnLayers, find_layers, unwrap_model
 from curvlib.coarse.api import two_level
+from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
 from curvlib.curvatures.kinds import BuiltinCurvature
 from curvlib.curvatures.operator import CurvatureOperator
@@ -164,15 +165,6 @@ def default_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _flat_gradient_list(F: Any) -> list[torch.Tensor] | None:
-    """The captured gradient ∇_{W̄_i} L of each layer, ``[g_dim, a_dim]``, from F.gradient_vector()
-    (``None`` when the refresh did not capture it: only an adaptive damping uses it)."""
-    if isinstance(F, CurvatureOperator) and F._gradient is None:
-        return None
-    gv = F.gradient_vector()
-    return [gv[L.slice].reshape(L.a_dim, L.g_dim).T for L in F.layers]
-
-
 def _first_difference(a: Any, b: Any, where: str = "state") -> str | None:
     """The path of the first leaf where two nested states differ (types included), or None."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -194,13 +186,11 @@ def _first_difference(a: Any, b: Any, where: str = "state") -> str | None:
 def _step_index(step: Any, caller: str) -> int:
     """A step index: an integer ≥ 0 (Python or NumPy/torch integer scalars)."""
     try:
-        if isinstance(step, bool):
-            raise TypeError
-        k = operator.index(step)
+        k = -1 if isinstance(step, bool) else operator.index(step)
     except TypeError:
-        raise ConfigError(f"{caller}: step must be an integer ≥ 0, got {step!r}") from None
+        k = -1
     if k < 0:
-        raise ConfigError(f"{caller}: step must be ≥ 0, got {k}")
+        raise ConfigError(f"{caller}: expected a step ≥ 0 (an integer), got {step!r}")
     return k
 
 
@@ -213,7 +203,7 @@ def _nonfinite_parts(F: CurvatureOperator) -> list[str]:
             bad.append(f"statistics of layer {L.name!r}")
     if F.loss is not None and not bool(torch.isfinite(torch.as_tensor(F.loss)).all()):
         bad.append("the loss")
-    if F._gradient is not None and not all(bool(torch.isfinite(g).all()) for g in F._gradient):
+    if not all(bool(torch.isfinite(g).all()) for g in F.gradient_blocks or ()):
         bad.append("the gradient")
     return bad
 
@@ -233,7 +223,7 @@ def _curvature_state(F: Any) -> dict[str, Any]:
         "excluded": list(F.excluded),
         "statistics": [s.state_dict() for s in stats],
         "loss": F.loss,
-        "gradient": _flat_gradient_list(F),
+        "gradient": F.gradient_blocks,
         "sampled_targets": F.sampled_targets,
     }
 
@@ -441,7 +431,7 @@ class Preconditioner(OnLayers, LinearOperator):
                 raise
             warn(
                 f"Preconditioner.update: the refresh at step {k} failed numerically ({exc}); keeping the "
-                          f"previous refresh (step {self.last_refresh_step}) and its inverse",
+                f"previous refresh (step {self.last_refresh_step}) and its inverse",
                 NumericalWarning,
             )
             refresh = invert = False
@@ -474,7 +464,7 @@ class Preconditioner(OnLayers, LinearOperator):
                                      "and there is no previous refresh to keep")
             warn(
                 f"Preconditioner.update: the curvature captured at step {k} is not finite ({where}); keeping "
-                          f"the previous refresh (step {self.last_refresh_step}): its fits, curvature and inverse",
+                f"the previous refresh (step {self.last_refresh_step}): its fits, curvature and inverse",
                 NumericalWarning,
             )
             return False
@@ -741,19 +731,15 @@ class Preconditioner(OnLayers, LinearOperator):
         for key, mine in (("preconditioner", self.config.preconditioner), ("approximator", self.resolved.approximator.kind)):
             if state.get(key) != mine:
                 raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
-        step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"{caller}: expected a step ≥ 0, got {step!r}")
+        _step_index(state.get("step"), caller)
         for key in ("approximation", "inverted_approximation"):
             saved = state.get(key)
             if saved is not None and (not isinstance(saved, Mapping) or saved.get("kind") != self.resolved.approximator.kind):
                 got = saved.get("kind") if isinstance(saved, Mapping) else type(saved).__name__
                 raise ConfigError(f"{caller}: the state's {key} was fitted by {got!r}; this preconditioner uses "
                                   f"{self.resolved.approximator.kind!r}")
-        lam = state.get("operator_lam")
-        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam)
-                                or lam <= 0):
-            raise ConfigError(f"{caller}: expected operator_lam to be a finite λ > 0 or None, got {lam!r}")
+        if state.get("operator_lam") is not None:  # (its type is checked by the round trip)
+            positive_damping(state["operator_lam"], f"{caller}: operator_lam")
         bad = _foreign_tensor(state, self.dtype, self.device)
         if bad is not None:
             where, t = bad
