@@ -89,3 +89,21 @@ def test_a_one_level_state_into_a_two_level_preconditioner_is_refused():
     with pytest.raises(ConfigError, match="coarse space needs the captured curvature"):
         two.load_state_dict(one.state_dict())
     assert not two.preconditioner.is_ready
+
+
+def test_a_curvature_gradient_of_the_wrong_shape_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    config = {"curvature": "ggn", "damping": {"kind": "levenberg_marquardt", "value": 1e-2}, "coarse_space": "residual"}
+    opt = NaturalGradient(model, loss_fn, config, lr=0.1, generator=torch.Generator().manual_seed(1))
+    opt.zero_grad()
+    loss_fn(model(X), y).backward()
+    opt.step(batch=(X, y))
+    state = opt.state_dict()
+    before = _fingerprint(opt, X)
+    state["preconditioner"]["curvature"]["gradient"][0] = state["preconditioner"]["curvature"]["gradient"][0][:, :2]
+    with pytest.raises(ConfigError, match=r"curvature gradient of layer '0' is \[6, 2\]; expected \[d_g, d_a\] = \[6, 5\]"):
+        opt.load_state_dict(state)
+    _same(before, _fingerprint(opt, X))

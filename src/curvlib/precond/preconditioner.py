@@ -228,14 +228,24 @@ def _curvature_state(F: Any) -> dict[str, Any]:
     }
 
 
-def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]) -> Any:
+def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock], caller: str) -> Any:
+    gradient = state["gradient"]
+    if gradient is not None:
+        if len(gradient) != len(layers):
+            raise ConfigError(f"{caller}: the state's curvature gradient has {len(gradient)} blocks, the layers "
+                              f"{len(layers)}")
+        for G, L in zip(gradient, layers):
+            if not isinstance(G, torch.Tensor) or tuple(G.shape) != (L.g_dim, L.a_dim):
+                got = list(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+                raise ConfigError(f"{caller}: the state's curvature gradient of layer {L.name!r} is {got}; expected "
+                                  f"[d_g, d_a] = {[L.g_dim, L.a_dim]}")
     return CurvatureOperator(
         layers,
         state["excluded"],
         [LayerStatistics.from_state_dict(s) for s in state["statistics"]],
         kind=state["kind"],
         loss=state["loss"],
-        gradient=None if state["gradient"] is None else list(state["gradient"]),
+        gradient=None if gradient is None else list(gradient),
         sampled_targets=state["sampled_targets"],
     )
 
@@ -779,12 +789,12 @@ class Preconditioner(OnLayers, LinearOperator):
             self._inverted_approximation = BlockDiagonalApproximation.from_state_dict(state["inverted_approximation"])
         if state["curvature"] is not None:
             assert layers is not None
-            self.curvature = _curvature_from_state(state["curvature"], layers)
+            self.curvature = _curvature_from_state(state["curvature"], layers, caller)
         if state["inverted_curvature_is_latest"]:
             self._inverted_curvature = self.curvature
         elif state["inverted_curvature"] is not None:
             assert layers is not None
-            self._inverted_curvature = _curvature_from_state(state["inverted_curvature"], layers)
+            self._inverted_curvature = _curvature_from_state(state["inverted_curvature"], layers, caller)
         # rebuild the inverse with the damping in the state it was in at the inversion
         if state["inverted_damping"] is not None and (
             self._inverted_approximation is not None or self._inverted_curvature is not None
