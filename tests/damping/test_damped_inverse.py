@@ -167,7 +167,7 @@ class CountingEigh:
     [
         (TikhonovDamping(value=0.1), 1, 2),  # A_1, B_1
         (TikhonovDamping(value=0.1, pcg_tol=PCG_TOL), 3, 6),  # every factor, once
-        (HeuristicDamping(value=0.1), 1, 2),  # the two damped factors
+        (HeuristicDamping(value=0.1), 1, 0),  # PSD factors: Cholesky, no eigendecomposition
         (HeuristicDamping(value=0.1), 2, 4),  # A^{-1/2}, B^{-1/2}, and the two whitened corrections
     ],
 )
@@ -183,6 +183,26 @@ def test_eigendecompositions_happen_once_per_invert(damping, rank, expected, mon
     assert counter.calls == expected  # solves reuse the decompositions
     damping.invert(KroneckerSum(terms))
     assert counter.calls == 2 * expected  # a refresh decomposes again
+
+
+def test_pi_split_eigenbasis_is_computed_once_at_first_use(monkeypatch):
+    A, B = spd(3, seed=1), spd(4, seed=2)
+    counter = CountingEigh(torch.linalg.eigh)
+    monkeypatch.setattr(torch.linalg, "eigh", counter)
+    inv = HeuristicDamping(value=0.1).invert(KroneckerSum([(A, B)]))
+    assert counter.calls == 0 and inv.info.method == "cholesky" and not inv.eigen_computed
+    X = randn(2, 4, 3, seed=0)
+    before = inv.solve(X)
+    e = inv.eigen
+    assert counter.calls == 2 and inv.eigen_computed and inv.eigen is e
+    Ad, Bd = inv.damped_factors
+    assert_close(e.evec_a @ torch.diag(e.eval_a) @ e.evec_a.T, Ad)
+    assert_close(e.evec_b @ torch.diag(e.eval_b) @ e.evec_b.T, Bd)
+    # the eigenbasis form of the same inverse, Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ
+    eig_form = e.evec_b @ ((e.evec_b.T @ X @ e.evec_a) / torch.outer(e.eval_b, e.eval_a)) @ e.evec_a.T
+    assert_close(before, eig_form)
+    assert_close(inv.solve(X), before)
+    assert counter.calls == 2
 
 
 def test_operand_checks(registry):

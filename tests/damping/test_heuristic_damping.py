@@ -138,6 +138,22 @@ def test_leading_factor_with_large_negative_eigenvalue_is_clamped():
     assert_close(inv.solve(X), dense_solve(M, X))
 
 
+def test_one_term_routes_psd_factors_to_cholesky_and_clamps_the_others():
+    """PSD factors are inverted by Cholesky; a factor with an eigenvalue below 0 beyond rounding
+    takes the eigenvalue rule (clamped at the shift, counted) — both give the documented M⁻¹."""
+    Q, _ = torch.linalg.qr(randn(3, 3, seed=4))
+    B = spd(2, seed=5)
+    lam = 1e-2
+    for evals, method, clamped in (([0.0, 4.0, 5.0], "cholesky", 0), ([-1e-3, 4.0, 5.0], "eigen", 1)):
+        A = (Q * torch.tensor(evals, dtype=F64)) @ Q.T
+        inv = HeuristicDamping(value=lam).invert(KroneckerSum([(A, B)]))
+        assert (inv.info.method, inv.info.n_clamped) == (method, clamped)
+        pi, r = pi_by_hand(A, B), math.sqrt(lam)
+        M = torch.kron(psd_part(A) + pi * r * eye(3), B + (r / pi) * eye(2))
+        X = randn(2, 2, 3, seed=8)
+        assert_close(inv.solve(X), dense_solve(M, X))
+
+
 def test_refuses_long_sums_and_exact_blocks():
     A, B = spd(2, seed=1), spd(2, seed=2)
     with pytest.raises(ConfigError, match="3 terms.*tikhonov"):

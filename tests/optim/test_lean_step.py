@@ -110,3 +110,28 @@ def test_the_per_sample_probe_runs_again_only_when_the_model_or_batch_shapes_cha
     _backward(model, loss_fn, X, y, opt)
     opt.step(batch=(X, y))
     assert len(calls) == 3  # a module changed mode
+
+
+def test_finite_screen_flags_non_finite_entries_and_may_false_alarm_on_overflow():
+    from curvlib.linalg import finite_screen
+
+    big = torch.full((4,), 3e38)  # finite float32 entries whose sum overflows
+    assert bool(finite_screen([torch.ones(3), torch.zeros(2, 2)])) and bool(finite_screen([]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not bool(finite_screen([torch.ones(3), torch.tensor([1.0, bad])]))
+    assert bool(torch.isfinite(big).all()) and not bool(finite_screen([big]))
+
+
+def test_a_false_alarm_of_the_screen_does_not_skip_the_step():
+    """Finite gradients whose sums overflow trip the one-reduction screen; the exact check
+    clears them and the step is taken, on refresh and plain steps alike."""
+    model, loss_fn, X, y, opt = _setup()
+    for refresh in (True, False):
+        _backward(model, loss_fn, X, y, opt)
+        model.scale.grad.fill_(torch.finfo(DT).max / 2)  # a fallback parameter: finite, sum = inf
+        before = model.scale.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NumericalWarning)
+            opt.step(batch=(X, y) if refresh else None)
+        assert not opt.metrics["skipped"] and not torch.equal(model.scale, before)
+    assert opt.preconditioner.step == 2

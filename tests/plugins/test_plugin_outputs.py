@@ -642,3 +642,21 @@ def test_a_plugin_registered_from_a_namespace_is_named_with_its_distribution():
     with pytest.raises(PluginOutputError, match=r"approximator kind 'bad_negative' \(distribution 'ns-dist', plugin 'ns'\) "
                                                 r"for layer '2'"):
         curvlib.approximate(G, "bad_negative", registry=reg)
+
+
+def test_the_indefiniteness_check_is_skipped_only_for_kinds_declaring_psd_factors(F, registry, monkeypatch):
+    """kfac declares Gram-matrix factors (PSD by construction): no Cholesky check before its
+    inversion; kpsvd's power-iteration factors are checked."""
+    import curvlib.approximators.api as api
+
+    calls = []
+    real = api.single_term_definite_flag
+    monkeypatch.setattr(api, "single_term_definite_flag", lambda block: (calls.append(1), real(block))[1])
+    kfac = curvlib.approximate(F, "kfac", registry=registry)
+    assert kfac.psd_factors
+    curvlib.damped_inverse(kfac, "heuristic", value=LAM, registry=registry)
+    assert calls == []
+    kpsvd = curvlib.approximate(F, "kpsvd", registry=registry)
+    assert not kpsvd.psd_factors
+    curvlib.damped_inverse(kpsvd, "heuristic", value=LAM, registry=registry)
+    assert len(calls) == len(kpsvd.layer_indices)

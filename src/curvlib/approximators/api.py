@@ -69,6 +69,9 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
         p: the size of the flat vector (all layers of the operator).
         origin: the :class:`~curvlib.plugins.hookspecs.KindOrigin` of the approximator kind
             (its distribution and plugin), ``None`` when not made through a registry.
+        psd_factors: the kind declares PSD factors by construction
+            (:class:`~curvlib.plugins.hookspecs.BlockDeclaration`); :meth:`check_before_inversion`
+            has nothing to check then.
 
     A :class:`~curvlib.plugins.hookspecs.CheckedApproximation`: :func:`curvlib.damped_inverse`
     names its layers and its kind in messages and calls :meth:`check_before_inversion` first.
@@ -84,12 +87,14 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
         *,
         layout: VectorLayout | None = None,
         origin: KindOrigin | None = None,
+        psd_factors: bool = False,
     ) -> None:
         if not fits:
             raise ShapeError("BlockDiagonalApproximation: expected at least one layer fit, got none")
         self.kind = kind
         self._origin = origin
-        self._checked_definite = False
+        self.psd_factors = bool(psd_factors)
+        self._checked_definite = self.psd_factors  # PSD by construction: nothing to check
         self.layer_indices: tuple[int, ...] = tuple(sorted(fits))
         self._fits = {i: fits[i] for i in self.layer_indices}
         self.names: tuple[str, ...] = tuple(names[i] for i in self.layer_indices)
@@ -283,7 +288,8 @@ def approximate(
             _check_statistics(F, i, stats, registry)
             with _fitting(F.layers[i].name):
                 fits[i] = approximator.fit(stats, previous=prev[i])
-    _check_fits(F, fits, origin, approximator.declared_blocks())
+    declared = approximator.declared_blocks()
+    _check_fits(F, fits, origin, declared)
     return BlockDiagonalApproximation(
         kind=spec.kind,
         fits=fits,
@@ -292,6 +298,7 @@ def approximate(
         p=F.p,
         layout=F.layout,
         origin=origin,
+        psd_factors=declared is not None and declared.psd_factors,
     )
 
 

@@ -54,7 +54,7 @@ from curvlib.approximators.base import (
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ShapeError
-from curvlib.linalg import KroneckerFactored, KroneckerSum
+from curvlib.linalg import KroneckerFactored, KroneckerSum, finite_screen
 
 __all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
 
@@ -70,8 +70,9 @@ class KFACApproximator(BlockApproximator, FactorFitted):
 
     options_model = KFACOptions
     kind = "kfac"
-    #: one term A ⊗ G, or two for a weight tied in transposed form (one per orientation)
-    blocks = BlockDeclaration((KroneckerFactored,), terms=(1, 2))
+    #: one term A ⊗ G, or two for a weight tied in transposed form (one per orientation); A and G
+    #: are Gram matrices E[ā āᵀ], E[g gᵀ] and averages of them, PSD by construction
+    blocks = BlockDeclaration((KroneckerFactored,), terms=(1, 2), psd_factors=True)
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A :class:`~curvlib.linalg.KroneckerSum` (A, G) — one term, or one per orientation for a
@@ -92,7 +93,8 @@ class KFACApproximator(BlockApproximator, FactorFitted):
     def _fit_terms(self, terms: list[Term], k: int, previous: LayerFit | None) -> LayerFit:
         # finite statistics can still overflow in the factor GEMMs (inputs × 1e20): such factors
         # must never enter the EMA, or every later fit and inversion inherits them
-        bad = int(sum((~torch.isfinite(M)).sum() for A, G in terms for M in (A, G)))
+        factors = [M for term in terms for M in term]
+        bad = 0 if bool(finite_screen(factors)) else int(sum((~torch.isfinite(M)).sum() for M in factors))
         if bad:
             return self._fallback(f"non-finite KFAC factors ({bad} entries; finite statistics that overflowed)",
                                   previous)

@@ -218,6 +218,17 @@ class BlockInverse(LayerBlockOperator):
             f"a_dim={self.a_dim}, b_dim={self.b_dim}, dtype={self.dtype}, device={self.device})"
         )
 
+    def condition_numbers(self) -> torch.Tensor | None:
+        """(κ_A, κ_G) of the two (damped) factors the inverse inverted, a ``[2]`` tensor on the
+        device (no host synchronisation), or ``None`` when it has no such factors.  Default: the
+        eigenvalue ratios |λ|max/|λ|min of :attr:`~curvlib.linalg.FactorEigenbasis.eigen` for
+        inverses with that capability."""
+        if not isinstance(self, FactorEigenbasis):
+            return None
+        e = self.eigen
+        ea, eb = e.eval_a.abs(), e.eval_b.abs()
+        return torch.stack([ea.max() / ea.min(), eb.max() / eb.min()])
+
     # ---- products ------------------------------------------------------------------
     def _check_result(self, Y: torch.Tensor, X: torch.Tensor, caller: str) -> None:
         if not bool(torch.isfinite(Y).all()):
@@ -472,7 +483,7 @@ def _exposed(inv: Any) -> list[tuple[str, Any, tuple[int, ...]]]:
     if isinstance(inv, DampedKroneckerFactors):
         A, G = inv.damped_factors
         out += [("damped factor A", A, (a, a)), ("damped factor G", G, (g, g))]
-    if isinstance(inv, FactorEigenbasis):
+    if isinstance(inv, FactorEigenbasis) and inv.eigen_computed:  # checked where it is computed otherwise
         e = inv.eigen
         out += [("eigen.eval_a", e.eval_a, (a,)), ("eigen.evec_a", e.evec_a, (a, a)),
                 ("eigen.eval_b", e.eval_b, (g,)), ("eigen.evec_b", e.evec_b, (g, g))]

@@ -53,6 +53,7 @@ from curvlib.linalg.operator import (
     SubmatrixOperator,
     SumOperator,
     VectorLayout,
+    finite_screen,
 )
 from curvlib.linalg.rearrange import (
     NearestKronecker,
@@ -90,6 +91,7 @@ __all__ = [
     "SubmatrixOperator",
     "SumOperator",
     "VectorLayout",
+    "finite_screen",
     "AffineZOperator",
     "ConvZOperator",
     "DenseZOperator",

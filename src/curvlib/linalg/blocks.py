@@ -122,6 +122,12 @@ class FactorEigenbasis(abc.ABC):
     def eigen(self) -> KroneckerEigen:
         """Eigenvalues and eigenvectors of the (damped) factors the inverse was built from."""
 
+    @property
+    def eigen_computed(self) -> bool:
+        """Whether :attr:`eigen` is at hand without new work (an inverse that does not need the
+        eigenbasis for its own products may compute it at first use)."""
+        return True
+
 
 class DampedKroneckerFactors(abc.ABC):
     """Capability of an applied inverse: the damped Kronecker factors it inverts."""

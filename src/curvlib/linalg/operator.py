@@ -45,9 +45,22 @@ __all__ = [
     "SubmatrixOperator",
     "SumOperator",
     "VectorLayout",
+    "finite_screen",
 ]
 
 Operand = torch.Tensor | Sequence[torch.Tensor]
+
+
+def finite_screen(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor, no host synchronisation: ``True`` proves every entry finite.
+
+    One reduction per tensor (its sum), against the four passes of ``isfinite(t).all()``:
+    a NaN or an infinity makes the sum non-finite.  ``False`` may also be a false alarm (finite
+    entries whose sum overflows), so a caller that sees ``False`` checks the entries exactly.
+    """
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()
 
 
 class VectorLayout(abc.ABC):

@@ -67,8 +67,8 @@ optional ``callback(metrics)`` receives it):
   without clipping; a tensor so that no host synchronisation is added — ``float()`` it when
   logging); ``reduction_ratio``: ρ given to an adaptive damping (``None`` otherwise);
 - ``refresh_seconds``, ``invert_seconds``: host wall-clock of the refresh / inversion;
-- ``condition_numbers``: at inversion steps, layer name -> (κ_A, κ_G) of the factors the
-  inverse eigendecomposed (:class:`~curvlib.precond.preconditioner.InversionReport`);
+- ``condition_numbers``: at inversion steps, layer name -> (κ_A, κ_G) of the two factors
+  each inverse inverted (:class:`~curvlib.precond.preconditioner.InversionReport`);
 - ``kept_previous``, ``fallbacks``, ``clamped``: at inversion steps, the layers whose
   inversion failed and kept the previous inverse, took a documented fallback, or clamped
   eigenvalues;
@@ -92,6 +92,7 @@ from curvlib.capture.layout import unwrap_model
 from curvlib.curvatures.batches import split_batch
 from curvlib.damping.levenberg_marquardt import quadratic_model_change, reduction_ratio
 from curvlib.errors import ConfigError, NumericalError, NumericalWarning, warn
+from curvlib.linalg import finite_screen
 from curvlib.precond import PreconditionerConfig, UpdateInfo, build_preconditioner, preserved_buffers
 
 __all__ = ["NaturalGradient"]
@@ -228,10 +229,10 @@ class NaturalGradient(torch.optim.Optimizer):
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
     def _grads_finite(self) -> bool:
-        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not flags:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if bool(finite_screen(grads)):  # a host synchronisation (module docstring)
             return True
-        return bool(torch.stack(flags).all())  # a host synchronisation (module docstring)
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # the screen may be a false alarm
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
@@ -288,13 +289,13 @@ class NaturalGradient(torch.optim.Optimizer):
                 covered = {id(q) for q in pparams}
                 fallback = [p.grad for g in self.param_groups for p in g["params"]
                             if p.grad is not None and id(p) not in covered]
-                flags = [torch.isfinite(t).all() for t in (*directions, *fallback)]
+                flags = [finite_screen([*directions, *fallback])]  # exact checks below if it fails
                 if self.fallback == "adam":  # g² of Adam's second moment must not overflow either
                     flags += [t.abs().amax() <= math.sqrt(torch.finfo(t.dtype).max) for t in fallback if t.numel()]
                 if not bool(torch.stack(flags).all()):
                     if not self._grads_finite():
                         raise _Skip(None)
-                    if self.fallback == "adam" and not all(bool(f) for f in flags[len(directions) + len(fallback):]):
+                    if self.fallback == "adam" and not all(bool(f) for f in flags[1:]):
                         raise _Skip("a fallback parameter's gradient overflows Adam's second moment g²")
                     try:
                         pre.apply(grads)  # finite gradients, non-finite direction: names the layer

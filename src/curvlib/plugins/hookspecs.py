@@ -240,10 +240,14 @@ class BlockDeclaration:
             or EKFAC block).
         terms: for Kronecker-factored blocks, ``(fewest, most)`` terms a block can have
             (``most = None``: no bound); ``None`` when the blocks have no terms.
+        psd_factors: the factors of single-term blocks are PSD by construction (Gram matrices
+            and averages of them, as KFAC's): the Cholesky check for indefinite single terms
+            before an inversion (:meth:`CheckedApproximation.check_before_inversion`) is skipped.
     """
 
     capabilities: tuple[type, ...]
     terms: tuple[int, int | None] | None = None
+    psd_factors: bool = False
 
     def term_counts(self) -> tuple[int, ...] | None:
         """Every possible number of terms, or ``None`` when unbounded or not Kronecker-factored."""

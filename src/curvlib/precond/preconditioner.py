@@ -60,7 +60,7 @@ from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping
 from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import BlockDiagonalOperator, FactorEigenbasis, LinearOperator
+from curvlib.linalg import BlockDiagonalOperator, LinearOperator, finite_screen
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
 
@@ -99,10 +99,11 @@ class InversionReport:
 
     Attributes:
         step: the step index of the inversion.
-        condition_numbers: layer name -> (κ_A, κ_G), the eigenvalue ratios |λ|max/|λ|min of the
-            two factors the inverse eigendecomposed, for blocks that declare them
-            (:class:`~curvlib.linalg.FactorEigenbasis`; the π-split's damped factors, Tikhonov's
-            factors).
+        condition_numbers: layer name -> (κ_A, κ_G) of the two factors each inverse inverted
+            (:meth:`~curvlib.damping.BlockInverse.condition_numbers`): the eigenvalue ratios
+            |λ|max/|λ|min where the inverse eigendecomposed them (Tikhonov's factors), κ₁ =
+            ‖M‖₁‖M⁻¹‖₁ where it inverted them by Cholesky (the π-split's damped factors; never
+            below the eigenvalue ratio, at most d times it).
         kept_previous: names of the layers whose inversion failed and kept the previous inverse.
         fallbacks: layer name -> the documented fallback an inverse took (``InverseInfo.fallback``).
         clamped: layer name -> eigenvalues raised to their floor (``InverseInfo.n_clamped``), nonzero only.
@@ -122,11 +123,11 @@ def _inversion_report(step: int, inverse: Any, names: Sequence[str]) -> Inversio
     conds, fallbacks, clamped = {}, {}, {}
     ratios, eig_names = [], []
     for name, block in zip(names, inverse.blocks):
-        if isinstance(block, FactorEigenbasis):
-            ea, eb = block.eigen.eval_a.abs(), block.eigen.eval_b.abs()
-            ratios.append(torch.stack([ea.max() / ea.min(), eb.max() / eb.min()]))
-            eig_names.append(name)
         if isinstance(block, BlockInverse):
+            kappa = block.condition_numbers()
+            if kappa is not None:
+                ratios.append(kappa)
+                eig_names.append(name)
             if block.info.fallback is not None:
                 fallbacks[name] = block.info.fallback
             if block.info.n_clamped:
@@ -621,8 +622,8 @@ class Preconditioner(OnLayers, LinearOperator):
             Y = block._apply(X.unsqueeze(0))[0]
             for k, piece in zip(ks, L.adapter.matrix_to_params(Y)):
                 out[k] = piece
-        if check_finite and not bool(torch.stack([torch.isfinite(o).all() for o in out]).all()):
-            return self.matvec(grads)  # reports which layer block and why (NumericalError)
+        if check_finite and not bool(finite_screen(out)):
+            return self.matvec(grads)  # checks exactly: reports which layer block and why (NumericalError)
         return out
 
     @property
