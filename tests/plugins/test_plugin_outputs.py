@@ -660,3 +660,21 @@ def test_the_indefiniteness_check_is_skipped_only_for_kinds_declaring_psd_factor
     assert not kpsvd.psd_factors
     curvlib.damped_inverse(kpsvd, "heuristic", value=LAM, registry=registry)
     assert len(calls) == len(kpsvd.layer_indices)
+
+
+def test_psd_by_construction_checks_finiteness_only_and_clears_false_alarms():
+    from curvlib.approximators.base import FitInfo, LayerFit, fit_value_flags, fit_value_problem
+    from curvlib.linalg import KroneckerSum
+
+    def fit_of(A, B):
+        return LayerFit(block=KroneckerSum([(A, B)]), info=FitInfo(method="kfac", refresh=1, rho=0.0), state={})
+
+    A, B = torch.eye(3, dtype=DT), torch.eye(2, dtype=DT)
+    assert fit_value_flags(fit_of(A, B), psd_by_construction=True).tolist() == [True, True, True]
+    bad = A.clone()
+    bad[0, 1] = float("nan")
+    assert fit_value_flags(fit_of(bad, B), psd_by_construction=True).tolist() == [False, True, True]
+    assert "non-finite" in fit_value_problem(fit_of(bad, B))
+    huge = torch.full((3, 3), torch.finfo(DT).max / 2, dtype=DT)  # finite, but its sum overflows
+    assert fit_value_flags(fit_of(huge, B), psd_by_construction=True).tolist() == [False, True, True]
+    assert fit_value_problem(fit_of(huge, B)) is None  # the exact check clears the alarm

@@ -324,13 +324,14 @@ def _check_fits(F: Any, fits: Mapping[int, LayerFit], origin: KindOrigin, declar
     """Every fit passes :func:`~curvlib.approximators.base.fit_structure_problem` and
     :func:`~curvlib.approximators.base.fit_value_flags` (one host synchronisation for all layers)."""
     flags = []
+    psd = declared is not None and declared.psd_factors
     for i, fit in fits.items():
         L = F.layers[i]
         problem = fit_structure_problem(fit, a_dim=L.a_dim, g_dim=L.g_dim, dtype=F.dtype, device=torch.device(F.device),
                                         declared=declared)
         if problem is not None:
             raise origin.error(L.name, problem)
-        f = fit_value_flags(fit)
+        f = fit_value_flags(fit, psd_by_construction=psd)
         if f is not None:
             flags.append((i, f))
     if not flags:
@@ -338,7 +339,10 @@ def _check_fits(F: Any, fits: Mapping[int, LayerFit], origin: KindOrigin, declar
     ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).all(dim=1).tolist()
     for (i, _), good in zip(flags, ok):
         if not good:
-            raise origin.error(F.layers[i].name, fit_value_problem(fits[i]) or "the factors failed the value checks")
+            problem = fit_value_problem(fits[i])
+            if problem is None and psd:
+                continue  # a false alarm of the finiteness screen
+            raise origin.error(F.layers[i].name, problem or "the factors failed the value checks")
 
 
 # --------------------------------------------------------------------------- errors of §3.3.1

@@ -59,7 +59,7 @@ from pydantic import BaseModel, Field
 from curvlib.config import StrictModel, validate_options
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator
+from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator, finite_screen
 from curvlib.plugins.hookspecs import BlockDeclaration
 
 _EXACT_BLOCK_CLASS = "curvlib.approximators.exact:ExactBlock"
@@ -561,7 +561,7 @@ def _diagonal_sign_ok(M: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (s * torch.diagonal(M) >= -PSD_RTOL * torch.linalg.matrix_norm(M)).all()
 
 
-def fit_value_flags(fit: LayerFit) -> torch.Tensor | None:
+def fit_value_flags(fit: LayerFit, *, psd_by_construction: bool = False) -> torch.Tensor | None:
     """The O(d²) value checks of a structurally checked fit, on the block's device (no host
     synchronisation): ``[finite, symmetric, single_term_diagonal]`` (0/1), or ``None`` for a
     block that is not :class:`~curvlib.linalg.KroneckerFactored` (its tensors are its own).
@@ -573,10 +573,18 @@ def fit_value_flags(fit: LayerFit) -> torch.Tensor | None:
       sign of a PSD block (s·diag(A) ≥ 0 and s·diag(B) ≥ 0, s = sign tr A, up to
       :data:`PSD_RTOL`·‖·‖_F): a negative-definite block (−A, B) fails it.  Always 1 for
       sums of several terms, whose later terms are legitimately indefinite.
+
+    With ``psd_by_construction`` (the kind's :class:`~curvlib.plugins.hookspecs.BlockDeclaration`
+    says ``psd_factors``: symmetric Gram matrices) only finiteness is checked, by the
+    one-reduction :func:`~curvlib.linalg.finite_screen` — a 0 may be a false alarm, which
+    :func:`fit_value_problem` (the exact check) clears.
     """
     block = fit.block
     if not isinstance(block, KroneckerFactored):
         return None
+    if psd_by_construction:
+        ones = torch.ones((), dtype=torch.bool, device=block.device)
+        return torch.stack([finite_screen([M for term in block.terms for M in term]), ones, ones])
     finite, symmetric = [], []
     for A, B in block.terms:
         finite += [torch.isfinite(A).all(), torch.isfinite(B).all()]

@@ -302,7 +302,7 @@ class BCEWithLogitsLossModel(_ElementwiseLossModel):
 
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         p = _drawable(torch.sigmoid(output.detach()), 0.5).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
-        return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
+        return _bernoulli(p, generator).to(output.device)
 
 
 class BCELossModel(_ElementwiseLossModel):
@@ -329,7 +329,14 @@ class BCELossModel(_ElementwiseLossModel):
 
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         p = _drawable(output.detach(), 0.5).unsqueeze(1).expand(output.shape[0], num_samples, *output.shape[1:])
-        return torch.bernoulli(p.to(generator.device), generator=generator).to(output.device)
+        return _bernoulli(p, generator).to(output.device)
+
+
+def _bernoulli(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli(p) draws as 1[u < p], u ~ U[0, 1) from ``generator`` (on its device): the same
+    distribution as ``torch.bernoulli``, about twice as fast on the CPU."""
+    u = torch.rand(p.shape, generator=generator, dtype=p.dtype, device=generator.device)
+    return (u < p.to(generator.device)).to(p.dtype)
 
 
 def _drawable(p: torch.Tensor, fill: float, *, rows: bool = False) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
 from curvlib.linalg.geometry import Geometry
+from curvlib.linalg.operator import finite_screen
 from curvlib.linalg.rows import Rows, as_rows
 
 __all__ = ["LayerStatistics", "Use"]
@@ -276,8 +277,11 @@ class LayerStatistics:
         try:
             return self._nonfinite
         except AttributeError:
-            counts = (sum(u.a.num_nonfinite() for u in self.uses),
-                      sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
+            if bool(finite_screen([t for u in self.uses for t in (*u.a.stored_values, u.g)])):
+                counts = (0, 0)
+            else:  # the screen may be a false alarm: count exactly
+                counts = (sum(u.a.num_nonfinite() for u in self.uses),
+                          sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
             object.__setattr__(self, "_nonfinite", counts)
             return counts
 

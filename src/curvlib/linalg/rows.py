@@ -120,6 +120,11 @@ class Rows(abc.ABC):
     def num_nonfinite(self) -> int:
         """How many entries are NaN or ±inf (one host synchronisation)."""
 
+    @property
+    @abc.abstractmethod
+    def stored_values(self) -> list[torch.Tensor]:
+        """The floating-point tensors the rows are stored in (those that can hold non-finite entries)."""
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (``torch.load(weights_only=True)`` compatible)."""
@@ -215,6 +220,10 @@ class DenseRows(Rows):
 
     def num_nonfinite(self) -> int:
         return int((~torch.isfinite(self.a)).sum())
+
+    @property
+    def stored_values(self) -> list[torch.Tensor]:
+        return [self.a]
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "dense", "a": self.a}
@@ -319,6 +328,10 @@ class OneHotRows(Rows):
 
     def num_nonfinite(self) -> int:
         return 0
+
+    @property
+    def stored_values(self) -> list[torch.Tensor]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "one_hot", "index": self.index, "dim": self.width, "dtype": _dtype_name(self._dtype)}
