@@ -139,19 +139,26 @@ def test_leading_factor_with_large_negative_eigenvalue_is_clamped():
 
 
 def test_one_term_routes_psd_factors_to_cholesky_and_clamps_the_others():
-    """PSD factors are inverted by Cholesky; a factor with an eigenvalue below 0 beyond rounding
+    """Positive definite damped factors are inverted by Cholesky, as they are (an eigenvalue of
+    the undamped factor in (−shift, 0) is kept); a damped factor that is not positive definite
     takes the eigenvalue rule (clamped at the shift, counted) — both give the documented M⁻¹."""
     Q, _ = torch.linalg.qr(randn(3, 3, seed=4))
     B = spd(2, seed=5)
     lam = 1e-2
-    for evals, method, clamped in (([0.0, 4.0, 5.0], "cholesky", 0), ([-1e-3, 4.0, 5.0], "eigen", 1)):
+    for evals, method, clamped in (([0.0, 4.0, 5.0], "cholesky", 0), ([-1e-3, 4.0, 5.0], "cholesky", 0),
+                                   ([-3.0, 4.0, 5.0], "eigen", 1)):
         A = (Q * torch.tensor(evals, dtype=F64)) @ Q.T
         inv = HeuristicDamping(value=lam).invert(KroneckerSum([(A, B)]))
         assert (inv.info.method, inv.info.n_clamped) == (method, clamped)
         pi, r = pi_by_hand(A, B), math.sqrt(lam)
-        M = torch.kron(psd_part(A) + pi * r * eye(3), B + (r / pi) * eye(2))
+        assert pi * r > 1e-3  # the shift: −1e-3 + shift > 0, the damped factor is positive definite
+        A_used = psd_part(A) if method == "eigen" else A
+        M = torch.kron(A_used + pi * r * eye(3), B + (r / pi) * eye(2))
         X = randn(2, 2, 3, seed=8)
         assert_close(inv.solve(X), dense_solve(M, X))
+        e = inv.eigen  # the eigenbasis of the factors as inverted: the same inverse
+        eig_form = e.evec_b @ ((e.evec_b.T @ X @ e.evec_a) / torch.outer(e.eval_b, e.eval_a)) @ e.evec_a.T
+        assert_close(eig_form, inv.solve(X))
 
 
 def test_refuses_long_sums_and_exact_blocks():
@@ -176,7 +183,8 @@ def test_explicit_inverses_equal_the_eigenbasis_solution(dtype):
     g = torch.Generator().manual_seed(5)
     Wa, Wb = torch.randn(40, 7, generator=g, dtype=F64), torch.randn(40, 5, generator=g, dtype=F64)
     Wa[:, 0] = 0  # a dead input: an exactly zero eigenvalue of A
-    A, B = (Wa.T @ Wa / 40 * torch.logspace(0, -4, 7, dtype=F64)).to(dtype), (Wb.T @ Wb / 40).to(dtype)
+    Wa = Wa * torch.logspace(0, -2, 7, dtype=F64)  # a PSD A with a spread spectrum
+    A, B = (Wa.T @ Wa / 40).to(dtype), (Wb.T @ Wb / 40).to(dtype)
     A, B = 0.5 * (A + A.T), 0.5 * (B + B.T)
     inv = HeuristicDamping(value=1e-3).invert(KroneckerSum([(A, B)]))
     e = inv.eigen

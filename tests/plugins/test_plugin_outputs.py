@@ -678,3 +678,10 @@ def test_psd_by_construction_checks_finiteness_only_and_clears_false_alarms():
     huge = torch.full((3, 3), torch.finfo(DT).max / 2, dtype=DT)  # finite, but its sum overflows
     assert fit_value_flags(fit_of(huge, B), psd_by_construction=True).tolist() == [False, True, True]
     assert fit_value_problem(fit_of(huge, B)) is None  # the exact check clears the alarm
+
+
+def test_the_psd_declaration_survives_the_state_dict(F, registry):
+    """The preconditioner keeps its approximation through state_dict()/from_state_dict()."""
+    for kind, psd in (("kfac", True), ("kpsvd", False)):
+        approx = curvlib.approximate(F, kind, registry=registry)
+        assert type(approx).from_state_dict(approx.state_dict()).psd_factors is psd

@@ -172,6 +172,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
             "kind": self.kind,
             "p": self.p,
             "origin": None if self._origin is None else self._origin.state_dict(),
+            "psd_factors": self.psd_factors,
             "layers": [
                 {"index": i, "name": n, "start": sl.start, "stop": sl.stop, "fit": self._fits[i].state_dict()}
                 for i, n, sl in zip(self.layer_indices, self.names, self.slices)
@@ -189,6 +190,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
             slices={d["index"]: slice(d["start"], d["stop"]) for d in layers},
             p=data["p"],
             origin=KindOrigin.from_state_dict(data.get("origin")),
+            psd_factors=data.get("psd_factors", False) is True,
         )
 
 

@@ -226,7 +226,20 @@ class LayerFit:
         info = dict(data["info"])
         for key in ("residuals", "singular_values"):
             info[key] = tuple(float(x) for x in info.get(key, ()))
-        return cls(block=block, info=FitInfo(**info), state=dict(data["state"]))
+        state = dict(data["state"])
+        for where, values, key, low in (("info", info, "refresh", 1), ("info", info, "iterations", 0),
+                                        ("state", state, "refresh", 1)):
+            if key in values:
+                _check_count(values[key], f"LayerFit.from_state_dict: {where}.{key}", low)
+        rho = info.get("rho", 0.0)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho < 1.0:
+            raise ConfigError(f"LayerFit.from_state_dict: info.rho = {rho!r}; expected a number in [0, 1)")
+        return cls(block=block, info=FitInfo(**info), state=state)
+
+
+def _check_count(value: Any, where: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where} = {value!r}; expected an integer ≥ {low}")
 
 
 def _plugin_block_class(path: str) -> type:

@@ -222,6 +222,7 @@ def damped_inverse(
     if flags:  # one host synchronisation for every layer
         ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
         for (i, _), good in zip(flags, ok):
-            if not good:
-                raise origin.error(names[i], inverse_value_problem(inverses[i]) or "the inverse is not finite")
+            problem = None if good else inverse_value_problem(inverses[i])
+            if problem is not None:  # None: a false alarm of the finiteness screen
+                raise origin.error(names[i], problem)
     return BlockDiagonalInverse(inverses, slices, damping, p=p, kept_previous=kept, layout=layout, names=names)

@@ -60,6 +60,7 @@ from curvlib.linalg import (
     KroneckerFactored,
     LayerBlockOperator,
     ShiftSolvable,
+    finite_screen,
 )
 from curvlib.plugins.hookspecs import BlockRequirement, KindOrigin, describe_capabilities
 
@@ -88,7 +89,9 @@ def _check_block(block: Any, caller: str) -> None:
 
 
 def _check_finite_terms(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], caller: str) -> None:
-    for k, (A, B) in enumerate(terms):
+    if bool(finite_screen([M for term in terms for M in term])):  # one reduction per factor, one host sync
+        return
+    for k, (A, B) in enumerate(terms):  # the screen may be a false alarm: check exactly
         for name, M in (("A", A), ("B", B)):
             if not bool(torch.isfinite(M).all()):
                 n_bad = int((~torch.isfinite(M)).sum())
@@ -491,13 +494,14 @@ def _exposed(inv: Any) -> list[tuple[str, Any, tuple[int, ...]]]:
 
 
 def inverse_value_flag(inv: BlockInverse) -> torch.Tensor | None:
-    """0-d bool tensor (no host synchronisation): every tensor the inverse exposes through its
-    capabilities is finite; ``None`` when it exposes none (its products are checked for
-    finiteness where they are applied, :meth:`BlockInverse.solve`)."""
+    """0-d bool tensor (no host synchronisation): ``True`` proves every tensor the inverse
+    exposes through its capabilities finite (:func:`~curvlib.linalg.finite_screen`: a ``False``
+    may be a false alarm, which :func:`inverse_value_problem` clears); ``None`` when it exposes
+    none (its products are checked for finiteness where they are applied, :meth:`BlockInverse.solve`)."""
     tensors = [M for _, M, _ in _exposed(inv)]
     if not tensors:
         return None
-    return torch.stack([torch.isfinite(M).all() for M in tensors]).all()
+    return finite_screen(tensors)
 
 
 def inverse_value_problem(inv: BlockInverse) -> str | None:

@@ -12,11 +12,13 @@
 the coefficient of I in the expansion, as in ``tikhonov``, but M also carries the two
 cross terms that §4.4.2 credits for KFAC's success over block-diagonal natural gradient.
 
-- One term: both damped factors are eigendecomposed once per refresh and inverted
-  exactly, X ↦ Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ.  A_1 and B_1 are PSD in exact
-  arithmetic; an eigenvalue of a damped factor below its shift (a negative eigenvalue of
-  the undamped factor) is raised to the shift, i.e. the undamped factors' eigenvalues
-  are clamped at 0 (``info.n_clamped`` counts those below by more than rounding).
+- One term: both damped factors are inverted once per inversion, exactly, by Cholesky
+  (:class:`PiSplitInverse`), and applied as B_d⁻¹ X A_d⁻¹.  A_1 and B_1 are PSD in exact
+  arithmetic, so the damped factors are positive definite; a damped factor that is not
+  (Cholesky fails: the undamped factor has eigenvalues below −shift) is eigendecomposed
+  instead and its eigenvalues below the shift are raised to it, i.e. the undamped
+  factor's eigenvalues are clamped at 0 (``info.n_clamped`` counts those below by more
+  than rounding).
 - Two terms: :class:`curvlib.linalg.TwoTermKroneckerInverse` on
   (A_1 + π√λI, B_1 + π⁻¹√λI, A_2, B_2).  Its rule for an indefinite correction: with
   μ_ji = 1 + s2_j s1_i the joint eigenvalues of M relative to the damped leading term,
@@ -130,20 +132,19 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
     """[(A + π√λI) ⊗ (B + π⁻¹√λI)]⁻¹, exact, applied with two GEMMs: Y = B_d⁻¹ X A_d⁻¹.
 
     At the inversion (once per T2) the explicit inverses of the damped factors are formed.
-    A damped factor M_d = M + shift·I whose undamped factor M is PSD to rounding is inverted
-    by Cholesky (``torch.linalg.cholesky_ex`` of M + τI decides "PSD to rounding", with
-    τ = 64·ε·max(‖M_d‖∞, shift), ε the dtype's machine epsilon; then
-    ``cholesky_inverse`` of M_d): about a fifth of the work of an eigendecomposition.
-    Otherwise the factor takes the eigenvalue rule of the module docstring: M_d is
-    eigendecomposed (:func:`~curvlib.linalg.eigh_safe`, with its float64 retry), its
-    eigenvalues clamped at the shift, and A_d⁻¹ = Q_a diag(1/e_a) Q_aᵀ formed
-    (``info.n_clamped`` counts the eigenvalues below the shift by more than rounding).
-    ``info.method`` is ``"cholesky"`` when both factors took the first route, ``"eigen"``
-    otherwise.  Since the joint eigenvalues e_b,i·e_a,j factorise, B_d⁻¹ X A_d⁻¹ =
+    A damped factor M_d = M + shift·I that is positive definite (``torch.linalg.cholesky_ex``
+    succeeds, in its dtype) is inverted exactly by ``cholesky_inverse``: about a fifth of the
+    work of an eigendecomposition.  Otherwise (the undamped M has eigenvalues below −shift)
+    it takes the eigenvalue rule of the module docstring: M_d is eigendecomposed
+    (:func:`~curvlib.linalg.eigh_safe`, with its float64 retry), its eigenvalues clamped at
+    the shift, and M_d⁻¹ = Q diag(1/e) Qᵀ formed (``info.n_clamped`` counts the eigenvalues
+    below the shift by more than rounding).  ``info.method`` is ``"cholesky"`` when both
+    factors took the first route, ``"eigen"`` otherwise.  Since the joint eigenvalues e_b,i·e_a,j factorise, B_d⁻¹ X A_d⁻¹ =
     Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ — the eigenbasis form at half its per-step cost.
 
     The eigendecomposition (:attr:`eigen`, e.g. for the spectral coarse space (4.28)–(4.30))
-    is computed at first use, with the same clamp.
+    of the factors actually inverted is computed at first use (or kept from the eigenvalue
+    rule), so that Q_b [(Q_bᵀ X Q_a) ⊘ (e_b e_aᵀ)] Q_aᵀ equals the applied inverse.
 
     Args:
         A: ``[d_a, d_a]`` symmetric PSD (sign-normalized).
@@ -153,15 +154,15 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
     Attributes:
         pi: π of (2.96).
         damped_factors: ``(A + π√λI [d_a, d_a], B + π⁻¹√λI [d_g, d_g])``.
-        eigen: the :class:`~curvlib.linalg.KroneckerEigen` of the damped factors (eigenvalues
-            clamped at the shifts), computed at first use.
+        eigen: the :class:`~curvlib.linalg.KroneckerEigen` of the damped factors as inverted
+            (clamped where the eigenvalue rule was taken), computed at first use.
     """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, lam: float, *, kind: str = "heuristic") -> None:
         Ad, Bd, pi = pi_split(A, B, lam)
         self._shifts = _shifts(lam, pi)
         (self._A_inv, eig_a, clamped_a), (self._B_inv, eig_b, clamped_b) = (
-            _damped_inverse(M, Md, shift) for M, Md, shift in ((A, Ad, self._shifts[0]), (B, Bd, self._shifts[1])))
+            _damped_inverse(Md, shift) for Md, shift in ((Ad, self._shifts[0]), (Bd, self._shifts[1])))
         self._eig = [eig_a, eig_b]
         self._eigen: KroneckerEigen | None = None
         self.pi = float(pi)
@@ -187,9 +188,8 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
     def eigen(self) -> KroneckerEigen:
         if self._eigen is None:
             for i, (Md, shift) in enumerate(zip(self._damped_factors, self._shifts)):
-                if self._eig[i] is None:
-                    e, Q = eigh_safe(Md)
-                    self._eig[i] = (e.clamp_min(shift), Q)
+                if self._eig[i] is None:  # a Cholesky-inverted factor: positive definite, nothing to clamp
+                    self._eig[i] = eigh_safe(Md)
             (e_a, Q_a), (e_b, Q_b) = self._eig
             self._eigen = KroneckerEigen(eval_a=e_a, evec_a=Q_a, eval_b=e_b, evec_b=Q_b)
         return self._eigen
@@ -200,35 +200,25 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
         Cholesky-factored matrix; never below the eigenvalue ratio, at most d times it)."""
         if self.eigen_computed:
             return super().condition_numbers()
-        norm1 = lambda M: M.abs().sum(0).amax()  # noqa: E731
+        norm1 = lambda M: torch.linalg.matrix_norm(M, ord=1)  # noqa: E731
         return torch.stack([norm1(Md) * norm1(Mi) for Md, Mi in zip(self._damped_factors, (self._A_inv, self._B_inv))])
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         return _two_sided(self._B_inv, X, self._A_inv)
 
 
-def _damped_inverse(
-    M: torch.Tensor, Md: torch.Tensor, shift: float
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
+def _damped_inverse(Md: torch.Tensor, shift: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
     """(M_d⁻¹, the clamped eigendecomposition of M_d or ``None``, clamps) for M_d = M + shift·I
-    (:class:`PiSplitInverse`: Cholesky when M is PSD to rounding, else the eigenvalue rule).
+    (:class:`PiSplitInverse`: Cholesky when M_d is positive definite, else the eigenvalue rule).
     Cholesky reads one triangle, so the rounding-level asymmetry of M needs no symmetrization,
     and ``cholesky_inverse`` returns an exactly symmetric matrix."""
-    tau = 64 * torch.finfo(M.dtype).eps * max(float(Md.abs().sum(1).amax()), shift)
-    if int(torch.linalg.cholesky_ex(_plus_identity(M, tau)).info) == 0:
-        L, info = torch.linalg.cholesky_ex(Md)
-        if int(info) == 0:
-            return torch.cholesky_inverse(L), None, 0
+    L, info = torch.linalg.cholesky_ex(Md)
+    if int(info) == 0:
+        return torch.cholesky_inverse(L), None, 0
     e, Q = eigh_safe(Md)
     n_clamped = _count_below(e, shift)
     e = e.clamp_min(shift)
     return _symmetrized((Q / e) @ Q.T), (e, Q), n_clamped
-
-
-def _plus_identity(M: torch.Tensor, c: float) -> torch.Tensor:
-    out = M.clone()
-    out.diagonal().add_(c)
-    return out
 
 
 def _symmetrized(M: torch.Tensor) -> torch.Tensor:

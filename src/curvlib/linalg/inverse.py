@@ -255,9 +255,14 @@ def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor) -> tup
         )
         pi = 1.0
     root = math.sqrt(lam)
-    eye_a = torch.eye(d_a, dtype=A.dtype, device=A.device)
-    eye_b = torch.eye(d_b, dtype=B.dtype, device=B.device)
-    return A + (pi * root) * eye_a, B + (root / pi) * eye_b, pi
+    return _shifted(A, pi * root), _shifted(B, root / pi), pi
+
+
+def _shifted(M: torch.Tensor, c: float) -> torch.Tensor:
+    """M + c·I in one pass over M (no identity matrix built)."""
+    out = M.clone(memory_format=torch.contiguous_format)
+    out.diagonal().add_(c)
+    return out
 
 
 # --------------------------------------------------------------------------- A ⊗ B + C ⊗ D
