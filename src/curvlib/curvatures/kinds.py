@@ -21,7 +21,8 @@ auto-encoder's 784 pixels) therefore costs 784 backward passes — prefer ``fish
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ from curvlib.curvatures.batches import split_batch
 from curvlib.curvatures.losses import Columns, LossModel, loss_model_for
 from curvlib.curvatures.operator import CurvatureOperator, HessianOperator
 from curvlib.curvatures.statistics import LayerStatistics, Use
-from curvlib.errors import DTypeDeviceError, ShapeError, UnsupportedLossError
+from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError, UnsupportedLossError
 from curvlib.plugins import load_registry
 
 __all__ = [
@@ -140,6 +141,41 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
     verified the same model and batch shapes before; ``gradient=False`` skips ∇L (one
     backward pass; ``gradient`` is then ``None``), for a caller that needs only products.
     """
+    with torch.enable_grad(), hooked_pass(model, loss_model, batch, registry, verify=verify,
+                                          gradient=gradient) as captured:
+        captured.set_output(split_batch(batch).call(model))
+    return captured.result
+
+
+class _HookedPass:
+    """The state of :func:`hooked_pass`: the recorded forward, then (at exit) the :class:`CapturedBatch`."""
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+        self.output: torch.Tensor | None = None
+        self.result: CapturedBatch | None = None
+
+    def set_output(self, output: Any) -> None:
+        if self.output is not None:
+            raise ConfigError(
+                "the model was called twice while its curvature statistics were being captured; call it once "
+                "on the batch (one forward pass per refresh)"
+            )
+        self.output = output
+
+
+@contextlib.contextmanager
+def hooked_pass(model: nn.Module, loss_model: LossModel, batch: Any, registry: Any, *, verify: bool = True,
+                gradient: bool = True, own_forward: bool = False) -> Iterator[_HookedPass]:
+    """The hooked forward pass of :func:`capture_batch`, run by the caller inside the block.
+
+    The caller calls the model once on ``batch`` inside the block and hands the output to
+    ``set_output`` — or, with ``own_forward=True`` (the caller's own training forward, see
+    :meth:`curvlib.optim.NaturalGradient.capture`), a forward hook on ``model`` picks it up.
+    At the exit the output and the loss are checked, the per-sample probe and ∇L run
+    (``verify``, ``gradient``; both retain the graph) and ``result`` holds the
+    :class:`CapturedBatch`.  An exception inside the block propagates, hooks removed.
+    """
     candidates, excluded = find_layers(model, registry)
     warn_batch_coupling(model)
     split = split_batch(batch)
@@ -152,15 +188,24 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
     adapters = [ad for c in candidates for ad in c.adapters]
     index = {id(ad): k for k, ad in enumerate(adapters)}
     m = split.num_samples
+    with capture_forward(adapters, batch_size=m) as record:
+        state = _HookedPass(record)
+        hook = model.register_forward_hook(lambda _m, _args, out: state.set_output(out)) if own_forward else None
+        try:
+            yield state
+        finally:
+            if hook is not None:
+                hook.remove()
+    output = state.output
+    if output is None:
+        raise ConfigError("the model was not called on the batch while its curvature statistics were being captured")
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedLossError(f"expected the model to return one tensor, got {type(output).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise UnsupportedLossError(f"expected a target tensor, got {type(target).__name__}")
+    if m is not None and output.ndim > 0 and output.shape[0] != m:
+        raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the batch {m} samples")
     with torch.enable_grad():
-        with capture_forward(adapters, batch_size=m) as record:
-            output = split.call(model)
-        if not isinstance(output, torch.Tensor):
-            raise UnsupportedLossError(f"expected the model to return one tensor, got {type(output).__name__}")
-        if not isinstance(target, torch.Tensor):
-            raise UnsupportedLossError(f"expected a target tensor, got {type(target).__name__}")
-        if m is not None and output.ndim > 0 and output.shape[0] != m:
-            raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the batch {m} samples")
         loss_model.check(output, target)
         if verify and not batch_coupled_modules(model):  # BatchNorm in training mode mixes samples (warned)
             check_samples_independent(output, record)
@@ -175,7 +220,7 @@ def capture_batch(model: nn.Module, loss_model: LossModel, batch: Any, registry:
         loss = loss_model.loss_fn(output, target)
         grad = _loss_gradient(loss, layers) if gradient else None
     warn_excluded(excluded)
-    return CapturedBatch(
+    state.result = CapturedBatch(
         layers=layers,
         excluded=excluded,
         inputs=split.args,
