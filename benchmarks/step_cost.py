@@ -1,5 +1,6 @@
-"""Cost of one optimizer step of each curvlib method, relative to one SGD step, and of
-curvlib's KFAC factors relative to peer libraries' — all measured in one run.
+"""Cost of one optimizer step of each curvlib method and of peer libraries' KFAC-family
+optimizers relative to one SGD step, next to its FLOP-model limit, and of curvlib's KFAC
+factors relative to peer libraries' — all measured in one run.
 
 Problem: the thesis's MNIST auto-encoder (appendix 3.D, problem 1),
 784-1000-500-250-30-250-500-1000-784 Linear layers, ReLU, Bernoulli output
@@ -53,18 +54,53 @@ extensions) are first **checked against each other**, then timed:
   BackPACK: ``loss.backward()`` under ``backpack(KFAC(mc_samples=1))``), as a ratio to the
   SGD step and to curvlib's.
 
-Peers are optional: install them into a separate environment with the torch pin, e.g.::
+Part 3 — peers' optimizer steps. The KFAC-family optimizers of the installed peers (ASDL's
+``KfacGradientMaker``, kfac-pytorch's ``KFACPreconditioner``, curvlinops' ``KFACLinearOperator``
+with its ``KFACInverseLinearOperator`` applied to the gradient, SINGD) are first **checked**
+— one refresh+invert step from the same initial weights must change the parameters, stay
+finite and move along a direction d with cos(d, ∇L) > 0 (the cosine with curvlib's KFAC
+direction is printed too; kfac-pytorch and SINGD start from identity factors, so their
+first step is close to the gradient) — and a peer that fails is not timed.  Then their
+three step kinds are timed as in part 1, **interleaved in one run with SGD and curvlib's
+``kfac``**, each kind a separate optimizer instance (plain: T1 = T2 = ∞ after the untimed
+first step; refresh: T1 = 1, T2 = ∞; refresh+invert: T1 = T2 = 1), amortized over the same
+T1, T2.  Same schedule, one Monte Carlo sample, damping λ = 1e-3 and batch for everyone;
+how each library's damping maps onto λ, which Fisher it captures and which inverse it
+forms is in ``benchmarks/_peers.py``'s docstring, and printed under the table.
+
+FLOP-model limits. Next to each measured ratio (parts 1 and 3) the script prints the
+ratio that the same algorithm's FLOP count would give (``benchmarks/_flops.py``: forward
+and backward 6·m·d_in·d_out per layer = one SGD step; the capture's extra forward and
+backward; factors 2·m·(d_a² + d_g²); two GEMMs 2·d_g·d_a·(d_a + d_g) to apply explicit
+inverses, four in an eigenbasis; per factor inversion d³ Cholesky, 8/3·d³ LU, 9·d³ eigh).
+curvlib's ``kfac`` (π-split damping applied with explicit inverses, Monte Carlo capture
+by a second forward with hooks and a backward of sampled targets to the layer outputs) is
+the only part-1 method with a model; the others print "-".
+
+Peers are optional: without them parts 2 and 3 print "not installed, skipped".  ASDL
+calls ``torch.cuda.nvtx`` range functions that a CPU-only torch lacks (they raise): the
+script replaces them with no-ops in its own process before it imports ASDL
+(``_peers.stub_cpu_nvtx``); the installed ASDL is not changed.  The peers environment
+(what was run; ``constraints.txt`` keeps the CPU torch that the peers' torchvision would
+otherwise replace)::
 
     python3 -m venv .venv-peers
-    .venv-peers/bin/pip install -c constraints.txt -e ".[bench]" curvlinops-for-pytorch backpack-for-pytorch
-    .venv-peers/bin/python benchmarks/step_cost.py
+    .venv-peers/bin/pip install -c constraints.txt -e ".[bench]" asdfghjkl==0.1a5 \
+        curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 singd==0.0.5
+    # kfac-pytorch (0.4.2) is not on PyPI: a checkout of github.com/gpauloski/kfac-pytorch
+    # (measured: commit 869cf11), e.g. unpacked from `git archive HEAD` into /tmp/kfac-pytorch
+    .venv-peers/bin/pip install -c constraints.txt /tmp/kfac-pytorch
+    .venv-peers/bin/pip install -c constraints.txt ./plugins/curvlib-ekfac ./plugins/curvlib-grouped-newton
+    .venv-peers/bin/python benchmarks/step_cost.py --threads 1 --repeats 7 --methods kfac
 
 Usage::
 
     python benchmarks/step_cost.py [--batch 512] [--repeats 3] [--threads N]
-        [--methods kfac kpsvd ...] [--skip-peers] [--small]
+        [--methods kfac kpsvd ...] [--skip-peers] [--skip-peer-factors] [--skip-peer-steps] [--small]
 
-Absolute times are printed only for context; the ratios are the result.
+On a shared machine use ``--threads 1`` (two threads on two busy cores make the LAPACK
+calls erratic) and ``--repeats`` ≥ 7.  Absolute times are printed only for context; the
+ratios are the result.
 """
 
 from __future__ import annotations
@@ -83,10 +119,20 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.bench.training_step import build_training_step
 from curvlib.plugins import load_registry
 
-from _common import interleaved, median_time  # benchmarks/_common.py (this folder is on sys.path)
+# benchmarks/_common.py, _flops.py, _peers.py (this folder is on sys.path)
+from _common import interleaved, median_time
+from _flops import CURVLIB_KFAC, StepLimits, amortized, linear_shapes, step_limits
+from _peers import DISTRIBUTIONS, PEERS, PeerOptimizer, Schedule, installed
 
 METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac+residual", "block_ng", "exact_ng")
 NEVER = 10**9  # a T1/T2 no run reaches: "never refresh / never invert again"
+#: (T1, T2) of the three step kinds, each timed on its own optimizer instance
+KINDS = {"plain": (NEVER, NEVER), "refresh": (1, NEVER), "full": (1, 1)}
+#: the FLOP model of the part-1 methods that have one
+FLOP_MODELS = {"kfac": CURVLIB_KFAC}
+DAMPING = 1e-3  # λ of every peer (curvlib's default)
+TIMING_LR = 1e-6  # steps small enough that the repeated batch does not move the model far
+CHECK_LR = 1e-3
 
 
 
@@ -103,15 +149,20 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- part 1
 
 
-def stepper_for(problem, method_name: str, registry, X, Y, T1: int, T2: int):
-    """One step of ``method_name`` under schedule (T1, T2), as a callable (a fresh model each)."""
+def curvlib_optimizer(problem, method_name: str, registry, X, Y, T1: int, T2: int, lr: float = TIMING_LR):
+    """A fresh model and one step of ``method_name`` on it under schedule (T1, T2), as a callable."""
     method = resolve_method(method_name, registry)
     model = problem.model_fn(0)
-    hp = method.default_hyperparameters(lr=1e-6, update_every=T1, invert_every=T2, kl_clip=0) \
-        if method.is_natural_gradient else method.default_hyperparameters(lr=1e-6)
+    hp = method.default_hyperparameters(lr=lr, update_every=T1, invert_every=T2, kl_clip=0) \
+        if method.is_natural_gradient else method.default_hyperparameters(lr=lr)
     stepper = build_training_step(method, model, problem.loss_fn, hp,
                                   generator=torch.Generator().manual_seed(1), registry=registry)
-    return lambda: stepper.step(X, Y)
+    return model, lambda: stepper.step(X, Y)
+
+
+def stepper_for(problem, method_name: str, registry, X, Y, T1: int, T2: int):
+    """One step of ``method_name`` under schedule (T1, T2), as a callable (a fresh model each)."""
+    return curvlib_optimizer(problem, method_name, registry, X, Y, T1, T2)[1]
 
 
 def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repeats: int) -> float:
@@ -119,34 +170,54 @@ def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repe
     return median_time(stepper_for(problem, method_name, registry, X, Y, T1, T2), repeats)
 
 
+def cost_cells(ratio: dict, seconds: dict, name, T1: int, T2: int, limits: StepLimits | None,
+               inverts: bool = True) -> list[str]:
+    """plain, its limit, refresh, limit, refresh+invert, limit, amortized, limit, amortized [ms] of
+    the step kinds ``(name, kind)`` in ``ratio``; without an inversion the refresh+invert kind
+    is "n/a" and the refresh stands for it in the amortization."""
+    plain, refresh = ratio[(name, "plain")], ratio[(name, "refresh")]
+    full = ratio[(name, "full")] if inverts else refresh
+    measured = amortized(plain, refresh, full, T1, T2)
+    if limits is None:
+        lim = ["-"] * 4
+    else:
+        lim_full = limits.full if inverts else limits.refresh
+        lim = [fmt_ratio(limits.plain), fmt_ratio(limits.refresh), fmt_ratio(lim_full) if inverts else "n/a",
+               fmt_ratio(amortized(limits.plain, limits.refresh, lim_full, T1, T2))]
+    return [fmt_ratio(plain), lim[0], fmt_ratio(refresh), lim[1], fmt_ratio(full) if inverts else "n/a", lim[2],
+            fmt_ratio(measured), lim[3], f"{measured * seconds['sgd'] * 1e3:.1f}"]
+
+
+COST_HEADER = ["plain", "lim", "refresh", "lim", "refresh+invert", "lim", "amortized", "lim", "amortized [ms]"]
+
+
 def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int) -> tuple[float, list[list[str]]]:
     """Every step kind of every method timed interleaved with SGD (one step of each per round;
-    each ratio is the median over rounds of time / that round's SGD step)."""
+    each ratio is the median over rounds of time / that round's SGD step), with the FLOP-model
+    limits of the methods in :data:`FLOP_MODELS`."""
     fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1),
            "adam": stepper_for(problem, "adam", registry, X, Y, 1, 1)}
     failed = {}
     for name in methods:
         try:
-            fns[(name, "plain")] = stepper_for(problem, name, registry, X, Y, NEVER, NEVER)
-            fns[(name, "refresh")] = stepper_for(problem, name, registry, X, Y, 1, NEVER)
-            fns[(name, "full")] = stepper_for(problem, name, registry, X, Y, 1, 1)
+            for kind, (t1, t2) in KINDS.items():
+                fns[(name, kind)] = stepper_for(problem, name, registry, X, Y, t1, t2)
         except Exception as exc:  # report and go on: one method must not hide the others
             failed[name] = exc
     ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
     sgd = seconds["sgd"]
-    rows = [["sgd", "1.00", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
-            ["adam", fmt_ratio(ratio["adam"]), "-", "-", fmt_ratio(ratio["adam"]), fmt_ratio(ratio["adam"]),
-             f"{seconds['adam'] * 1e3:.1f}"]]
+    adam = fmt_ratio(ratio["adam"])
+    rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
+            ["adam", adam, "-", "-", "-", "-", "-", adam, "-", f"{seconds['adam'] * 1e3:.1f}"]]
+    shapes = linear_shapes(problem.model_fn(0))
     for name in methods:
         if name in failed:
             exc = failed[name]
             print(f"  {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append([name, "error", "", "", "", "", type(exc).__name__])
+            rows.append([name, "error", *[""] * 7, type(exc).__name__])
             continue
-        plain, refresh, full = (ratio[(name, k)] for k in ("plain", "refresh", "full"))
-        amortized = ((T2 - T2 // T1) * plain + (T2 // T1 - 1) * refresh + full) / T2
-        rows.append([name, fmt_ratio(plain), fmt_ratio(refresh), fmt_ratio(full), fmt_ratio(amortized),
-                     fmt_ratio(full), f"{amortized * sgd * 1e3:.1f}"])
+        limits = step_limits(FLOP_MODELS[name], shapes, X.shape[0]) if name in FLOP_MODELS else None
+        rows.append([name, *cost_cells(ratio, seconds, name, T1, T2, limits)])
         print(f"  {name}: plain {seconds[(name, 'plain')] * 1e3:.1f} ms, refresh {seconds[(name, 'refresh')] * 1e3:.1f} ms, "
               f"refresh+invert {seconds[(name, 'full')] * 1e3:.1f} ms", flush=True)
     return sgd, rows
@@ -302,46 +373,96 @@ def installed_peers() -> tuple[list[str], list[str]]:
     return peers, missing
 
 
+# --------------------------------------------------------------------------- part 3
+
+
+def peer_optimizer(problem, peer: PeerOptimizer, X, Y, T1: int, T2: int, lr: float = TIMING_LR):
+    """A fresh model and one step of ``peer`` on it under schedule (T1, T2), as a callable."""
+    model = problem.model_fn(0)
+    step = peer.build(model, problem.loss_fn, X, Y, Schedule(T1=T1, T2=T2, lam=DAMPING, lr=lr),
+                      torch.Generator().manual_seed(1))
+    return model, step
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` as one vector ``[n_params]`` (a copy)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def step_direction(model: nn.Module, step, lr: float) -> torch.Tensor:
+    """d = (θ_before − θ_after) / lr of one call of ``step`` ``[n_params]``."""
+    before = flat_parameters(model)
+    step()
+    return (before - flat_parameters(model)) / lr
+
+
+def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
+    return float(u.double() @ v.double() / (u.double().norm() * v.double().norm()).clamp_min(1e-300))
+
+
+def part3_check(problem, registry, X, Y, peers: list[PeerOptimizer]) -> tuple[list[list[str]], list[PeerOptimizer]]:
+    """One refresh+invert step of each peer from the initial weights: the parameters must
+    change, stay finite and move along d with cos(d, ∇L) > 0; returns the rows and the
+    peers that pass (module docstring)."""
+    model = problem.model_fn(0)
+    problem.loss_fn(model(X), Y).backward()
+    gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
+    reference = step_direction(*curvlib_optimizer(problem, "kfac", registry, X, Y, 1, 1, lr=CHECK_LR), CHECK_LR)
+    candidates = [("curvlib kfac", None, reference)]
+    rows, passed = [], []
+    for peer in peers:
+        try:
+            candidates.append((peer.name, peer, step_direction(*peer_optimizer(problem, peer, X, Y, 1, 1, CHECK_LR),
+                                                               CHECK_LR)))
+        except Exception as exc:  # report and go on: one peer must not hide the others
+            rows.append([peer.name, "error", "", "", "", f"{type(exc).__name__}: {exc}"[:100]])
+    for name, peer, d in candidates:
+        finite, moved = bool(torch.isfinite(d).all()), bool(d.abs().max() > 0)
+        cos_g, cos_ref = cosine(d, gradient), cosine(d, reference)
+        ok = finite and moved and cos_g > 0
+        rows.append([name, f"{float(d.norm()):.3g}", "yes" if finite else "NO", f"{cos_g:.3f}", f"{cos_ref:.3f}",
+                     "ok" if ok else "FAILED: not timed"])
+        if ok and peer is not None:
+            passed.append(peer)
+    return rows, passed
+
+
+def part3_time(problem, registry, X, Y, peers: list[PeerOptimizer], repeats: int, T1: int,
+               T2: int) -> list[list[str]]:
+    """The step kinds of SGD, curvlib's ``kfac`` and every peer timed interleaved (one step of
+    each per round, ratios to that round's SGD step), with their FLOP-model limits."""
+    fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1)}
+    for kind, (t1, t2) in KINDS.items():
+        fns[("curvlib kfac", kind)] = stepper_for(problem, "kfac", registry, X, Y, t1, t2)
+    failed = {}
+    for peer in peers:
+        try:
+            for kind, (t1, t2) in KINDS.items():
+                if kind != "full" or peer.inverts:
+                    fns[(peer.name, kind)] = peer_optimizer(problem, peer, X, Y, t1, t2)[1]
+        except Exception as exc:  # report and go on: one peer must not hide the others
+            failed[peer.name] = exc
+            for kind in KINDS:
+                fns.pop((peer.name, kind), None)
+    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
+    shapes, m = linear_shapes(problem.model_fn(0)), X.shape[0]
+    rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{seconds['sgd'] * 1e3:.1f}"],
+            ["curvlib kfac", *cost_cells(ratio, seconds, "curvlib kfac", T1, T2, step_limits(CURVLIB_KFAC, shapes, m))]]
+    for peer in peers:
+        if peer.name in failed:
+            exc = failed[peer.name]
+            rows.append([peer.name, "error", *[""] * 7, f"{type(exc).__name__}: {exc}"[:60]])
+            continue
+        limits = step_limits(peer.algorithm, shapes, m)
+        rows.append([peer.name, *cost_cells(ratio, seconds, peer.name, T1, T2, limits, inverts=peer.inverts)])
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--check-batch", type=int, default=16, help="batch of the exact-GGN factor check")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--update-every", type=int, default=10)
-    parser.add_argument("--invert-every", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--skip-peers", action="store_true")
-    parser.add_argument("--peer-losses", nargs="+", choices=tuple(LOSSES), default=["bce", "mse"],
-                        help="losses of the peer comparison: the problem's BCE, and squared error on the same "
-                        "network (BackPACK supports BCEWithLogitsLoss only for scalar outputs)")
-    parser.add_argument("--skip-methods", action="store_true")
-    parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-
-    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
-    X = problem.dataset.X_train[: args.batch]
-    Y = X
-    registry = load_registry()
-    print(f"MNIST auto-encoder {'-'.join(map(str, problem.widths))}, batch {X.shape[0]}, float32, CPU, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-
-    sgd = step_timer(problem, "sgd", registry, X, Y, 1, 1, max(args.repeats, 5))
-    if not args.skip_methods:
-        T1, T2 = args.update_every, args.invert_every
-        print(f"\n[1] one optimizer step relative to one SGD step (T1 = {T1}, T2 = {T2})", flush=True)
-        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2)
-        print(table(["method", "plain", "refresh", "refresh+invert", f"amortized T1={T1},T2={T2}",
-                     "un-amortized", "amortized [ms]"], rows))
-
-    if args.skip_peers:
-        return
+def run_part2(args, problem, registry, X, sgd: float) -> None:
+    """[2a]–[2c]: KFAC factors of curvlib and of the installed factor peers, checked then timed."""
     peers, missing = installed_peers()
     for name in missing:
         print(f"\npeer {name}: not installed, skipped")
@@ -363,6 +484,71 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for loss in args.peer_losses
             for row in part2_time(problem, registry, Xc, peers, sgd_small, args.repeats, exact=True, loss=loss)]
     print(table(["library", "what", "÷ sgd step", "÷ curvlib", "time [ms]"], rows))
+
+
+def run_part3(args, problem, registry, X, Y) -> None:
+    """[3a]–[3b]: the installed peers' optimizer steps, checked then timed with curvlib's kfac."""
+    peers, missing = installed(PEERS)
+    for module in missing:
+        print(f"\npeer optimizer {module} ({DISTRIBUTIONS[module]}): not installed, skipped")
+    if not peers:
+        return
+    print(f"\n[3a] one refresh+invert step of each optimizer from the same weights (lr {CHECK_LR:g}, λ {DAMPING:g}): "
+          "‖d‖ of d = −Δθ/lr, finite, cos(d, ∇L), cos(d, curvlib's d)", flush=True)
+    rows, peers = part3_check(problem, registry, X, Y, peers)
+    print(table(["optimizer", "‖d‖", "finite", "cos(d, ∇L)", "cos(d, d_curvlib)", "check"], rows))
+    T1, T2 = args.update_every, args.invert_every
+    print(f"\n[3b] peers' optimizer steps relative to one SGD step, interleaved with curvlib's kfac (T1 = {T1}, "
+          f"T2 = {T2}, λ {DAMPING:g}, 1 MC sample, batch {X.shape[0]}); lim = FLOP-model limit", flush=True)
+    rows = part3_time(problem, registry, X, Y, peers, args.repeats, T1, T2)
+    print(table(["optimizer", *COST_HEADER], rows))
+    for peer in peers:
+        print(f"  {peer.name}: {peer.summary}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--check-batch", type=int, default=16, help="batch of the exact-GGN factor check")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--update-every", type=int, default=10)
+    parser.add_argument("--invert-every", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--skip-peers", action="store_true", help="skip parts 2 and 3")
+    parser.add_argument("--skip-peer-factors", action="store_true", help="skip part 2")
+    parser.add_argument("--skip-peer-steps", action="store_true", help="skip part 3")
+    parser.add_argument("--peer-losses", nargs="+", choices=tuple(LOSSES), default=["bce", "mse"],
+                        help="losses of the peer comparison: the problem's BCE, and squared error on the same "
+                        "network (BackPACK supports BCEWithLogitsLoss only for scalar outputs)")
+    parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
+    X = problem.dataset.X_train[: args.batch]
+    Y = X
+    registry = load_registry()
+    print(f"MNIST auto-encoder {'-'.join(map(str, problem.widths))}, batch {X.shape[0]}, float32, CPU, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    sgd = step_timer(problem, "sgd", registry, X, Y, 1, 1, max(args.repeats, 5))
+    if not args.skip_methods:
+        T1, T2 = args.update_every, args.invert_every
+        print(f"\n[1] one optimizer step relative to one SGD step (T1 = {T1}, T2 = {T2}; amortized over T1, T2; "
+              "lim = FLOP-model limit)", flush=True)
+        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2)
+        print(table(["method", *COST_HEADER], rows))
+
+    if args.skip_peers:
+        return
+    if not args.skip_peer_factors:
+        run_part2(args, problem, registry, X, sgd)
+    if not args.skip_peer_steps:
+        run_part3(args, problem, registry, X, Y)
 
 
 if __name__ == "__main__":
