@@ -119,9 +119,10 @@ def step_limits(algorithm: StepAlgorithm, shapes: list[tuple[int, int]], m: int)
                       full=1 + (plain + refresh + inversion) / sgd)
 
 
-#: curvlib's ``kfac`` (``heuristic`` damping): capture = a second forward with hooks and
-#: ``autograd.grad`` of the sampled targets to the recorded layer outputs; π-split damping
+#: curvlib's ``kfac`` (``heuristic`` damping) in the training-loop pattern of docs/optimizer.md
+#: (``opt.capture``): capture = hooks on the training forward and ``autograd.grad`` of the
+#: sampled targets to the recorded layer outputs (no second forward); π-split damping
 #: applied with the explicit inverses of the damped factors (two GEMMs); each damped factor
 #: is Cholesky-inverted: d³ per factor.
-CURVLIB_KFAC = StepAlgorithm(second_forward=True, sampled_backward=2, apply_gemms=2,
+CURVLIB_KFAC = StepAlgorithm(second_forward=False, sampled_backward=2, apply_gemms=2,
                              inversion_cubic=CHOLESKY_INVERSE)

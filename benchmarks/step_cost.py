@@ -74,7 +74,8 @@ and backward 6·m·d_in·d_out per layer = one SGD step; the capture's extra for
 backward; factors 2·m·(d_a² + d_g²); two GEMMs 2·d_g·d_a·(d_a + d_g) to apply explicit
 inverses, four in an eigenbasis; per factor inversion d³ Cholesky, 8/3·d³ LU, 9·d³ eigh).
 curvlib's ``kfac`` (π-split damping applied with explicit inverses, Monte Carlo capture
-by a second forward with hooks and a backward of sampled targets to the layer outputs) is
+from the training forward, ``opt.capture``, and a backward of sampled targets to the layer
+outputs) is
 the only part-1 method with a model; the others print "-".
 
 Peers are optional: without them parts 2 and 3 print "not installed, skipped".  ASDL

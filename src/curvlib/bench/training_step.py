@@ -17,6 +17,7 @@ loop that calls :meth:`TrainingStep.step` is :func:`curvlib.bench.training.train
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,9 +72,13 @@ class TrainingStep:
     preconditioner_config: dict[str, Any] | None = field(default=None)
 
     def step(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Zero the gradients, forward, backward, step; return the detached batch loss."""
+        """Zero the gradients, forward, backward, step; return the detached batch loss.  An
+        optimizer with ``capture`` (:class:`~curvlib.optim.NaturalGradient`) takes its curvature
+        from this forward pass (docs/optimizer.md, the training-loop pattern)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(X), y)
+        capture = getattr(self.optimizer, "capture", None) if self.needs_batch else None
+        with capture((X, y)) if capture is not None else contextlib.nullcontext():
+            loss = self.loss_fn(self.model(X), y)
         loss.backward()
         if self.needs_batch:
             self.optimizer.step(batch=(X, y))

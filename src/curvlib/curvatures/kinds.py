@@ -59,6 +59,7 @@ __all__ = [
     "GGNOptions",
     "HessianCurvature",
     "HessianOptions",
+    "StatisticsCurvature",
     "capture_batch",
 ]
 
@@ -154,6 +155,7 @@ class _HookedPass:
         self.record = record
         self.output: torch.Tensor | None = None
         self.result: CapturedBatch | None = None
+        self.operator: Any = None  # set by the kinds' capturing()
 
     def set_output(self, output: Any) -> None:
         if self.output is not None:
@@ -262,8 +264,10 @@ class BuiltinCurvature:
     :func:`capture_batch`), which curvlib's own callers pass for repeated captures."""
 
 
-class _StatisticsCurvature(BuiltinCurvature):
-    """Common build path of the kinds defined by back-propagated columns."""
+class StatisticsCurvature(BuiltinCurvature):
+    """Common build path of the kinds defined by back-propagated columns (``fisher``,
+    ``empirical_fisher``, ``ggn``); they can also capture from the caller's own forward pass
+    (:meth:`capturing`)."""
 
     kind = ""
     options_model: type[StrictModel] = StrictModel
@@ -299,6 +303,38 @@ class _StatisticsCurvature(BuiltinCurvature):
         registry = _registry(registry)
         loss_model = loss_model_for(loss_fn)
         cap = capture_batch(model, loss_model, batch, registry, verify=verify, gradient=gradient)
+        return self._operator(loss_model, cap, generator)
+
+    @contextlib.contextmanager
+    def capturing(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        batch: Any,
+        *,
+        generator: torch.Generator | None = None,
+        registry: Any = None,
+        verify: bool = True,
+        gradient: bool = True,
+    ) -> Iterator[_HookedPass]:
+        """What :meth:`build` returns, from the caller's own forward pass inside the block.
+
+        The caller calls ``model`` once on ``batch`` in the block (its training forward); at
+        the exit the columns are back-propagated through that graph (retained, so the caller's
+        ``loss.backward()`` follows) and the yielded object's ``operator`` is the
+        :class:`CurvatureOperator` — the one :meth:`build` gives for the same batch and
+        generator state, one forward pass cheaper.
+        """
+        registry = _registry(registry)
+        loss_model = loss_model_for(loss_fn)
+        with hooked_pass(model, loss_model, batch, registry, verify=verify, gradient=gradient,
+                         own_forward=True) as state:
+            yield state
+        with torch.enable_grad():
+            state.operator = self._operator(loss_model, state.result, generator)
+
+    def _operator(self, loss_model: LossModel, cap: CapturedBatch,
+                  generator: torch.Generator | None) -> CurvatureOperator:
         columns, scale, samples = self._columns(loss_model, cap, generator)
         flat = [u for per_adapter in cap.uses for u in per_adapter]
         g = backpropagate_columns(cap.output, flat, columns.count, columns.get)
@@ -318,7 +354,7 @@ class _StatisticsCurvature(BuiltinCurvature):
         )
 
 
-class FisherCurvature(_StatisticsCurvature):
+class FisherCurvature(StatisticsCurvature):
     """``fisher``: the true Fisher by Monte Carlo (2.84) — S targets per input drawn from the
     model's predictive distribution with the given ``torch.Generator``; scale 1/(m·S).
 
@@ -336,7 +372,7 @@ class FisherCurvature(_StatisticsCurvature):
         return loss_model.gradient_columns(cap.output, targets), 1.0 / (cap.num_samples * S), samples
 
 
-class EmpiricalFisherCurvature(_StatisticsCurvature):
+class EmpiricalFisherCurvature(StatisticsCurvature):
     """``empirical_fisher`` (2.85): per-sample gradients at the data targets, divided by √k; scale 1/m."""
 
     kind = "empirical_fisher"
@@ -346,7 +382,7 @@ class EmpiricalFisherCurvature(_StatisticsCurvature):
         return loss_model.gradient_columns(cap.output, [cap.target]), 1.0 / cap.num_samples, None
 
 
-class GGNCurvature(_StatisticsCurvature):
+class GGNCurvature(StatisticsCurvature):
     """``ggn``: (1/m) Σ_b J_bᵀ ∇²_f ℓ_b J_b (2.89) from the columns of a square root of the
     loss Hessian w.r.t. the output (one backward pass per output entry / class); scale 1/m."""
 

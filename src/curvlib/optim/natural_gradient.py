@@ -82,7 +82,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -234,6 +234,25 @@ class NaturalGradient(torch.optim.Optimizer):
             return True
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # the screen may be a false alarm
 
+    @contextlib.contextmanager
+    def capture(self, batch: Any) -> Iterator[None]:
+        """The curvature of a refresh due at the next :meth:`step`, captured from the caller's
+        own forward pass of ``batch`` (one forward pass per refresh fewer than ``step(batch=...)``).
+
+        Usage — the training loop of docs/optimizer.md::
+
+            opt.zero_grad()
+            with opt.capture((X, y)):
+                loss = loss_fn(model(X), y)   # call the model once, on X
+            loss.backward()
+            opt.step()                        # no batch: it was captured
+
+        At steps without a refresh the block costs nothing; see
+        :meth:`curvlib.precond.Preconditioner.capture` for what is hooked and when.
+        """
+        with self.preconditioner.capture(batch):
+            yield
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
         """One optimization step (module docstring).
@@ -260,6 +279,8 @@ class NaturalGradient(torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{i}]")
         pre = self.preconditioner
         k = pre.step
+        if batch is None:
+            batch = pre.pending_batch(k)  # captured from the caller's own pass (capture())
         if batch is None and pre.refresh_due(k):
             raise ConfigError(
                 f"NaturalGradient.step: a curvature refresh is due at step {k} (update_every = T1 = "
@@ -370,6 +391,7 @@ class NaturalGradient(torch.optim.Optimizer):
         return None if not m else 1.0 / m
 
     def _skip(self, k: int, loss: Any, reason: str | None = None) -> Any:
+        self.preconditioner.discard_capture()  # captured on the skipped step's batch
         why = "non-finite gradients" if reason is None else reason
         warn(
             f"NaturalGradient.step: {why} at step {k}; the step is skipped (parameters, optimizer state and "

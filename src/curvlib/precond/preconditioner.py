@@ -54,7 +54,7 @@ from curvlib.capture.layout import LayerBlock, OnLayers, find_layers, unwrap_mod
 from curvlib.coarse.api import two_level
 from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
-from curvlib.curvatures.kinds import BuiltinCurvature
+from curvlib.curvatures.kinds import BuiltinCurvature, StatisticsCurvature
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
@@ -136,6 +136,17 @@ def _inversion_report(step: int, inverse: Any, names: Sequence[str]) -> Inversio
         conds = {n: (ka, kg) for n, (ka, kg) in zip(eig_names, torch.stack(ratios).double().cpu().tolist())}
     kept = tuple(names[i] for i in inverse.kept_previous) if isinstance(inverse, BlockDiagonalInverse) else ()
     return InversionReport(step, conds, kept, fallbacks, clamped)
+
+
+@dataclass(frozen=True)
+class _PendingCapture:
+    """A refresh captured by :meth:`Preconditioner.capture` for ``step`` (``operator`` None: the
+    kind captures the batch itself in :meth:`Preconditioner.update`)."""
+
+    step: int
+    batch: Any
+    operator: CurvatureOperator | None
+    generator_after: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -331,6 +342,7 @@ class Preconditioner(OnLayers, LinearOperator):
                               "expected a curvlib Damping")
         self._curvature_factory = resolved.curvature.spec.factory(resolved.curvature.options)
         self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
+        self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
         self._reset()
 
@@ -401,7 +413,8 @@ class Preconditioner(OnLayers, LinearOperator):
 
         Args:
             batch: ``(X, y)`` the curvature is captured on; may be ``None`` at steps where
-                no refresh is due.
+                no refresh is due, and after :meth:`capture` for this step (whose capture, and
+                batch, are then used).
             step: the step index k (default: :attr:`step`); the next default is k + 1.
 
         Returns:
@@ -421,6 +434,11 @@ class Preconditioner(OnLayers, LinearOperator):
         k = self._step if step is None else _step_index(step, "Preconditioner.update")
         refresh = self.refresh_due(k)
         invert = self.inversion_due(k)
+        pending, self._pending = self._pending, None  # a capture serves this update or none
+        if pending is not None and (pending.step != k or not refresh):
+            pending = None
+        if refresh and batch is None and pending is not None:
+            batch = pending.batch
         if refresh and batch is None:
             raise ConfigError(
                 f"Preconditioner.update: a curvature refresh is due at step {k} (update_every = T1 = "
@@ -430,7 +448,7 @@ class Preconditioner(OnLayers, LinearOperator):
         t0 = t1 = time.perf_counter()
         try:
             with self.transaction("Preconditioner.update"):  # a failed update leaves no trace
-                if refresh and self._refresh(batch, k):
+                if refresh and self._refresh(batch, k, pending):
                     invert = True  # the layers changed: the old inverse no longer fits
                 t1 = time.perf_counter()
                 if invert:
@@ -451,22 +469,87 @@ class Preconditioner(OnLayers, LinearOperator):
         return UpdateInfo(step=k, refreshed=refresh, inverted=invert, refresh_seconds=t1 - t0 if refresh else 0.0,
                           invert_seconds=t2 - t1 if invert else 0.0)
 
-    def _refresh(self, batch: Any, k: int) -> bool:
-        """Capture and refit; returns whether the set of layers changed (a new layout)."""
-        # the per-sample probe (one backward pass) runs again only when the model's modes or the
-        # batch shapes changed since it last passed (curvlib's own kinds; a plugin's kind builds as usual)
-        key = (tuple(mod.training for mod in self.model.modules()),
-               tuple(tuple(t.shape) for t in split_batch(batch).tensors()))
+    # -- statistics from the caller's own pass ----------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, batch: Any) -> Iterator[None]:
+        """Capture the refresh due at the next :meth:`update` from the caller's own forward pass.
+
+        Usage (the training-loop pattern of docs/optimizer.md)::
+
+            with pre.capture((X, y)):
+                loss = loss_fn(model(X), y)   # the model called once, on X
+            loss.backward()
+            pre.update()                      # no batch needed: it was captured
+
+        When a refresh is due at the next step and the curvature kind is one of curvlib's
+        statistics kinds (``fisher``, ``empirical_fisher``, ``ggn``), the layers are hooked
+        during the block and the kind's columns (the sampled targets of ``fisher``) are
+        back-propagated through the caller's graph at its exit (the graph is retained for the
+        caller's backward): the statistics equal those :meth:`update` would capture from
+        ``batch`` with a forward pass of its own, which this saves.  Otherwise (no refresh
+        due: nothing is hooked; another kind: the batch is kept and :meth:`update` captures
+        it as usual) the block costs nothing.  The capture is used by the next :meth:`update`
+        of the same step, and dropped by any other.
+        """
+        k = self._step
+        self._pending = None
+        if not self.refresh_due(k):
+            yield
+            return
         factory = self._curvature_factory
-        extra: dict[str, bool] = {}
-        if isinstance(factory, BuiltinCurvature):
-            if key == self._verified:
-                extra["verify"] = False
-            if not self.damping.adaptive:
-                # only an adaptive damping's reduction ratio uses the captured ∇L: skip its backward pass
-                extra["gradient"] = False
-        with preserved_buffers(self.model), torch.enable_grad():
-            F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry, **extra)
+        if not isinstance(factory, StatisticsCurvature):
+            yield
+            self._pending = _PendingCapture(k, batch, None, None)
+            return
+        before = self.generator.get_state()
+        with factory.capturing(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
+                               **self._capture_options(batch)) as state:
+            yield
+        after = self.generator.get_state()
+        self.generator.set_state(before)  # the draws are committed by the update that uses them
+        self._pending = _PendingCapture(k, batch, state.operator, after)
+
+    def discard_capture(self) -> None:
+        """Drop a capture no :meth:`update` used (e.g. the optimizer skipped the step)."""
+        self._pending = None
+
+    def pending_batch(self, step: int) -> Any:
+        """The batch :meth:`capture` captured for ``step``, or ``None``."""
+        p = self._pending
+        return p.batch if p is not None and p.step == step else None
+
+    def _capture_options(self, batch: Any) -> dict[str, bool]:
+        """``verify``/``gradient`` for curvlib's own kinds: the per-sample probe (one backward pass)
+        runs again only when the model's modes or the batch shapes changed since it last passed,
+        and only an adaptive damping's reduction ratio uses the captured ∇L."""
+        if not isinstance(self._curvature_factory, BuiltinCurvature):
+            return {}
+        extra = {}
+        if self._probe_key(batch) == self._verified:
+            extra["verify"] = False
+        if not self.damping.adaptive:
+            extra["gradient"] = False
+        return extra
+
+    def _probe_key(self, batch: Any) -> tuple[Any, ...]:
+        return (tuple(mod.training for mod in self.model.modules()),
+                tuple(tuple(t.shape) for t in split_batch(batch).tensors()))
+
+    def _refresh(self, batch: Any, k: int, pending: _PendingCapture | None = None) -> bool:
+        """Capture (or take ``pending``, the capture of the caller's pass) and refit; returns
+        whether the set of layers changed (a new layout)."""
+        factory = self._curvature_factory
+        if pending is not None:
+            batch = pending.batch
+        key = self._probe_key(batch)
+        extra = self._capture_options(batch)
+        if pending is not None and pending.operator is not None:
+            F = pending.operator
+            self.generator.set_state(pending.generator_after)
+        else:
+            with preserved_buffers(self.model), torch.enable_grad():
+                F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
+                                  **extra)
         bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
         if bad:
             where = "; ".join(bad)
