@@ -13,6 +13,7 @@ from torch import nn
 from curvlib.capture.layout import unwrap_model
 from curvlib.curvatures.batches import as_pair
 from curvlib.curvatures.data import DataCurvatureOperator
+from curvlib.curvatures.kinds import BuiltinCurvature
 from curvlib.errors import ConfigError
 from curvlib.plugins import load_registry
 
@@ -31,6 +32,8 @@ def curvature(
     batch_fn: Callable[[Any], Any] | None = None,
     generator: torch.Generator | None = None,
     registry: Any = None,
+    check_samples: bool = True,
+    loss_gradient: bool = True,
     **options: Any,
 ) -> Any:
     """The curvature matrix of ``model`` on one batch or over a data set, as an exact
@@ -95,6 +98,13 @@ def curvature(
             operator is built and restored at every pass, so every product uses the same
             targets (the generator itself is not advanced).
         registry: a :class:`curvlib.plugins.Registry` (default: :func:`curvlib.plugins.load_registry`).
+        check_samples: verify that every layer's statistics are per sample (one backward pass
+            from one sample; catches layers whose input lacks the batch axis).  ``False``
+            skips it, for a model and batch shapes checked before.  Only with ``batch`` and
+            curvlib's own kinds.
+        loss_gradient: also compute ∇L per layer (one backward pass; ``F.gradient_vector()``).
+            ``False`` skips it when only products or factors are needed.  Only with ``batch``
+            and curvlib's own kinds.
         **options: the kind's options, validated against its pydantic model
             (``fisher``: ``mc_samples``); unknown options raise :class:`~curvlib.errors.ConfigError`.
 
@@ -128,6 +138,14 @@ def curvature(
         registry = load_registry()
     spec, opts = registry.curvatures.resolve(kind, **options)
     factory = spec.factory(opts)
+    extra = {}
+    if check_samples is not True or loss_gradient is not True:
+        if data is not None or not isinstance(factory, BuiltinCurvature):
+            raise ConfigError(
+                f"curvature: check_samples and loss_gradient apply to curvlib's own kinds on one batch; "
+                f"{spec.kind!r}{' over data' if data is not None else ''} does not take them"
+            )
+        extra = {"verify": check_samples is True, "gradient": loss_gradient is True}
     if data is not None:
         return DataCurvatureOperator(
             factory, model, loss_fn, data, kind=spec.kind, num_data=num_data, progress=progress,
@@ -135,4 +153,4 @@ def curvature(
         )
     if batch_fn is not None:
         batch = as_pair(batch, batch_fn)
-    return factory.build(model, loss_fn, batch, generator=generator, registry=registry)
+    return factory.build(model, loss_fn, batch, generator=generator, registry=registry, **extra)
