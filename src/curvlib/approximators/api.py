@@ -342,8 +342,8 @@ def _check_fits(F: Any, fits: Mapping[int, LayerFit], origin: KindOrigin, declar
     for (i, _), good in zip(flags, ok):
         if not good:
             problem = fit_value_problem(fits[i])
-            if problem is None and psd:
-                continue  # a false alarm of the finiteness screen
+            if problem is None:
+                continue  # a false alarm of the finiteness screen (the other flags are exact)
             raise origin.error(F.layers[i].name, problem or "the factors failed the value checks")
 
 

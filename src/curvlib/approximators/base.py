@@ -587,10 +587,10 @@ def fit_value_flags(fit: LayerFit, *, psd_by_construction: bool = False) -> torc
       :data:`PSD_RTOL`·‖·‖_F): a negative-definite block (−A, B) fails it.  Always 1 for
       sums of several terms, whose later terms are legitimately indefinite.
 
-    With ``psd_by_construction`` (the kind's :class:`~curvlib.plugins.hookspecs.BlockDeclaration`
-    says ``psd_factors``: symmetric Gram matrices) only finiteness is checked, by the
-    one-reduction :func:`~curvlib.linalg.finite_screen` — a 0 may be a false alarm, which
-    :func:`fit_value_problem` (the exact check) clears.
+    Finiteness is checked by the one-reduction :func:`~curvlib.linalg.finite_screen` — a 0 may
+    be a false alarm, which :func:`fit_value_problem` (the exact check) clears.  With
+    ``psd_by_construction`` (the kind's :class:`~curvlib.plugins.hookspecs.BlockDeclaration`
+    says ``psd_factors``: symmetric Gram matrices) only finiteness is checked.
     """
     block = fit.block
     if not isinstance(block, KroneckerFactored):
@@ -598,9 +598,8 @@ def fit_value_flags(fit: LayerFit, *, psd_by_construction: bool = False) -> torc
     if psd_by_construction:
         ones = torch.ones((), dtype=torch.bool, device=block.device)
         return torch.stack([finite_screen([M for term in block.terms for M in term]), ones, ones])
-    finite, symmetric = [], []
+    symmetric = []
     for A, B in block.terms:
-        finite += [torch.isfinite(A).all(), torch.isfinite(B).all()]
         (sa, aa, za), (sb, ab, zb) = _symmetry(A), _symmetry(B)
         symmetric.append((sa & sb) | (aa & ab) | za | zb)
     diagonal = torch.ones((), dtype=torch.bool, device=block.device)
@@ -608,7 +607,8 @@ def fit_value_flags(fit: LayerFit, *, psd_by_construction: bool = False) -> torc
         (A, B), = block.terms
         s = _sign(A)
         diagonal = (sa & sb & _diagonal_sign_ok(A, s) & _diagonal_sign_ok(B, s)) | za | zb
-    return torch.stack([torch.stack(finite).all(), torch.stack(symmetric).all(), diagonal])
+    finite = finite_screen([M for term in block.terms for M in term])  # a 0 may be a false alarm (see above)
+    return torch.stack([finite, torch.stack(symmetric).all(), diagonal])
 
 
 def _spectrum_text(M: torch.Tensor) -> tuple[float, float, str]:

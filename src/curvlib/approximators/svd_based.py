@@ -60,6 +60,29 @@ Refreshes (§3.1.2): ρ = min(1 − 1/k, γ) with γ the ``ema`` option.  ``ema_
 With ``warm_start`` the solvers start from the previous refresh's right singular vectors
 (``LayerFit.state["v0"]``), which the thesis found to speed up convergence (§3.3).
 Random starts come from a ``torch.Generator`` seeded with the ``seed`` option.
+
+Solver space (option ``solver_space``).  A block without a band — a Linear layer, or
+positions treated as independent samples — is Z(F) = X C Yᵀ over its n = m·T rows
+(:meth:`~curvlib.linalg.ZOperator.gram_form`, Prop. 3.1): the solvers can iterate on n
+coefficients with the Gram matrices of X and Y (:mod:`curvlib.linalg.svd`), the same
+iteration at O(n²) per step instead of O(n·(d_a² + c·d_g²)) per product.  Its cost is
+fixed: the two Gram matrices, O(n²·(d_a + c²·d_g)); Yᵀv₀ for a warm start, O(n·c·d_g²);
+then one weighted Gram GEMM per factor of each term, O(n·d_a²) and O(n·c·d_g²) — the
+cost of KFAC's own factors (Table 3.1) — whatever the number of iterations.  Deflation
+only changes the small core; the KFAC pair of ``kfac_corrected`` (and the previous terms
+in ``ema_mode="fisher"``) adds one quadratic form per row and factor.  ``"auto"`` takes
+the Gram space when that setup costs at most 4 products with Z(F) per term fitted — a
+direct power SVD needs at least 3 per term (Zv₀, Zᵀu, Zv), 5 or more at two iterations
+(a warm start on the MNIST auto-encoder takes 2–3 for its leading triplets, far more
+after a deflation), plus one for the rank test of a deflation — and n ≤ 4096 (the Gram
+matrices are n×n in float64) and the fit's tolerance max(``power_tol``, 4·eps) is at least
+1e-7 (any float32 fit; in float64 from ``power_tol`` = 1e-7): with singular Gram matrices
+(repeated rows, or n > d(d+1)/2) a coefficient vector is defined up to their null spaces, and
+a norm computed as the square root of a quadratic form is good to ~√eps(float64) ≈ 1.5e-8
+relative only.  ``"direct"`` never takes the Gram space, ``"gram"`` whenever the block has
+the form (then tolerances below ~1e-7 may not be met on singular Gram matrices).
+``FitInfo.iterations`` counts the solver's steps in either space; the ``state["v0"]`` it
+leaves are vectors of R^{d_g²} either way (vec(B_k)/‖B_k‖_F, ± the right singular vectors).
 """
 
 from __future__ import annotations
@@ -76,8 +99,8 @@ from curvlib.approximators.base import (
     BlockDeclaration,
     FitInfo,
     LayerFit,
+    align_signs,
     ema_rho,
-    ema_terms,
 )
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.factors import z_operator as _z_operator
@@ -96,6 +119,8 @@ from curvlib.linalg import (
     unvec,
     vec,
 )
+from curvlib.linalg.rearrange import normalized_factors
+from curvlib.linalg.zproducts import GramForm
 
 __all__ = [
     "DeflationApproximator",
@@ -112,6 +137,16 @@ __all__ = [
 
 Term = tuple[torch.Tensor, torch.Tensor]
 BandRadius = Annotated[int, Field(ge=0)] | Literal["kernel"] | None
+
+#: ``solver_space="auto"``: the Gram space when forming it costs at most this many products
+#: with Z(F) per term (module docstring) ...
+GRAM_PRODUCTS_PER_TERM = 4
+#: ... and the block has at most this many rows (the Gram matrices are N×N in float64) ...
+GRAM_MAX_ROWS = 4096
+#: ... and the fit is held to at least this relative accuracy: max(power_tol, 4·eps(dtype)).
+#: With singular Gram matrices (repeated rows, n > d(d+1)/2) coefficients are defined up to
+#: their null spaces, and norms, square roots of quadratic forms, are good to ~√eps(float64).
+GRAM_MIN_TOL = 1e-7
 
 
 def z_operator(
@@ -157,6 +192,11 @@ class IterativeOptions(ApproximatorOptions):
         symmetric_factors: fit with symmetric factors (the best such Kronecker sum);
             ``False``: the unconstrained best fit, which may contain antisymmetric pairs
             for convolution blocks (module docstring).
+        solver_space: where the solvers iterate (module docstring, "Solver space"):
+            ``"direct"`` on vectors of R^{d_a²} and R^{d_g²} (products of Prop. 3.1),
+            ``"gram"`` on coefficients over the samples when the block has a Gram form
+            (else direct), ``"auto"`` (default) the Gram space when its cost rule says so.
+            The same iteration either way; the fits agree to the solver tolerance.
     """
 
     power_tol: float = Field(1e-6, ge=0.0, allow_inf_nan=False, description="relative residual tolerance of the triplets")
@@ -166,6 +206,9 @@ class IterativeOptions(ApproximatorOptions):
     band_radius: BandRadius = Field("kernel", description="conv band radius r of (3.35); None: exact double sum")
     seed: int = Field(0, ge=0, description="seed of the random start vectors")
     symmetric_factors: bool = Field(True, description="best fit with symmetric factors (else unconstrained, (3.25))")
+    solver_space: Literal["auto", "direct", "gram"] = Field(
+        "auto", description="iterate on vectors of R^{d²} ('direct') or on sample coefficients ('gram'); 'auto' by cost"
+    )
 
 
 class KPSVDOptions(IterativeOptions):
@@ -221,7 +264,34 @@ def _term(res: SVDResult, j: int, d_a: int, d_b: int, symmetric: bool) -> Term:
     anti = float(norm(R - R.T) * norm(S - S.T))
     sign = 1.0 if sym >= anti else -1.0
     R, S = 0.5 * (R + sign * R.T), 0.5 * (S + sign * S.T)
-    return factors_from_singular(1.0, vec(R), vec(S), d_a, d_b, symmetrize=False)
+    return normalized_factors(R, S, symmetrize=False)
+
+
+def _ema_terms(old_terms: tuple[Term, ...], new_terms: list[Term], rho: float) -> list[Term]:
+    """:func:`~curvlib.approximators.base.ema_terms` — ρ A_k^old + (1 − ρ) A_k^new after
+    :func:`~curvlib.approximators.base.align_signs` — with each average one fused pass
+    (``torch.lerp``; no temporaries of the factors' size)."""
+    aligned = align_signs(new_terms, old_terms)
+    return [(torch.lerp(A, A0, rho), torch.lerp(B, B0, rho)) for (A0, B0), (A, B) in zip(old_terms, aligned)]
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Every entry of x is finite: its min and max are (both propagate NaN) — one fused
+    reduction, ~20× cheaper than ``isfinite(x).all()`` on CPU."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _normalised_term(R: torch.Tensor, S: torch.Tensor, symmetric: bool) -> Term:
+    """A term R ⊗ S formed directly, symmetrized (or, unconstrained, projected on the symmetric
+    or antisymmetric pairs) with the sign convention of :func:`_term`."""
+    if symmetric:
+        return normalized_factors(R, S, symmetrize=True)
+    norm = torch.linalg.matrix_norm
+    sign = 1.0 if float(norm(R + R.T) * norm(S + S.T)) >= float(norm(R - R.T) * norm(S - S.T)) else -1.0
+    return normalized_factors(0.5 * (R + sign * R.T), 0.5 * (S + sign * S.T), symmetrize=False)
 
 
 def _sym_columns(X: torch.Tensor, n: int) -> torch.Tensor:
@@ -243,6 +313,15 @@ class _SymmetricZ(ZOperator):
 
     def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         return _sym_columns(self.op.rmatvec(_sym_columns(U, self.a_dim)), self.b_dim)
+
+    def gram_form(self) -> GramForm | None:
+        """P_a X C (P_b Y)ᵀ: the columns' symmetric parts (those of the rows are symmetric already)."""
+        form = self.op.gram_form()
+        return None if form is None else form.symmetrized()
+
+
+def _zero_term_like(A: torch.Tensor, G: torch.Tensor) -> Term:
+    return torch.zeros_like(A), torch.zeros_like(G)
 
 
 def _zero_term(stats: LayerStatistics) -> Term:
@@ -287,13 +366,59 @@ class _Solve:
         self.converged = True
         self.V: list[torch.Tensor] = []
 
-    def add(self, res: SVDResult, columns: int | None = None) -> None:
+    def add(self, res: SVDResult, columns: int | None = None, *, vectors: bool = True) -> None:
+        """Record a solver run; ``vectors=False`` for a Gram-space run (its V are coefficients)."""
         cols = res.sigma.shape[0] if columns is None else columns
         self.iterations += int(res.iterations)
-        self.sigmas += [float(s) for s in res.sigma[:cols]]
-        self.residuals += [float(r) for r in res.residuals[:cols]]
+        self.sigmas += res.sigma[:cols].tolist()
+        self.residuals += res.residuals[:cols].tolist()
         self.converged = self.converged and bool(res.converged)
-        self.V += list(res.V[:, :cols].unbind(1))
+        if vectors:
+            self.V += list(res.V[:, :cols].unbind(1))
+
+
+def _gram_vanishes(form: GramForm, sigma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                   generator: torch.Generator) -> bool:
+    """:func:`_deflation_vanishes` in the Gram space: whether Z − Σ_k σ_k (Xα_k)(Yβ_k)ᵀ is
+    zero up to rounding.  ``sigma [r]``, ``alpha [N, r]``, ``beta [N, r]``.
+
+    The same relative test, with the terms' sizes σ_k ‖Xα_k‖ |⟨Yβ_k, v⟩| and Z's dtype and
+    shape for the rounding level, on the random unit v = vec(p qᵀ)/(‖p‖‖q‖) (p, q Gaussian):
+    like a Gaussian vector of R^{d_b²}, it has an O(1/d_b) component along any fixed unit
+    direction, and Yᵀv costs O(N·d_b).  (A random v = Yβ would not do: when the columns
+    of Y are nearly parallel it lies almost along the leading direction, and a small
+    deflated operator would pass for rounding.)
+    """
+    n_a, n_b = form.shape
+    d = form.b_dim
+    p, q = torch.randn(2, d, generator=generator, dtype=form.work_dtype, device=form.device)
+    size_v = torch.linalg.vector_norm(p) * torch.linalg.vector_norm(q)
+    y = form.right_outer_images(p, q) / size_v  # Yᵀv
+    w = form.forward(y)
+    along = beta.T @ y  # [r]: ⟨Yβ_k, v⟩
+    out = w - alpha @ (sigma * along)
+    norms = (alpha * form.metric_a(alpha)).sum(0).clamp_min(0).sqrt()
+    size = (w @ form.metric_a(w)).clamp_min(0).sqrt() + (sigma.abs() * norms * along.abs()).sum()
+    level = 10.0 * torch.finfo(form.dtype).eps * max(n_a, n_b) ** 0.5 * size
+    return bool((out @ form.metric_a(out)).clamp_min(0).sqrt() <= level)
+
+
+def _gram_terms(form: GramForm, sigma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                symmetric: bool) -> tuple[list[Term], list[torch.Tensor]]:
+    """The terms √σ_k MAT(Xα_k) ⊗ √σ_k MAT(Yβ_k), sign-normalised as :func:`_term` does, and
+    the warm-start vectors vec(B_k)/‖B_k‖_F ``[d_b²]`` (0 for a zero term).
+
+    One weighted Gram GEMM per side for all terms (O(N·d²) per term).
+    """
+    root = sigma.clamp_min(0).sqrt()
+    R = form.left_matrices(alpha * root)  # [r, d_a, d_a]
+    S = form.right_matrices(beta * root)
+    terms = [_normalised_term(R[k], S[k], symmetric) for k in range(sigma.shape[0])]
+    norms = torch.stack([torch.linalg.matrix_norm(B) for _, B in terms])
+    scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+    # a symmetrized factor is bitwise symmetric: its vec is its row-major flattening
+    V = torch.stack([(B.reshape(-1) if symmetric else vec(B)) * scale[k] for k, (_, B) in enumerate(terms)])
+    return terms, list(V.unbind(0))  # rows of one [r, d_b²] tensor
 
 
 class _SVDApproximator(BlockApproximator):
@@ -317,7 +442,7 @@ class _SVDApproximator(BlockApproximator):
             terms, solve = self._fit_batch(stats, op, past, rho, v0, generator)
         except NumericalError as exc:
             return self._fallback(f"the singular value solver failed ({exc})", previous)
-        if any(not bool(torch.isfinite(A).all() and torch.isfinite(B).all()) for A, B in terms):
+        if not all(_all_finite(A) and _all_finite(B) for A, B in terms):
             return self._fallback("the fitted factors are not finite", previous)
         info = FitInfo(
             method=self.kind,
@@ -330,7 +455,8 @@ class _SVDApproximator(BlockApproximator):
         )
         state: dict = {"refresh": k}
         if solve.V:
-            state["v0"] = torch.stack(solve.V, dim=1)  # [d_g², K]
+            # [d_g², K] with contiguous columns (each is a start vector)
+            state["v0"] = torch.stack(solve.V, dim=0).T
         return LayerFit(block=KroneckerSum(terms), info=info, state=state)
 
     def _base(self, op: ZOperator, past: tuple[Term, ...] | None, rho: float) -> ZOperator:
@@ -343,10 +469,26 @@ class _SVDApproximator(BlockApproximator):
     def _term(self, res: SVDResult, j: int, stats: LayerStatistics) -> Term:
         return _term(res, j, stats.a_dim, stats.g_dim, self.options.symmetric_factors)
 
+    def _gram(self, base: ZOperator, terms: int) -> GramForm | None:
+        """The Gram form to iterate on, per ``solver_space`` (module docstring), or ``None``."""
+        space = self.options.solver_space
+        form = None if space == "direct" else base.gram_form()
+        if form is None or space == "gram":
+            return form
+        cheap = form.setup_flops <= GRAM_PRODUCTS_PER_TERM * terms * form.product_flops
+        small = form.coefficient_shape[0] <= GRAM_MAX_ROWS
+        coarse = max(self.options.power_tol, 4 * torch.finfo(form.dtype).eps) >= GRAM_MIN_TOL
+        return form if cheap and small and coarse else None
+
+    @staticmethod
+    def _start_column(v0: torch.Tensor | None, j: int) -> torch.Tensor | None:
+        """Column j ``[d_g²]`` of the warm-start vectors, if there is one."""
+        return v0[:, j] if v0 is not None and j < v0.shape[1] else None
+
     def _finish(self, terms: list[Term], past: tuple[Term, ...] | None, rho: float) -> list[Term]:
         """Factor-wise EMA of §3.1.2 in ``"factors"`` mode; the terms as they are otherwise."""
         if past is not None and self.options.ema_mode == "factors":
-            return ema_terms(past, terms, rho)
+            return _ema_terms(past, terms, rho)
         return terms
 
     @abc.abstractmethod
@@ -383,6 +525,9 @@ class _PowerDeflationApproximator(_SVDApproximator):
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
         base = self._base(op, past, rho)
+        form = self._gram(base, self._rank())
+        if form is not None:
+            return self._fit_gram(form, past, rho, v0, generator)
         solve = _Solve()
         terms: list[Term] = []
         for j in range(self._rank()):
@@ -396,11 +541,35 @@ class _PowerDeflationApproximator(_SVDApproximator):
             terms.append(self._term(res, 0, stats))
         return self._finish(terms, past, rho), solve
 
-    def _power(self, op: ZOperator, v0: torch.Tensor | None, j: int, generator: torch.Generator) -> SVDResult:
+    def _fit_gram(self, form: GramForm, past, rho, v0, generator):
+        """The successive power SVDs in the Gram space: deflation changes only the core."""
+        solve = _Solve()
+        N = form.coefficient_shape[0]
+        kw = {"dtype": form.work_dtype, "device": form.device}
+        sigma, alpha, beta = torch.zeros(0, **kw), torch.zeros(N, 0, **kw), torch.zeros(N, 0, **kw)
+        solved = []  # the triplets a solver ran for (their vectors become state["v0"])
+        for j in range(self._rank()):
+            if j and _gram_vanishes(form, sigma, alpha, beta, generator):
+                # the block has Kronecker rank j (numerically): a zero term, as on the direct path
+                sigma = torch.cat([sigma, sigma.new_zeros(1)])
+                alpha, beta = torch.cat([alpha, alpha.new_zeros(N, 1)], 1), torch.cat([beta, beta.new_zeros(N, 1)], 1)
+                solve.sigmas.append(0.0)
+                solve.residuals.append(0.0)
+                continue
+            res = self._power(form.deflated(sigma, alpha, beta) if j else form, v0, j, generator)
+            solve.add(res, vectors=False)
+            solved.append(j)
+            sigma = torch.cat([sigma, res.sigma[:1]])
+            alpha, beta = torch.cat([alpha, res.U[:, :1]], 1), torch.cat([beta, res.V[:, :1]], 1)
+        terms, V = _gram_terms(form, sigma, alpha, beta, self.options.symmetric_factors)
+        solve.V = [V[j] for j in solved]
+        return self._finish(terms, past, rho), solve
+
+    def _power(self, op: ZOperator | GramForm, v0: torch.Tensor | None, j: int, generator: torch.Generator) -> SVDResult:
         """The leading triplet of ``op``, started from column j of ``v0`` when there is one."""
-        start = v0[:, j] if v0 is not None and j < v0.shape[1] else None
         opts = self.options
-        return power_svd(op, 1, tol=opts.power_tol, max_iters=opts.max_iters, v0=start, generator=generator)
+        return power_svd(op, 1, tol=opts.power_tol, max_iters=opts.max_iters, v0=self._start_column(v0, j),
+                         generator=generator)
 
 
 class DeflationApproximator(_PowerDeflationApproximator):
@@ -411,8 +580,10 @@ class DeflationApproximator(_PowerDeflationApproximator):
     (:func:`~curvlib.linalg.deflated`): the operator is really deflated, so the second
     power SVD cannot return the first pair again (DESIGN.md §10).  A deflated operator
     that is zero up to rounding (a block of Kronecker rank < ``rank``) gives zero terms
-    (:func:`_deflation_vanishes`).  Cost per refresh: Σ_j (iterations of triplet j)·2
-    products with Z(F), O(m·d²) each, plus O(j·d²) per product for the deflation (Table 3.1).
+    (:func:`_deflation_vanishes`).  Cost per refresh (Table 3.1), directly: Σ_j (1 + 2·iterations
+    of triplet j) products with Z(F), O(m·d²) each, plus O(j·d²) per product for the deflation;
+    in the Gram space (module docstring): the Gram matrices, Yᵀv₀ per triplet and one weighted
+    Gram GEMM per factor, plus O(n²) per iteration.
     """
 
     options_model = DeflationOptions
@@ -431,8 +602,9 @@ class KPSVDApproximator(_PowerDeflationApproximator):
     """``kpsvd``: the best single Kronecker product (3.22), by power SVD of Z(F_ii) (Thm 3.14).
 
     With ``symmetric_factors`` both factors are symmetric, and PSD for a PSD block
-    (Prop. 3.2; the sign convention tr A > 0 selects the PSD pair).  Cost per refresh:
-    iterations × 2 products with Z(F), O(m·d²) each (Table 3.1).
+    (Prop. 3.2; the sign convention tr A > 0 selects the PSD pair).  Cost per refresh
+    (Table 3.1): 1 + 2·iterations products with Z(F), O(m·d²) each, directly; in the Gram space
+    the Gram matrices, Yᵀv₀ and the two factors' weighted Gram GEMMs (about twice KFAC's).
     """
 
     options_model = KPSVDOptions
@@ -447,8 +619,10 @@ class LanczosApproximator(_SVDApproximator):
     """``lanczos``: Kronecker rank ``rank`` from the top triplets of Z(F_ii) by restarted
     Lanczos bidiagonalization (§3.2.3.2, Algorithm 2; :func:`~curvlib.linalg.lanczos_svd`).
 
-    When min(d_a², d_g²) < ``rank`` the missing terms are zero.  Cost per refresh:
-    steps × 2 products with Z(F), plus O(K³ + K·d²) per cycle (Table 3.1).
+    When min(d_a², d_g²) < ``rank`` the missing terms are zero.  Cost per refresh (Table 3.1):
+    steps × 2 products with Z(F), plus O(K³ + K·d²) per cycle, directly; in the Gram space the
+    Gram matrices, Yᵀv₀ for the summed start, and one weighted Gram GEMM per factor, plus
+    O(n² + K·n) per step.
     """
 
     options_model = LanczosOptions
@@ -463,8 +637,9 @@ class LanczosApproximator(_SVDApproximator):
         base = self._base(op, past, rho)
         opts = self.options
         k = min(opts.rank, *base.shape)
+        form = self._gram(base, k)
         res = lanczos_svd(
-            base,
+            base if form is None else form,
             k,
             krylov_dim=opts.krylov_dim,
             tol=opts.power_tol,
@@ -473,8 +648,11 @@ class LanczosApproximator(_SVDApproximator):
             generator=generator,
         )
         solve = _Solve()
-        solve.add(res)
-        terms = [self._term(res, j, stats) for j in range(k)]
+        solve.add(res, vectors=form is None)
+        if form is None:
+            terms = [self._term(res, j, stats) for j in range(k)]
+        else:
+            terms, solve.V = _gram_terms(form, res.sigma, res.U, res.V, opts.symmetric_factors)
         terms += [_zero_term(stats) for _ in range(opts.rank - k)]
         return self._finish(terms, past, rho), solve
 
@@ -489,7 +667,9 @@ class KFACCorrectedApproximator(_SVDApproximator):
     (P, Q) come from the power SVD of Z(F − A⊗G) = Z(F) − vec(A)vec(G)ᵀ
     (:func:`~curvlib.linalg.deflated`).  The correction is usually indefinite; its sign
     follows :func:`~curvlib.linalg.factors_from_singular` (tr P > 0, else the largest
-    entry of P positive).  Cost per refresh: KFAC's two GEMMs plus the power SVD (Table 3.1).
+    entry of P positive).  Cost per refresh (Table 3.1): KFAC's two GEMMs plus the power SVD —
+    in the Gram space (module docstring) A and G become one more column of X and Y (one
+    quadratic form per row and factor), and Z(F) − vec(A)vec(G)ᵀ is a deflation of the core.
     """
 
     options_model = KFACCorrectedOptions
@@ -499,10 +679,40 @@ class KFACCorrectedApproximator(_SVDApproximator):
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
         A, G = kfac_factors(stats, self.options.weight_sharing)[0]
-        if past is not None:  # KFAC's own factor EMA, in both modes
+        if past is not None:  # KFAC's own factor EMA, in both modes: ρ A0 + (1 − ρ) A
             (A0, G0) = past[0]
-            A, G = rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G
+            A, G = torch.lerp(A, A0, rho), torch.lerp(G, G0, rho)
         base = self._base(op, past, rho)
+        form = self._gram(base, 1)
+        if form is not None:
+            P, Q, solve = self._correction_gram(form, A, G, v0, generator)
+        else:
+            P, Q, solve = self._correction(stats, base, A, G, v0, generator)
+        if past is not None and self.options.ema_mode == "factors":
+            (P, Q), = _ema_terms(past[1:], [(P, Q)], rho)
+        return [(A, G), (P, Q)], solve
+
+    def _correction_gram(self, form: GramForm, A, G, v0, generator) -> tuple[torch.Tensor, torch.Tensor, _Solve]:
+        """The correction in the Gram space: (A, G) become one more column of X and of Y (with
+        coefficient 0), and Z(F) − vec(A)vec(G)ᵀ the deflation of the core by that column."""
+        form = form.extended([(A, G)], 0.0)
+        N = form.coefficient_shape[0]
+        unit = torch.zeros(N, 1, dtype=form.work_dtype, device=form.device)
+        unit[-1] = 1.0
+        one = unit.new_ones(1)
+        solve = _Solve()
+        if _gram_vanishes(form, one, unit, unit, generator):
+            solve.sigmas, solve.residuals = [0.0], [0.0]
+            return (*_zero_term_like(A, G), solve)
+        opts = self.options
+        res = power_svd(form.deflated(one, unit, unit), 1, tol=opts.power_tol, max_iters=opts.max_iters,
+                        v0=self._start_column(v0, 0), generator=generator)
+        solve.add(res, vectors=False)
+        (terms, solve.V) = _gram_terms(form, res.sigma, res.U, res.V, opts.symmetric_factors)
+        return (*terms[0], solve)
+
+    def _correction(self, stats, base, A, G, v0, generator) -> tuple[torch.Tensor, torch.Tensor, _Solve]:
+        """The power SVD of Z(F − A⊗G) = Z(F) − vec(A)vec(G)ᵀ with the direct products."""
         solve = _Solve()
         if _deflation_vanishes(base, [(A, G)], generator):
             # F = A⊗G up to rounding (e.g. one sample, one column): no correction to fit
@@ -514,6 +724,4 @@ class KFACCorrectedApproximator(_SVDApproximator):
             res = power_svd(deflated(base, [(A, G)]), 1, tol=opts.power_tol, max_iters=opts.max_iters, v0=start, generator=generator)
             solve.add(res)
             P, Q = self._term(res, 0, stats)
-        if past is not None and self.options.ema_mode == "factors":
-            (P, Q), = ema_terms(past[1:], [(P, Q)], rho)
-        return [(A, G), (P, Q)], solve
+        return P, Q, solve

@@ -60,9 +60,22 @@ class KroneckerSum(KroneckerFactored):
                         f"expected {A0.dtype} on {A0.device} like term 0"
                     )
         object.__setattr__(self, "_terms", pairs)
-        # stacked copies let every product run as one batched matmul over the terms
-        object.__setattr__(self, "_As", torch.stack([A for A, _ in pairs]))
-        object.__setattr__(self, "_Bs", torch.stack([B for _, B in pairs]))
+        object.__setattr__(self, "_As", None)
+        object.__setattr__(self, "_Bs", None)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors stacked, ``[K, d_a, d_a]`` and ``[K, d_b, d_b]``: every product runs as one
+        batched matmul over the terms.  Formed on first use (a fit that is only stored or
+        inverted never needs them), and views for a single term."""
+        if self._As is None:
+            if len(self._terms) == 1:
+                (A, B), = self._terms
+                As, Bs = A.unsqueeze(0), B.unsqueeze(0)
+            else:
+                As, Bs = torch.stack([A for A, _ in self._terms]), torch.stack([B for _, B in self._terms])
+            object.__setattr__(self, "_As", As)
+            object.__setattr__(self, "_Bs", Bs)
+        return self._As, self._Bs
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"KroneckerSum is immutable; cannot set {name!r}")
@@ -84,11 +97,11 @@ class KroneckerSum(KroneckerFactored):
 
     @property
     def a_dim(self) -> int:
-        return self._As.shape[-1]
+        return self._terms[0][0].shape[-1]
 
     @property
     def b_dim(self) -> int:
-        return self._Bs.shape[-1]
+        return self._terms[0][1].shape[-1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,11 +110,11 @@ class KroneckerSum(KroneckerFactored):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._As.dtype
+        return self._terms[0][0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self._As.device
+        return self._terms[0][0].device
 
     def __len__(self) -> int:
         return self.rank
@@ -121,7 +134,8 @@ class KroneckerSum(KroneckerFactored):
 
         Cost O(K·k·d_a·d_b·(d_a + d_b)) for K terms and k right-hand sides."""
         Xk = X.unsqueeze(-3)  # [k, 1, d_b, d_a], broadcast over the K terms
-        return (self._Bs @ Xk @ self._As.transpose(-1, -2)).sum(dim=-3)
+        As, Bs = self._stacked()
+        return (Bs @ Xk @ As.transpose(-1, -2)).sum(dim=-3)
 
     def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
         return self.transpose()._matmat(Y)
@@ -177,12 +191,13 @@ class KroneckerSum(KroneckerFactored):
     # ---- dense forms and scalars --------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
         """Σ_k A_k ⊗ B_k as a dense ``[d_a·d_b, d_a·d_b]`` matrix (tests and small blocks only)."""
-        return kron(self._As, self._Bs).sum(dim=0)
+        return kron(*self._stacked()).sum(dim=0)
 
     def trace(self) -> torch.Tensor:
         """tr(Σ_k A_k ⊗ B_k) = Σ_k tr(A_k)·tr(B_k) (Thm 3.10, (3.13)).  Returns a 0-d tensor."""
-        trA = self._As.diagonal(dim1=-2, dim2=-1).sum(-1)
-        trB = self._Bs.diagonal(dim1=-2, dim2=-1).sum(-1)
+        As, Bs = self._stacked()
+        trA = As.diagonal(dim1=-2, dim2=-1).sum(-1)
+        trB = Bs.diagonal(dim1=-2, dim2=-1).sum(-1)
         return (trA * trB).sum()
 
     def frobenius_norm(self) -> torch.Tensor:
@@ -193,8 +208,9 @@ class KroneckerSum(KroneckerFactored):
         (⟨A⊗B, C⊗D⟩ = ⟨A, C⟩⟨B, D⟩ by Thm 3.4, 3.5 and 3.10), cost O(K²(d_a² + d_b²)).
         Returns a 0-d tensor.
         """
-        a = self._As.reshape(self.rank, -1)
-        b = self._Bs.reshape(self.rank, -1)
+        As, Bs = self._stacked()
+        a = As.reshape(self.rank, -1)
+        b = Bs.reshape(self.rank, -1)
         sq = ((a @ a.T) * (b @ b.T)).sum()
         # the Gram sum can round a hair below zero when the terms nearly cancel
         return sq.clamp_min(0).sqrt()

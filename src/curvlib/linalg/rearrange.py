@@ -11,7 +11,8 @@ the top k singular triplets of Z(M) (van Loan; Thm 3.14, (3.24)).
 Everything here is a **dense reference**: :func:`rearrange` forms a ``d_a² × d_b²``
 matrix and :func:`nearest_kronecker` runs a full SVD on it.  Real layer blocks go
 through the matrix-free operators of :mod:`curvlib.linalg.zproducts` instead; only
-:func:`factors_from_singular` (with its sign convention) is shared with them.
+:func:`factors_from_singular` and :func:`normalized_factors` (with their sign convention)
+are shared with them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from curvlib.errors import NumericalError, ShapeError
 from curvlib.linalg.kron import unvec
 from curvlib.linalg.kronecker_sum import KroneckerSum
 
-__all__ = ["rearrange", "unrearrange", "factors_from_singular", "nearest_kronecker", "NearestKronecker"]
+__all__ = [
+    "rearrange", "unrearrange", "factors_from_singular", "normalized_factors", "nearest_kronecker", "NearestKronecker",
+]
 
 Shape = int | tuple[int, int]
 
@@ -141,23 +144,57 @@ def factors_from_singular(
     sigma_t = torch.as_tensor(sigma, dtype=u.dtype, device=u.device)
     if bool((sigma_t < 0).any()):
         raise NumericalError(f"factors_from_singular: expected a singular value σ ≥ 0, got {float(sigma_t):.6e}")
-    root = sigma_t.sqrt()
-    A = root * unvec(u, ar, ac)
-    B = root * unvec(v, br, bc)
-    if symmetrize:
-        A = 0.5 * (A + A.T)
-        B = 0.5 * (B + B.T)
+    return _signed_pair(unvec(u, ar, ac), unvec(v, br, bc), sigma_t.sqrt(), symmetrize)
 
-    flat = A.reshape(-1)
-    largest = flat[flat.abs().argmax()]
-    sign = torch.sign(largest)
-    if ar == ac:
+
+def normalized_factors(A: torch.Tensor, B: torch.Tensor, *, symmetrize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factor pair with the symmetrization and sign convention of :func:`factors_from_singular`.
+
+    (A, B) ↦ (s·A', s·B') with A' = (A + Aᵀ)/2, B' = (B + Bᵀ)/2 (``symmetrize``; bitwise
+    symmetric) or A' = A, B' = B, and s = ±1 chosen as there (tr A' > 0, else the entry of
+    A' of largest magnitude positive), so A' ⊗ B' is unchanged.  For factors formed
+    directly, e.g. MAT(Xα) = Σ_i α_i ā_i ā_iᵀ in the Gram space of the solvers.
+
+    Args:
+        A: ``[a_rows, a_cols]``.
+        B: ``[b_rows, b_cols]``.
+        symmetrize: symmetrize both (square factors only).
+
+    Returns:
+        new tensors ``(A [a_rows, a_cols], B [b_rows, b_cols])``.
+    """
+    if symmetrize and (A.shape[0] != A.shape[1] or B.shape[0] != B.shape[1]):
+        raise ShapeError(
+            f"normalized_factors: symmetrize=True needs square factors; got {list(A.shape)} and {list(B.shape)}"
+        )
+    return _signed_pair(A, B, 1.0, symmetrize)
+
+
+def _signed_pair(A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor,
+                 symmetrize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c·A', c·B') with c = scale·s (module convention above): new tensors, three passes over
+    a symmetrized factor (the sum, its norm, the scaling) — the largest entry is looked up
+    only when the trace does not decide."""
+    if symmetrize:
+        # A + Aᵀ is bitwise symmetric; the ½ goes into the final scaling
+        A, B, scale = A + A.mT, B + B.mT, 0.5 * scale
+    largest = None
+    if A.shape[0] == A.shape[1]:
         trace = A.diagonal().sum()
         tol = torch.finfo(A.dtype).eps ** 0.5 * torch.linalg.matrix_norm(A)
-        sign = torch.where(trace.abs() > tol, torch.sign(trace), sign)
-    # an all-zero A (σ = 0) keeps its sign rather than being zeroed by sign 0
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return sign * A, sign * B
+        if bool(trace.abs() > tol):
+            sign = torch.sign(trace)
+        else:
+            largest = True
+    if A.shape[0] != A.shape[1] or largest:
+        flat = A.reshape(-1)
+        sign = torch.sign(flat[flat.abs().argmax()])
+        # an all-zero A (σ = 0) keeps its sign rather than being zeroed by sign 0
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    c = scale * sign
+    if symmetrize:  # A and B are new tensors already
+        return A.mul_(c), B.mul_(c)
+    return A * c, B * c
 
 
 @dataclass(frozen=True)

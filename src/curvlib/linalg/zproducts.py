@@ -27,26 +27,50 @@ and a use whose matrix enters the layer matrix transposed has the commuted block
 K F Kᵀ, for which Z(K F Kᵀ) = Z(F)ᵀ.  :class:`AffineZOperator` adds known Kronecker
 terms through Z(R ⊗ S) = vec(R) vec(S)ᵀ (§3.2.3.1): deflation, KFAC-corrected (3.26) and
 the EMA of the block itself.  Neither F nor Z(F) is ever formed.
+
+Gram form.  Without a band (one position, or r = 0), Prop. 3.1 reads
+
+    Z(F) = scale · Σ_i vec(ā_i ā_iᵀ) vec(Σ_c g_ic g_icᵀ)ᵀ = X C Yᵀ,      i = (b, t), n = m·T,
+
+with X ``[d_a², n]``, Y ``[d_g², n]`` and the core C = scale·I_n: Z(F) has rank ≤ n and
+lives in span(X) × span(Y).  :meth:`ZOperator.gram_form` returns this form
+(:class:`GramForm`, a :class:`~curvlib.linalg.svd.GramOperator`): the solvers of
+:mod:`curvlib.linalg.svd` then iterate on n coefficients with the Gram matrices
+
+    G_a = XᵀX = (K_a)∘², (K_a)_ij = ā_iᵀā_j;     (G_b)_ij = Σ_{c,c'} (g_icᵀ g_jc')²
+
+(O(n²·(d_a + c²·d_g)) once; Hadamard squares, since ⟨vec(x xᵀ), vec(y yᵀ)⟩ = (xᵀy)²) at
+O(n²) per step, and a vector is formed only at the end, MAT(Xα) = Σ_i α_i ā_i ā_iᵀ —
+one weighted Gram GEMM, O(n·d_a²), like a KFAC factor.  Deflation by found triplets
+changes only C (C − σ α βᵀ, :meth:`GramForm.deflated`); known terms R ⊗ S (KFAC-corrected,
+the EMA of the block) add the columns vec(R), vec(S) (:meth:`GramForm.extended`, one
+quadratic form per row: ā_iᵀ R ā_i).  The Gram matrices are formed by a GEMM in the
+statistics' dtype (float32 at least), squared and combined in float64, the work dtype of
+the coefficients.  Convolutions with a band, and blocks of several uses, have no Gram form
+here (``None``).
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from curvlib.errors import ConfigError, DTypeDeviceError, PerformanceWarning, ShapeError, warn
+from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, PerformanceWarning, ShapeError, warn
 from curvlib.linalg.geometry import Geometry, band_mask
 from curvlib.linalg.kron import unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.linalg.operator import LinearOperator
 from curvlib.linalg.rows import DenseRows, OneHotRows, Rows, as_rows
+from curvlib.linalg.svd import GramOperator
 
 __all__ = [
     "AffineZOperator",
     "DenseZOperator",
     "ConvZOperator",
     "ExactZOperator",
+    "GramForm",
     "LinearZOperator",
     "PositionZOperator",
     "SumZOperator",
@@ -76,6 +100,11 @@ class ZOperator(LinearOperator):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.a_dim**2, self.b_dim**2)
+
+    def gram_form(self) -> GramForm | None:
+        """This operator as X C Yᵀ over the samples (module docstring), or ``None`` when it
+        has no such form.  Cheap: the Gram matrices are formed when a solver first needs them."""
+        return None
 
 
 class DenseZOperator(ZOperator):
@@ -244,6 +273,16 @@ class PositionZOperator(ZOperator):
         m, c = g.shape[:2]
         return torch.einsum("bcth,kbctj->khj", self.g, acc.reshape(k, m, c, -1, self.b_dim))
 
+    # -- Gram form ---------------------------------------------------------------------------------
+    def gram_form(self) -> GramForm | None:
+        """X C Yᵀ with x_i = vec(ā_i ā_iᵀ), y_i = vec(Σ_c g_ic g_icᵀ) over the m·T rows i = (b, t)
+        and C = scale·I (module docstring) — T = 1 or r = 0; ``None`` for a band or every pair."""
+        if self._mode != "independent":
+            return None
+        n = self.rows.m * self.rows.T
+        diag = torch.full((n,), self.scale, dtype=torch.float64, device=self.device)
+        return GramForm(_RowsSide(self.rows), _ColumnsSide(self.g), diag, dtype=self.dtype)
+
     # -- dispatch ---------------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self._mode == "exact":
@@ -374,6 +413,11 @@ class TransposedZOperator(ZOperator):
     def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
         return self.op._matmat(U)
 
+    def gram_form(self) -> GramForm | None:
+        """The use's form with its two sides swapped (Z(F)ᵀ = Y Cᵀ Xᵀ)."""
+        form = self.op.gram_form()
+        return None if form is None else form.transposed()
+
 
 TermsLike = KroneckerSum | Sequence[tuple[torch.Tensor, torch.Tensor]] | Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -447,6 +491,16 @@ class AffineZOperator(ZOperator):
             out = low_rank if out is None else out + low_rank
         return out
 
+    def gram_form(self) -> GramForm | None:
+        """base_coeff·(the base's form), extended by the terms' columns (:meth:`GramForm.extended`);
+        ``None`` without a base or when the base has no form."""
+        form = None if self.base is None else self.base.gram_form()
+        if form is None:
+            return None
+        if self.base_coeff != 1.0:
+            form = form.scaled(self.base_coeff)
+        return form.extended(self.terms, self.term_coeff) if self.terms else form
+
     @classmethod
     def deflated(cls, op: ZOperator, terms: TermsLike) -> AffineZOperator:
         """Z(M − Σ_k R_k ⊗ S_k): deflation (§3.2.3.1) and KFAC-corrected (3.26)."""
@@ -467,3 +521,468 @@ class AffineZOperator(ZOperator):
 
 deflated = AffineZOperator.deflated
 ema_combined = AffineZOperator.ema_combined
+
+# --------------------------------------------------------------------------- Gram form
+
+_WORK = torch.float64  # dtype of Gram matrices and coefficients (module docstring)
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the GEMMs that form Gram matrices and images: float32 at least."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+#: below this size a symmetric product is one GEMM (blocks would not pay for themselves)
+_SYMMETRIC_BLOCKS_FROM = 384
+
+
+def _symmetric_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """L @ R for a product known to be symmetric (Lᵀ = D R for a diagonal D): ``L [..., d, n]``,
+    ``R [n, d]`` -> ``[..., d, d]``.
+
+    With d split in two, the three blocks on and above the diagonal are GEMMs and the fourth is
+    the transpose of its mirror: 3/4 of the multiply-adds (torch has no SYRK).  The
+    off-diagonal blocks are transposes of each other exactly; the diagonal ones are
+    symmetric up to rounding, like one GEMM's result.
+    """
+    d = R.shape[1]
+    if d < _SYMMETRIC_BLOCKS_FROM:
+        return L @ R
+    h = d // 2
+    top = L[..., :h, :]
+    upper = top @ R[:, h:]
+    out = torch.empty(*L.shape[:-2], d, d, dtype=upper.dtype, device=upper.device)
+    out[..., :h, :h] = top @ R[:, :h]
+    out[..., :h, h:] = upper
+    out[..., h:, :h] = upper.transpose(-1, -2)
+    out[..., h:, h:] = L[..., h:, :] @ R[:, h:]
+    return out
+
+
+def _weighted_gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_ik x_i x_iᵀ for rows ``X [n, d]`` and weights ``w [n, k]`` (in X's dtype): ``[k, d, d]``."""
+    return _symmetric_product(X.T * w.T[:, None, :], X)
+
+
+def _quadratic_forms(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """x_iᵀ M_k x_i for rows ``X [n, d]`` and ``M [k, d, d]``: ``[k, n]``.
+
+    A quadratic form sees only the symmetric part of M, so with d split in two it is
+    x₁ᵀM₁₁x₁ + x₁ᵀ(M₁₂ + M₂₁ᵀ)x₂ + x₂ᵀM₂₂x₂: three GEMMs of a quarter each (3/4 of the
+    multiply-adds of X M).
+    """
+    d = X.shape[1]
+    if d < _SYMMETRIC_BLOCKS_FROM:
+        return ((X @ M) * X).sum(-1)
+    h = d // 2
+    X1, X2 = X[:, :h], X[:, h:]
+    cross = M[..., :h, h:] + M[..., h:, :h].transpose(-1, -2)
+    return ((X1 @ M[..., :h, :h]) * X1).sum(-1) + ((X1 @ cross) * X2).sum(-1) + ((X2 @ M[..., h:, h:]) * X2).sum(-1)
+
+
+class _GramSide(abc.ABC):
+    """One side of a :class:`GramForm`: columns x_1 … x_N ∈ R^{d²} (vecs of d×d matrices), implicit.
+
+    Attributes:
+        dim: d.
+        count: N.
+        dtype, device: of the statistics (and of the matrices :meth:`combine` returns).
+    """
+
+    dim: int
+    count: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self) -> None:
+        self._gram: torch.Tensor | None = None
+
+    def gram(self) -> torch.Tensor:
+        """⟨x_i, x_j⟩ ``[N, N]`` in float64, formed once (the sides of a form and of the forms
+        derived from it are shared)."""
+        if self._gram is None:
+            gram = self._form_gram()
+            lo, hi = torch.aminmax(gram)  # both propagate NaN: cheaper than isfinite(gram).all()
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                # e.g. statistics so large that the GEMM overflowed: no solver step can be finite
+                raise NumericalError(f"GramForm: the Gram matrix [{self.count}, {self.count}] of the statistics has "
+                                     "non-finite entries (expected finite statistics whose products do not overflow)")
+            self._gram = gram
+        return self._gram
+
+    @abc.abstractmethod
+    def _form_gram(self) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def images(self, M: torch.Tensor) -> torch.Tensor:
+        """⟨x_i, vec(M_k)⟩: ``M [k, d, d]`` -> ``[N, k]`` in float64."""
+
+    @abc.abstractmethod
+    def combine(self, w: torch.Tensor) -> torch.Tensor:
+        """MAT(Σ_i w_ik x_i): ``w [N, k]`` (float64) -> ``[k, d, d]`` in :attr:`dtype`."""
+
+    @abc.abstractmethod
+    def outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """⟨x_i, vec(p qᵀ)⟩ = pᵀ MAT(x_i) q for ``p, q [d]``: ``[N]`` in float64, O(N·d)."""
+
+    @abc.abstractmethod
+    def symmetrized(self) -> _GramSide:
+        """The side with each MAT(x_i) replaced by its symmetric part."""
+
+    @property
+    @abc.abstractmethod
+    def gram_flops(self) -> int:
+        """Multiply-adds of :meth:`gram`."""
+
+    @property
+    @abc.abstractmethod
+    def vector_flops(self) -> int:
+        """Multiply-adds of :meth:`images` or :meth:`combine` for one matrix or column."""
+
+
+class _RowsSide(_GramSide):
+    """x_i = vec(ā_i ā_iᵀ) for the rows i = (b, t) of a :class:`~curvlib.linalg.rows.Rows`
+    (symmetric): G = (ā_iᵀā_j)², images ā_iᵀ M ā_i, MAT(Xw) = Σ_i w_i ā_i ā_iᵀ."""
+
+    def __init__(self, rows: Rows) -> None:
+        super().__init__()
+        self.rows = rows
+        m, T, d = rows.shape
+        self.dim, self.count, self.dtype, self.device = d, m * T, rows.dtype, rows.device
+
+    def _dense(self) -> torch.Tensor | None:
+        """The rows ``[N, d]`` when they are dense (one-hot rows go through :class:`Rows`)."""
+        return self.rows.dense().reshape(self.count, self.dim) if isinstance(self.rows, DenseRows) else None
+
+    def _form_gram(self) -> torch.Tensor:
+        A = self._dense()
+        if A is not None:
+            A = A.to(_gemm_dtype(self.dtype))
+            K = _symmetric_product(A, A.T).to(_WORK)
+        else:
+            rows = self.rows.to(dtype=_gemm_dtype(self.dtype))
+            K = rows.cross(rows).reshape(self.count, self.count).to(_WORK)
+        return K * K
+
+    def images(self, M: torch.Tensor) -> torch.Tensor:
+        A = self._dense()
+        if A is not None:
+            A = A.to(_gemm_dtype(self.dtype))
+            return _quadratic_forms(A, M.to(A.dtype)).T.to(_WORK)
+        rows = self.rows.to(dtype=_gemm_dtype(self.dtype))
+        return rows.quadratic(M.to(rows.dtype)).reshape(M.shape[0], self.count).T.to(_WORK)
+
+    def combine(self, w: torch.Tensor) -> torch.Tensor:
+        A = self._dense()
+        if A is not None:
+            return _weighted_gram(A, w.to(self.dtype))
+        m, T, _ = self.rows.shape
+        return self.rows.gram(w.T.to(self.dtype).reshape(w.shape[1], m, T))
+
+    def outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.to(dtype=_gemm_dtype(self.dtype))
+        a = rows.apply(torch.stack([p, q]).to(rows.dtype)[None])  # [1, m, T, 2]: ā_iᵀp, ā_iᵀq
+        return (a[..., 0] * a[..., 1]).reshape(self.count).to(_WORK)
+
+    def symmetrized(self) -> _RowsSide:
+        return self
+
+    @property
+    def gram_flops(self) -> int:
+        return self.count**2 * self.dim
+
+    @property
+    def vector_flops(self) -> int:
+        return self.count * self.dim**2
+
+
+class _ColumnsSide(_GramSide):
+    """y_i = vec(Σ_c g_ic g_icᵀ) for the rows i = (b, t) of back-propagated columns
+    ``g [m, c, T, d]`` (symmetric): G_ij = Σ_{c,c'} (g_icᵀ g_jc')²."""
+
+    def __init__(self, g: torch.Tensor) -> None:
+        super().__init__()
+        m, c, T, d = g.shape
+        self.c = c
+        self.dim, self.count, self.dtype, self.device = d, m * T, g.dtype, g.device
+        # rows ordered (b, t) like the activation rows, the c columns of a row adjacent
+        self.G = g.permute(0, 2, 1, 3).reshape(m * T * c, d)  # [n·c, d]
+
+    def _G(self) -> torch.Tensor:
+        return self.G.to(_gemm_dtype(self.dtype))
+
+    def _form_gram(self) -> torch.Tensor:
+        G = self._G()
+        K = _symmetric_product(G, G.T).to(_WORK)
+        K = K * K
+        if self.c > 1:
+            n, c = self.count, self.c
+            K = K.reshape(n, c, n, c).sum(dim=(1, 3))
+        return K
+
+    def images(self, M: torch.Tensor) -> torch.Tensor:
+        G = self._G()
+        q = _quadratic_forms(G, M.to(G.dtype))  # [k, n·c]: g_icᵀ M_k g_ic
+        return q.reshape(M.shape[0], self.count, self.c).sum(-1).T.to(_WORK)
+
+    def combine(self, w: torch.Tensor) -> torch.Tensor:
+        weights = w.to(self.dtype)
+        if self.c > 1:
+            weights = weights.repeat_interleave(self.c, dim=0)  # shared by the c columns of a row
+        return _weighted_gram(self.G, weights)
+
+    def outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        G = self._G()
+        x = G @ torch.stack([p, q], 1).to(G.dtype)  # [n·c, 2]
+        return (x[:, 0] * x[:, 1]).reshape(self.count, self.c).sum(-1).to(_WORK)
+
+    def symmetrized(self) -> _ColumnsSide:
+        return self
+
+    @property
+    def gram_flops(self) -> int:
+        return (self.count * self.c) ** 2 * self.dim
+
+    @property
+    def vector_flops(self) -> int:
+        return self.count * self.c * self.dim**2
+
+
+class _ExplicitSide(_GramSide):
+    """Columns given as matrices ``M [e, d, d]`` (the terms of :meth:`GramForm.extended`)."""
+
+    def __init__(self, M: torch.Tensor) -> None:
+        super().__init__()
+        self.M = M
+        self.dim, self.count, self.dtype, self.device = M.shape[-1], M.shape[0], M.dtype, M.device
+
+    def _M(self) -> torch.Tensor:
+        return self.M.to(_gemm_dtype(self.dtype)).reshape(self.count, -1)
+
+    def _form_gram(self) -> torch.Tensor:
+        M = self._M()
+        return (M @ M.T).to(_WORK)
+
+    def images(self, M: torch.Tensor) -> torch.Tensor:
+        E = self._M()
+        return (E @ M.to(E.dtype).reshape(M.shape[0], -1).T).to(_WORK)
+
+    def combine(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ek,eij->kij", w.to(self.dtype), self.M)
+
+    def outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        M = self.M.to(_gemm_dtype(self.dtype))
+        return ((M @ q.to(M.dtype)) @ p.to(M.dtype)).to(_WORK)
+
+    def symmetrized(self) -> _ExplicitSide:
+        return _ExplicitSide(0.5 * (self.M + self.M.transpose(-1, -2)))
+
+    @property
+    def gram_flops(self) -> int:
+        return self.count**2 * self.dim**2
+
+    @property
+    def vector_flops(self) -> int:
+        return self.count * self.dim**2
+
+
+class _StackedSide(_GramSide):
+    """The columns of ``first`` followed by those of an explicit side."""
+
+    def __init__(self, first: _GramSide, extra: _ExplicitSide) -> None:
+        super().__init__()
+        self.first, self.extra = first, extra
+        self.dim, self.count = first.dim, first.count + extra.count
+        self.dtype, self.device = first.dtype, first.device
+
+    def _form_gram(self) -> torch.Tensor:
+        cross = self.first.images(self.extra.M)  # [N_1, e]: the one O(N_1·d²) product per extra column
+        return torch.cat([torch.cat([self.first.gram(), cross], 1), torch.cat([cross.T, self.extra.gram()], 1)], 0)
+
+    def images(self, M: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first.images(M), self.extra.images(M)], 0)
+
+    def combine(self, w: torch.Tensor) -> torch.Tensor:
+        n = self.first.count
+        out = self.first.combine(w[:n])  # [k, d, d], a new tensor
+        # + Σ_e w_ek M_e, accumulated in place (one GEMM [k, e] @ [e, d²], no temporary)
+        M = self.extra.M.reshape(self.extra.count, -1)
+        out.view(out.shape[0], -1).addmm_(w[n:].T.to(M.dtype), M)
+        return out
+
+    def outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first.outer_images(p, q), self.extra.outer_images(p, q)])
+
+    def symmetrized(self) -> _StackedSide:
+        return _StackedSide(self.first.symmetrized(), self.extra.symmetrized())
+
+    @property
+    def gram_flops(self) -> int:
+        return self.first.gram_flops + self.extra.count * self.first.vector_flops + self.extra.gram_flops
+
+    @property
+    def vector_flops(self) -> int:
+        return self.first.vector_flops + self.extra.vector_flops
+
+
+class GramForm(GramOperator):
+    """Z = X C Yᵀ ``[d_a², d_b²]`` over the samples (module docstring): the
+    :class:`~curvlib.linalg.svd.GramOperator` the solvers iterate on.
+
+    The core is C = diag(c) + P Qᵀ (``c [N]``, ``P [N, r]``, ``Q [N, r]``; X and Y have the
+    same number N of columns): c = scale on the rows of a Fisher block, a term's coefficient
+    on its extra columns (:meth:`extended`), and −σ_j α_j β_jᵀ for each found triplet
+    (:meth:`deflated`).  Deriving a form shares the sides and their Gram matrices, so a
+    deflated operator costs nothing to build and O(N·r) more per product.
+
+    Built by :meth:`ZOperator.gram_form`; not meant to be constructed by hand.
+    """
+
+    def __init__(
+        self,
+        side_a: _GramSide,
+        side_b: _GramSide,
+        diag: torch.Tensor,
+        P: torch.Tensor | None = None,
+        Q: torch.Tensor | None = None,
+        *,
+        dtype: torch.dtype,
+    ) -> None:
+        N = side_a.count
+        if side_b.count != N or diag.shape != (N,):
+            raise ShapeError(
+                f"GramForm: expected sides of one number of columns N and a core diagonal [N]; got "
+                f"{side_a.count} and {side_b.count} columns and a diagonal {list(diag.shape)}"
+            )
+        self.side_a, self.side_b, self.diag = side_a, side_b, diag
+        empty = diag.new_zeros(N, 0)
+        self.P = empty if P is None else P
+        self.Q = empty if Q is None else Q
+        self._dtype = dtype
+
+    # -- GramOperator ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.side_a.dim**2, self.side_b.dim**2)
+
+    @property
+    def coefficient_shape(self) -> tuple[int, int]:
+        return (self.side_a.count, self.side_b.count)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        return _WORK
+
+    @property
+    def device(self) -> torch.device:
+        return self.diag.device
+
+    @property
+    def a_dim(self) -> int:
+        return self.side_a.dim
+
+    @property
+    def b_dim(self) -> int:
+        return self.side_b.dim
+
+    def metric_a(self, alpha: torch.Tensor) -> torch.Tensor:
+        return self.side_a.gram() @ alpha
+
+    def metric_b(self, beta: torch.Tensor) -> torch.Tensor:
+        return self.side_b.gram() @ beta
+
+    def _core(self, y: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        d = self.diag if y.ndim == 1 else self.diag[:, None]
+        out = d * y
+        return out + L @ (R.T @ y) if L.shape[1] else out
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self._core(y, self.P, self.Q)
+
+    def backward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._core(x, self.Q, self.P)
+
+    def right_images(self, v: torch.Tensor) -> torch.Tensor:
+        """Yᵀv: ``[d_b²(, k)]`` -> ``[N(, k)]`` (one quadratic form per row and vector)."""
+        return self._images(self.side_b, v)
+
+    def left_images(self, u: torch.Tensor) -> torch.Tensor:
+        """Xᵀu: ``[d_a²(, k)]`` -> ``[N(, k)]``."""
+        return self._images(self.side_a, u)
+
+    def right_outer_images(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Yᵀ vec(p qᵀ) for ``p, q [d_b]``: ``[N]``, O(N·d_b) — a cheap probe vector of R^{d_b²}."""
+        return self.side_b.outer_images(p, q)
+
+    def _images(self, side: _GramSide, x: torch.Tensor) -> torch.Tensor:
+        n = side.dim
+        if x.ndim == 1:
+            return side.images(unvec(x, n, n).unsqueeze(0))[:, 0]
+        return side.images(unvec(x.T, n, n))
+
+    # -- vectors --------------------------------------------------------------------------------
+    def left_matrices(self, alpha: torch.Tensor) -> torch.Tensor:
+        """MAT(X α_k): coefficients ``[N, k]`` -> ``[k, d_a, d_a]`` in :attr:`dtype` (O(N·d_a²) each)."""
+        return self.side_a.combine(alpha)
+
+    def right_matrices(self, beta: torch.Tensor) -> torch.Tensor:
+        """MAT(Y β_k): ``[N, k]`` -> ``[k, d_b, d_b]``."""
+        return self.side_b.combine(beta)
+
+    # -- derived forms --------------------------------------------------------------------------
+    def deflated(self, sigma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> GramForm:
+        """Z − Σ_j σ_j (Xα_j)(Yβ_j)ᵀ: ``sigma [r]``, coefficients ``alpha [N, r]``, ``beta [N, r]``."""
+        P = torch.cat([self.P, -alpha * sigma], 1)
+        Q = torch.cat([self.Q, beta], 1)
+        return GramForm(self.side_a, self.side_b, self.diag, P, Q, dtype=self._dtype)
+
+    def scaled(self, coeff: float) -> GramForm:
+        """coeff·Z."""
+        return GramForm(self.side_a, self.side_b, coeff * self.diag, coeff * self.P, self.Q, dtype=self._dtype)
+
+    def extended(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], coeff: float) -> GramForm:
+        """Z + coeff·Σ_k vec(R_k) vec(S_k)ᵀ: the terms' factors as extra columns of X and Y.
+
+        Their Gram entries cost one quadratic form per row and factor, O(N·(d_a² + d_b²))
+        per term, when the Gram matrices are first needed.
+        """
+        R = torch.stack([A for A, _ in terms]) if len(terms) > 1 else terms[0][0].unsqueeze(0)
+        S = torch.stack([B for _, B in terms]) if len(terms) > 1 else terms[0][1].unsqueeze(0)
+        e = R.shape[0]
+        diag = torch.cat([self.diag, self.diag.new_full((e,), float(coeff))])
+        pad = self.P.new_zeros(e, self.P.shape[1])
+        return GramForm(
+            _StackedSide(self.side_a, _ExplicitSide(R)),
+            _StackedSide(self.side_b, _ExplicitSide(S)),
+            diag,
+            torch.cat([self.P, pad]),
+            torch.cat([self.Q, pad]),
+            dtype=self._dtype,
+        )
+
+    def transposed(self) -> GramForm:
+        """Zᵀ = Y Cᵀ Xᵀ."""
+        return GramForm(self.side_b, self.side_a, self.diag, self.Q, self.P, dtype=self._dtype)
+
+    def symmetrized(self) -> GramForm:
+        """P_a Z P_b with P the projector vec(M) ↦ vec((M + Mᵀ)/2): each column's matrix
+        replaced by its symmetric part (those of the rows are symmetric already)."""
+        return GramForm(self.side_a.symmetrized(), self.side_b.symmetrized(), self.diag, self.P, self.Q,
+                        dtype=self._dtype)
+
+    # -- costs ----------------------------------------------------------------------------------
+    @property
+    def setup_flops(self) -> int:
+        """Multiply-adds of the two Gram matrices (with the extra columns' quadratic forms)."""
+        return self.side_a.gram_flops + self.side_b.gram_flops
+
+    @property
+    def product_flops(self) -> int:
+        """Multiply-adds of one product Z v formed from the statistics (Yᵀv, then MAT(X·)):
+        the unit of the direct iteration's cost."""
+        return self.side_b.vector_flops + self.side_a.vector_flops
+
