@@ -45,7 +45,7 @@ from curvlib.curvatures.statistics import LayerStatistics, Use
 from curvlib.errors import ConfigError
 from curvlib.linalg.geometry import Geometry
 from curvlib.linalg.zproducts import ZOperator
-from curvlib.linalg.rows import DenseRows
+from curvlib.linalg.rows import DenseRows, symmetric_product
 from curvlib.linalg.zproducts import ExactZOperator, PositionZOperator, SumZOperator, TransposedZOperator
 
 __all__ = ["WEIGHT_SHARING", "WeightSharing", "kfac_factors", "reduced", "resolve_radius", "z_operator"]
@@ -110,7 +110,7 @@ def kfac_factors(stats: LayerStatistics, weight_sharing: WeightSharing = "expand
 
 def _g_gram(g: torch.Tensor) -> torch.Tensor:
     g2 = g.reshape(-1, g.shape[-1])
-    return g2.T @ g2
+    return symmetric_product(g2.T, g2)
 
 
 def resolve_radius(geometry: Geometry, band_radius: int | str | None) -> int | None:

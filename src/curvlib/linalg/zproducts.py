@@ -63,6 +63,8 @@ from curvlib.linalg.kron import unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.linalg.operator import LinearOperator
 from curvlib.linalg.rows import DenseRows, OneHotRows, Rows, as_rows
+from curvlib.linalg.rows import SYMMETRIC_BLOCKS_FROM
+from curvlib.linalg.rows import symmetric_product as _symmetric_product  # one kernel for rows and Gram sides
 from curvlib.linalg.svd import GramOperator
 
 __all__ = [
@@ -532,33 +534,6 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-#: below this size a symmetric product is one GEMM (blocks would not pay for themselves)
-_SYMMETRIC_BLOCKS_FROM = 384
-
-
-def _symmetric_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """L @ R for a product known to be symmetric (Lᵀ = D R for a diagonal D): ``L [..., d, n]``,
-    ``R [n, d]`` -> ``[..., d, d]``.
-
-    With d split in two, the three blocks on and above the diagonal are GEMMs and the fourth is
-    the transpose of its mirror: 3/4 of the multiply-adds (torch has no SYRK).  The
-    off-diagonal blocks are transposes of each other exactly; the diagonal ones are
-    symmetric up to rounding, like one GEMM's result.
-    """
-    d = R.shape[1]
-    if d < _SYMMETRIC_BLOCKS_FROM:
-        return L @ R
-    h = d // 2
-    top = L[..., :h, :]
-    upper = top @ R[:, h:]
-    out = torch.empty(*L.shape[:-2], d, d, dtype=upper.dtype, device=upper.device)
-    out[..., :h, :h] = top @ R[:, :h]
-    out[..., :h, h:] = upper
-    out[..., h:, :h] = upper.transpose(-1, -2)
-    out[..., h:, h:] = L[..., h:, :] @ R[:, h:]
-    return out
-
-
 def _weighted_gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_i w_ik x_i x_iᵀ for rows ``X [n, d]`` and weights ``w [n, k]`` (in X's dtype): ``[k, d, d]``."""
     return _symmetric_product(X.T * w.T[:, None, :], X)
@@ -572,7 +547,7 @@ def _quadratic_forms(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     multiply-adds of X M).
     """
     d = X.shape[1]
-    if d < _SYMMETRIC_BLOCKS_FROM:
+    if d < SYMMETRIC_BLOCKS_FROM:
         return ((X @ M) * X).sum(-1)
     h = d // 2
     X1, X2 = X[:, :h], X[:, h:]
