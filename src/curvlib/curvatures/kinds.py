@@ -300,10 +300,10 @@ class StatisticsCurvature(BuiltinCurvature):
             generator: the random source of ``fisher`` target sampling.
             registry: a :class:`curvlib.plugins.Registry` (default: freshly loaded).
         """
-        registry = _registry(registry)
-        loss_model = loss_model_for(loss_fn)
-        cap = capture_batch(model, loss_model, batch, registry, verify=verify, gradient=gradient)
-        return self._operator(loss_model, cap, generator)
+        with torch.enable_grad(), self.capturing(model, loss_fn, batch, generator=generator, registry=registry,
+                                                 verify=verify, gradient=gradient) as state:
+            split_batch(batch).call(model)  # the capture's own forward pass
+        return state.operator
 
     @contextlib.contextmanager
     def capturing(
