@@ -32,18 +32,23 @@ def _opt(model, kind, T1=2, **kw):
                            generator=torch.Generator().manual_seed(3))
 
 
-def _train(model, opt, steps, own_pass, forwards=None):
-    loss_fn = nn.BCEWithLogitsLoss()
+def _captured_backward(model, opt, X, y):
+    """The documented training loop up to opt.step(): the curvature from this forward pass."""
+    opt.zero_grad()
+    with opt.capture((X, y)):
+        loss = nn.BCEWithLogitsLoss()(model(X), y)
+    loss.backward()
+
+
+def _train(model, opt, steps, own_pass):
     X, y = _data()
     for _ in range(steps):
-        opt.zero_grad()
         if own_pass:
-            with opt.capture((X, y)):
-                loss = loss_fn(model(X), y)
-            loss.backward()
+            _captured_backward(model, opt, X, y)
             opt.step()
         else:
-            loss_fn(model(X), y).backward()
+            opt.zero_grad()
+            nn.BCEWithLogitsLoss()(model(X), y).backward()
             opt.step(batch=(X, y))
 
 
@@ -97,9 +102,7 @@ def test_misuse_is_a_clear_error_and_changes_nothing():
         loss_fn(model(X), y).backward()
         with pytest.raises(ConfigError, match="needs the batch"):
             opt.step()  # a refresh is due and nothing was captured
-        with opt.capture((X, y)):
-            loss = loss_fn(model(X), y)
-        loss.backward()
+        _captured_backward(model, opt, X, y)
         opt.step()
     assert opt.preconditioner.step == 1 and opt.preconditioner.pending_batch(1) is None
 
@@ -122,10 +125,7 @@ def test_a_plugin_kind_or_a_hessian_kind_captures_the_batch_at_the_step():
     pre._curvature_factory = Other(pre._curvature_factory)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.zero_grad()
-        with opt.capture((X, y)):
-            loss = nn.BCEWithLogitsLoss()(model(X), y)
-        loss.backward()
+        _captured_backward(model, opt, X, y)
         opt.step()
     assert pre._curvature_factory.builds == 1 and pre.step == 1
 
@@ -134,13 +134,9 @@ def test_a_skipped_step_drops_its_capture():
     model = _model()
     opt = _opt(model, "fisher")
     X, y = _data()
-    loss_fn = nn.BCEWithLogitsLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.zero_grad()
-        with opt.capture((X, y)):
-            loss = loss_fn(model(X), y)
-        loss.backward()
+        _captured_backward(model, opt, X, y)
         model[0].weight.grad[0, 0] = float("nan")
         opt.step()  # skipped
     assert opt.metrics["skipped"] and opt.preconditioner.pending_batch(0) is None
