@@ -13,6 +13,7 @@ import sys
 import warnings
 
 __all__ = [
+    "DistributedError",
     "CurvlibError",
     "ShapeError",
     "DTypeDeviceError",
@@ -83,6 +84,11 @@ class UnsupportedLossError(CurvlibError, ValueError):
 
 class NotPSDError(CurvlibError, ValueError):
     """A matrix that must be positive (semi-)definite is not."""
+
+
+class DistributedError(CurvlibError, RuntimeError):
+    """The processes of a ``torch.distributed`` group disagree (layer layout, configuration, world
+    size at resume), or a model is wrapped for data parallelism without a process group."""
 
 
 class NumericalError(CurvlibError, ArithmeticError):

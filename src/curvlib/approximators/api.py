@@ -230,6 +230,7 @@ def approximate(
     previous: BlockDiagonalApproximation | None = None,
     registry: Any = None,
     layers: Sequence[int | str] | None = None,
+    shard: Any = None,
     **options: Any,
 ) -> BlockDiagonalApproximation:
     """Fit every layer block of the curvature operator ``F`` with one approximator kind.
@@ -246,6 +247,10 @@ def approximate(
             EMA (``ema``) and warm starts.
         registry: a :class:`curvlib.plugins.Registry` (default: :func:`curvlib.plugins.load_registry`).
         layers: indices or names of the layers to fit (default: all); the others act as 0.
+        shard: the :class:`~curvlib.distributed.Shard` when ``F`` holds one rank's part of a
+            global batch under ``torch.distributed`` (the fit is then the global batch's,
+            identical on every rank; the kind must declare
+            :attr:`~curvlib.approximators.BlockApproximator.distributed`); ``None``: one process.
         **options: the kind's options, validated against its pydantic model (unknown or
             invalid options raise :class:`~curvlib.errors.ConfigError`).
 
@@ -260,6 +265,14 @@ def approximate(
     if not isinstance(approximator, BlockApproximator):
         raise origin.error(None, f"the factory built {type(approximator).__name__}; expected a "
                                  "curvlib.approximators.BlockApproximator (with fit(stats, previous) -> LayerFit)")
+    if shard is not None:
+        if not type(approximator).distributed:
+            raise ConfigError(f"approximator {spec.kind!r} ({origin}) does not declare that it fits sharded statistics "
+                              "(BlockApproximator.distributed): under torch.distributed its fits would differ between "
+                              "the ranks; use kfac, kpsvd, deflation, lanczos or kfac_corrected")
+        if isinstance(F, DataCurvatureOperator):
+            raise ConfigError("approximate: a curvature over a data set is not fitted in shards (shard=None)")
+        approximator.shard = shard
     idx = _layer_indices(F, layers)
     if previous is not None:
         if not isinstance(previous, BlockDiagonalApproximation):

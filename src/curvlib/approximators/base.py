@@ -351,6 +351,15 @@ class BlockApproximator(abc.ABC):
     #: the damping's :meth:`~curvlib.damping.Damping.block_requirement` before any data is
     #: seen, and :func:`curvlib.approximate` checks every fit against it.
     blocks: ClassVar[BlockDeclaration | None] = None
+    #: Whether :meth:`fit` fits the global batch when the statistics are one rank's shard of it
+    #: (:mod:`curvlib.distributed`): every sum over samples it computes goes through
+    #: :meth:`_global_average` (KFAC's factors) or a :class:`~curvlib.distributed.ShardedZOperator`
+    #: (the SVD methods' products).  A kind that does not declare it is refused under
+    #: ``torch.distributed`` (its fits would differ between the ranks).
+    distributed: ClassVar[bool] = False
+    #: The :class:`~curvlib.distributed.Shard` the statistics belong to (set by
+    #: :func:`curvlib.approximate`), ``None`` in one process.
+    shard: Any = None
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         model = type(self).options_model
@@ -393,6 +402,11 @@ class BlockApproximator(abc.ABC):
         """
 
     # -- helpers for implementations ---------------------------------------------------
+    def _global_average(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Averages over this rank's samples -> averages over the global batch (one all-reduce;
+        the tensors themselves in one process)."""
+        return list(tensors) if self.shard is None else self.shard.average(tensors)
+
     def _check_previous(self, stats: LayerStatistics, previous: LayerFit | None) -> None:
         """Raise if ``previous`` cannot continue into a fit of ``stats`` by this kind."""
         self._check_previous_fits(previous, stats.a_dim, stats.g_dim, stats.dtype, stats.device, "the statistics")

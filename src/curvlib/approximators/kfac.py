@@ -73,6 +73,9 @@ class KFACApproximator(BlockApproximator, FactorFitted):
     #: one term A ⊗ G, or two for a weight tied in transposed form (one per orientation); A and G
     #: are Gram matrices E[ā āᵀ], E[g gᵀ] and averages of them, PSD by construction
     blocks = BlockDeclaration((KroneckerFactored,), terms=(1, 2), psd_factors=True)
+    #: A and G are averages over samples: under torch.distributed one all-reduce of the
+    #: weighted local factors gives the global batch's (before the checks and the EMA)
+    distributed = True
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A :class:`~curvlib.linalg.KroneckerSum` (A, G) — one term, or one per orientation for a
@@ -80,7 +83,11 @@ class KFACApproximator(BlockApproximator, FactorFitted):
         kept, k = self._begin_refresh(stats, previous)
         if kept is not None:
             return kept
-        return self._fit_terms(kfac_factors(stats, self.options.weight_sharing), k, previous)
+        terms = kfac_factors(stats, self.options.weight_sharing)
+        if self.shard is not None:
+            flat = self._global_average([M for term in terms for M in term])
+            terms = [(flat[2 * t], flat[2 * t + 1]) for t in range(len(terms))]
+        return self._fit_terms(terms, k, previous)
 
     def fit_factors(self, terms: Sequence[Term], previous: LayerFit | None = None) -> LayerFit:
         """The fit from factors computed elsewhere (e.g. over a data set by

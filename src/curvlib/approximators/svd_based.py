@@ -105,6 +105,7 @@ from curvlib.approximators.base import (
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.factors import z_operator as _z_operator
 from curvlib.curvatures.statistics import LayerStatistics
+from curvlib.distributed import ShardedZOperator
 from curvlib.errors import NumericalError
 from curvlib.linalg import (
     KroneckerFactored,
@@ -425,6 +426,9 @@ class _SVDApproximator(BlockApproximator):
     """The refresh logic shared by the SVD-based kinds; subclasses implement :meth:`_fit_batch`."""
 
     options_model = IterativeOptions
+    #: under torch.distributed every product with Z(F) is all-reduced (the Gram space, spanned
+    #: by the samples of every rank, is not used then)
+    distributed = True
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """A :class:`~curvlib.linalg.KroneckerSum` fit (see :meth:`BlockApproximator.fit` and the
@@ -437,6 +441,8 @@ class _SVDApproximator(BlockApproximator):
         v0 = previous.state.get("v0") if (opts.warm_start and previous is not None) else None
         generator = torch.Generator(device=stats.device).manual_seed(opts.seed)
         op = z_operator(stats, opts.band_radius, opts.weight_sharing)
+        if self.shard is not None:  # every product of the iterations is the global batch's
+            op = ShardedZOperator(op, self.shard)
         past = previous.terms if rho > 0 else None
         try:
             terms, solve = self._fit_batch(stats, op, past, rho, v0, generator)
@@ -678,7 +684,7 @@ class KFACCorrectedApproximator(_SVDApproximator):
     blocks = BlockDeclaration((KroneckerFactored,), terms=(2, 2))
 
     def _fit_batch(self, stats, op, past, rho, v0, generator):
-        A, G = kfac_factors(stats, self.options.weight_sharing)[0]
+        A, G = self._global_average(kfac_factors(stats, self.options.weight_sharing)[0])
         if past is not None:  # KFAC's own factor EMA, in both modes: ρ A0 + (1 − ρ) A
             (A0, G0) = past[0]
             A, G = torch.lerp(A, A0, rho), torch.lerp(G, G0, rho)

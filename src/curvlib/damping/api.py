@@ -55,7 +55,7 @@ from curvlib.linalg import (
 from curvlib.plugins import load_registry
 from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
 
-__all__ = ["BlockDiagonalInverse", "damped_inverse"]
+__all__ = ["BlockDiagonalInverse", "RemoteInverse", "damped_inverse"]
 
 
 class BlockDiagonalInverse(BlockDiagonalOperator):
@@ -133,6 +133,7 @@ def damped_inverse(
     *,
     previous: BlockDiagonalInverse | None = None,
     registry: Any = None,
+    shard: Any = None,
     **options: Any,
 ) -> BlockDiagonalInverse:
     """Damp and invert every layer block of ``approx``.
@@ -148,10 +149,14 @@ def damped_inverse(
             numerically keeps its previous block (:attr:`BlockDiagonalInverse.kept_previous`).
         registry: the plugin :class:`~curvlib.plugins.Registry` to look ``kind`` up in;
             default :func:`curvlib.plugins.load_registry`.
+        shard: under ``torch.distributed`` the :class:`~curvlib.distributed.Shard`: the layers
+            are inverted by their owner ranks and exchanged per its ``inversion`` mode
+            (:mod:`curvlib.distributed`; every rank must call with the same ``approx``).
         **options: the kind's options (e.g. ``value=1e-3``), validated by its model.
 
     Returns:
-        :class:`BlockDiagonalInverse`; ``inv @ grad`` is the preconditioned direction.
+        :class:`BlockDiagonalInverse`; ``inv @ grad`` is the preconditioned direction (in the
+        ``"direction"`` mode only the owned layers' part of it: the caller all-reduces).
 
     Raises:
         ConfigError: unknown kind or invalid options (options given with a Damping object).
@@ -204,25 +209,98 @@ def damped_inverse(
         approx.check_before_inversion()
         names = approx.layer_names
     origin = damping.origin or KindOrigin("dampings", damping.kind)
-    inverses = []
-    kept = []
-    flags = []
-    for i, (block, prev) in enumerate(zip(blocks_in, prev_blocks)):
-        inv = damping.invert(block, previous=prev)
-        if prev is not None and inv is prev:
-            kept.append(i)  # checked when it was built
-        else:
-            problem = inverse_structure_problem(inv, block, damping.inverse_capabilities(*block_capabilities(block)))
-            if problem is not None:
-                raise origin.error(names[i], problem)
-            flag = inverse_value_flag(inv)
-            if flag is not None:
-                flags.append((i, flag))
-        inverses.append(inv)
-    if flags:  # one host synchronisation for every layer
-        ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
-        for (i, _), good in zip(flags, ok):
-            problem = None if good else inverse_value_problem(inverses[i])
-            if problem is not None:  # None: a false alarm of the finiteness screen
-                raise origin.error(names[i], problem)
-    return BlockDiagonalInverse(inverses, slices, damping, p=p, kept_previous=kept, layout=layout, names=names)
+
+    def invert(indices: Sequence[int]) -> tuple[dict[int, BlockInverse], list[int]]:
+        inverses, kept, flags = {}, [], []
+        for i in indices:
+            block, prev = blocks_in[i], prev_blocks[i]
+            inv = damping.invert(block, previous=prev)
+            if prev is not None and inv is prev:
+                kept.append(i)  # checked when it was built
+            else:
+                problem = inverse_structure_problem(inv, block, damping.inverse_capabilities(*block_capabilities(block)))
+                if problem is not None:
+                    raise origin.error(names[i], problem)
+                flag = inverse_value_flag(inv)
+                if flag is not None:
+                    flags.append((i, flag))
+            inverses[i] = inv
+        if flags:  # one host synchronisation for every layer
+            ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+            for (i, _), good in zip(flags, ok):
+                problem = None if good else inverse_value_problem(inverses[i])
+                if problem is not None:  # None: a false alarm of the finiteness screen
+                    raise origin.error(names[i], problem)
+        return inverses, kept
+
+    if shard is None or shard.inversion == "replicated":
+        by_layer, kept = invert(range(len(blocks_in)))
+    else:
+        by_layer, kept = _invert_in_shards(shard, blocks_in, invert)
+    inverses = [by_layer[i] for i in range(len(blocks_in))]
+    return BlockDiagonalInverse(inverses, slices, damping, p=p, kept_previous=sorted(kept), layout=layout, names=names)
+
+
+class RemoteInverse(BlockInverse):
+    """The place of a layer another rank inverts and applies (``distributed_inversion="direction"``,
+    :mod:`curvlib.distributed`): its product is zero here, and the all-reduce of the directions
+    adds the owner's.  It carries the owner's :class:`~curvlib.damping.base.InverseInfo` and
+    condition numbers (for the inversion report)."""
+
+    def __init__(self, *, a_dim: int, b_dim: int, dtype: torch.dtype, device: torch.device, info: Any,
+                 owner: int, kappa: torch.Tensor | None) -> None:
+        super().__init__(a_dim=a_dim, b_dim=b_dim, dtype=dtype, device=device, info=info)
+        self.owner = int(owner)
+        self._kappa = kappa
+
+    def condition_numbers(self) -> torch.Tensor | None:
+        return self._kappa
+
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(X)
+
+
+def _invert_in_shards(shard: Any, blocks: Sequence[Any], invert: Any) -> tuple[dict[int, BlockInverse], list[int]]:
+    """Each rank inverts the layers it owns (:func:`curvlib.distributed.owners`, by d_a³ + d_g³)
+    and sends them (``"broadcast"``) or their reports (``"direction"``) to the others.  An
+    error on the owner is raised on every rank (the same exception), so no rank goes on alone."""
+    from curvlib.distributed import owners
+
+    dims = [(int(b.a_dim), int(b.b_dim)) for b in blocks]
+    owner = owners([a**3 + b**3 for a, b in dims], shard.world_size)
+    mine = [i for i, r in enumerate(owner) if r == shard.rank]
+    try:
+        local, kept = invert(mine)
+        payload: Any = ("ok", local, kept)
+    except Exception as exc:  # sent to every rank, raised below by all
+        payload, local = ("error", exc, None), {}
+    direction = shard.inversion == "direction"
+    by_layer: dict[int, BlockInverse] = {}
+    kept_all: list[int] = []
+    error = None
+    for src in range(shard.world_size):
+        if src not in owner:
+            continue
+        send = None
+        if src == shard.rank:
+            send = payload
+            if direction and payload[0] == "ok":  # the reports only: the inverses stay here
+                send = ("ok", {i: (inv.info, inv.condition_numbers()) for i, inv in local.items()}, payload[2])
+        status, got, kept = shard.broadcast_object(send, src)
+        if status == "error":
+            error = error or got
+            continue
+        kept_all += kept
+        for i, item in got.items():
+            if not direction:
+                by_layer[i] = item
+            elif src == shard.rank:
+                by_layer[i] = local[i]
+            else:
+                info, kappa = item
+                b = blocks[i]
+                by_layer[i] = RemoteInverse(a_dim=dims[i][0], b_dim=dims[i][1], dtype=b.dtype, device=b.device,
+                                            info=info, owner=src, kappa=kappa)
+    if error is not None:
+        raise error
+    return by_layer, kept_all

@@ -137,6 +137,9 @@ class NaturalGradient(torch.optim.Optimizer):
         generator: the ``torch.Generator`` of the Monte Carlo targets.
         registry: the plugin :class:`~curvlib.plugins.Registry`.
         callback: called as ``callback(metrics)`` after every step (module docstring).
+        process_group: under ``torch.distributed``: ``"auto"`` (a DDP model's group, else the
+            initialised default group of more than one rank, else one process), a process
+            group, or ``None`` (one process); see docs/distributed.md.
 
     Attributes:
         preconditioner: the :class:`~curvlib.precond.Preconditioner`.
@@ -163,6 +166,7 @@ class NaturalGradient(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
         registry: Any = None,
         callback: Callable[[dict[str, Any]], Any] | None = None,
+        process_group: Any = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"NaturalGradient: expected model to be an nn.Module, got {type(model).__name__}")
@@ -202,7 +206,12 @@ class NaturalGradient(torch.optim.Optimizer):
         self.fallback = fallback
         self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
         self.adam_eps = float(adam_eps)
-        self.preconditioner = build_preconditioner(model, loss_fn, config, generator=generator, registry=registry)
+        self.preconditioner = build_preconditioner(model, loss_fn, config, generator=generator, registry=registry,
+                                                   process_group=process_group)
+        # DDP averages the gradients over the ranks in its backward; another model's gradients
+        # are averaged here, so that every rank takes the same step
+        self._average_gradients = self.preconditioner.shard is not None and not isinstance(
+            model, nn.parallel.DistributedDataParallel)
         self.last_update: UpdateInfo | None = None
         self.last_kl_scale: torch.Tensor | None = None
         self.last_reduction_ratio: float | None = None
@@ -288,6 +297,8 @@ class NaturalGradient(torch.optim.Optimizer):
                 "opt.step(batch=(X, y)) with the batch the loss was computed on"
             )
         refresh = pre.refresh_due(k)
+        if self._average_gradients:
+            self._all_reduce_gradients()
         # the step's one host synchronisation: at refresh steps the gradients are checked before
         # the curvature sees the batch; at other steps the direction and the fallback gradients are
         # checked together after the (asynchronous) application
@@ -362,6 +373,13 @@ class NaturalGradient(torch.optim.Optimizer):
             self._adapt_damping(batch, deltas)
         self._publish(self._step_metrics(info))
         return loss
+
+    def _all_reduce_gradients(self) -> None:
+        """The ranks' mean gradient in every ``.grad`` (a model not wrapped in DDP, module docstring)."""
+        shard = self.preconditioner.shard
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for g, mean in zip(grads, shard.sum(grads, "directions")):
+            g.copy_(mean).div_(shard.world_size)
 
     def _gradients(self, pparams: Sequence[torch.Tensor], group_of: dict[int, dict[str, Any]]) -> list[torch.Tensor]:
         """g = ∇θ + η θ of the preconditioned parameters (zero outside the groups)."""
@@ -486,7 +504,12 @@ class NaturalGradient(torch.optim.Optimizer):
         if getattr(self.loss_fn, "reduction", "mean") == "sum":
             Cd = Cd * F.num_samples
         change = quadratic_model_change(F.gradient_vector(), delta, Cd)
-        rho = reduction_ratio(F.loss, loss_after, change)
+        loss_before = F.loss
+        if pre.shard is not None:  # the global batch's losses and model change (each linear in the samples)
+            loss_before, loss_after, change = pre.shard.average(
+                [torch.as_tensor(x, dtype=pre.dtype, device=pre.device).reshape(1) for x in (loss_before, loss_after, change)])
+            loss_before, loss_after, change = loss_before[0], loss_after[0], change[0]
+        rho = reduction_ratio(loss_before, loss_after, change)
         pre.damping.update(rho)
         self.last_reduction_ratio = rho
 

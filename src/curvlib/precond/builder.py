@@ -68,6 +68,7 @@ def build_preconditioner(
     *,
     generator: torch.Generator | None = None,
     registry: Any = None,
+    process_group: Any = "auto",
 ) -> Preconditioner:
     """Build the preconditioner a configuration describes.
 
@@ -93,6 +94,9 @@ def build_preconditioner(
         generator: the ``torch.Generator`` of the Monte Carlo targets (default: one on the
             model's device, seeded from torch's global RNG).
         registry: a :class:`curvlib.plugins.Registry` (default: :func:`curvlib.plugins.load_registry`).
+        process_group: ``"auto"`` (a DDP model's group, else the initialised default group
+            of more than one rank, else one process), a ``torch.distributed`` process group,
+            or ``None`` (one process); see :mod:`curvlib.distributed` and docs/distributed.md.
 
     Raises:
         ConfigError: an invalid configuration; each line names the field path
@@ -108,7 +112,7 @@ def build_preconditioner(
         registry = load_registry()
     resolved = resolve_config(cfg, registry)
     check_compatibility(resolved)
-    pre = Preconditioner(model, loss_fn, resolved, generator=generator, registry=registry)
+    pre = Preconditioner(model, loss_fn, resolved, generator=generator, registry=registry, process_group=process_group)
     pre.damping.origin = KindOrigin.of(resolved.damping.spec)  # named in every message about its inverses
     return pre
 

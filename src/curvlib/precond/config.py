@@ -28,7 +28,11 @@ plus the schedule and the way the pieces are combined:
   eigendecompositions) is rebuilt every T2 steps;
 - ``ema`` = γ ∈ [0, 1] (or ``None``: no average): the EMA decay of §3.1.2,
   ρ = min(1 − 1/k, γ) at the k-th refresh; passed to the approximator unless its own
-  mapping sets ``ema`` (and only if its options model has an ``ema`` field).
+  mapping sets ``ema`` (and only if its options model has an ``ema`` field);
+- ``distributed_inversion``: under ``torch.distributed``, ``"broadcast"`` (default: each
+  layer inverted by one rank, the inverse broadcast), ``"direction"`` (the owner applies its
+  layers' inverses and the directions are all-reduced each step; not with a coarse space) or
+  ``"replicated"`` (every rank inverts every layer); see :mod:`curvlib.distributed`.
 
 Every field is strictly typed (``update_every="2"`` or ``update_every=True`` is refused, not
 converted; ``ema`` takes an int or a float) and the configuration is immutable all the way
@@ -119,6 +123,11 @@ class PreconditionerConfig(StrictModel):
     update_every: int = Field(1, ge=1, description="T1: steps between curvature refreshes")
     invert_every: int = Field(1, ge=1, description="T2: steps between inversions (a multiple of T1)")
     ema: float | None = Field(0.95, ge=0.0, le=1.0, description="γ of the EMA ρ = min(1 − 1/k, γ); None: no average")
+    distributed_inversion: Literal["broadcast", "direction", "replicated"] = Field(
+        "broadcast",
+        description="under torch.distributed: each layer inverted by one rank and the inverse broadcast, or the "
+                    "owner's direction all-reduced at every step, or every rank inverting every layer",
+    )
 
     @field_validator("curvature", "approximator", "damping", mode="before")
     @classmethod
@@ -141,6 +150,11 @@ class PreconditionerConfig(StrictModel):
             raise ValueError(
                 f"coarse_space ({self.coarse_space['kind']!r}) needs preconditioner='kronecker', "
                 f"got preconditioner={self.preconditioner!r}"
+            )
+        if self.coarse_space is not None and self.distributed_inversion == "direction":
+            raise ValueError(
+                "distributed_inversion='direction' keeps each layer's inverse on one rank, and the coarse correction "
+                f"({self.coarse_space['kind']!r}) applies the first level to every layer on every rank; use 'broadcast'"
             )
         if self.coarse_space is None and self.coarse_mode != "multiplicative":
             raise ValueError(

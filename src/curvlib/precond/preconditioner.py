@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import operator
 import time
@@ -59,6 +60,7 @@ from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping
+from curvlib.distributed import Shard, ShardedCurvature, resolve_process_group
 from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import BlockDiagonalOperator, LinearOperator, finite_screen
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
@@ -66,7 +68,7 @@ from curvlib.precond.references import block_natural_gradient, exact_natural_gra
 
 __all__ = ["InversionReport", "NotReadyError", "Preconditioner", "UpdateInfo"]
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 class NotReadyError(CurvlibError, RuntimeError):
@@ -324,6 +326,7 @@ class Preconditioner(OnLayers, LinearOperator):
         *,
         generator: torch.Generator | None = None,
         registry: Any,
+        process_group: Any = "auto",
     ) -> None:
         self.model = unwrap_model(model)  # capture passes run on the module under compile/DDP wrappers
         self.loss_fn = loss_fn
@@ -344,7 +347,29 @@ class Preconditioner(OnLayers, LinearOperator):
         self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
         self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
+        self.shard: Shard | None = self._make_shard(model, process_group)
+        self._stream_seed: int | None = None if self.shard is None else self.shard.broadcast_seed(
+            self.generator.initial_seed())
         self._reset()
+
+    def _make_shard(self, model: nn.Module, process_group: Any) -> Shard | None:
+        """The :class:`~curvlib.distributed.Shard` under torch.distributed (None: one process),
+        after checking that the configuration can be fitted in shards."""
+        group = resolve_process_group(model, process_group)
+        if group is None:
+            return None
+        cfg, rk = self.config, self.resolved.approximator
+        if cfg.preconditioner != "kronecker":
+            raise ConfigError(f"preconditioner={cfg.preconditioner!r} inverts the dense curvature of one batch; under "
+                              "torch.distributed use preconditioner='kronecker'")
+        if not getattr(type(rk.spec.factory(rk.options)), "distributed", False):
+            raise ConfigError(f"approximator {rk.kind!r} does not declare that it fits sharded statistics "
+                              "(BlockApproximator.distributed): under torch.distributed its fits would differ between "
+                              "the ranks; use kfac, kpsvd, deflation, lanczos or kfac_corrected")
+        if cfg.coarse_space is not None and cfg.coarse_mode == "previous":
+            raise ConfigError("coarse_mode='previous' builds F̄• from one batch's per-layer statistics; under "
+                              "torch.distributed use 'multiplicative' or 'additive'")
+        return Shard(group, self.device, inversion=cfg.distributed_inversion)
 
     def _reset(self) -> None:
         self._step = 0
@@ -501,6 +526,7 @@ class Preconditioner(OnLayers, LinearOperator):
             yield
             self._pending = _PendingCapture(k, batch, None, None)
             return
+        self._seed_stream()
         before = self.generator.get_state()
         with factory.capturing(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                **self._capture_options(batch)) as state:
@@ -535,6 +561,20 @@ class Preconditioner(OnLayers, LinearOperator):
         return (tuple(mod.training for mod in self.model.modules()),
                 tuple(tuple(t.shape) for t in split_batch(batch).tensors()))
 
+    def _seed_stream(self) -> None:
+        """Under torch.distributed: this rank's Monte Carlo stream for the coming refresh,
+        reseeded from (seed, rank, refresh) (:meth:`curvlib.distributed.Shard.stream_seed`)."""
+        if self.shard is not None:
+            self.generator.manual_seed(self.shard.stream_seed(self._stream_seed, self.num_refreshes))
+
+    def _fingerprint(self, F: Any, k: int) -> str:
+        """What every rank must share at a refresh, one item per line (compared by hash)."""
+        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        lines = [f"world size {self.shard.world_size}", f"step {k}, refresh {self.num_refreshes}",
+                 f"dtype {self.dtype}", f"configuration {config}", f"{len(F.layers)} layers"]
+        lines += [f"layer {L.name!r} (d_a, d_g) = {(L.a_dim, L.g_dim)}" for L in F.layers]
+        return "\n".join(lines)
+
     def _refresh(self, batch: Any, k: int, pending: _PendingCapture | None = None) -> bool:
         """Capture (or take ``pending``, the capture of the caller's pass) and refit; returns
         whether the set of layers changed (a new layout)."""
@@ -547,10 +587,14 @@ class Preconditioner(OnLayers, LinearOperator):
             F = pending.operator
             self.generator.set_state(pending.generator_after)
         else:
+            self._seed_stream()
             with preserved_buffers(self.model), torch.enable_grad():
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                   **extra)
         bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
+        if self.shard is not None:  # one decision for all ranks (and the check that they agree)
+            if self.shard.agree(self._fingerprint(F, k), F.num_samples, bool(bad)) and not bad:
+                bad = ["another rank's statistics"]
         if bad:
             where = "; ".join(bad)
             if self.curvature is None:
@@ -573,7 +617,8 @@ class Preconditioner(OnLayers, LinearOperator):
             # starts cannot continue, and the inverse is rebuilt at once
             self.approximation = None
         if self.config.preconditioner == "kronecker":
-            approx = approximate(F, self._approximator_kind, previous=self.approximation, registry=self.registry)
+            approx = approximate(F, self._approximator_kind, previous=self.approximation, registry=self.registry,
+                                 shard=self.shard)
             # Store the fit in the memory layout a checkpoint restores (factors stacked per
             # layer, contiguous): BLAS rounding depends on strides, and a resumed run must
             # compute with exactly the tensors the uninterrupted one uses.
@@ -594,7 +639,7 @@ class Preconditioner(OnLayers, LinearOperator):
                 (s.stop - s.start,) * 2 for s in self.approximation.slices
             ]:
                 previous = None
-            self.inverse = damped_inverse(self.approximation, self.damping, previous=previous)
+            self.inverse = damped_inverse(self.approximation, self.damping, previous=previous, shard=self.shard)
             self._inverted_approximation = self.approximation
         else:
             self.inverse = self._natural_gradient(self.curvature)
@@ -625,7 +670,7 @@ class Preconditioner(OnLayers, LinearOperator):
         tko_diagonal = "tikhonov" if self.damping.formula_kind == "tikhonov" else "heuristic"
         self._operator = two_level(
             self.inverse,
-            self.curvature,
+            self.curvature if self.shard is None else ShardedCurvature(self.curvature, self.shard),
             {"kind": rc.kind, **rc.data},
             self._operator_lam,
             self.config.coarse_mode,
@@ -705,6 +750,8 @@ class Preconditioner(OnLayers, LinearOperator):
             Y = block._apply(X.unsqueeze(0))[0]
             for k, piece in zip(ks, L.adapter.matrix_to_params(Y)):
                 out[k] = piece
+        if self._directions_reduced():  # each rank computed its own layers (zero elsewhere)
+            out = self.shard.sum(out, "directions")
         if check_finite and not bool(finite_screen(out)):
             return self.matvec(grads)  # checks exactly: reports which layer block and why (NumericalError)
         return out
@@ -714,10 +761,21 @@ class Preconditioner(OnLayers, LinearOperator):
         self._check_ready("symmetric")
         return self._operator.symmetric
 
+    def _directions_reduced(self) -> bool:
+        return self.shard is not None and self.shard.inversion == "direction"
+
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if self._directions_reduced():  # checked after the sum: every rank raises, or none
+            Y = self.shard.sum([self._operator._matmat(X)], "directions")[0]
+            self._operator._check_result(Y, X, "Preconditioner.apply")
+            return Y
         return self._operator.matmat(X)
 
     def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        if self._directions_reduced():
+            Z = self.shard.sum([self._operator._rmatmat(Y)], "directions")[0]
+            self._operator._check_result(Z, Y, "Preconditioner.apply")
+            return Z
         return self._operator.rmatmat(Y)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -760,9 +818,13 @@ class Preconditioner(OnLayers, LinearOperator):
             "inverted_curvature": None,
             "inverted_curvature_is_latest": False,
             "operator_lam": self._operator_lam,
+            "world_size": 1 if self.shard is None else self.shard.world_size,
+            "stream_seed": self._stream_seed,
         }
         if self._operator is not None and self._needs_latest_curvature():
             state["curvature"] = _curvature_state(self.curvature)
+            if self.shard is not None:  # every rank's shard: a collective (docs/distributed.md)
+                state["curvature"] = self.shard.gather_objects(state["curvature"])
         if self._inverted_curvature is not None:
             if self._inverted_curvature is self.curvature and state["curvature"] is not None:
                 state["inverted_curvature_is_latest"] = True
@@ -785,6 +847,8 @@ class Preconditioner(OnLayers, LinearOperator):
                 negative step or a corrupt generator state, or does not load for another reason.
         """
         caller = "Preconditioner.load_state_dict"
+        if isinstance(state, Mapping) and state.get("version") == 2:  # saved before torch.distributed: one process
+            state = {**state, "version": _STATE_VERSION, "world_size": 1, "stream_seed": None}
         with self.transaction(caller, "the state does not load"):
             self._load(state, caller)
             # whatever the loaders coerced (a NaN flag into True, a truncated tensor) shows here
@@ -826,6 +890,16 @@ class Preconditioner(OnLayers, LinearOperator):
             if state.get(key) != mine:
                 raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
         _step_index(state.get("step"), caller)
+        world = 1 if self.shard is None else self.shard.world_size
+        if state.get("world_size") != world:
+            raise ConfigError(f"{caller}: the state was saved by {state.get('world_size')!r} processes, this preconditioner "
+                              f"runs in {world} (resume with the world size the checkpoint was saved with)")
+        curvature_state = state.get("curvature")
+        if curvature_state is not None and self.shard is not None:
+            if not isinstance(curvature_state, (list, tuple)) or len(curvature_state) != world:
+                raise ConfigError(f"{caller}: the state's curvature should hold the statistics of each of the {world} "
+                                  "ranks")
+            curvature_state = curvature_state[self.shard.rank]
         for key in ("approximation", "inverted_approximation"):
             saved = state.get(key)
             if saved is not None and (not isinstance(saved, Mapping) or saved.get("kind") != self.resolved.approximator.kind):
@@ -855,6 +929,11 @@ class Preconditioner(OnLayers, LinearOperator):
         layers = None if state["layers"] is None else self._layout(state["layers"], caller)
         self._layers = layers
         self._excluded = list(state["excluded"])
+        seed = state["stream_seed"]
+        if (seed is None) != (self.shard is None) or (seed is not None and (isinstance(seed, bool) or not isinstance(seed, int))):
+            raise ConfigError(f"{caller}: the state's stream_seed is {seed!r}; expected "
+                              f"{'None (one process)' if self.shard is None else 'an int (the seed of the ranks streams)'}")
+        self._stream_seed = seed
         self.approximation = (
             None if state["approximation"] is None else BlockDiagonalApproximation.from_state_dict(state["approximation"])
         )
@@ -871,9 +950,9 @@ class Preconditioner(OnLayers, LinearOperator):
             self._inverted_approximation = self.approximation
         elif state["inverted_approximation"] is not None:
             self._inverted_approximation = BlockDiagonalApproximation.from_state_dict(state["inverted_approximation"])
-        if state["curvature"] is not None:
+        if curvature_state is not None:
             assert layers is not None
-            self.curvature = _curvature_from_state(state["curvature"], layers, caller)
+            self.curvature = _curvature_from_state(curvature_state, layers, caller)
         if state["inverted_curvature_is_latest"]:
             self._inverted_curvature = self.curvature
         elif state["inverted_curvature"] is not None:
@@ -885,7 +964,7 @@ class Preconditioner(OnLayers, LinearOperator):
         ):
             self._load_damping(state["inverted_damping"], caller)
             if self.config.preconditioner == "kronecker":
-                self.inverse = damped_inverse(self._inverted_approximation, self.damping)
+                self.inverse = damped_inverse(self._inverted_approximation, self.damping, shard=self.shard)
             else:
                 self.inverse = self._natural_gradient(self._inverted_curvature)
             self._inverted_damping_state = copy.deepcopy(dict(state["inverted_damping"]))
