@@ -16,6 +16,7 @@ import argparse
 import inspect
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from curvlib.bench import report
@@ -23,7 +24,7 @@ from curvlib.bench.job import BenchInterrupted, run_bench
 from curvlib.bench.methods import available_methods, resolve_method
 from curvlib.bench.problems import PROBLEMS, default_methods_of
 from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, BenchConfig, load_config_file
-from curvlib.errors import CurvlibError
+from curvlib.errors import ConfigError, CurvlibError
 from curvlib.plugins import load_registry
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "main"]
@@ -195,6 +196,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list_problems:
         _list_problems()
         return 0
+    if args.nproc is not None:
+        return _bench_distributed(args)
     config = bench_config_from_args(args)
     try:
         result = run_bench(config, registry=registry)
@@ -206,6 +209,42 @@ def _bench(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     _print_summary(result.summary, config.progress)
     sys.stdout.write(f"\nresults: {result.out}\n")
+    return 0
+
+
+#: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
+_NPROC_IGNORES = ("epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
+                  "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
+                  "grid_damping", "grid_steps", "target_loss", "target_margin", "tensorboard", "config")
+
+
+def _bench_distributed(args: argparse.Namespace) -> int:
+    from curvlib.bench.distributed import DistributedBenchSpec, format_table, run_distributed_bench
+    from curvlib.bench.job import default_out
+
+    used = [f"--{k.replace('_', '-')}" for k in _NPROC_IGNORES if getattr(args, k, None) not in (None, False, [])]
+    if used:
+        raise ConfigError(f"--nproc measures the step cost of data-parallel training; it does not take {', '.join(used)}")
+    if args.problems is not None and len(args.problems) != 1:
+        raise ConfigError(f"--nproc takes one --problem, got {len(args.problems)}")
+    fields = {"nproc": args.nproc, "small": bool(args.small), "path": args.path, "threads": args.threads or 1,
+              "seed": args.seed or 0, "update_every": args.update_every, "invert_every": args.invert_every}
+    for key, value in (("problem", args.problems[0] if args.problems else None),
+                       ("methods", tuple(args.methods) if args.methods else None), ("steps", args.steps),
+                       ("batch_size", args.batch_size)):
+        if value is not None:
+            fields[key] = value
+    spec = DistributedBenchSpec(**fields)
+    out = Path(args.out) if args.out else default_out(args.name or f"distributed-{args.nproc}")
+    sys.stdout.write(f"curvlib bench --nproc {spec.nproc}: {', '.join(spec.methods)} on {spec.problem}, global batch "
+                     f"{spec.batch_size}, {spec.steps} steps\n")
+    sys.stdout.flush()
+    summary = run_distributed_bench(spec, out, plots=not args.no_plots)
+    sys.stdout.write("\n" + format_table(summary) + f"\n\nresults: {out}\n")
+    bad = [m for m, v in summary["methods"].items() if not v["identical_replicas"]]
+    if bad:
+        sys.stderr.write(f"curvlib bench: the replicas of {', '.join(bad)} differ at the end\n")
+        return 1
     return 0
 
 
@@ -234,6 +273,11 @@ def _add_bench_parser(sub: Any) -> None:
     what.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (command-line options win)")
     what.add_argument("--list-methods", action="store_true", help="list the valid method names and exit")
     what.add_argument("--list-problems", action="store_true", help="list the problems and exit")
+    what.add_argument("--nproc", type=int, metavar="N",
+                      help="measure data-parallel training instead: N local processes (torch.distributed, gloo), "
+                      "each with its shard of every global batch, against one process on the whole batch; step "
+                      "times per kind, bytes per refresh, replica check (docs/distributed.md). Default problem: "
+                      "the full-size MNIST auto-encoder, batch 512, 40 steps; methods sgd kfac kpsvd kfac+residual")
 
     length = bench.add_argument_group("run length and data")
     steps = length.add_mutually_exclusive_group()

@@ -43,12 +43,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from curvlib.errors import ConfigError, DistributedError
@@ -63,6 +67,7 @@ __all__ = [
     "ShardedZOperator",
     "owners",
     "resolve_process_group",
+    "spawn",
 ]
 
 INVERSION_MODES: tuple[str, ...] = ("broadcast", "direction", "replicated")
@@ -381,3 +386,50 @@ class ShardedCurvature(LinearOperator):
 
     def __repr__(self) -> str:
         return f"ShardedCurvature({self.F!r}, {self.shard!r})"
+
+
+# --------------------------------------------------------------------------- local processes
+def _entry(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp: str, backend: str,
+           threads: int) -> None:
+    torch.set_num_threads(threads)
+    out = Path(tmp) / f"result{rank}.pt"
+    try:
+        dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        torch.save({"ok": result}, out)
+    except BaseException as exc:  # reported by the parent with the rank's traceback
+        torch.save({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, out)
+        raise
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", threads: int = 1) -> list[Any]:
+    """``[fn(0, world_size, *args), …, fn(world_size − 1, world_size, *args)]``, each run in its own
+    local process (``torch.multiprocessing``, ``threads`` threads each) inside an initialised
+    process group (a file rendezvous in a temporary directory); ``fn`` must be importable (a
+    module-level function) and its result ``torch.save``-able.  For one machine and tests; on
+    a cluster launch with ``torchrun`` instead.
+
+    Raises:
+        RuntimeError: a rank raised (the message holds its error and traceback).
+    """
+    with tempfile.TemporaryDirectory(prefix="curvlib-dist-") as tmp:
+        try:
+            mp.spawn(_entry, args=(world_size, fn, args, tmp, backend, threads), nprocs=world_size, join=True)
+        except mp.ProcessRaisedException:
+            pass  # the rank's own report is read below
+        except mp.ProcessExitedException:
+            pass
+        results = []
+        for r in range(world_size):
+            path = Path(tmp) / f"result{r}.pt"
+            if not path.exists():
+                raise RuntimeError(f"rank {r} exited without a result")
+            got = torch.load(path, weights_only=False)
+            if "error" in got:
+                raise RuntimeError(f"rank {r} raised {got['error']}\n{got['traceback']}")
+            results.append(got["ok"])
+        return results

@@ -556,6 +556,47 @@ class TestTwoTermHeuristicInverse(OperatorConformance):
         return op, inv(kron(*pi_damped(A, B, LAM)) + kron(C, D))
 
 
+class TestRemoteInverse(OperatorConformance):
+    """The place of a layer another rank applies (``distributed_inversion="direction"``): zero here."""
+
+    def make_operator(self):
+        from curvlib.damping.api import RemoteInverse
+        from curvlib.damping.base import InverseInfo
+
+        op = RemoteInverse(a_dim=3, b_dim=2, dtype=F64, device=torch.device("cpu"),
+                           info=InverseInfo(kind="heuristic", method="eigen", lam=LAM), owner=1, kappa=None)
+        return op, torch.zeros(6, 6, dtype=F64)
+
+
+class _TwoEqualShards:
+    """A stand-in :class:`curvlib.distributed.Shard` of two ranks holding the same samples (weight ½
+    each): the average of the two ranks' values is the value itself.  The communication is
+    tested with processes in tests/distributed."""
+
+    def average(self, tensors, purpose="statistics"):
+        return [0.5 * t + 0.5 * t for t in tensors]
+
+
+class TestShardedZOperator(OperatorConformance):
+    """Z(F) of the global batch from two equal shards: Z(F) itself."""
+
+    def make_operator(self):
+        from curvlib.distributed import ShardedZOperator
+
+        D = randn(5, 2, 3, seed=128)
+        return ShardedZOperator(ExactZOperator(D, 0.4), _TwoEqualShards()), dense_z_of_pairs(D, 0.4)
+
+
+class TestShardedCurvature(OperatorConformance):
+    """The GGN of the global batch from two equal shards: the GGN itself (list form)."""
+
+    def make_operator(self):
+        from curvlib.distributed import ShardedCurvature
+
+        F, dense = mlp_ggn()
+        return ShardedCurvature(F, _TwoEqualShards()), dense
+
+
 class TestBlockDiagonalInverse(OperatorConformance):
     """damped_inverse(approximate(F, "kfac", layers=[0]), "tikhonov"): (A_0 ⊗ G_0 + λI)⁻¹ on
     layer 0, 1/λ on the rows of the unfitted layer."""

@@ -183,6 +183,10 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
     def from_state_dict(cls, data: Mapping[str, Any]) -> BlockDiagonalApproximation:
         """Inverse of :meth:`state_dict`."""
         layers = data["layers"]
+        for d in layers:
+            if not isinstance(d["name"], str):
+                raise ConfigError(f"BlockDiagonalApproximation.from_state_dict: layer {d['index']!r} has the name "
+                                  f"{d['name']!r}; expected a module name (a str)")
         return cls(
             kind=data["kind"],
             fits={d["index"]: LayerFit.from_state_dict(d["fit"]) for d in layers},

@@ -105,12 +105,14 @@ def build_training_step(
     *,
     generator: torch.Generator,
     registry: Any,
+    process_group: Any = "auto",
 ) -> TrainingStep:
     """The optimizer of ``method`` on ``model`` with ``hp``, wrapped in a :class:`TrainingStep`.
 
     ``generator`` drives every random draw of the optimizer (the Monte Carlo targets of
     the Fisher); ``registry`` resolves the approximator, damping, coarse space and
-    optimizer kinds. A plugin optimizer (family ``"optimizer"``) is built as
+    optimizer kinds; ``process_group`` is the natural-gradient optimizer's (``None``: one process
+    even inside an initialised group, see :mod:`curvlib.distributed`). A plugin optimizer (family ``"optimizer"``) is built as
     ``factory(options).build(model, loss_fn, lr=hp.lr, generator=generator, registry=registry)``
     with ``options`` = ``hp.optimizer_options`` validated against the kind's model.
 
@@ -155,7 +157,7 @@ def build_training_step(
     opt = NaturalGradient(
         model, loss_fn, config,
         lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, kl_clip=hp.kl_clip or None,
-        fallback=hp.fallback, generator=generator, registry=registry,
+        fallback=hp.fallback, generator=generator, registry=registry, process_group=process_group,
     )
     return TrainingStep(model, loss_fn, opt, needs_batch=True, preconditioner_config=_jsonable(config))
 

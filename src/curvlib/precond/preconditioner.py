@@ -348,8 +348,10 @@ class Preconditioner(OnLayers, LinearOperator):
         self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
         self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
         self.shard: Shard | None = self._make_shard(model, process_group)
-        self._stream_seed: int | None = None if self.shard is None else self.shard.broadcast_seed(
-            self.generator.initial_seed())
+        self._stream_seed: int | None = None
+        if self.shard is not None:  # the ranks agree on the model and the configuration before anything else
+            self.shard.agree(self._fingerprint(), 1)
+            self._stream_seed = self.shard.broadcast_seed(self.generator.initial_seed())
         self._reset()
 
     def _make_shard(self, model: nn.Module, process_group: Any) -> Shard | None:
@@ -567,12 +569,18 @@ class Preconditioner(OnLayers, LinearOperator):
         if self.shard is not None:
             self.generator.manual_seed(self.shard.stream_seed(self._stream_seed, self.num_refreshes))
 
-    def _fingerprint(self, F: Any, k: int) -> str:
-        """What every rank must share at a refresh, one item per line (compared by hash)."""
-        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
-        lines = [f"world size {self.shard.world_size}", f"step {k}, refresh {self.num_refreshes}",
-                 f"dtype {self.dtype}", f"configuration {config}", f"{len(F.layers)} layers"]
-        lines += [f"layer {L.name!r} (d_a, d_g) = {(L.a_dim, L.g_dim)}" for L in F.layers]
+    def _fingerprint(self, F: Any = None, k: int | None = None) -> str:
+        """What every rank must share, one item per line (compared by hash): the world size, the
+        dtype, each configuration field and parameter shape; at a refresh (``F``, step ``k``)
+        the step and the preconditioned layers."""
+        lines = [f"world size {self.shard.world_size}", f"dtype {self.dtype}"]
+        lines += [f"configuration {key} = {json.dumps(value, sort_keys=True, default=str)}"
+                  for key, value in sorted(self.config.to_dict().items())]
+        if F is None:
+            lines += [f"parameter {name!r} {list(q.shape)}" for name, q in self.model.named_parameters()]
+        else:
+            lines += [f"step {k}, refresh {self.num_refreshes}", f"{len(F.layers)} preconditioned layers"]
+            lines += [f"layer {L.name!r} (d_a, d_g) = {(L.a_dim, L.g_dim)}" for L in F.layers]
         return "\n".join(lines)
 
     def _refresh(self, batch: Any, k: int, pending: _PendingCapture | None = None) -> bool:
@@ -889,7 +897,10 @@ class Preconditioner(OnLayers, LinearOperator):
         for key, mine in (("preconditioner", self.config.preconditioner), ("approximator", self.resolved.approximator.kind)):
             if state.get(key) != mine:
                 raise ConfigError(f"{caller}: the state was saved with {key}={state.get(key)!r}, this one has {mine!r}")
-        _step_index(state.get("step"), caller)
+        step = _step_index(state.get("step"), caller)
+        for key in ("last_refresh_step", "last_inversion_step"):
+            if state.get(key) is not None and _step_index(state[key], f"{caller}: {key}") >= step:
+                raise ConfigError(f"{caller}: the state's {key} = {state[key]!r} is not before its step {step}")
         world = 1 if self.shard is None else self.shard.world_size
         if state.get("world_size") != world:
             raise ConfigError(f"{caller}: the state was saved by {state.get('world_size')!r} processes, this preconditioner "
@@ -939,8 +950,11 @@ class Preconditioner(OnLayers, LinearOperator):
         )
         for approx in (self.approximation,):
             if approx is not None and layers is not None:
-                for i, fit in zip(approx.layer_indices, approx.fits):
+                for i, name, fit in zip(approx.layer_indices, approx.names, approx.fits):
                     L = layers[i]
+                    if name != L.name:
+                        raise ConfigError(f"{caller}: the state's approximation names layer {i} {name!r}, its layout "
+                                          f"{L.name!r}")
                     if (fit.a_dim, fit.b_dim) != (L.a_dim, L.g_dim):
                         raise ConfigError(
                             f"{caller}: the state's factors of layer {L.name!r} are (d_a, d_g) = {(fit.a_dim, fit.b_dim)}, "

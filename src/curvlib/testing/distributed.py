@@ -1,10 +1,5 @@
-"""Run curvlib under ``torch.distributed`` in local CPU processes (gloo): the launcher of the
-multi-process tests and of ``curvlib bench --nproc``, and the replica check of docs/distributed.md.
-
-:func:`spawn` starts ``world_size`` processes with ``torch.multiprocessing`` (one thread each,
-a file rendezvous in a temporary directory), runs ``fn(rank, world_size, *args)`` in each
-inside an initialised gloo group, and returns each rank's result (a ``torch.save``-able value)
-— or raises the first rank's error with its traceback.
+"""The workers of the multi-process tests (tests/distributed), run by
+:func:`curvlib.distributed.spawn` in local CPU processes (gloo).
 
 :func:`replica_run` trains a small model on a fixed stream of global batches, rank r taking
 its shard of each, and returns the final parameters, the parameters after a resume from a
@@ -15,59 +10,17 @@ ranks and with one process on the concatenated batches.
 from __future__ import annotations
 
 import os
-import tempfile
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-__all__ = ["make_model", "replica_run", "shard_slices", "spawn", "train_steps"]
+from curvlib.distributed import spawn
 
-
-def _entry(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp: str, backend: str) -> None:
-    torch.set_num_threads(1)
-    out = Path(tmp) / f"result{rank}.pt"
-    try:
-        dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
-        try:
-            result = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        torch.save({"ok": result}, out)
-    except BaseException as exc:  # reported by the parent with the rank's traceback
-        torch.save({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, out)
-        raise
-
-
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
-    """``[fn(0, world_size, *args), …, fn(world_size − 1, world_size, *args)]``, each run in its own
-    process inside an initialised process group (``fn`` must be importable: a module-level function).
-
-    Raises:
-        RuntimeError: a rank raised (the message holds its error and traceback).
-    """
-    with tempfile.TemporaryDirectory(prefix="curvlib-dist-") as tmp:
-        try:
-            mp.spawn(_entry, args=(world_size, fn, args, tmp, backend), nprocs=world_size, join=True)
-        except mp.ProcessRaisedException:
-            pass  # the rank's own report is read below
-        except mp.ProcessExitedException:
-            pass
-        results = []
-        for r in range(world_size):
-            path = Path(tmp) / f"result{r}.pt"
-            if not path.exists():
-                raise RuntimeError(f"rank {r} exited without a result")
-            got = torch.load(path, weights_only=False)
-            if "error" in got:
-                raise RuntimeError(f"rank {r} raised {got['error']}\n{got['traceback']}")
-            results.append(got["ok"])
-        return results
+__all__ = ["fit_run", "hostile_case", "hostile_run", "make_model", "replica_run", "shard_slices", "spawn", "train_steps"]
 
 
 # --------------------------------------------------------------------------- the replica check
@@ -84,11 +37,16 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
 
 
 def global_batches(kind: str, steps: int, m: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` global batches of ``m`` samples for :func:`make_model`'s ``kind`` (classification, 4 classes)."""
+    """``steps`` global batches of ``m`` samples for :func:`make_model`'s ``kind``: 4 classes, the
+    labels of a fixed random linear teacher (so that training makes progress)."""
     g = torch.Generator().manual_seed(seed)
     shape = (m, 8) if kind == "mlp" else (m, 1, 6, 6)
-    return [(torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 4, (m,), generator=g))
-            for _ in range(steps)]
+    teacher = torch.randn(torch.Size(shape[1:]).numel(), 4, generator=g, dtype=torch.float64)
+    batches = []
+    for _ in range(steps):
+        X = torch.randn(*shape, generator=g, dtype=torch.float64)
+        batches.append((X, (X.reshape(m, -1) @ teacher).argmax(1)))
+    return batches
 
 
 def shard_slices(m: int, world_size: int, sizes: Sequence[int] | None = None) -> list[slice]:
@@ -168,7 +126,12 @@ def replica_run(rank: int, world_size: int, cases: Sequence[Mapping[str, Any]], 
         opt2 = _optimizer(wrapped2, case)
         opt2.load_state_dict(saved["opt"])
         train_steps(opt2, wrapped2, loss_fn, mine[k:], case.get("capture", False))
-        result = {"final": final, "resumed": _params(model2), "losses": losses, "comm": comm}
+        with torch.no_grad():  # progress: the loss of all the batches, before and after
+            X_all, y_all = torch.cat([X for X, _ in batches]), torch.cat([y for _, y in batches])
+            before = loss_fn(make_model(case["model"])(X_all), y_all).item()
+            after = loss_fn(model(X_all), y_all).item()
+        result = {"final": final, "resumed": _params(model2), "losses": losses, "comm": comm,
+                  "loss_before": before, "loss_after": after}
         if rank == 0 and case.get("reference", True):
             ref = make_model(case["model"])
             ropt = _optimizer(ref, case, process_group=None)
@@ -179,3 +142,62 @@ def replica_run(rank: int, world_size: int, cases: Sequence[Mapping[str, Any]], 
         if rank == 0:
             os.remove(ckpt)
     return out
+
+
+def fit_run(rank: int, world_size: int, sizes: Sequence[int], kinds: Sequence[Any]) -> dict[str, Any]:
+    """The approximations of one global batch split in shards of ``sizes`` (any sizes: the
+    factors are weighted by m_r/M), fitted by each approximator kind on this rank's shard, and —
+    on rank 0 — the same fits of the whole batch in one process."""
+    from curvlib.approximators import approximate
+    from curvlib.curvatures.api import curvature
+    from curvlib.distributed import Shard
+
+    model, loss_fn = make_model("cnn"), nn.CrossEntropyLoss()
+    (X, y), = global_batches("cnn", 1, sum(sizes))
+    sl = shard_slices(len(y), world_size, sizes)[rank]
+    F = curvature("ggn", model, loss_fn, (X[sl], y[sl]))
+    shard = Shard(dist.group.WORLD, torch.device("cpu"))
+    shard.agree("same", F.num_samples)
+    out: dict[str, Any] = {"shard": {}, "whole": {}}
+    for kind in kinds:
+        name = kind if isinstance(kind, str) else kind["kind"]
+        out["shard"][name] = [fit.terms for fit in approximate(F, kind, shard=shard).fits]
+        if rank == 0:
+            whole = curvature("ggn", model, loss_fn, (X, y))
+            out["whole"][name] = [fit.terms for fit in approximate(whole, kind).fits]
+    return out
+
+
+def hostile_run(rank: int, world_size: int, whats: Sequence[str]) -> list[str | dict[str, Any]]:
+    """:func:`hostile_case` for each of ``whats`` in turn (``"destroyed"`` last: it ends the group)."""
+    return [hostile_case(rank, world_size, what) for what in whats]
+
+
+def hostile_case(rank: int, world_size: int, what: str) -> str | dict[str, Any]:
+    """Provoke one misuse under torch.distributed on every rank and return the error raised
+    (``"type: message"``), or — for ``"checkpoint"`` — the optimizer state after one step."""
+    from curvlib.optim import NaturalGradient
+
+    loss_fn = nn.CrossEntropyLoss()
+    (X, y), = global_batches("mlp", 1, 8)
+    config: dict[str, Any] = {"curvature": "ggn", "damping": {"kind": "heuristic", "value": 1e-2}}
+    model = make_model("mlp")
+    try:
+        if what == "config":  # the ranks' configurations differ
+            config["damping"] = {"kind": "heuristic", "value": 1e-2 * (1 + rank)}
+        elif what == "layers":  # the ranks' models differ (no DDP: DDP itself compares the shapes)
+            model = nn.Sequential(nn.Linear(8, 16 + rank), nn.Tanh(), nn.Linear(16 + rank, 4)).double()
+        elif what == "destroyed":  # a DDP model whose group was destroyed
+            model = nn.parallel.DistributedDataParallel(model)
+            dist.destroy_process_group()
+        elif what == "exact_block":
+            config.update(approximator="exact_block", damping={"kind": "tikhonov", "value": 1e-2})
+        elif what == "block_natural_gradient":
+            config["preconditioner"] = "block_natural_gradient"
+        opt = NaturalGradient(model, loss_fn, config, lr=0.1)
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step(batch=(X, y))
+        return opt.state_dict() if what == "checkpoint" else "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
