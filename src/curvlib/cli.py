@@ -198,6 +198,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.nproc is not None:
         return _bench_distributed(args)
+    if args.distributed_inversion is not None:
+        raise ConfigError("--distributed-inversion applies to the data-parallel measurement: give --nproc N")
     config = bench_config_from_args(args)
     try:
         result = run_bench(config, registry=registry)
@@ -228,7 +230,8 @@ def _bench_distributed(args: argparse.Namespace) -> int:
     if args.problems is not None and len(args.problems) != 1:
         raise ConfigError(f"--nproc takes one --problem, got {len(args.problems)}")
     fields = {"nproc": args.nproc, "small": bool(args.small), "path": args.path, "threads": args.threads or 1,
-              "seed": args.seed or 0, "update_every": args.update_every, "invert_every": args.invert_every}
+              "seed": args.seed or 0, "update_every": args.update_every, "invert_every": args.invert_every,
+              "inversion": args.distributed_inversion}
     for key, value in (("problem", args.problems[0] if args.problems else None),
                        ("methods", tuple(args.methods) if args.methods else None), ("steps", args.steps),
                        ("batch_size", args.batch_size)):
@@ -278,6 +281,8 @@ def _add_bench_parser(sub: Any) -> None:
                       "each with its shard of every global batch, against one process on the whole batch; step "
                       "times per kind, bytes per refresh, replica check (docs/distributed.md). Default problem: "
                       "the full-size MNIST auto-encoder, batch 512, 40 steps; methods sgd kfac kpsvd kfac+residual")
+    what.add_argument("--distributed-inversion", choices=("broadcast", "direction", "replicated"),
+                      help="with --nproc: how the ranks share the inversions (docs/distributed.md; default broadcast)")
 
     length = bench.add_argument_group("run length and data")
     steps = length.add_mutually_exclusive_group()

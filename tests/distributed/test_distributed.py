@@ -194,3 +194,54 @@ def test_a_state_saved_before_distributed_training_still_loads():
     old = {k: v for k, v in state.items() if k not in ("world_size", "stream_seed")} | {"version": 2}
     opt.preconditioner.load_state_dict(old)
     assert opt.preconditioner.state_dict()["version"] == 3
+
+
+def test_the_documented_script_runs_under_torchrun(tmp_path):
+    """docs/distributed.md's training script, as written, on two processes (torchrun --standalone)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
+    script, = re.findall(r"```py\n(.*?)```", page.read_text(), flags=re.S)
+    path = tmp_path / "train_ddp.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "identical replicas" in done.stdout
+
+
+def test_bench_nproc_reports_times_bytes_and_identical_replicas(tmp_path, capsys):
+    from curvlib.cli import main
+
+    out = tmp_path / "run"
+    code = main(["bench", "--nproc", "2", "--small", "--steps", "4", "--batch-size", "16", "--methods", "sgd", "kfac",
+                 "--update-every", "2", "--invert-every", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert {p.name for p in out.iterdir()} == {"distributed.json", "distributed.md", "distributed.png"}
+    import json
+
+    summary = json.loads((out / "distributed.json").read_text())["summary"]["methods"]
+    assert set(summary) == {"sgd", "kfac"} and all(m["identical_replicas"] for m in summary.values())
+    kfac = summary["kfac"]
+    assert set(kfac["kinds"]) == {"refresh+invert", "plain"} and kfac["bytes_per_refresh"] > 0
+    assert kfac["ddp_gradient_bytes_per_step"] == summary["sgd"]["ddp_gradient_bytes_per_step"] > 0
+    assert "| kfac | 2/2 |" in printed and "identical" in printed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--nproc", "1"], "--nproc: expected at least 2 processes, got 1"),
+    (["--nproc", "2", "--lr", "0.1"], "it does not take --lr"),
+    (["--nproc", "2", "--problem", "digits_mlp", "mnist_cnn"], "--nproc takes one --problem, got 2"),
+    (["--nproc", "2", "--methods", "nope"], "nope"),
+])
+def test_bench_nproc_refuses_what_it_cannot_do(argv, message, capsys):
+    from curvlib.cli import main
+
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -60,6 +60,7 @@ class DistributedBenchSpec:
     seed: int = 0
     update_every: int | None = None
     invert_every: int | None = None
+    inversion: str | None = None
     backend: str = "gloo"
 
     def __post_init__(self) -> None:
@@ -71,6 +72,13 @@ class DistributedBenchSpec:
             raise ConfigError(f"--batch-size {self.batch_size}: every one of the {self.nproc} processes needs a sample")
         if self.problem not in PROBLEMS:
             raise ConfigError(f"--problem {self.problem!r}: unknown; known problems: {', '.join(PROBLEMS)}")
+
+
+def _hyperparameters(method: Any, spec: DistributedBenchSpec) -> Any:
+    if not method.is_natural_gradient:
+        return method.default_hyperparameters()
+    return method.default_hyperparameters(update_every=spec.update_every, invert_every=spec.invert_every,
+                                          distributed_inversion=spec.inversion)
 
 
 def _kind(metrics: dict[str, Any]) -> str:
@@ -94,8 +102,7 @@ def _worker(rank: int, world_size: int, spec: DistributedBenchSpec) -> dict[str,
     out: dict[str, Any] = {}
     for name in spec.methods:
         method = resolve_method(name, registry)
-        hp = method.default_hyperparameters(update_every=spec.update_every, invert_every=spec.invert_every) \
-            if method.is_natural_gradient else method.default_hyperparameters()
+        hp = _hyperparameters(method, spec)
         model = problem.model_fn(spec.seed)
         ddp = nn.parallel.DistributedDataParallel(model)
         step = build_training_step(method, ddp, problem.loss_fn, hp, registry=registry,
@@ -186,7 +193,8 @@ def _fmt_bytes(b: float | None) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table (times in ms; ratio = N processes / one)."""
     spec = summary["spec"]
-    head = (f"{spec['nproc']} processes ({spec['backend']}, {spec['threads']} thread(s) each) vs one, "
+    head = (f"{spec['nproc']} processes ({spec['backend']}, {spec['threads']} thread(s) each, inversions "
+            f"{spec['inversion'] or 'broadcast'}) vs one, "
             f"{spec['problem']}{' (small)' if spec['small'] else ''}, global batch {spec['batch_size']}, "
             f"{spec['steps']} steps, torch {summary['torch']}")
     lines = [head, "", "| method | T1/T2 | plain ms (1 / N, ratio) | refresh ms (1 / N, ratio) | refresh+invert ms "
@@ -234,8 +242,12 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 def run_distributed_bench(spec: DistributedBenchSpec, out: str | Path, *, plots: bool = True) -> dict[str, Any]:
     """Run the measurement (module docstring), write its files into ``out`` and return the summary."""
     registry = load_registry()
-    for name in spec.methods:
-        resolve_method(name, registry)  # an unknown method fails here, before any process starts
+    from curvlib.precond import PreconditionerConfig
+
+    for name in spec.methods:  # an unknown method or an invalid configuration fails here, before any process starts
+        method = resolve_method(name, registry)
+        if method.is_natural_gradient:
+            PreconditionerConfig(**method.preconditioner_config(_hyperparameters(method, spec)))
     raw = spawn(_worker, spec.nproc, spec, backend=spec.backend, threads=spec.threads)[0]
     summary = summarize(raw, spec)
     out = Path(out)

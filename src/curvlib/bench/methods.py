@@ -160,6 +160,8 @@ class Hyperparameters(StrictModel):
             (batch-norm scales, …): ``"sgd"`` or ``"adam"``.
         optimizer_options: options of a plugin optimizer kind (``optimizers`` family), validated
             against the kind's options model (e.g. ``{"cubic": 1e3, "period": 10}``).
+        distributed_inversion: ``PreconditionerConfig.distributed_inversion`` (``curvlib bench
+            --nproc``); ``None``: the default.
     """
 
     lr: float = Field(gt=0)
@@ -177,6 +179,7 @@ class Hyperparameters(StrictModel):
     coarse_options: FrozenDict = Field(default_factory=FrozenDict)
     fallback: Literal["sgd", "adam"] = "sgd"
     optimizer_options: FrozenDict = Field(default_factory=FrozenDict)
+    distributed_inversion: Literal["broadcast", "direction", "replicated"] | None = None
 
 
 # --------------------------------------------------------------------------- methods
@@ -271,7 +274,7 @@ class Method:
         if self.coarse_space is not None:
             config["coarse_space"] = {"kind": self.coarse_space, **hp.coarse_options}
             config["coarse_mode"] = self.coarse_mode
-        for key in ("update_every", "invert_every", "ema"):
+        for key in ("update_every", "invert_every", "ema", "distributed_inversion"):
             value = getattr(hp, key)
             if value is not None:
                 config[key] = value

@@ -59,6 +59,11 @@ preconditioned parameters, g and L(θ) the gradient and loss captured with the c
 C = F (times m for ``reduction="sum"``, so that C approximates ∇²L).  The new λ takes
 effect at the next inversion.
 
+Data-parallel training (``torch.distributed``, a ``DistributedDataParallel`` model): the
+curvature is the global batch's and every rank takes the same step; a model not wrapped in DDP
+inside an initialised group has its gradients averaged over the ranks by :meth:`step`
+(docs/distributed.md).
+
 Observability: after every step :attr:`NaturalGradient.metrics` holds a dict (and the
 optional ``callback(metrics)`` receives it):
 

@@ -298,6 +298,10 @@ class Preconditioner(OnLayers, LinearOperator):
         generator: the ``torch.Generator`` of the Monte Carlo targets (default: a
             generator on the model's device seeded from torch's global RNG).
         registry: the plugin :class:`~curvlib.plugins.Registry` the kinds come from.
+        process_group: ``"auto"``, a ``torch.distributed`` process group or ``None``
+            (:func:`curvlib.distributed.resolve_process_group`): under torch.distributed the
+            statistics are all-reduced and the inversions spread over the ranks, so every rank
+            applies the global batch's preconditioner (docs/distributed.md).
 
     Attributes:
         config: the :class:`PreconditionerConfig`.
@@ -312,6 +316,8 @@ class Preconditioner(OnLayers, LinearOperator):
         approximation: the block-diagonal approximation of the latest refresh (``kronecker`` only).
         inverse: the operator :meth:`apply` uses (first level only, without the coarse correction).
         last_inversion: the :class:`InversionReport` of the last inversion (``None`` before).
+        shard: the :class:`~curvlib.distributed.Shard` under torch.distributed (its ``comm``
+            counts the bytes sent), ``None`` in one process.
 
     A :class:`~curvlib.linalg.LinearOperator` (once ready): ``pre @ g`` is :meth:`apply`,
     and it combines with other operators like any curvlib operator; its adjoint is that of
