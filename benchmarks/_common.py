@@ -8,7 +8,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["interleaved", "median_time"]
+__all__ = ["PATH_HELP", "interleaved", "median_time"]
+
+#: ``--path`` of every script that trains or measures on MNIST (like ``curvlib bench --path``)
+PATH_HELP = ("a folder of MNIST idx files (train-images-idx3-ubyte[.gz], …; e.g. from "
+             "../shared/tools/get_full_mnist.sh): the full 60k/10k MNIST instead of the 5,000 bundled images")
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:

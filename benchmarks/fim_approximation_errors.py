@@ -58,7 +58,7 @@ from curvlib.curvatures.api import curvature
 from curvlib.errors import PerformanceWarning
 from curvlib.plugins import load_registry
 
-from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
+from _common import PATH_HELP, median_time  # benchmarks/_common.py (this folder is on sys.path)
 
 METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
 LABELS = {"kfac": "KFAC", "kpsvd": "KPSVD", "deflation": "Deflation", "lanczos": "Lanczos", "kfac_corrected": "KFAC-corrected"}
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="dtype of the captured Fisher and of the fits (a float64 copy of the model by default)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/fim_errors"))
+    parser.add_argument("--path", help=PATH_HELP)
     args = parser.parse_args(argv)
     if args.every < 1 or args.error2_every % args.every:
         parser.error("--error2-every must be a multiple of --every (≥ 1)")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     curv_dtype = getattr(torch, args.curvature_dtype)
-    problem = PROBLEMS["mnist_autoencoder"](seed=args.seed)
+    problem = PROBLEMS["mnist_autoencoder"](seed=args.seed, path=args.path)
     model = problem.model_fn(args.seed, dtype=dtype)
     loss_fn = problem.loss_fn
     registry = load_registry()
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = {
         "problem": "mnist_autoencoder",
+        "path": args.path,
         "data": problem.dataset.description,
         "batch": problem.batch_size,
         "steps": args.steps,

@@ -53,6 +53,8 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.optim import NaturalGradient
 from curvlib_grouped_newton import GroupedNewton, GroupedNewtonOptions
 
+from _common import PATH_HELP  # benchmarks/_common.py (this folder is on sys.path)
+
 
 def _parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -70,6 +72,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--kfac-lr", type=float, default=0.1, help="KFAC's learning rate")
     ap.add_argument("--adam-lr", type=float, default=3e-3, help="Adam's learning rate")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--path", help=PATH_HELP)
     return ap.parse_args(argv)
 
 
@@ -116,7 +119,7 @@ def _train_loss(run: _Run, X: torch.Tensor) -> float:
 def main(argv=None) -> dict:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    problem = PROBLEMS["mnist_autoencoder"](small=not args.full, seed=args.seed)
+    problem = PROBLEMS["mnist_autoencoder"](small=not args.full, seed=args.seed, path=args.path)
     X_train = problem.dataset.X_train
     names = ("grouped_newton", "kfac", "adam")
     init = problem.model_fn(args.seed)
@@ -165,7 +168,7 @@ def main(argv=None) -> dict:
         print(f"{r.name:16s} {r.curve[-1][1]:17.4f} {r.seconds / by['adam'].seconds:12.2f} "
               f"{r.seconds / by['kfac'].seconds:12.2f}" + ("  (diverged)" if r.diverged else ""))
     results = {
-        "problem": "mnist_autoencoder", "small": not args.full, "steps": args.steps, "seed": args.seed,
+        "problem": "mnist_autoencoder", "path": args.path, "small": not args.full, "steps": args.steps, "seed": args.seed,
         "threads": args.threads,
         "hyperparameters": {"grouped_newton": {"lr": args.gn_lr, "cubic": args.gn_cubic, "period": args.gn_period,
                                                "lr_momentum": args.gn_lr_momentum},

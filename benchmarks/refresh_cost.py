@@ -68,6 +68,8 @@ from curvlib.curvatures.api import curvature
 from curvlib.linalg import zproducts
 from curvlib.plugins import load_registry
 
+from _common import PATH_HELP  # benchmarks/_common.py (this folder is on sys.path)
+
 KINDS = ("kfac", "kpsvd", "kfac_corrected", "lanczos", "deflation")
 TARGETS = {"kpsvd": 3.0, "kfac_corrected": 4.0, "lanczos": 6.0, "deflation": 6.0}
 
@@ -190,12 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", default=None, help="save the chain of warm fits here (torch.save)")
     parser.add_argument("--reference", default=None, help="compare the chain of warm fits with one saved by --save")
     parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
+    parser.add_argument("--path", help=PATH_HELP)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     kinds = ["kfac"] + [k for k in args.kinds if k != "kfac"]
 
-    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
+    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0, path=args.path)
     data = problem.dataset.X_train
     model = problem.model_fn(0)
     registry = load_registry()

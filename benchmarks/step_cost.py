@@ -123,7 +123,7 @@ from curvlib.bench.training_step import build_training_step
 from curvlib.plugins import load_registry
 
 # benchmarks/_common.py, _flops.py, _peers.py (this folder is on sys.path)
-from _common import interleaved, median_time
+from _common import PATH_HELP, interleaved, median_time
 from _flops import CURVLIB_KFAC, StepLimits, amortized, linear_shapes, step_limits
 from _peers import DISTRIBUTIONS, PEERS, PeerOptimizer, Schedule, installed
 
@@ -533,12 +533,13 @@ def main(argv: list[str] | None = None) -> None:
                         "network (BackPACK supports BCEWithLogitsLoss only for scalar outputs)")
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
+    parser.add_argument("--path", help=PATH_HELP)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
-    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
+    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0, path=args.path)
     X = problem.dataset.X_train[: args.batch]
     Y = X
     registry = load_registry()

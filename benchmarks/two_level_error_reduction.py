@@ -71,7 +71,7 @@ from curvlib.damping.api import damped_inverse
 from curvlib.errors import NumericalWarning, PerformanceWarning
 from curvlib.plugins import load_registry
 
-from _common import median_time  # benchmarks/_common.py (this folder is on sys.path)
+from _common import PATH_HELP, median_time  # benchmarks/_common.py (this folder is on sys.path)
 
 METHODS: dict[str, tuple[dict, str]] = {
     "NICO": ({"kind": "nicolaides"}, "multiplicative"),
@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=1e-5, help="|gap| ≤ noise·E(0) counts as ≈ 0 (float32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-check", action="store_true", help="skip the exact-NG cross-check of each gap")
+    p.add_argument("--path", help=PATH_HELP)
     return p.parse_args(argv)
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PerformanceWarning)
     registry = load_registry()
-    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=args.seed)
+    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=args.seed, path=args.path)
     model = problem.model_fn(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     batch_size = min(args.batch_size, problem.dataset.n_train)

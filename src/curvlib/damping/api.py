@@ -286,6 +286,8 @@ def _invert_in_shards(shard: Any, blocks: Sequence[Any], invert: Any) -> tuple[d
             send = payload
             if direction and payload[0] == "ok":  # the reports only: the inverses stay here
                 send = ("ok", {i: (inv.info, inv.condition_numbers()) for i, inv in local.items()}, payload[2])
+            elif payload[0] == "ok":
+                send = ("ok", {i: inv.for_transfer() for i, inv in local.items()}, payload[2])
         status, got, kept = shard.broadcast_object(send, src)
         if status == "error":
             error = error or got
@@ -293,6 +295,7 @@ def _invert_in_shards(shard: Any, blocks: Sequence[Any], invert: Any) -> tuple[d
         kept_all += kept
         for i, item in got.items():
             if not direction:
+                item.after_transfer(blocks[i])
                 by_layer[i] = item
             elif src == shard.rank:
                 by_layer[i] = local[i]

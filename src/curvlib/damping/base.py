@@ -254,6 +254,17 @@ class BlockInverse(LayerBlockOperator):
     def _apply(self, X: torch.Tensor) -> torch.Tensor:
         return self._solve(X)
 
+    # ---- transfer between ranks (curvlib.distributed) ---------------------------------
+    def for_transfer(self) -> BlockInverse:
+        """What the owner rank sends to the others (``distributed_inversion="broadcast"``):
+        default this inverse; a kind may leave out what the receivers rebuild from the block
+        they all hold (:meth:`after_transfer`)."""
+        return self
+
+    def after_transfer(self, block: Any) -> None:
+        """Rebuild, on a receiving rank, what :meth:`for_transfer` left out (``block``: the
+        approximation's block this inverse inverts, identical on every rank)."""
+
     @abc.abstractmethod
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         """M⁻¹ vec(X) in matrix form for a checked X ``[k, d_g, d_a]`` -> ``[k, d_g, d_a]``."""

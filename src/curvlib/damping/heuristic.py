@@ -42,6 +42,7 @@ flipped to positive traces before the split.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -205,6 +206,17 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
         return _two_sided(self._B_inv, X, self._A_inv)
+
+    def for_transfer(self) -> PiSplitInverse:
+        """A copy without the damped factors: the receivers rebuild them from the block (half the bytes)."""
+        sent = copy.copy(self)
+        sent._damped_factors = None
+        return sent
+
+    def after_transfer(self, block: Any) -> None:
+        if self._damped_factors is None:
+            Ad, Bd, _ = pi_split(*_sign_normalized(*block.terms[0]), self.info.lam)
+            self._damped_factors = (Ad, Bd)
 
 
 def _damped_inverse(Md: torch.Tensor, shift: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
