@@ -21,9 +21,10 @@ happens next — KAISA's trade-off (Pauloski et al., SC'21) between memory and c
 
 ``"broadcast"`` (default)
     the owner sends its layers' inverses (:meth:`Shard.broadcast_object`) at each inversion;
-    every rank holds every inverse and applies it locally.  Communication: the inverses'
-    bytes once per T2 steps (≈ d_a² + d_g² numbers per layer for a π-split inverse); per
-    step none.  Memory: every inverse on every rank.
+    every rank holds every inverse and applies it locally (:meth:`~curvlib.damping.BlockInverse.
+    for_transfer`: a kind may leave out what the receivers rebuild).  Communication: the
+    inverses' bytes once per T2 steps (d_a² + d_g² numbers per layer for a π-split inverse);
+    per step none.  Memory: every inverse on every rank.
 ``"direction"``
     only the owner holds a layer's inverse; at each step it computes that layer's direction
     and one ``all_reduce`` of the directions (zero where a rank owns nothing — an exact sum)
@@ -397,6 +398,8 @@ def _entry(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp:
         dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)
+            if dist.is_initialized():
+                dist.barrier()  # every rank done before the group goes away (gloo's teardown races otherwise)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -52,7 +52,7 @@ def test_bench_end_to_end_writes_runs_plots_and_summary(tmp_path, capsys):
         else:
             assert run["preconditioner_config"] is None
 
-    for name in ("train_loss_vs_epoch", "train_loss_vs_time", "test_loss_vs_epoch"):
+    for name in ("train_loss_vs_epoch", "train_loss_vs_time", "test_loss_vs_epoch", "step_scale"):
         width, height = _png_size(out / f"digits_autoencoder_{name}.png")
         assert width > 100 and height > 100
 
@@ -62,6 +62,13 @@ def test_bench_end_to_end_writes_runs_plots_and_summary(tmp_path, capsys):
     adam = next(r for r in problem["runs"] if r["method"] == "adam")
     assert problem["target_loss"] == pytest.approx(adam["final_train_loss"] * 1.05)
     assert adam["steps_to_target"] > 0 and adam["time_to_target_vs_adam"] == pytest.approx(1.0)
+    # ν of the KL clip, from the run's per-step metrics (none for the first-order methods)
+    kfac = next(r for r in problem["runs"] if r["method"] == "kfac")
+    nus = [m["kl_scale"] for m in json.loads((out / "runs" / "digits_autoencoder__kfac.json").read_text())[
+        "optimizer_metrics"] if m.get("kl_scale") is not None]
+    assert len(nus) == 12 and 0 < kfac["kl_scale_median"] <= 1
+    assert kfac["kl_clipped_share"] == pytest.approx(sum(v < 1 for v in nus) / 12)
+    assert adam["kl_scale_median"] is None and adam["kl_clipped_share"] is None
     assert (out / "summary.txt").read_text().startswith("digits_autoencoder: target training loss")
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["methods"][2]["name"] == "kfac" and config["versions"]["torch_threads"] == 1

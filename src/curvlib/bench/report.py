@@ -5,10 +5,12 @@
   (also in bits when the loss is in nats: bits/char for a character language model),
   the steps and the training time it took to reach the target loss (by default Adam's
   best final training loss × 1.05), and the ratio of each method's time-to-target to
-  Adam's; also the time per step relative to SGD's;
+  Adam's; also the time per step relative to SGD's, and the median KL clip factor ν and the
+  share of clipped steps of the natural-gradient runs;
 * :func:`format_summary` / :func:`rich_summary` — that table as text or as a ``rich`` table;
 * :func:`plot_runs` — PNGs, one line per method: training loss vs epoch, training loss
-  vs training time, test loss vs epoch (as the thesis's Figure 3.2 and Figure 4.1).
+  vs training time, test loss vs epoch (as the thesis's Figure 3.2 and Figure 4.1), and ν and
+  λ at every step (whether the clip or the curvature set the step).
 
 The plots use matplotlib's Agg canvas directly (no ``pyplot``, no global backend
 change), so they render without a display.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +123,9 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
     ``final_train_bits`` and ``final_test_bits`` (the losses ÷ ln 2 when ``loss_unit`` is
     in nats, e.g. bits/char; else ``None``), ``steps``, ``train_time``, ``time_per_step``,
     ``step_time_vs_sgd`` (this method's mean step time ÷ SGD's), ``steps_to_target``,
-    ``time_to_target`` and ``time_to_target_vs_adam``.
+    ``time_to_target``, ``time_to_target_vs_adam``, and for natural gradient with KL clipping
+    ``kl_scale_median`` (the median of ν over the steps) and ``kl_clipped_share`` (the share of
+    steps with ν < 1: the clip, not the curvature, set their length); ``None`` otherwise.
     """
     problems: dict[str, dict[str, Any]] = {}
     order: list[str] = []
@@ -167,10 +172,29 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
                 "steps_to_target": None if hit is None else hit.step,
                 "time_to_target": None if hit is None else hit.time,
                 "time_to_target_vs_adam": None if hit is None or ref_hit is None else _ratio(hit.time, ref_hit.time),
+                **_kl_statistics(r.optimizer_metrics),
             })
         problems[name] = {"target_loss": target, "target_source": source, "loss_unit": loss_unit,
                           "bits_unit": in_bits, "runs": rows}
     return {"target_margin": target_margin, "problems": problems}
+
+
+def _step_series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(step, value) of ``key`` over the steps that recorded a finite one (skipped steps record none)."""
+    steps, values = [], []
+    for m in metrics:
+        v = m.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            steps.append(int(m.get("step", len(steps))))
+            values.append(float(v))
+    return steps, values
+
+
+def _kl_statistics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    _, nu = _step_series(metrics, "kl_scale")
+    if not nu:
+        return {"kl_scale_median": None, "kl_clipped_share": None}
+    return {"kl_scale_median": statistics.median(nu), "kl_clipped_share": sum(v < 1.0 for v in nu) / len(nu)}
 
 
 # --------------------------------------------------------------------------- tables
@@ -277,9 +301,10 @@ def _points(xs: Sequence[float], ys: Sequence[float | None]) -> tuple[list[float
 
 def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True) -> list[Path]:
     """Write, per problem, ``<problem>_train_loss_vs_epoch.png``,
-    ``<problem>_train_loss_vs_time.png`` and (when there is a test set)
-    ``<problem>_test_loss_vs_epoch.png``: one line per method, from the evaluation
-    points of each run; the y axis is logarithmic (``log_y``) when the curves span more
+    ``<problem>_train_loss_vs_time.png``, (when there is a test set)
+    ``<problem>_test_loss_vs_epoch.png`` — one line per method, from the evaluation
+    points of each run — and (when a natural-gradient run clips) ``<problem>_step_scale.png``:
+    the KL clip factor ν and the damping λ at every step; the y axis is logarithmic (``log_y``) when the curves span more
     than a decade. Returns the paths written.
 
     Needs matplotlib (the ``bench`` extra); raises :class:`~curvlib.errors.ConfigError`
@@ -323,7 +348,40 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
             path = out / f"{problem}_{suffix}.png"
             fig.savefig(path)
             written.append(path)
+        scaled = [(r, color) for r, color in zip(runs, colors) if _step_series(r.optimizer_metrics, "kl_scale")[1]]
+        if scaled:
+            written.append(_plot_step_scale(problem, scaled, out))
     return written
+
+
+def _plot_step_scale(problem: str, runs: Sequence[tuple[Any, Any]], out: Path) -> Path:
+    """``<problem>_step_scale.png``: per step, the KL clip factor ν (ν < 1: the clip shortened the
+    step, not the curvature) and the damping λ of each natural-gradient run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 6.0), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for r, color in runs:
+        steps, nu = _step_series(r.optimizer_metrics, "kl_scale")
+        share = sum(v < 1.0 for v in nu) / len(nu)
+        top.plot(steps, nu, color=color, linewidth=1.0, label=f"{r.method} (clipped {share:.0%} of steps)")
+        steps, lam = _step_series(r.optimizer_metrics, "damping")
+        bottom.plot(steps, lam, color=color, linewidth=1.0, label=r.method)
+    top.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
+    top.set_yscale("log")
+    top.set_ylabel("KL clip factor ν")
+    top.set_title(f"{problem}: what sets the step length", fontsize=10)
+    top.legend(fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("damping λ")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(True, which="both", alpha=0.3)
+    path = out / f"{problem}_step_scale.png"
+    fig.savefig(path)
+    return path
 
 
 def _colors(n: int) -> list[Any]:
