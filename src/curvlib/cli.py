@@ -59,7 +59,7 @@ _BENCH_SCALARS = {
     "path": "path", "steps": "steps", "epochs": "epochs", "batch_size": "batch_size",
     "damping_kind": "damping_kind", "momentum": "momentum", "weight_decay": "weight_decay",
     "kl_clip": "kl_clip", "update_every": "update_every", "invert_every": "invert_every", "ema": "ema",
-    "mc_samples": "mc_samples", "seed": "seed", "small": "small", "out": "out", "name": "name",
+    "mc_samples": "mc_samples", "seed": "seed", "seeds": "seeds", "small": "small", "out": "out", "name": "name",
     "target_loss": "target_loss", "target_margin": "target_margin", "eval_every": "eval_every",
     "patience": "patience", "eval_train_limit": "eval_train_limit", "progress": "progress",
     "warmup_steps": "warmup_steps", "threads": "threads",
@@ -215,7 +215,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 #: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
-_NPROC_IGNORES = ("epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
+_NPROC_IGNORES = ("seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
                   "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
                   "grid_damping", "grid_steps", "target_loss", "target_margin", "tensorboard", "config")
 
@@ -290,6 +290,9 @@ def _add_bench_parser(sub: Any) -> None:
     steps.add_argument("--epochs", type=int, help="passes over the training set per run")
     length.add_argument("--batch-size", type=int, help="batch size (default: the problem's)")
     length.add_argument("--seed", type=int, help="seed of weights, batch order, Monte Carlo draws, data split (default 0)")
+    length.add_argument("--seeds", type=int, metavar="N",
+                        help="runs per method, seeds --seed … --seed+N-1 (same data split): medians in the summary, "
+                        "median curves with the seeds' range in the plots (default 1)")
     length.add_argument("--eval-every", type=int, metavar="STEPS",
                         help="steps between evaluations of the training/test loss (default: one epoch)")
     length.add_argument("--eval-train-limit", type=int, metavar="N",

@@ -140,3 +140,47 @@ def test_list_methods_and_problems(capsys):
 def test_plugins_list_still_works(capsys):
     assert main(["plugins", "list", "--no-external"]) == 0
     assert "approximators (" in capsys.readouterr().out
+
+
+def test_several_seeds_give_medians_ranges_and_bands(tmp_path, capsys):
+    """--seeds 3: three runs per method (seeds 0, 1, 2, the same data split), one summary row of
+    medians over them, the seeds' range of the final loss, and the median curve in the plots."""
+    import statistics
+
+    out = tmp_path / "res"
+    rc = main(["bench", *TINY, "--methods", "sgd", "adam", "kfac", "--steps", "8", "--eval-every", "4", "--seeds", "3",
+               "--lr", "adam=0.03", "--update-every", "2", "--invert-every", "4", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    runs = {}
+    for method in ("sgd", "adam", "kfac"):
+        for seed in (0, 1, 2):
+            run = json.loads((out / "runs" / f"digits_autoencoder__{method}__seed{seed}.json").read_text())
+            assert run["seed"] == seed and run["status"] == "ok"
+            runs[method, seed] = run
+    assert runs["sgd", 0]["train_loss"] != runs["sgd", 1]["train_loss"]  # other weights and batch order
+    summary = json.loads((out / "summary.json").read_text())["problems"]["digits_autoencoder"]
+    assert [r["method"] for r in summary["runs"]] == ["sgd", "adam", "kfac"]
+    finals = {m: [runs[m, s]["final"]["train_loss"] for s in (0, 1, 2)] for m in ("sgd", "adam", "kfac")}
+    assert summary["target_loss"] == pytest.approx(statistics.median(finals["adam"]) * 1.05)
+    assert "median final training loss over 3 seeds" in summary["target_source"]
+    for row in summary["runs"]:
+        assert row["seeds"] == [0, 1, 2]
+        assert row["final_train_loss"] == pytest.approx(statistics.median(finals[row["method"]]))
+        assert row["final_train_loss_range"] == pytest.approx([min(finals[row["method"]]), max(finals[row["method"]])])
+        assert 0 <= row["reached_target"] <= 3
+    adam = next(r for r in summary["runs"] if r["method"] == "adam")
+    assert adam["reached_target"] >= 2 and adam["time_to_target_vs_adam"] == pytest.approx(1.0)
+    for name in ("train_loss_vs_epoch", "train_loss_vs_time", "step_scale"):
+        assert _png_size(out / f"digits_autoencoder_{name}.png")[0] > 100
+
+
+def test_seed_band_is_the_median_and_range_over_seeds():
+    from types import SimpleNamespace
+
+    from curvlib.bench.report import _seed_band
+
+    runs = [SimpleNamespace(eval_step=[0, 4, 8], eval_train_loss=[3.0, 2.0, None]),
+            SimpleNamespace(eval_step=[0, 4, 8], eval_train_loss=[1.0, 4.0, 1.0]),
+            SimpleNamespace(eval_step=[0, 4], eval_train_loss=[2.0, 3.0])]  # stopped early
+    xs, ys, lo, hi = _seed_band(runs, "eval_step", "eval_train_loss")
+    assert (xs, ys, lo, hi) == ([0, 4], [2.0, 3.0], [1.0, 2.0], [3.0, 4.0])  # step 8: not every seed has it

@@ -150,7 +150,7 @@ def run_bench(
     Layout of ``out`` (default ``config.out``, else :func:`default_out`)::
 
         config.json                     the resolved configuration and versions
-        runs/<problem>__<method>.json   one RunRecord per run
+        runs/<problem>__<method>.json   one RunRecord per run (``__seed<k>`` added with several seeds)
         grid/<problem>__<method>.json   the grid search of each method (with grid)
         <problem>_train_loss_vs_epoch.png, <problem>_train_loss_vs_time.png,
         <problem>_test_loss_vs_epoch.png
@@ -184,7 +184,8 @@ def run_bench(
     _prepare_out(out_dir)  # before any data is loaded: a bad --out fails at once
     problems = [build_problem(config, name) for name in config.problems]
     methods = {problem.name: resolve_methods(config, registry, problem) for problem in problems}
-    total = sum(len(run) for run in methods.values())
+    seeds = [config.seed + k for k in range(config.seeds)]
+    total = sum(len(run) for run in methods.values()) * len(seeds)
     threads_before = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -222,20 +223,23 @@ def run_bench(
                     hp = result.best_hyperparameters
                     grid_info = result.choice()
                     progress.message(f"[{problem.name} {method.name}] grid: {result.describe_choice()}")
-                record = train(
-                    problem, method, hp, steps=steps, seed=config.seed, registry=registry,
-                    eval_every=config.eval_every, patience=config.patience,
-                    eval_train_limit=config.eval_train_limit, progress=progress,
-                    label=f"{problem.name} {method.name}", small=config.small,
-                )
-                record.grid = grid_info
-                # the record counts as finished from here on: an interrupt below still writes it
-                records.append(record)
-                path = out_dir / "runs" / f"{_safe(problem.name)}__{_safe(method.name)}.json"
-                unwritten = (record, path)
-                files.append(record.write(path))
-                unwritten = None
-                _write_summary(out_dir, records, config, total)
+                for seed in seeds:
+                    several = len(seeds) > 1
+                    record = train(
+                        problem, method, hp, steps=steps, seed=seed, registry=registry,
+                        eval_every=config.eval_every, patience=config.patience,
+                        eval_train_limit=config.eval_train_limit, progress=progress,
+                        label=f"{problem.name} {method.name}{f' seed {seed}' if several else ''}", small=config.small,
+                    )
+                    record.grid = grid_info
+                    # the record counts as finished from here on: an interrupt below still writes it
+                    records.append(record)
+                    name = f"{_safe(problem.name)}__{_safe(method.name)}{f'__seed{seed}' if several else ''}.json"
+                    path = out_dir / "runs" / name
+                    unwritten = (record, path)
+                    files.append(record.write(path))
+                    unwritten = None
+                    _write_summary(out_dir, records, config, total)
     except KeyboardInterrupt as exc:
         if unwritten is not None:  # the interrupt cut the last run's write short (it is atomic)
             files.append(unwritten[0].write(unwritten[1]))

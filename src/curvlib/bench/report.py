@@ -102,6 +102,25 @@ def _bits(nats: float | None) -> float | None:
     return None if nats is None else nats / math.log(2.0)
 
 
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _range(values: Sequence[float | None]) -> list[float] | None:
+    kept = [v for v in values if v is not None]
+    return [min(kept), max(kept)] if kept else None
+
+
+def _median_hit(hits: Sequence[TargetHit | None], what: str) -> float | None:
+    """The median over seeds of the hits' ``what`` (``"time"``/``"step"``), a seed that never
+    reached the target counting as infinitely late: ``None`` unless more than half reached it."""
+    if not hits:
+        return None
+    values = sorted(math.inf if h is None else float(getattr(h, what)) for h in hits)
+    med = statistics.median(values)
+    return None if math.isinf(med) or math.isnan(med) else med
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None
@@ -113,9 +132,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def summarize(records: Sequence[Any], *, target_loss: float | None = None, target_margin: float = 0.05) -> dict[str, Any]:
     """The summary of a set of runs (:class:`~curvlib.bench.record.RunRecord`), per problem.
 
-    Target loss of each problem: ``target_loss`` if given, else the best (lowest) final
-    training loss among its ``adam`` runs × (1 + ``target_margin``); ``None`` when neither
-    exists (then no time-to-target is reported).
+    Target loss of each problem: ``target_loss`` if given, else the final training loss of
+    its ``adam`` run (the median over its seeds) × (1 + ``target_margin``); ``None`` when
+    neither exists (then no time-to-target is reported).
+
+    The runs of one method with several seeds make one row: medians over the seeds (a seed
+    that never reaches the target counts as infinitely late, so a time-to-target needs more
+    than half of them to reach it), ``seeds``, ``reached_target`` (how many did) and
+    ``final_train_loss_range`` ([min, max] over the seeds).
 
     Returns ``{"target_margin", "problems": {problem: {"target_loss", "target_source",
     "loss_unit", "bits_unit", "runs": [row, ...]}}}``; each row holds ``method``,
@@ -137,42 +161,54 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
         by_problem[r.problem].append(r)
     for name in order:
         runs = by_problem[name]
+        groups: dict[str, list[Any]] = {}
+        for r in runs:
+            groups.setdefault(r.method, []).append(r)
         if target_loss is not None:
             target, source = float(target_loss), "user"
         else:
-            finals = [_finite(r.final_train_loss) for r in runs if r.method == REFERENCE_METHOD]
+            finals = [_finite(r.final_train_loss) for r in groups.get(REFERENCE_METHOD, [])]
             finals = [f for f in finals if f is not None]
-            target = min(finals) * (1.0 + target_margin) if finals else None
-            source = f"{REFERENCE_METHOD} best final training loss x {1.0 + target_margin:g}" if finals else None
-        hits = {}
-        for r in runs:
-            hits[r.method] = None if target is None else time_to_target(
-                r.eval_step, r.eval_wall_time, r.eval_train_loss, target)
-        step_time = {r.method: (r.total_time / r.steps_done if r.steps_done else None) for r in runs}
-        ref_hit = hits.get(REFERENCE_METHOD)
+            target = _median(finals) * (1.0 + target_margin) if finals else None
+            several = len(finals) > 1
+            source = (f"{REFERENCE_METHOD} {'median' if several else 'best'} final training loss"
+                      f"{f' over {len(finals)} seeds' if several else ''} x {1.0 + target_margin:g}") if finals else None
+        hits = {id(r): None if target is None else time_to_target(r.eval_step, r.eval_wall_time, r.eval_train_loss,
+                                                                   target) for r in runs}
+        step_time = {m: _median([r.total_time / r.steps_done for r in g if r.steps_done]) for m, g in groups.items()}
+        ref_time = _median_hit([hits[id(r)] for r in groups.get(REFERENCE_METHOD, [])], "time")
         loss_unit = next((r.loss_unit for r in runs if r.loss_unit), None)
         in_bits = bits_unit(loss_unit)
         rows = []
-        for r in runs:
-            hit = hits[r.method]
-            train, test = _finite(r.final_train_loss), _finite(r.final_test_loss)
+        for method, group in groups.items():
+            finals = [_finite(r.final_train_loss) for r in group]
+            train = _median([f for f in finals if f is not None])
+            test = _median([t for t in (_finite(r.final_test_loss) for r in group) if t is not None])
+            group_hits = [hits[id(r)] for r in group]
+            hit_time, hit_step = _median_hit(group_hits, "time"), _median_hit(group_hits, "step")
+            statuses = [r.status for r in group]
+            status = statuses[0] if len(set(statuses)) == 1 else ", ".join(
+                f"{st} {statuses.count(st)}/{len(statuses)}" for st in dict.fromkeys(statuses))
             rows.append({
-                "method": r.method,
-                "status": r.status,
-                "lr": r.hyperparameters.get("lr"),
-                "damping": r.hyperparameters.get("damping"),
+                "method": method,
+                "status": status,
+                "lr": group[0].hyperparameters.get("lr"),
+                "damping": group[0].hyperparameters.get("damping"),
+                "seeds": [r.seed for r in group],
                 "final_train_loss": train,
+                "final_train_loss_range": _range(finals),
                 "final_test_loss": test,
                 "final_train_bits": _bits(train) if in_bits else None,
                 "final_test_bits": _bits(test) if in_bits else None,
-                "steps": r.steps_done,
-                "train_time": r.total_time,
-                "time_per_step": step_time[r.method],
-                "step_time_vs_sgd": _ratio(step_time[r.method], step_time.get(STEP_COST_REFERENCE)),
-                "steps_to_target": None if hit is None else hit.step,
-                "time_to_target": None if hit is None else hit.time,
-                "time_to_target_vs_adam": None if hit is None or ref_hit is None else _ratio(hit.time, ref_hit.time),
-                **_kl_statistics(r.optimizer_metrics),
+                "steps": max(r.steps_done for r in group),
+                "train_time": _median([r.total_time for r in group]),
+                "time_per_step": step_time[method],
+                "step_time_vs_sgd": _ratio(step_time[method], step_time.get(STEP_COST_REFERENCE)),
+                "reached_target": sum(h is not None for h in group_hits),
+                "steps_to_target": None if hit_step is None else int(round(hit_step)),
+                "time_to_target": hit_time,
+                "time_to_target_vs_adam": _ratio(hit_time, ref_time),
+                **_kl_statistics([m for r in group for m in r.optimizer_metrics]),
             })
         problems[name] = {"target_loss": target, "target_source": source, "loss_unit": loss_unit,
                           "bits_unit": in_bits, "runs": rows}
@@ -303,7 +339,8 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
     """Write, per problem, ``<problem>_train_loss_vs_epoch.png``,
     ``<problem>_train_loss_vs_time.png``, (when there is a test set)
     ``<problem>_test_loss_vs_epoch.png`` — one line per method, from the evaluation
-    points of each run — and (when a natural-gradient run clips) ``<problem>_step_scale.png``:
+    points of each run (with several seeds: the median over the seeds and a band over their
+    range, at the points every seed reached with a finite loss) — and (when a natural-gradient run clips) ``<problem>_step_scale.png``:
     the KL clip factor ν and the damping λ at every step; the y axis is logarithmic (``log_y``) when the curves span more
     than a decade. Returns the paths written.
 
@@ -319,8 +356,10 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
         by_problem.setdefault(r.problem, []).append(r)
     written: list[Path] = []
     for problem, runs in by_problem.items():
-        methods = [r.method for r in runs]
-        colors = _colors(len(methods))
+        groups: dict[str, list[Any]] = {}
+        for r in runs:
+            groups.setdefault(r.method, []).append(r)
+        colors = _colors(len(groups))
         panels = [
             ("train_loss_vs_epoch", "epoch", "training loss", "eval_epoch", "eval_train_loss"),
             ("train_loss_vs_time", "training time [s]", "training loss", "eval_wall_time", "eval_train_loss"),
@@ -332,11 +371,15 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
             fig, ax = _figure(f"{problem}: {ylabel} vs {xlabel.split(' [')[0]}", xlabel,
                               f"{ylabel} [{unit}]" if unit else ylabel)
             plotted = False
-            for r, color in zip(runs, colors):
-                xs, ys = _points(getattr(r, xkey), getattr(r, ykey))
+            for (method, group), color in zip(groups.items(), colors):
+                xs, ys, lo, hi = _seed_band(group, xkey, ykey)
                 if not xs:
                     continue
-                label = r.method if r.status == "ok" else f"{r.method} ({r.status})"
+                bad = [r.status for r in group if r.status != "ok"]
+                label = method + (f" ({', '.join(bad)})" if bad else "")
+                if len(group) > 1:
+                    label += f", median of {len(group)} seeds"
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
                 ax.plot(xs, ys, color=color, label=label, linewidth=1.4, marker="." if len(xs) < 40 else None)
                 plotted = True
             if plotted:
@@ -348,7 +391,8 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
             path = out / f"{problem}_{suffix}.png"
             fig.savefig(path)
             written.append(path)
-        scaled = [(r, color) for r, color in zip(runs, colors) if _step_series(r.optimizer_metrics, "kl_scale")[1]]
+        first = [(group[0], color) for group, color in zip(groups.values(), colors)]  # ν and λ: the first seed
+        scaled = [(r, color) for r, color in first if _step_series(r.optimizer_metrics, "kl_scale")[1]]
         if scaled:
             written.append(_plot_step_scale(problem, scaled, out))
     return written
@@ -382,6 +426,25 @@ def _plot_step_scale(problem: str, runs: Sequence[tuple[Any, Any]], out: Path) -
     path = out / f"{problem}_step_scale.png"
     fig.savefig(path)
     return path
+
+
+def _seed_band(group: Sequence[Any], xkey: str, ykey: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """One method's curve over its seeds: at each evaluation point every seed has a finite value
+    at, the median x (step, epoch or time), the median y and the seeds' [min, max] of y."""
+    if len(group) == 1:
+        xs, ys = _points(getattr(group[0], xkey), getattr(group[0], ykey))
+        return xs, ys, ys, ys
+    n = min(len(getattr(r, ykey)) for r in group)
+    out: tuple[list[float], ...] = ([], [], [], [])
+    for i in range(n):
+        pts = [(getattr(r, xkey)[i], getattr(r, ykey)[i]) for r in group]
+        if any(y is None or not math.isfinite(y) for _, y in pts):
+            continue
+        values = [y for _, y in pts]
+        for col, v in zip(out, (statistics.median(x for x, _ in pts), statistics.median(values), min(values),
+                                max(values))):
+            col.append(v)
+    return out  # type: ignore[return-value]
 
 
 def _colors(n: int) -> list[Any]:

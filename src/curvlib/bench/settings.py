@@ -126,6 +126,9 @@ class BenchConfig(StrictModel):
         invert_every, ema, mc_samples: global hyperparameters, for every method that
             does not set its own (``lr``/``damping``: ``None`` keeps the method defaults).
         seed: seeds the model weights, the batch order, the Monte Carlo draws and the data split.
+        seeds: runs per method: seeds ``seed``, ``seed + 1``, … (weights, batch order and draws;
+            the data split stays ``seed``'s); the summary reports medians over them and the
+            plots the median curve with the seeds' range.
         small: the shrunk problems (``small=True`` of the problem builders) or the thesis's
             full architectures.
         path: data files for the problems (e.g. a folder of MNIST idx files).
@@ -169,6 +172,7 @@ class BenchConfig(StrictModel):
     ema: float | None = Field(None, ge=0, le=1)
     mc_samples: int | None = Field(None, ge=1)
     seed: int = 0
+    seeds: int = Field(1, ge=1)
     small: bool = True
     path: str | None = None
     out: str | None = None
