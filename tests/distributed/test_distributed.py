@@ -209,10 +209,17 @@ def test_the_documented_script_runs_under_torchrun(tmp_path):
     path = tmp_path / "train_ddp.py"
     path.write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    # torch 2.13's gloo workers under torchrun sometimes abort at interpreter exit, after the
+    # script has finished ("terminate called without an active exception"): measured with a
+    # plain DDP + torch.optim.SGD script, no curvlib, in 2 of 12 runs.  Such a run still did
+    # all its work (the replicas were compared before the exit); a run is repeated only then.
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(path)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert "identical replicas" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "identical replicas" in done.stdout
 
 
 def test_bench_nproc_reports_times_bytes_and_identical_replicas(tmp_path, capsys):

@@ -28,7 +28,8 @@ def require_tensorboard() -> None:
 
 
 def write_tensorboard(records: Sequence[RunRecord], logdir: str | Path) -> list[Path]:
-    """Write each run's curves as TensorBoard scalars under ``logdir/<problem>__<method>``.
+    """Write each run's curves as TensorBoard scalars under ``logdir/<problem>__<method>``
+    (``…__seed<k>`` when a method ran with several seeds).
 
     Returns:
         the run directories written.
@@ -40,8 +41,12 @@ def write_tensorboard(records: Sequence[RunRecord], logdir: str | Path) -> list[
     from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
 
     out = []
+    per_method: dict[tuple[str, str], int] = {}
     for r in records:
-        run_dir = Path(logdir) / f"{r.problem}__{r.method}"
+        per_method[r.problem, r.method] = per_method.get((r.problem, r.method), 0) + 1
+    for r in records:
+        several = per_method[r.problem, r.method] > 1  # --seeds: one run directory per seed
+        run_dir = Path(logdir) / f"{r.problem}__{r.method}{f'__seed{r.seed}' if several else ''}"
         with SummaryWriter(log_dir=str(run_dir)) as w:
             for step, (loss, t) in enumerate(zip(r.train_loss, r.wall_time), start=1):
                 w.add_scalar("train/batch_loss", loss, step, walltime=None)
