@@ -137,7 +137,8 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
                                        f"({', '.join(names)})")
                 entries[names.index(name)] = {**entries[names.index(name)], key: x}
             data["methods"] = entries
-    if args.grid or args.grid_lr is not None or args.grid_damping is not None or args.grid_steps is not None:
+    if args.grid or any(getattr(args, k) is not None for k in ("grid_lr", "grid_damping", "grid_steps", "grid_kl_clip",
+                                                             "grid_cache")):
         grid = data.get("grid")
         grid = {} if grid in (None, True, False) else dict(grid)
         if args.grid_lr is not None:
@@ -146,6 +147,10 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
             grid["damping"] = args.grid_damping
         if args.grid_steps is not None:
             grid["steps"] = args.grid_steps
+        if args.grid_kl_clip is not None:
+            grid["kl_clip"] = args.grid_kl_clip
+        if args.grid_cache is not None:
+            grid["cache"] = args.grid_cache
         data["grid"] = grid
     if args.no_plots:
         data["plots"] = False
@@ -217,7 +222,8 @@ def _bench(args: argparse.Namespace) -> int:
 #: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
 _NPROC_IGNORES = ("seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
                   "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
-                  "grid_damping", "grid_steps", "target_loss", "target_margin", "tensorboard", "config")
+                  "grid_damping", "grid_steps", "grid_kl_clip", "grid_cache", "target_loss", "target_margin",
+                  "tensorboard", "config")
 
 
 def _bench_distributed(args: argparse.Namespace) -> int:
@@ -322,6 +328,11 @@ def _add_bench_parser(sub: Any) -> None:
     hyper.add_argument("--grid-lr", type=_float_list, metavar="LIST", help="learning rates of the grid, comma-separated")
     hyper.add_argument("--grid-damping", type=_float_list, metavar="LIST", help="dampings of the grid, comma-separated")
     hyper.add_argument("--grid-steps", type=int, help="steps of each grid trial (default: a quarter of --steps)")
+    hyper.add_argument("--grid-kl-clip", type=_float_list, metavar="LIST",
+                       help="KL clipping constants c of the grid (natural gradient; thesis §3.3.2: 1e-2,1e-3)")
+    hyper.add_argument("--grid-cache", metavar="DIR",
+                       help="folder of finished grid points, reused by any grid that needs them (default: "
+                       "grid/cache in --out)")
 
     output = bench.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", help="results directory (default results/bench/<name>)")

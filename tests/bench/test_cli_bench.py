@@ -184,3 +184,18 @@ def test_seed_band_is_the_median_and_range_over_seeds():
             SimpleNamespace(eval_step=[0, 4], eval_train_loss=[2.0, 3.0])]  # stopped early
     xs, ys, lo, hi = _seed_band(runs, "eval_step", "eval_train_loss")
     assert (xs, ys, lo, hi) == ([0, 4], [2.0, 3.0], [1.0, 2.0], [3.0, 4.0])  # step 8: not every seed has it
+
+
+def test_grid_kl_clip_and_cache_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["bench", *TINY, "--methods", "kfac", "--steps", "4", "--grid", "--grid-lr", "0.1", "--grid-damping", "1e-3",
+            "--grid-kl-clip", "1e-2,1e-3", "--grid-steps", "2", "--no-plots", "--target-loss", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    grid = json.loads((out / "grid" / "digits_autoencoder__kfac.json").read_text())
+    assert grid["choice"]["kl_clips"] == [1e-2, 1e-3] and grid["choice"]["cached_points"] == 0
+    assert [p["kl_clip"] for p in grid["points"]] == [1e-2, 1e-3]
+    assert len(list((out / "grid" / "cache").glob("*.json"))) == 2
+    assert main(argv) == 0  # resumed into the same folder: every point from the cache
+    assert "2 from the cache" in capsys.readouterr().out
+    run = json.loads((out / "runs" / "digits_autoencoder__kfac.json").read_text())
+    assert run["hyperparameters"]["kl_clip"] == grid["choice"]["kl_clip"]

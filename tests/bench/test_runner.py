@@ -253,6 +253,27 @@ def test_grid_search_searches_damping_for_natural_gradient(tiny, registry):
     assert result.best_hyperparameters.damping in (1e-3, 1e-1)
 
 
+@needs_ng
+def test_grid_search_tries_the_kl_clip_and_caches_every_point(tiny, registry, tmp_path):
+    """§3.3.2's c ∈ {1e-2, 1e-3} as a third axis; a second search with the same cache trains
+    nothing, one with an extra learning rate only the new points — and gets the same numbers."""
+    method = resolve_method("kfac", registry)
+    base = method.default_hyperparameters(update_every=1, invert_every=1)
+    kwargs = dict(dampings=(1e-3,), kl_clips=(1e-2, 1e-3), steps=4, seed=0, registry=registry, cache=tmp_path)
+    first = grid_mod.grid_search(tiny, method, base, lrs=(0.1,), **kwargs)
+    assert [(p.lr, p.damping, p.kl_clip) for p in first.points] == [(0.1, 1e-3, 1e-2), (0.1, 1e-3, 1e-3)]
+    assert first.cached == 0 and len(list(tmp_path.glob("*.json"))) == 2
+    assert first.best_hyperparameters.kl_clip == first.best.kl_clip
+    again = grid_mod.grid_search(tiny, method, base, lrs=(0.1,), **kwargs)
+    assert again.cached == 2 and again.points == first.points
+    more = grid_mod.grid_search(tiny, method, base, lrs=(0.1, 0.3), **kwargs)
+    assert more.cached == 2 and more.points[:2] == first.points and len(more.points) == 4
+    fresh = grid_mod.grid_search(tiny, method, base, lrs=(0.3,), **{**kwargs, "cache": None})
+    assert fresh.points == more.points[2:]  # a cached point is the point a fresh run gives
+    other = grid_mod.grid_search(tiny, method, base.model_copy(update={"ema": 0.5}), lrs=(0.1,), **kwargs)
+    assert other.cached == 0  # another base configuration is another key
+
+
 # --------------------------------------------------------------------------- third-party kinds
 
 

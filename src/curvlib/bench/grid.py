@@ -6,14 +6,23 @@ reduction to the training loss"; §4.3 searches both in {10⁻⁴, …, 10⁴}
 (:data:`THESIS_GRID_4_3`). Damping is searched for the natural-gradient methods only;
 SGD and Adam search the learning rate.
 
+§3.3.2 also tries the KL clipping constant c ∈ {10⁻², 10⁻³} (``kl_clips``, natural gradient
+only; :data:`THESIS_KL_CLIPS`).
+
 Here every grid point is a short run (:func:`curvlib.bench.training.train`, same seed,
 same batch order, same initial weights) and the point with the lowest final training
 loss wins; a diverged run counts as +∞, ties go to the first point in grid order
-(learning rates outer, dampings inner, both as given).
+(learning rates outer, then dampings, then KL clips, each as given).
+
+With a ``cache`` folder every finished point is kept there as one JSON file named by a hash
+of everything the trial depends on (problem and its size, method, hyperparameters, steps,
+seed, evaluation size, curvlib version): a grid stopped half-way, or run again with more
+values, or a second grid sharing points, trains only the points it has not seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -24,9 +33,10 @@ from typing import Any
 from curvlib.bench.methods import Hyperparameters, Method
 from curvlib.bench.problems import Problem
 from curvlib.bench.progress import ProgressReporter
+from curvlib.bench.record import write_text_atomic
 from curvlib.bench.training import train
 
-__all__ = ["THESIS_GRID_3_3_2", "THESIS_GRID_4_3", "GridPoint", "GridResult", "grid_search"]
+__all__ = ["THESIS_GRID_3_3_2", "THESIS_GRID_4_3", "THESIS_KL_CLIPS", "GridPoint", "GridResult", "grid_search"]
 
 #: The learning-rate and damping grid of the thesis's §3.3.2:
 #: {10⁻¹, 10⁻², 10⁻³, 10⁻⁴, 3·10⁻¹, 3·10⁻², 3·10⁻³, 3·10⁻⁴}.
@@ -35,19 +45,23 @@ THESIS_GRID_3_3_2: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1
 #: §4.3: {10⁻⁴, 10⁻³, …, 10³, 10⁴}.
 THESIS_GRID_4_3: tuple[float, ...] = tuple(10.0**k for k in range(-4, 5))
 
+#: §3.3.2's KL clipping constants c.
+THESIS_KL_CLIPS: tuple[float, ...] = (1e-2, 1e-3)
+
 GRID_SCHEMA = "curvlib.bench.grid/1"
 
 
 @dataclass(frozen=True)
 class GridPoint:
     """One trial: its learning rate, damping (``None`` for SGD/Adam), final training loss
-    (``None`` if it diverged), status and steps run."""
+    (``None`` if it diverged), status, steps run and KL clip c (``None``: the base's)."""
 
     lr: float
     damping: float | None
     final_train_loss: float | None
     status: str
     steps: int
+    kl_clip: float | None = None
 
     @property
     def score(self) -> float:
@@ -67,6 +81,8 @@ class GridResult:
     dampings: tuple[float | None, ...]
     points: list[GridPoint]
     base: Hyperparameters
+    kl_clips: tuple[float | None, ...] = (None,)
+    cached: int = 0
     best: GridPoint = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,10 +97,7 @@ class GridResult:
     @property
     def best_hyperparameters(self) -> Hyperparameters:
         """``base`` with the chosen learning rate (and damping)."""
-        update: dict[str, Any] = {"lr": self.best.lr}
-        if self.best.damping is not None:
-            update["damping"] = self.best.damping
-        return self.base.model_copy(update=update)
+        return self.base.model_copy(update=_update(self.best.lr, self.best.damping, self.best.kl_clip))
 
     def choice(self) -> dict[str, Any]:
         """What the main run records about the search."""
@@ -96,15 +109,20 @@ class GridResult:
             "points": len(self.points),
             "lrs": list(self.lrs),
             "dampings": list(self.dampings),
+            "kl_clip": self.best.kl_clip,
+            "kl_clips": list(self.kl_clips),
+            "cached_points": self.cached,
             "all_diverged": self.all_diverged,
         }
 
     def describe_choice(self) -> str:
         damping = "" if self.best.damping is None else f", damping {self.best.damping:g}"
+        damping += "" if self.best.kl_clip is None else f", KL clip {self.best.kl_clip:g}"
         loss = "diverged" if self.best.final_train_loss is None else f"{self.best.final_train_loss:.5g}"
         note = " (every point diverged: kept the first)" if self.all_diverged else ""
+        cached = f", {self.cached} from the cache" if self.cached else ""
         return f"lr {self.best.lr:g}{damping} (training loss {loss} after {self.steps} steps, " \
-               f"{len(self.points)} points){note}"
+               f"{len(self.points)} points{cached}){note}"
 
     def to_json(self) -> dict[str, Any]:
         def clean(x: Any) -> Any:
@@ -139,8 +157,11 @@ def grid_search(
     registry: Any = None,
     progress: ProgressReporter | None = None,
     eval_train_limit: int | None = 10_000,
+    kl_clips: Sequence[float | None] | None = None,
+    cache: str | Path | None = None,
+    small: bool | None = None,
 ) -> GridResult:
-    """Try every (learning rate, damping) pair for ``steps`` steps; keep the lowest final
+    """Try every (learning rate, damping, KL clip) for ``steps`` steps; keep the lowest final
     training loss (module docstring).
 
     Args:
@@ -150,35 +171,82 @@ def grid_search(
             methods and no damping for SGD/Adam. ``(None,)`` keeps ``base.damping``.
         steps: length of each trial; ``seed``, ``registry``: as for :func:`~curvlib.bench.training.train`.
         progress: receives one update per trial, under the label ``"<problem> <method> grid"``.
+        kl_clips: KL clipping constants c to try (natural gradient only); ``None``: the base's.
+        cache: a folder of finished points (module docstring); ``None``: none.
+        small: the problem's size, part of the cache key.
     """
     if dampings is None:
         dampings = THESIS_GRID_3_3_2 if method.is_natural_gradient else (None,)
     if not method.is_natural_gradient:
-        dampings = (None,)
-    lrs, dampings = tuple(lrs), tuple(dampings)
+        dampings, kl_clips = (None,), (None,)
+    lrs, dampings, kl_clips = tuple(lrs), tuple(dampings), tuple(kl_clips or (None,))
     progress = progress or ProgressReporter()
     label = f"{problem.name} {method.name} grid"
-    total = len(lrs) * len(dampings)
+    total = len(lrs) * len(dampings) * len(kl_clips)
     progress.start(label, total)
     points: list[GridPoint] = []
     best = math.inf
     spent = 0.0
+    cached = 0
     for lr in lrs:
         for damping in dampings:
-            update: dict[str, Any] = {"lr": lr}
-            if damping is not None:
-                update["damping"] = damping
-            hp = base.model_copy(update=update)
-            record = train(problem, method, hp, steps=steps, seed=seed, registry=registry, eval_every=steps,
-                           eval_train_limit=eval_train_limit)
-            loss = record.final_train_loss
-            points.append(GridPoint(lr=lr, damping=damping if damping is not None else None,
-                                    final_train_loss=loss if loss is not None and math.isfinite(loss) else None,
-                                    status=record.status, steps=record.steps_done))
-            best = min(best, points[-1].score)
-            spent += record.total_time
-            progress.update(label, len(points), best, spent)
+            for c in kl_clips:
+                hp = base.model_copy(update=_update(lr, damping, c))
+                key = _cache_key(problem, small, method, hp, steps, seed, eval_train_limit)
+                point = _cached(cache, key)
+                if point is None:
+                    record = train(problem, method, hp, steps=steps, seed=seed, registry=registry, eval_every=steps,
+                                   eval_train_limit=eval_train_limit)
+                    loss = record.final_train_loss
+                    point = GridPoint(lr=lr, damping=damping, kl_clip=c, status=record.status,
+                                      final_train_loss=loss if loss is not None and math.isfinite(loss) else None,
+                                      steps=record.steps_done)
+                    spent += record.total_time
+                    _store(cache, key, point)
+                else:
+                    cached += 1
+                points.append(point)
+                best = min(best, point.score)
+                progress.update(label, len(points), best, spent)
     result = GridResult(problem=problem.name, method=method.name, steps=steps, lrs=lrs, dampings=dampings,
-                        points=points, base=base)
+                        points=points, base=base, kl_clips=kl_clips, cached=cached)
     progress.finish(label, "ok" if not result.all_diverged else "diverged", result.best.final_train_loss)
     return result
+
+
+def _update(lr: float, damping: float | None, kl_clip: float | None) -> dict[str, Any]:
+    update: dict[str, Any] = {"lr": lr}
+    if damping is not None:
+        update["damping"] = damping
+    if kl_clip is not None:
+        update["kl_clip"] = kl_clip
+    return update
+
+
+def _cache_key(problem: Problem, small: bool | None, method: Method, hp: Hyperparameters, steps: int, seed: int,
+               eval_train_limit: int | None) -> str:
+    from curvlib import __version__
+
+    what = {"problem": problem.name, "small": small, "batch_size": problem.batch_size,
+            "n_train": problem.dataset.n_train, "method": method.name, "hyperparameters": hp.model_dump(mode="json"),
+            "steps": steps, "seed": seed, "eval_train_limit": eval_train_limit, "curvlib": __version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _cached(cache: str | Path | None, key: str) -> GridPoint | None:
+    """The point stored under ``key``, or ``None`` (no cache, not there, or unreadable: run it again)."""
+    if cache is None:
+        return None
+    path = Path(cache) / f"{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        return GridPoint(**data["point"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(cache: str | Path | None, key: str, point: GridPoint) -> None:
+    if cache is None:
+        return
+    data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(point).items()}
+    write_text_atomic(Path(cache) / f"{key}.json", json.dumps({"key": key, "point": data}) + "\n")

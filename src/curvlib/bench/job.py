@@ -216,7 +216,8 @@ def run_bench(
                         problem, method, hp, lrs=config.grid.lr,
                         dampings=config.grid.damping if method.is_natural_gradient else (None,),
                         steps=grid_steps, seed=config.seed, registry=registry, progress=progress,
-                        eval_train_limit=config.eval_train_limit,
+                        eval_train_limit=config.eval_train_limit, kl_clips=config.grid.kl_clip,
+                        cache=config.grid.cache or out_dir / "grid" / "cache", small=config.small,
                     )
                     grids[(problem.name, method.name)] = result
                     files.append(result.write(out_dir / "grid" / f"{_safe(problem.name)}__{_safe(method.name)}.json"))

@@ -97,15 +97,24 @@ class GridSettings(StrictModel):
             grid); the baselines search ``lr`` only.
         steps: length of each trial run; ``None``: a quarter of the main run's steps
             (at least 10).
+        kl_clip: KL clipping constants c tried for the natural-gradient methods (§3.3.2:
+            :data:`~curvlib.bench.grid.THESIS_KL_CLIPS`); ``None``: not searched.
+        cache: the folder of finished grid points (:mod:`curvlib.bench.grid`); ``None``:
+            ``grid/cache`` in the results directory (a run resumed into the same ``--out``
+            reuses its points).
     """
 
     lr: tuple[float, ...] = THESIS_GRID_3_3_2
     damping: tuple[float, ...] = THESIS_GRID_3_3_2
     steps: int | None = Field(None, ge=1)
+    kl_clip: tuple[float, ...] | None = None
+    cache: str | None = None
 
-    @field_validator("lr", "damping")
+    @field_validator("lr", "damping", "kl_clip")
     @classmethod
-    def _positive(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+    def _positive(cls, values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if values is None:
+            return None
         if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
             raise ValueError(f"a grid needs at least one value, all positive and finite; got {list(values)}")
         return values
