@@ -2,7 +2,9 @@
 
 * ``curvlib plugins list`` — every plugin family with its kinds and their distributions;
 * ``curvlib bench`` — train methods on benchmark problems and report curves, plots and a
-  summary table (docs/bench.md).
+  summary table (docs/bench.md);
+* ``curvlib explain CONFIG --model MODULE:FACTORY`` — which rule of a composed preconditioner
+  configuration each layer of a model matches, and what it costs (docs/composition.md).
 
 Exit codes: 0 success; 2 a usage or configuration problem (a bad option, config file,
 method, problem or ``--out``; one line ``curvlib: error: ...`` on stderr, no traceback);
@@ -358,7 +360,36 @@ def build_parser() -> argparse.ArgumentParser:
     plist.add_argument("--no-external", action="store_true", help="load only curvlib's own plugins")
     plist.set_defaults(func=_plugins_list)
     _add_bench_parser(sub)
+    explain = sub.add_parser("explain", help="which rule each layer of a model matches, and what it costs")
+    explain.add_argument("config", help="a PreconditionerConfig file (YAML or JSON)")
+    explain.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                         help="an importable callable returning the nn.Module, e.g. mypkg.models:make_net")
+    explain.set_defaults(func=_explain)
     return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import importlib
+
+    from torch import nn
+
+    from curvlib.precond import build_preconditioner
+
+    module_name, _, attr = args.model.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--model: expected MODULE:FACTORY (e.g. mypkg.models:make_net), got {args.model!r}")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like python -m: the current directory's modules
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model: cannot import {args.model!r} ({type(exc).__name__}: {exc})") from None
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model: {args.model!r} gave a {type(model).__name__}, expected an nn.Module")
+    pre = build_preconditioner(model, nn.MSELoss(), args.config, process_group=None)
+    print(pre.describe())
+    return 0
 
 
 def _one_line(message: str) -> str:

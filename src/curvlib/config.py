@@ -234,11 +234,12 @@ class NoOptions(StrictModel):
 
 
 def format_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
-    """pydantic's errors as lines ``<prefix>.<field>: <why> (got <value>)``; a cross-field
+    """pydantic's errors as lines ``<prefix>.<field>: <why> (got <value>)`` (list items as
+    ``rules[0].max_params``); a cross-field
     rule (a model validator) gives its own message, which names the fields itself."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).removeprefix(".")
         msg = err["msg"].removeprefix("Value error, ")
         if not loc and err.get("type") == "value_error":
             lines.append(f"{prefix}: {msg}" if prefix else msg)

@@ -199,3 +199,36 @@ def test_grid_kl_clip_and_cache_from_the_command_line(tmp_path, capsys):
     assert "2 from the cache" in capsys.readouterr().out
     run = json.loads((out / "runs" / "digits_autoencoder__kfac.json").read_text())
     assert run["hyperparameters"]["kl_clip"] == grid["choice"]["kl_clip"]
+
+
+def test_bench_runs_a_composed_config_file_as_a_method(tmp_path, capsys):
+    """A PreconditionerConfig file with rules is a method: its rules reach the optimizer."""
+    if not NG_OK:
+        pytest.skip(f"curvlib.optim is not importable ({NG_WHY})")
+    composed = tmp_path / "composed.yaml"
+    composed.write_text("approximator: kfac\n"
+                        "damping: {kind: heuristic, value: 1.0e-3}\n"
+                        "rules:\n"
+                        "  - max_params: 2000\n"
+                        "    approximator: exact_block\n"
+                        "    damping: {kind: tikhonov, value: 1.0e-2}\n"
+                        "  - min_params: 20000\n"
+                        "    update_every: 4\n"
+                        "    invert_every: 4\n")
+    out = tmp_path / "res"
+    rc = main(["bench", *TINY, "--methods", "adam", str(composed), "--steps", "8", "--eval-every", "4",
+               "--no-plots", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    runs = list((out / "runs").glob("digits_autoencoder__*composed.yaml.json"))
+    assert len(runs) == 1, sorted(p.name for p in (out / "runs").iterdir())
+    run = json.loads(runs[0].read_text())
+    assert run["status"] == "ok" and len(run["train_loss"]) == 8
+    rules = run["preconditioner_config"]["rules"]
+    assert rules[0]["approximator"] == {"kind": "exact_block"} and rules[0]["damping"]["kind"] == "tikhonov"
+    assert rules[1]["update_every"] == 4 and "composed by 2 rule(s)" in captured.out + json.dumps(run)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: x\n    approximator: {kind: kpsvd, rank: 0}\n")
+    assert main(["bench", *TINY, "--methods", str(bad), "--steps", "2", "--out", str(tmp_path / "r2")]) == 2
+    assert "rules[0].approximator.rank" in capsys.readouterr().err

@@ -35,6 +35,12 @@ name                     what runs
                          ``coarse_mode="previous"`` (additive, approximate coarse operator)
 ``block_ng``             block-diagonal natural gradient (4.51)–(4.52), Tikhonov damping
 ``exact_ng``             exact natural gradient through Woodbury (4.50), Tikhonov damping
+``<file>.yaml``          a composed preconditioner (docs/composition.md): a
+                         ``PreconditionerConfig`` file (``.yaml``, ``.yml`` or ``.json``) whose
+                         ``rules``, default ``approximator`` (with its options) and ``damping``
+                         kind are used; the curvature, the default rule's λ, T1/T2 and EMA, the
+                         learning rate and the KL clip are the bench's hyperparameters, as for
+                         every method (each rule keeps the settings the file gives it)
 ``<optimizer>``          any registered kind of the ``optimizers`` family (a third party's
                          ``torch.optim.Optimizer``, e.g. ``grouped_newton``), built by its
                          factory: ``factory(options).build(model, loss_fn, *, lr, generator,
@@ -207,6 +213,8 @@ class Method:
         approximator_options: options of the approximator the name fixes (``_reduce``:
             ``{"weight_sharing": "reduce"}``), as ``(option, value)`` pairs; the
             hyperparameters' ``approximator_options`` may add others but not contradict these.
+        rules: the ``PreconditionerConfig.rules`` of a composed method (a config file), as
+            plain mappings.
     """
 
     name: str
@@ -221,6 +229,7 @@ class Method:
     default_lr: float | None = None
     needs_batch: bool = False
     approximator_options: tuple[tuple[str, Any], ...] = ()
+    rules: tuple[Any, ...] = ()
 
     @property
     def is_natural_gradient(self) -> bool:
@@ -274,6 +283,8 @@ class Method:
         if self.coarse_space is not None:
             config["coarse_space"] = {"kind": self.coarse_space, **hp.coarse_options}
             config["coarse_mode"] = self.coarse_mode
+        if self.rules:
+            config["rules"] = [dict(r) for r in self.rules]
         for key in ("update_every", "invert_every", "ema", "distributed_inversion"):
             value = getattr(hp, key)
             if value is not None:
@@ -342,6 +353,30 @@ def _unknown(name: str, registry: Any, why: str) -> UnknownKindError:
     )
 
 
+#: The file suffixes that make a method name a composed preconditioner's config file.
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _composed(path: str) -> Method:
+    """The method of a ``PreconditionerConfig`` file (the module docstring's ``<file>.yaml``)."""
+    from curvlib.precond.config import PreconditionerConfig
+
+    cfg = PreconditionerConfig.from_file(path)
+    if cfg.preconditioner != "kronecker" or cfg.coarse_space is not None:
+        raise ConfigError(f"method {path!r}: a composed method is a one-level Kronecker preconditioner with rules; "
+                          f"the file sets preconditioner={cfg.preconditioner!r}"
+                          + ("" if cfg.coarse_space is None else f" and coarse_space={cfg.coarse_space['kind']!r}"))
+    data = cfg.to_dict()
+    approximator = dict(data["approximator"])
+    kind = approximator.pop("kind")
+    approximator.pop("ema", None)  # the bench's ema
+    rules = tuple({k: v for k, v in r.items() if v is not None and v is not False} for r in data["rules"])
+    damping = data["damping"]["kind"]
+    desc = _describe(kind, damping, ()) + f", composed by {len(rules)} rule(s) from {path}"
+    return Method(path, "natural_gradient", desc, approximator=kind, damping_kind=damping,
+                  approximator_options=tuple(sorted(approximator.items())), rules=rules)
+
+
 def resolve_method(name: str, registry: Any) -> Method:
     """The :class:`Method` called ``name`` (see the module docstring for the grammar).
 
@@ -353,6 +388,8 @@ def resolve_method(name: str, registry: Any) -> Method:
     name = name.strip()
     if name in _FIXED:
         return _FIXED[name]
+    if name.lower().endswith(CONFIG_SUFFIXES):
+        return _composed(name)
     approximators = set(_kinds(registry, "approximators"))
     coarse = set(_kinds(registry, "coarse_spaces"))
     if name in approximators:

@@ -29,7 +29,9 @@ collected with their reasons and announced once by :func:`warn_excluded`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,8 @@ __all__ = [
     "blocks_params_to_vector",
     "blocks_vector_to_params",
     "find_layers",
+    "leave_out",
+    "leaving_out",
     "unwrap_model",
     "warn_batch_coupling",
     "warn_excluded",
@@ -509,6 +513,45 @@ def find_layers(model: nn.Module, registry: Any) -> tuple[list[BlockCandidate], 
             f"{type(model).__name__} has no trainable module with a layer adapter; supported module types: {known}"
         )
     return candidates, excluded
+
+
+#: What :func:`leaving_out` set: ``candidate -> reason`` (``None``: the candidate is kept).
+_LEAVE_OUT: contextvars.ContextVar[Callable[[BlockCandidate], str | None] | None] = contextvars.ContextVar(
+    "curvlib_leave_out", default=None)
+
+
+@contextlib.contextmanager
+def leaving_out(reason: Callable[[BlockCandidate], str | None] | None) -> Iterator[None]:
+    """Within the block, curvlib's captures (:func:`~curvlib.curvatures.kinds.hooked_pass`)
+    leave out the layer blocks for which ``reason(candidate)`` is a string: they are not
+    hooked, and their parameters are listed as excluded with that reason (a preconditioner's
+    ``fallback`` rules, :class:`~curvlib.precond.config.LayerRule`)."""
+    token = _LEAVE_OUT.set(reason)
+    try:
+        yield
+    finally:
+        _LEAVE_OUT.reset(token)
+
+
+def leave_out(model: nn.Module, candidates: list[BlockCandidate],
+              excluded: dict[str, str]) -> list[BlockCandidate]:
+    """The candidates :func:`leaving_out` keeps; the others' trainable parameters are added to
+    ``excluded`` with the reason."""
+    reason = _LEAVE_OUT.get()
+    if reason is None:
+        return candidates
+    names = {id(q): n for n, q in model.named_parameters()}
+    kept = []
+    for c in candidates:
+        why = reason(c)
+        if why is None:
+            kept.append(c)
+            continue
+        for ad in c.adapters:
+            for q in ad.params():
+                if q.requires_grad and id(q) in names:
+                    excluded[names[id(q)]] = why
+    return kept
 
 
 def warn_excluded(excluded: dict[str, str]) -> None:

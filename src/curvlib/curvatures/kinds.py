@@ -38,6 +38,7 @@ from curvlib.capture.layout import (
     batch_coupled_modules,
     blocks_params,
     find_layers,
+    leave_out,
     warn_batch_coupling,
     warn_excluded,
 )
@@ -179,6 +180,7 @@ def hooked_pass(model: nn.Module, loss_model: LossModel, batch: Any, registry: A
     :class:`CapturedBatch`.  An exception inside the block propagates, hooks removed.
     """
     candidates, excluded = find_layers(model, registry)
+    candidates = leave_out(model, candidates, excluded)
     warn_batch_coupling(model)
     split = split_batch(batch)
     target = split.target

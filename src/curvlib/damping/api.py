@@ -77,6 +77,8 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
             inversion, see :meth:`Damping.invert`).
         layout: the list form of the flat vector (the approximation's).
         names: the layer of each block (named in messages); default ``"block <i>"``.
+        block_dampings: the damping that built each block, when they differ (a preconditioner
+            composed by rules); default: ``damping`` for every block.
 
     Attributes:
         shape: ``(p, p)``.
@@ -93,6 +95,7 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
         kept_previous: Sequence[int] = (),
         layout: VectorLayout | None = None,
         names: Sequence[str] | None = None,
+        block_dampings: Sequence[Damping] | None = None,
     ) -> None:
         # rows of no layer: zero blocks of F̂, damped to λI, so multiplied by 1/λ
         super().__init__(blocks, slices, p=p, uncovered_scale=1.0 / damping.value, layout=layout)
@@ -102,6 +105,10 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
             raise ShapeError(f"BlockDiagonalInverse: {len(names)} names for {len(self.blocks)} blocks")
         self.names: tuple[str, ...] = tuple(names) if names is not None else tuple(
             f"block {i}" for i in range(len(self.blocks)))
+        if block_dampings is not None and len(block_dampings) != len(self.blocks):
+            raise ShapeError(f"BlockDiagonalInverse: {len(block_dampings)} dampings for {len(self.blocks)} blocks")
+        self.block_dampings: tuple[Damping, ...] = (tuple(block_dampings) if block_dampings is not None
+                                                    else (damping,) * len(self.blocks))
 
     @property
     def infos(self) -> tuple[Any, ...]:
@@ -121,9 +128,10 @@ class BlockDiagonalInverse(BlockDiagonalOperator):
             if not bool(torch.isfinite(X).all()):
                 why = "the right-hand side already has non-finite entries"
             else:
-                origin = self.damping.origin or KindOrigin("dampings", self.damping.kind)
+                origins = list(dict.fromkeys(str(d.origin or KindOrigin("dampings", d.kind))
+                                             for d in (self.block_dampings[i] for i in bad)))
                 why = (f"the inverse produced them from a finite right-hand side (layers "
-                       f"{[self.names[i] for i in bad]}, inverted by the {origin})")
+                       f"{[self.names[i] for i in bad]}, inverted by the {' and the '.join(origins)})")
             raise NumericalError(f"{caller}: the direction has non-finite entries in layer block(s) {bad}: {why}")
 
 

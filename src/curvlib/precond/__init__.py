@@ -12,8 +12,8 @@
 """
 
 from curvlib.precond.builder import build_preconditioner
-from curvlib.precond.config import PreconditionerConfig, ResolvedConfig, ResolvedKind, resolve_config
-from curvlib.precond.preconditioner import NotReadyError, Preconditioner, UpdateInfo, preserved_buffers
+from curvlib.precond.config import LayerRule, PreconditionerConfig, ResolvedConfig, ResolvedKind, ResolvedRule, resolve_config
+from curvlib.precond.preconditioner import LayerGroup, NotReadyError, Preconditioner, UpdateInfo, preserved_buffers
 from curvlib.precond.references import (
     BlockNaturalGradient,
     ExactNaturalGradient,
@@ -26,11 +26,14 @@ __all__ = [
     "ExactNaturalGradient",
     "block_natural_gradient",
     "exact_natural_gradient",
+    "LayerGroup",
+    "LayerRule",
     "NotReadyError",
     "Preconditioner",
     "PreconditionerConfig",
     "ResolvedConfig",
     "ResolvedKind",
+    "ResolvedRule",
     "UpdateInfo",
     "build_preconditioner",
     "preserved_buffers",

@@ -113,7 +113,9 @@ def build_preconditioner(
     resolved = resolve_config(cfg, registry)
     check_compatibility(resolved)
     pre = Preconditioner(model, loss_fn, resolved, generator=generator, registry=registry, process_group=process_group)
-    pre.damping.origin = KindOrigin.of(resolved.damping.spec)  # named in every message about its inverses
+    for rule, damping in zip(resolved.groups, pre._dampings):  # named in every message about its inverses
+        if damping is not None and rule.own_damping:
+            damping.origin = KindOrigin.of(rule.damping.spec)
     return pre
 
 
@@ -157,6 +159,21 @@ def _blocks_fit(declared: BlockDeclaration, required: BlockRequirement) -> str |
     return None
 
 
+def _check_blocks(approximator_kind: ResolvedKind, damping_kind: ResolvedKind) -> tuple[Any, Any, Any]:
+    """Rule 2: the approximator's declared blocks are ones the damping inverts; returns the
+    approximator and damping objects and the declaration."""
+    approximator = _build(approximator_kind, BlockApproximator, "curvlib.approximators.BlockApproximator")
+    damping = damping_kind.spec.factory(damping_kind.options)
+    declared = approximator.declared_blocks()
+    required = damping.block_requirement() if isinstance(damping, Damping) else None
+    if declared is not None and required is not None:
+        why = _blocks_fit(declared, required)
+        if why is not None:
+            raise _reject(damping_kind, approximator_kind,
+                          f"the damping inverts {required} ({required.reason}), but {why}")
+    return approximator, damping, declared
+
+
 def check_compatibility(resolved: ResolvedConfig) -> None:
     """Reject a configuration whose kinds cannot work together, before any data is seen
     (the rules of the module docstring; undeclared kinds are skipped).
@@ -182,15 +199,13 @@ def check_compatibility(resolved: ResolvedConfig) -> None:
         )
     if cfg.preconditioner != "kronecker":
         return  # the references use the curvature and the damping's λ only
-    approximator = _build(resolved.approximator, BlockApproximator, "curvlib.approximators.BlockApproximator")
-    damping = resolved.damping.spec.factory(resolved.damping.options)
-    declared = approximator.declared_blocks()
-    required = damping.block_requirement() if isinstance(damping, Damping) else None
-    if declared is not None and required is not None:
-        why = _blocks_fit(declared, required)
-        if why is not None:
-            raise _reject(resolved.damping, resolved.approximator,
-                          f"the damping inverts {required} ({required.reason}), but {why}")
+    for rule in resolved.groups[:-1]:  # each rule's approximator with its damping (rule 2)
+        if not rule.fallback:
+            try:
+                _check_blocks(rule.approximator, rule.damping)
+            except ConfigError as exc:
+                raise ConfigError(f"{rule.label}: {exc}") from None
+    approximator, damping, declared = _check_blocks(resolved.approximator, resolved.damping)
     if resolved.coarse_space is None:
         return
     space = _build(resolved.coarse_space, CoarseSpace, "curvlib.coarse.CoarseSpace")

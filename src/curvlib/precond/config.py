@@ -29,6 +29,10 @@ plus the schedule and the way the pieces are combined:
 - ``ema`` = γ ∈ [0, 1] (or ``None``: no average): the EMA decay of §3.1.2,
   ρ = min(1 − 1/k, γ) at the k-th refresh; passed to the approximator unless its own
   mapping sets ``ema`` (and only if its options model has an ``ema`` field);
+- ``rules``: an ordered list of :class:`LayerRule` (first match wins) giving the layers they
+  match their own approximator, damping and T1/T2; the top-level ``approximator``,
+  ``damping``, ``update_every`` and ``invert_every`` act as the default rule for every layer
+  no rule matches (docs/composition.md);
 - ``distributed_inversion``: under ``torch.distributed``, ``"broadcast"`` (default: each
   layer inverted by one rank, the inverse broadcast), ``"direction"`` (the owner applies its
   layers' inverses and the directions are all-reduced each step; not with a coarse space) or
@@ -48,6 +52,7 @@ configuration is resolved against a plugin registry (:func:`resolve_config`, cal
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,7 +65,9 @@ from curvlib.config import FrozenDict, StrictModel, format_validation_error, loa
 from curvlib.errors import ConfigError, UnknownKindError
 
 __all__ = [
+    "LayerRule",
     "PreconditionerConfig",
+    "ResolvedRule",
     "ResolvedKind",
     "ResolvedConfig",
     "resolve_config",
@@ -89,6 +96,100 @@ def _kind_mapping(value: Any, field: str) -> dict[str, Any]:
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"expected a mapping with a non-empty string 'kind', got {value!r}")
     return data
+
+
+class LayerRule(StrictModel):
+    """One rule of :attr:`PreconditionerConfig.rules`: which layers it matches, and what they get.
+
+    Matchers (every one optional; a layer matches when it passes all that are given):
+
+    - ``match``: a glob (:func:`fnmatch.fnmatchcase`) on the layer block's qualified name
+      (``"decoder.*"``, ``"*.attn.*"``; a grouped convolution's groups are ``"<module>:group<j>"``);
+    - ``types``: module class names (``["Linear", "Conv2d"]``), matched against the class of
+      the layer's module and its bases (``"_ConvNd"`` matches every convolution);
+    - ``min_params`` / ``max_params``: bounds on the block's parameter count p_i = d_a·d_g;
+    - ``predicate``: a Python callable ``predicate(name, module) -> bool`` (Python only: not
+      in files, and a config holding one is not serialisable).
+
+    Settings (``None``: the default rule's, i.e. the top-level field):
+
+    - ``approximator``, ``damping``: kind mappings as for the top-level fields;
+    - ``update_every``, ``invert_every``: the layers' own T1 and T2 (T2 a multiple of T1);
+    - ``fallback``: ``True`` leaves the matched layers out of the curvature — their
+      parameters are updated by the optimizer's fallback (Adam or SGD), like parameters no
+      layer adapter covers; no other setting may be given then.
+    """
+
+    match: str | None = Field(None, min_length=1, description="glob on the layer's qualified name")
+    types: tuple[str, ...] | None = Field(None, min_length=1, description="module class names (or base class names)")
+    min_params: int | None = Field(None, ge=0, description="at least this many parameters in the block")
+    max_params: int | None = Field(None, ge=0, description="at most this many parameters in the block")
+    predicate: Any = Field(None, description="predicate(name, module) -> bool (Python only)")
+    approximator: FrozenDict | None = None
+    damping: FrozenDict | None = None
+    update_every: int | None = Field(None, ge=1, description="T1 of the matched layers")
+    invert_every: int | None = Field(None, ge=1, description="T2 of the matched layers")
+    fallback: bool = Field(False, description="leave the matched layers to the fallback optimizer")
+
+    @field_validator("approximator", "damping", mode="before")
+    @classmethod
+    def _kind_optional(cls, value: Any, info: pydantic.ValidationInfo) -> dict[str, Any] | None:
+        return None if value is None else _kind_mapping(value, info.field_name)
+
+    @field_validator("predicate")
+    @classmethod
+    def _callable(cls, value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise ValueError(f"expected a callable predicate(name, module) -> bool, got {type(value).__name__}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LayerRule:
+        if self.min_params is not None and self.max_params is not None and self.min_params > self.max_params:
+            raise ValueError(f"min_params = {self.min_params} > max_params = {self.max_params}: the rule matches nothing")
+        if self.fallback:
+            given = [k for k in ("approximator", "damping", "update_every", "invert_every") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"fallback=True leaves the layers to the fallback optimizer; {given} would not be used")
+        return self
+
+    @property
+    def matchers(self) -> dict[str, Any]:
+        """The matchers given (name -> value)."""
+        return {k: getattr(self, k) for k in ("match", "types", "min_params", "max_params", "predicate")
+                if getattr(self, k) is not None}
+
+    def describe(self) -> str:
+        """The matchers in one line (``match='decoder.*', types=['Linear']``; ``everything``)."""
+        parts = []
+        for k, v in self.matchers.items():
+            if k == "predicate":
+                v = getattr(v, "__name__", type(v).__name__)
+                parts.append(f"predicate={v}")
+            else:
+                parts.append(f"{k}={list(v) if isinstance(v, tuple) else v!r}")
+        return ", ".join(parts) or "every layer"
+
+    def matches(self, name: str, module: Any, num_params: int) -> bool:
+        """Whether a layer block (its qualified ``name``, primary ``module`` and p_i) matches."""
+        if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
+            return False
+        if self.types is not None and not {c.__name__ for c in type(module).__mro__} & set(self.types):
+            return False
+        if self.min_params is not None and num_params < self.min_params:
+            return False
+        if self.max_params is not None and num_params > self.max_params:
+            return False
+        if self.predicate is not None:
+            try:
+                chosen = self.predicate(name, module)
+            except Exception as exc:
+                raise ConfigError(f"the predicate of a rule raised on layer {name!r}: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(chosen, bool):
+                raise ConfigError(f"the predicate of a rule returned {type(chosen).__name__} on layer {name!r}; "
+                                  "expected True or False")
+            return chosen
+        return True
 
 
 class PreconditionerConfig(StrictModel):
@@ -123,6 +224,9 @@ class PreconditionerConfig(StrictModel):
     update_every: int = Field(1, ge=1, description="T1: steps between curvature refreshes")
     invert_every: int = Field(1, ge=1, description="T2: steps between inversions (a multiple of T1)")
     ema: float | None = Field(0.95, ge=0.0, le=1.0, description="γ of the EMA ρ = min(1 − 1/k, γ); None: no average")
+    rules: tuple[LayerRule, ...] = Field(
+        (), description="per-layer rules, first match wins; the top-level fields are the default rule"
+    )
     distributed_inversion: Literal["broadcast", "direction", "replicated"] = Field(
         "broadcast",
         description="under torch.distributed: each layer inverted by one rank and the inverse broadcast, or the "
@@ -156,11 +260,30 @@ class PreconditionerConfig(StrictModel):
                 "distributed_inversion='direction' keeps each layer's inverse on one rank, and the coarse correction "
                 f"({self.coarse_space['kind']!r}) applies the first level to every layer on every rank; use 'broadcast'"
             )
+        self._check_rules()
         if self.coarse_space is None and self.coarse_mode != "multiplicative":
             raise ValueError(
                 f"coarse_mode={self.coarse_mode!r} needs a coarse_space (coarse_space is None: one level)"
             )
         return self
+
+    def _check_rules(self) -> None:
+        if not self.rules:
+            return
+        if self.preconditioner != "kronecker":
+            raise ValueError(f"rules compose the block-diagonal Kronecker preconditioner; preconditioner="
+                             f"{self.preconditioner!r} has no per-layer approximator")
+        if self.coarse_space is not None:
+            raise ValueError(f"rules with a coarse_space ({self.coarse_space['kind']!r}) are not supported yet: the "
+                             "coarse correction couples every layer with one first level; use one level with rules")
+        for i, rule in enumerate(self.rules):
+            t1 = self.update_every if rule.update_every is None else rule.update_every
+            t2 = self.invert_every if rule.invert_every is None else rule.invert_every
+            if t2 % t1 != 0:
+                raise ValueError(f"rules[{i}]: invert_every (T2 = {t2}) must be a multiple of update_every (T1 = {t1})")
+            if not rule.matchers and i < len(self.rules) - 1:
+                raise ValueError(f"rules[{i}] has no matcher, so it matches every layer and rules[{i + 1}:] can never "
+                                 "match; give it a matcher (match, types, min_params, max_params, predicate) or move it last")
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -230,14 +353,50 @@ class ResolvedKind:
 
 
 @dataclass(frozen=True)
+class ResolvedRule:
+    """The settings one group of layers gets: a rule of :attr:`PreconditionerConfig.rules`
+    (``index`` its position) or the default rule (``index`` ``None``: the top-level fields),
+    with the rule's unset fields taken from the default.
+
+    Attributes:
+        index: the rule's index in ``config.rules``; ``None`` for the default rule.
+        rule: the :class:`LayerRule` (``None`` for the default rule).
+        approximator, damping: the resolved kinds (``None`` for a fallback rule).
+        update_every, invert_every: T1 and T2 of the group.
+        fallback: the matched layers are left to the fallback optimizer.
+        own_damping: the rule sets its damping; ``False``: it shares the default rule's
+            damping object (the same λ, adapted once per step when adaptive).
+    """
+
+    index: int | None
+    rule: LayerRule | None
+    approximator: ResolvedKind | None
+    damping: ResolvedKind | None
+    update_every: int
+    invert_every: int
+    fallback: bool = False
+    own_damping: bool = False
+
+    @property
+    def label(self) -> str:
+        """``"rules[i]"`` or ``"default"`` (in messages and reports)."""
+        return "default" if self.index is None else f"rules[{self.index}]"
+
+
+@dataclass(frozen=True)
 class ResolvedConfig:
-    """A :class:`PreconditionerConfig` with every kind resolved and validated."""
+    """A :class:`PreconditionerConfig` with every kind resolved and validated.
+
+    ``groups`` holds one :class:`ResolvedRule` per rule of ``config.rules``, in order, then
+    the default rule (the top-level fields) last; without rules, the default rule alone.
+    """
 
     config: PreconditionerConfig
     curvature: ResolvedKind
     approximator: ResolvedKind
     damping: ResolvedKind
     coarse_space: ResolvedKind | None
+    groups: tuple[ResolvedRule, ...] = ()
 
     @property
     def lam(self) -> float | None:
@@ -267,6 +426,31 @@ def _resolve_kind(registry: Any, field: str, data: Mapping[str, Any], inherited:
     return ResolvedKind(field=field, kind=kind, spec=spec, options=model, data=options)
 
 
+def _resolve_rule(registry: Any, config: PreconditionerConfig, i: int, rule: LayerRule,
+                  default_approximator: ResolvedKind, default_damping: ResolvedKind) -> ResolvedRule:
+    """Rule i with the default's settings where it sets none; errors prefixed ``rules[i].``."""
+    t1 = config.update_every if rule.update_every is None else rule.update_every
+    t2 = config.invert_every if rule.invert_every is None else rule.invert_every
+    if rule.fallback:
+        return ResolvedRule(i, rule, None, None, t1, t2, fallback=True)
+    try:
+        approx = default_approximator if rule.approximator is None else _resolve_kind(
+            registry, "approximator", rule.approximator, {"ema": config.ema})
+        damp = default_damping if rule.damping is None else _resolve_kind(registry, "damping", rule.damping,
+                                                                         {"interval": t1})
+    except UnknownKindError as exc:
+        raise UnknownKindError(f"rules[{i}].{exc}") from None
+    except ConfigError as exc:
+        text = str(exc).replace("\napproximator.", f"\nrules[{i}].approximator.").replace(
+            "\ndamping.", f"\nrules[{i}].damping.")
+        raise ConfigError(f"rules[{i}]: {text}") from None
+    if rule.damping is not None and damp.spec.factory(damp.options).adaptive:
+        raise ConfigError(f"rules[{i}].damping: {damp.kind!r} adapts λ from the whole step's reduction ratio; an "
+                          "adaptive damping can only be the default rule's (the top-level damping, which rules without a damping "
+                          "share)")
+    return ResolvedRule(i, rule, approx, damp, t1, t2, own_damping=rule.damping is not None)
+
+
 def resolve_config(config: PreconditionerConfig, registry: Any) -> ResolvedConfig:
     """Resolve every ``kind`` of ``config`` in ``registry`` and validate its options.
 
@@ -288,7 +472,10 @@ def resolve_config(config: PreconditionerConfig, registry: Any) -> ResolvedConfi
     coarse = None
     if config.coarse_space is not None:
         coarse = _resolve_kind(registry, "coarse_space", config.coarse_space, {})
-    resolved = ResolvedConfig(config=config, curvature=curv, approximator=approx, damping=damp, coarse_space=coarse)
+    groups = [_resolve_rule(registry, config, i, rule, approx, damp) for i, rule in enumerate(config.rules)]
+    groups.append(ResolvedRule(None, None, approx, damp, config.update_every, config.invert_every, own_damping=True))
+    resolved = ResolvedConfig(config=config, curvature=curv, approximator=approx, damping=damp, coarse_space=coarse,
+                              groups=tuple(groups))
     if config.preconditioner != "kronecker" and resolved.lam is None:
         raise ConfigError(
             f"preconditioner={config.preconditioner!r} uses the damping's value as λ of (F + λI)⁻¹, but damping "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import operator
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
-from curvlib.capture.layout import LayerBlock, OnLayers, find_layers, unwrap_model
+from curvlib.capture.layout import BlockCandidate, LayerBlock, OnLayers, find_layers, leaving_out, unwrap_model
 from curvlib.coarse.api import two_level
 from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
@@ -63,12 +64,12 @@ from curvlib.damping.base import BlockInverse, Damping
 from curvlib.distributed import Shard, ShardedCurvature, resolve_process_group
 from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import BlockDiagonalOperator, LinearOperator, finite_screen
-from curvlib.precond.config import PreconditionerConfig, ResolvedConfig
+from curvlib.precond.config import PreconditionerConfig, ResolvedConfig, ResolvedRule
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
 
-__all__ = ["InversionReport", "NotReadyError", "Preconditioner", "UpdateInfo"]
+__all__ = ["InversionReport", "LayerGroup", "NotReadyError", "Preconditioner", "UpdateInfo"]
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4
 
 
 class NotReadyError(CurvlibError, RuntimeError):
@@ -149,6 +150,47 @@ class _PendingCapture:
     batch: Any
     operator: CurvatureOperator | None
     generator_after: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """The layers one rule gives its settings to, and their fits (replaced, never changed in
+    place: :meth:`Preconditioner.transaction` restores attributes by reference).
+
+    Attributes:
+        rule: the :class:`~curvlib.precond.config.ResolvedRule`.
+        damping: its damping object (the default rule's own object for a rule without one).
+        names: the layer blocks it holds at the latest refresh (``()``: none matched).
+        approximation: its fit of the latest refresh (over ``names``).
+        inverted_approximation: the fit its inverse was built from.
+        inverse: its :class:`BlockDiagonalInverse` (over ``names``).
+        inverted_damping_state: the damping's state at that inversion.
+        num_refreshes, num_inversions, last_refresh_step, last_inversion_step: its own schedule.
+    """
+
+    rule: ResolvedRule
+    damping: Damping | None
+    names: tuple[str, ...] = ()
+    approximation: Any = None
+    inverted_approximation: Any = None
+    inverse: Any = None
+    inverted_damping_state: dict[str, Any] | None = None
+    num_refreshes: int = 0
+    num_inversions: int = 0
+    last_refresh_step: int | None = None
+    last_inversion_step: int | None = None
+
+    @property
+    def kind(self) -> dict[str, Any]:
+        """The approximator kind mapping ``{"kind": ..., **options}`` (approximate's ``kind``)."""
+        rk = self.rule.approximator
+        return {"kind": rk.kind, **rk.data}
+
+    def refresh_due(self, k: int) -> bool:
+        return bool(self.names) and (self.approximation is None or k % self.rule.update_every == 0)
+
+    def inversion_due(self, k: int) -> bool:
+        return bool(self.names) and (self.inverse is None or k % self.rule.invert_every == 0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -264,7 +306,50 @@ def _curvature_from_state(state: Mapping[str, Any], layers: Sequence[LayerBlock]
     )
 
 
+def _joined(parts: Sequence[Any], damping: Damping | None = None) -> Any:
+    """The groups' block-diagonal fits (or, with ``damping``, inverses) as one operator over
+    the flat vector, blocks in layer order: the one part itself when there is one; ``None``
+    when there is none."""
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    items = sorted(((sl, block, name, part, j) for part in parts
+                    for j, (sl, block, name) in enumerate(zip(part.slices, part.blocks, part.names))),
+                   key=lambda t: t[0].start)
+    first = parts[0]
+    if damping is None:
+        return BlockDiagonalOperator([t[1] for t in items], [t[0] for t in items], p=first.p, layout=first.layout)
+    kept = [i for i, t in enumerate(items) if t[4] in t[3].kept_previous]
+    return BlockDiagonalInverse([t[1] for t in items], [t[0] for t in items], damping, p=first.p, kept_previous=kept,
+                                layout=first.layout, names=[t[2] for t in items],
+                                block_dampings=[t[3].damping for t in items])
+
+
 # --------------------------------------------------------------------------- the preconditioner
+
+
+def _state_v3_to_v4(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A state saved before rules (version 3: one approximator and damping for every layer)
+    as version 4: the default rule's group holding every layer."""
+    kronecker = state.get("preconditioner") == "kronecker"
+    layers = state.get("layers")
+    group = {
+        "rule": "default",
+        "approximator": state.get("approximator"),
+        "layers": [] if not kronecker or not isinstance(layers, (list, tuple))
+        else [e.get("name") if isinstance(e, Mapping) else e for e in layers],
+        "damping": None,
+        "inverted_damping": state.get("inverted_damping") if kronecker else None,
+        "approximation": state.get("approximation"),
+        "inverted_approximation": state.get("inverted_approximation"),
+        "inverted_is_latest": state.get("inverted_is_latest"),
+        "num_refreshes": state.get("num_refreshes") if kronecker else 0,
+        "num_inversions": state.get("num_inversions") if kronecker else 0,
+        "last_refresh_step": state.get("last_refresh_step") if kronecker else None,
+        "last_inversion_step": state.get("last_inversion_step") if kronecker else None,
+    }
+    out = {k: v for k, v in state.items() if k not in ("approximation", "inverted_approximation", "inverted_is_latest")}
+    out.update(version=4, groups=[group], inverted_damping=None if kronecker else state.get("inverted_damping"))
+    return out
 
 
 def _foreign_tensor(state: Any, dtype: torch.dtype, device: torch.device, where: str = "state") -> (
@@ -345,20 +430,36 @@ class Preconditioner(OnLayers, LinearOperator):
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.damping = resolved.damping.spec.factory(resolved.damping.options)
-        if not isinstance(self.damping, Damping):
-            raise ConfigError(f"damping kind {resolved.damping.kind!r} built a {type(self.damping).__name__}, "
-                              "expected a curvlib Damping")
+        self.damping = self._make_damping(resolved.groups[-1])  # the default rule's
+        self._dampings = [None if g.fallback else self.damping if not g.own_damping or g.index is None
+                          else self._make_damping(g) for g in resolved.groups]
         self._curvature_factory = resolved.curvature.spec.factory(resolved.curvature.options)
         self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
         self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
-        self._approximator_kind = {"kind": resolved.approximator.kind, **resolved.approximator.data}
         self.shard: Shard | None = self._make_shard(model, process_group)
         self._stream_seed: int | None = None
         if self.shard is not None:  # the ranks agree on the model and the configuration before anything else
             self.shard.agree(self._fingerprint(), 1)
             self._stream_seed = self.shard.broadcast_seed(self.generator.initial_seed())
         self._reset()
+
+    @staticmethod
+    def _make_damping(rule: ResolvedRule) -> Damping:
+        damping = rule.damping.spec.factory(rule.damping.options)
+        if not isinstance(damping, Damping):
+            where = "" if rule.index is None else f"{rule.label}: "
+            raise ConfigError(f"{where}damping kind {rule.damping.kind!r} built a {type(damping).__name__}, "
+                              "expected a curvlib Damping")
+        return damping
+
+    @property
+    def dampings(self) -> list[Damping]:
+        """The distinct damping objects: the default rule's first, then each rule's own."""
+        out: list[Damping] = [self.damping]
+        for d in self._dampings:
+            if d is not None and all(d is not e for e in out):
+                out.append(d)
+        return out
 
     def _make_shard(self, model: nn.Module, process_group: Any) -> Shard | None:
         """The :class:`~curvlib.distributed.Shard` under torch.distributed (None: one process),
@@ -370,6 +471,9 @@ class Preconditioner(OnLayers, LinearOperator):
         if cfg.preconditioner != "kronecker":
             raise ConfigError(f"preconditioner={cfg.preconditioner!r} inverts the dense curvature of one batch; under "
                               "torch.distributed use preconditioner='kronecker'")
+        if cfg.rules:
+            raise ConfigError("rules under torch.distributed are not supported yet: use one approximator and damping "
+                              "for every layer there")
         if not getattr(type(rk.spec.factory(rk.options)), "distributed", False):
             raise ConfigError(f"approximator {rk.kind!r} does not declare that it fits sharded statistics "
                               "(BlockApproximator.distributed): under torch.distributed its fits would differ between "
@@ -388,11 +492,12 @@ class Preconditioner(OnLayers, LinearOperator):
         self._layers: list[LayerBlock] | None = None
         self._excluded: list[str] = []
         self.curvature: Any = None
-        self.approximation: Any = None
-        self.inverse: Any = None
-        self._inverted_approximation: Any = None  # the approximation the inverse was built from
+        self._groups: tuple[LayerGroup, ...] = tuple(LayerGroup(rule, damping)
+                                                 for rule, damping in zip(self.resolved.groups, self._dampings))
+        self.approximation: Any = None  # the groups' fits joined (the one group's, without rules)
+        self.inverse: Any = None  # the groups' inverses joined
         self._inverted_curvature: Any = None  # natural-gradient references: F of the last inversion
-        self._inverted_damping_state: dict[str, Any] | None = None
+        self._inverted_damping_state: dict[str, Any] | None = None  # natural-gradient references
         self.last_inversion: InversionReport | None = None
         self._operator: Any = None  # what apply() multiplies by (two-level when configured)
         self._operator_lam: float | None = None  # λ the two-level operator was built with
@@ -424,12 +529,59 @@ class Preconditioner(OnLayers, LinearOperator):
     def refresh_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) captures the curvature."""
         k = self._step if step is None else _step_index(step, "Preconditioner.refresh_due")
-        return self._operator is None or k % self.config.update_every == 0
+        if self._operator is None:
+            return True
+        if self.config.preconditioner != "kronecker":
+            return k % self.config.update_every == 0
+        return any(g.refresh_due(k) for g in self._groups)
 
     def inversion_due(self, step: int | None = None) -> bool:
         """Whether :meth:`update` at ``step`` (default: :attr:`step`) rebuilds the inverse."""
         k = self._step if step is None else _step_index(step, "Preconditioner.inversion_due")
-        return self._operator is None or k % self.config.invert_every == 0
+        if self._operator is None:
+            return True
+        if self.config.preconditioner != "kronecker":
+            return k % self.config.invert_every == 0
+        return any(g.inversion_due(k) for g in self._groups)
+
+    @property
+    def groups(self) -> tuple[LayerGroup, ...]:
+        """One :class:`LayerGroup` per rule (``config.rules`` in order, the default rule last):
+        its layers, fits, inverse and own schedule counters."""
+        return self._groups
+
+    def rule_of(self, name: str) -> str:
+        """The rule a preconditioned layer block follows (``"rules[i]"`` or ``"default"``)."""
+        for g in self._groups:
+            if name in g.names:
+                return g.rule.label
+        raise ConfigError(f"Preconditioner.rule_of: no preconditioned layer {name!r}; layers: "
+                          f"{[n for g in self._groups for n in g.names]}")
+
+    def describe(self) -> str:
+        """A table of every layer block: the rule it matched, the approximator, damping and
+        T1/T2 it gets, its factor sizes, the memory of its fitted factors and the FLOPs of one
+        product with its fitted block (:mod:`curvlib.precond.explain`; ``curvlib explain``)."""
+        from curvlib.precond.explain import format_plan, layer_plan
+
+        return format_plan(layer_plan(self), torch.empty((), dtype=self.dtype).element_size())
+
+    def _rule_index(self, name: str, module: nn.Module, num_params: int) -> int:
+        """Index in :attr:`groups` of the first rule matching a layer block (the default: last)."""
+        for i, g in enumerate(self.resolved.groups[:-1]):
+            if g.rule.matches(name, module, num_params):
+                return i
+        return len(self.resolved.groups) - 1
+
+    def _leave_out(self) -> Any:
+        """The :func:`~curvlib.capture.layout.leaving_out` reason of the fallback rules (None: none)."""
+        if not any(g.fallback for g in self.resolved.groups):
+            return None
+
+        def reason(c: BlockCandidate) -> str | None:
+            rule = self.resolved.groups[self._rule_index(c.name, c.adapter.module, c.adapter.num_params)]
+            return f"left to the fallback optimizer by {rule.label} ({rule.rule.describe()})" if rule.fallback else None
+        return reason
 
     def __repr__(self) -> str:
         c = self.config
@@ -536,8 +688,9 @@ class Preconditioner(OnLayers, LinearOperator):
             return
         self._seed_stream()
         before = self.generator.get_state()
-        with factory.capturing(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
-                               **self._capture_options(batch)) as state:
+        with leaving_out(self._leave_out()), factory.capturing(
+                self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
+                **self._capture_options(batch)) as state:
             yield
         after = self.generator.get_state()
         self.generator.set_state(before)  # the draws are committed by the update that uses them
@@ -602,7 +755,7 @@ class Preconditioner(OnLayers, LinearOperator):
             self.generator.set_state(pending.generator_after)
         else:
             self._seed_stream()
-            with preserved_buffers(self.model), torch.enable_grad():
+            with preserved_buffers(self.model), torch.enable_grad(), leaving_out(self._leave_out()):
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                   **extra)
         bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
@@ -622,21 +775,14 @@ class Preconditioner(OnLayers, LinearOperator):
             return False
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
         if changed and extra.pop("verify", True) is False:  # another set of layers than the verified one: verify it
-            with preserved_buffers(self.model), torch.enable_grad():
+            with preserved_buffers(self.model), torch.enable_grad(), leaving_out(self._leave_out()):
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                   **extra)
         self._verified = key
-        if changed:
-            # a different set of layers (a module skipped by this forward): EMA and warm
-            # starts cannot continue, and the inverse is rebuilt at once
-            self.approximation = None
         if self.config.preconditioner == "kronecker":
-            approx = approximate(F, self._approximator_kind, previous=self.approximation, registry=self.registry,
-                                 shard=self.shard)
-            # Store the fit in the memory layout a checkpoint restores (factors stacked per
-            # layer, contiguous): BLAS rounding depends on strides, and a resumed run must
-            # compute with exactly the tensors the uninterrupted one uses.
-            self.approximation = type(approx).from_state_dict(approx.state_dict())
+            # a different set of layers (a module skipped by this forward): EMA and warm
+            # starts cannot continue, and the inverses are rebuilt at once
+            self._groups = self._refit(F, k, relayout=changed or self._layers is None)
         self.curvature = F
         self._layers = list(F.layers)
         self._excluded = list(F.excluded)
@@ -644,18 +790,60 @@ class Preconditioner(OnLayers, LinearOperator):
         self.last_refresh_step = k
         return changed
 
+    def _refit(self, F: Any, k: int, relayout: bool) -> tuple[LayerGroup, ...]:
+        """The groups after the refresh at step k: each group due refits its layers of ``F``
+        (``relayout``: the layers are assigned to the rules anew and every fit starts over)."""
+        groups = self._groups
+        if relayout:
+            names: list[list[str]] = [[] for _ in groups]
+            for L in F.layers:
+                i = self._rule_index(L.name, L.module, L.p_i)
+                if groups[i].rule.fallback:
+                    raise ConfigError(
+                        f"Preconditioner.update: the curvature kind {self.resolved.curvature.kind!r} captured layer "
+                        f"{L.name!r}, which {groups[i].rule.label} leaves to the fallback optimizer: this kind does "
+                        "not leave layers out (curvlib.capture.layout.leaving_out); use fisher, empirical_fisher or ggn"
+                    )
+                names[i].append(L.name)
+            groups = tuple(LayerGroup(g.rule, g.damping, tuple(n)) for g, n in zip(groups, names))
+        out = []
+        for g in groups:
+            if not g.refresh_due(k):
+                out.append(g)
+                continue
+            approx = approximate(F, g.kind, previous=g.approximation, registry=self.registry, layers=list(g.names),
+                                 shard=self.shard)
+            # Store the fit in the memory layout a checkpoint restores (factors stacked per
+            # layer, contiguous): BLAS rounding depends on strides, and a resumed run must
+            # compute with exactly the tensors the uninterrupted one uses.
+            approx = type(approx).from_state_dict(approx.state_dict())
+            out.append(dataclasses.replace(g, approximation=approx, num_refreshes=g.num_refreshes + 1,
+                                           last_refresh_step=k))
+        self.approximation = _joined([g.approximation for g in out if g.approximation is not None])
+        return tuple(out)
+
     def _invert(self, k: int) -> None:
         kind = self.config.preconditioner
-        self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
         if kind == "kronecker":
-            previous = self.inverse if isinstance(self.inverse, BlockDiagonalInverse) else None
-            if previous is not None and [b.shape for b in previous.blocks] != [
-                (s.stop - s.start,) * 2 for s in self.approximation.slices
-            ]:
-                previous = None
-            self.inverse = damped_inverse(self.approximation, self.damping, previous=previous, shard=self.shard)
-            self._inverted_approximation = self.approximation
+            groups = []
+            for g in self._groups:
+                if not g.inversion_due(k):
+                    groups.append(g)
+                    continue
+                state = copy.deepcopy(g.damping.state_dict())
+                previous = g.inverse if isinstance(g.inverse, BlockDiagonalInverse) else None
+                if previous is not None and [b.shape for b in previous.blocks] != [
+                    (s.stop - s.start,) * 2 for s in g.approximation.slices
+                ]:
+                    previous = None
+                inverse = damped_inverse(g.approximation, g.damping, previous=previous, shard=self.shard)
+                groups.append(dataclasses.replace(g, inverse=inverse, inverted_approximation=g.approximation,
+                                                  inverted_damping_state=state, num_inversions=g.num_inversions + 1,
+                                                  last_inversion_step=k))
+            self._groups = tuple(groups)
+            self.inverse = _joined([g.inverse for g in groups if g.inverse is not None], self.damping)
         else:
+            self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
             self.inverse = self._natural_gradient(self.curvature)
             self._inverted_curvature = self.curvature
         self.num_inversions += 1
@@ -806,7 +994,6 @@ class Preconditioner(OnLayers, LinearOperator):
         and — when the coarse correction or a natural-gradient reference needs it — the
         captured statistics of the curvature.  Loadable with ``torch.load(weights_only=True)``.
         """
-        inverted_same = self._inverted_approximation is self.approximation
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "preconditioner": self.config.preconditioner,
@@ -823,11 +1010,7 @@ class Preconditioner(OnLayers, LinearOperator):
             "excluded": list(self._excluded),
             "damping": copy.deepcopy(self.damping.state_dict()),
             "inverted_damping": copy.deepcopy(self._inverted_damping_state),
-            "approximation": None if self.approximation is None else self.approximation.state_dict(),
-            "inverted_approximation": None
-            if self._inverted_approximation is None or inverted_same
-            else self._inverted_approximation.state_dict(),
-            "inverted_is_latest": self._inverted_approximation is not None and inverted_same,
+            "groups": [self._group_state(g) for g in self._groups],
             "curvature": None,
             "inverted_curvature": None,
             "inverted_curvature_is_latest": False,
@@ -846,6 +1029,27 @@ class Preconditioner(OnLayers, LinearOperator):
                 state["inverted_curvature"] = _curvature_state(self._inverted_curvature)
         return state
 
+    @staticmethod
+    def _group_state(g: LayerGroup) -> dict[str, Any]:
+        same = g.inverted_approximation is g.approximation
+        own = g.rule.own_damping and g.rule.index is not None
+        return {
+            "rule": g.rule.label,
+            "approximator": None if g.rule.fallback else g.rule.approximator.kind,
+            "layers": list(g.names),
+            "damping": copy.deepcopy(g.damping.state_dict()) if own else None,
+            "inverted_damping": copy.deepcopy(g.inverted_damping_state),
+            "approximation": None if g.approximation is None else g.approximation.state_dict(),
+            "inverted_approximation": None
+            if g.inverted_approximation is None or same
+            else g.inverted_approximation.state_dict(),
+            "inverted_is_latest": g.inverted_approximation is not None and same,
+            "num_refreshes": g.num_refreshes,
+            "num_inversions": g.num_inversions,
+            "last_refresh_step": g.last_refresh_step,
+            "last_inversion_step": g.last_inversion_step,
+        }
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` into this preconditioner (built for the same model and config).
 
@@ -862,7 +1066,9 @@ class Preconditioner(OnLayers, LinearOperator):
         """
         caller = "Preconditioner.load_state_dict"
         if isinstance(state, Mapping) and state.get("version") == 2:  # saved before torch.distributed: one process
-            state = {**state, "version": _STATE_VERSION, "world_size": 1, "stream_seed": None}
+            state = {**state, "version": 3, "world_size": 1, "stream_seed": None}
+        if isinstance(state, Mapping) and state.get("version") == 3:  # saved before rules: one group
+            state = _state_v3_to_v4(state)
         with self.transaction(caller, "the state does not load"):
             self._load(state, caller)
             # whatever the loaders coerced (a NaN flag into True, a truncated tensor) shows here
@@ -882,14 +1088,15 @@ class Preconditioner(OnLayers, LinearOperator):
         objects (fits, inverses, curvatures are never changed in place)."""
         saved = dict(self.__dict__)
         generator_state = self.generator.get_state()
-        damping_state = copy.deepcopy(self.damping.state_dict())
+        damping_states = [(d, copy.deepcopy(d.state_dict())) for d in self.dampings]
         try:
             yield
         except BaseException as exc:
             self.__dict__.clear()
             self.__dict__.update(saved)
             self.generator.set_state(generator_state)
-            self.damping.load_state_dict(damping_state)
+            for d, dstate in damping_states:
+                d.load_state_dict(dstate)
             if what is None or isinstance(exc, ConfigError) or not isinstance(exc, Exception):
                 raise
             raise ConfigError(f"{caller}: {what} ({type(exc).__name__}: {exc}); the preconditioner is "
@@ -917,12 +1124,23 @@ class Preconditioner(OnLayers, LinearOperator):
                 raise ConfigError(f"{caller}: the state's curvature should hold the statistics of each of the {world} "
                                   "ranks")
             curvature_state = curvature_state[self.shard.rank]
-        for key in ("approximation", "inverted_approximation"):
-            saved = state.get(key)
-            if saved is not None and (not isinstance(saved, Mapping) or saved.get("kind") != self.resolved.approximator.kind):
-                got = saved.get("kind") if isinstance(saved, Mapping) else type(saved).__name__
-                raise ConfigError(f"{caller}: the state's {key} was fitted by {got!r}; this preconditioner uses "
-                                  f"{self.resolved.approximator.kind!r}")
+        groups = state.get("groups")
+        labels = [g.rule.label for g in self._groups]
+        if not isinstance(groups, (list, tuple)) or [g.get("rule") if isinstance(g, Mapping) else None
+                                                     for g in groups] != labels:
+            got = ([g.get("rule") if isinstance(g, Mapping) else type(g).__name__ for g in groups]
+                   if isinstance(groups, (list, tuple)) else type(groups).__name__)
+            raise ConfigError(f"{caller}: the state holds the groups {got}; this preconditioner's rules make {labels} "
+                              "(it was saved with other rules?)")
+        for g, saved_group in zip(self._groups, groups):
+            mine = None if g.rule.fallback else g.rule.approximator.kind
+            for key in ("approximation", "inverted_approximation"):
+                saved = saved_group.get(key)
+                if saved is not None and (not isinstance(saved, Mapping) or saved.get("kind") != mine):
+                    got = saved.get("kind") if isinstance(saved, Mapping) else type(saved).__name__
+                    where = "" if g.rule.index is None and len(labels) == 1 else f"{g.rule.label} "
+                    raise ConfigError(f"{caller}: the state's {where}{key} was fitted by {got!r}; this preconditioner "
+                                      f"uses {mine!r}")
         if state.get("operator_lam") is not None:  # (its type is checked by the round trip)
             positive_damping(state["operator_lam"], f"{caller}: operator_lam")
         bad = _foreign_tensor(state, self.dtype, self.device)
@@ -951,25 +1169,8 @@ class Preconditioner(OnLayers, LinearOperator):
             raise ConfigError(f"{caller}: the state's stream_seed is {seed!r}; expected "
                               f"{'None (one process)' if self.shard is None else 'an int (the seed of the ranks streams)'}")
         self._stream_seed = seed
-        self.approximation = (
-            None if state["approximation"] is None else BlockDiagonalApproximation.from_state_dict(state["approximation"])
-        )
-        for approx in (self.approximation,):
-            if approx is not None and layers is not None:
-                for i, name, fit in zip(approx.layer_indices, approx.names, approx.fits):
-                    L = layers[i]
-                    if name != L.name:
-                        raise ConfigError(f"{caller}: the state's approximation names layer {i} {name!r}, its layout "
-                                          f"{L.name!r}")
-                    if (fit.a_dim, fit.b_dim) != (L.a_dim, L.g_dim):
-                        raise ConfigError(
-                            f"{caller}: the state's factors of layer {L.name!r} are (d_a, d_g) = {(fit.a_dim, fit.b_dim)}, "
-                            f"the model's layer has {(L.a_dim, L.g_dim)}"
-                        )
-        if state["inverted_is_latest"]:
-            self._inverted_approximation = self.approximation
-        elif state["inverted_approximation"] is not None:
-            self._inverted_approximation = BlockDiagonalApproximation.from_state_dict(state["inverted_approximation"])
+        self._groups = tuple(self._load_group(g, saved, layers, caller) for g, saved in zip(self._groups, groups))
+        self.approximation = _joined([g.approximation for g in self._groups if g.approximation is not None])
         if curvature_state is not None:
             assert layers is not None
             self.curvature = _curvature_from_state(curvature_state, layers, caller)
@@ -978,17 +1179,25 @@ class Preconditioner(OnLayers, LinearOperator):
         elif state["inverted_curvature"] is not None:
             assert layers is not None
             self._inverted_curvature = _curvature_from_state(state["inverted_curvature"], layers, caller)
-        # rebuild the inverse with the damping in the state it was in at the inversion
-        if state["inverted_damping"] is not None and (
-            self._inverted_approximation is not None or self._inverted_curvature is not None
-        ):
-            self._load_damping(state["inverted_damping"], caller)
-            if self.config.preconditioner == "kronecker":
-                self.inverse = damped_inverse(self._inverted_approximation, self.damping, shard=self.shard)
-            else:
-                self.inverse = self._natural_gradient(self._inverted_curvature)
+        # rebuild the inverses with each damping in the state it was in at the inversion
+        if self.config.preconditioner == "kronecker":
+            rebuilt = []
+            for g in self._groups:
+                if g.inverted_damping_state is not None and g.inverted_approximation is not None:
+                    self._load_damping(g.damping, g.inverted_damping_state, caller)
+                    g = dataclasses.replace(g, inverse=damped_inverse(g.inverted_approximation, g.damping,
+                                                                      shard=self.shard))
+                rebuilt.append(g)
+            self._groups = tuple(rebuilt)
+            self.inverse = _joined([g.inverse for g in rebuilt if g.inverse is not None], self.damping)
+        elif state["inverted_damping"] is not None and self._inverted_curvature is not None:
+            self._load_damping(self.damping, state["inverted_damping"], caller)
+            self.inverse = self._natural_gradient(self._inverted_curvature)
             self._inverted_damping_state = copy.deepcopy(dict(state["inverted_damping"]))
-        self._load_damping(state["damping"], caller)
+        for g, saved in zip(self._groups, groups):
+            if saved["damping"] is not None:
+                self._load_damping(g.damping, saved["damping"], f"{caller}: {g.rule.label}")
+        self._load_damping(self.damping, state["damping"], caller)
         if self.inverse is not None:
             # an adaptive λ may have moved since the operator was built (after its refresh)
             self._build_operator(state.get("operator_lam"))
@@ -998,9 +1207,57 @@ class Preconditioner(OnLayers, LinearOperator):
         self.last_refresh_step = state["last_refresh_step"]
         self.last_inversion_step = state["last_inversion_step"]
 
-    def _load_damping(self, dstate: Mapping[str, Any], caller: str) -> None:
+    def _load_group(self, g: LayerGroup, saved: Mapping[str, Any], layers: list[LayerBlock] | None,
+                    caller: str) -> LayerGroup:
+        """A group from its saved state, its layers and fits checked against the model's layout."""
+        where = f"{caller}: {g.rule.label}"
+        names = saved["layers"]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{where}: the state's layers are {names!r}; expected a list of layer names")
+        by_name = {L.name: L for L in layers or []}
+        for n in names:
+            L = by_name.get(n)
+            if L is None:
+                raise ConfigError(f"{where}: the state's group holds layer {n!r}, which its layout does not have")
+            rule = self.resolved.groups[self._rule_index(L.name, L.module, L.p_i)]
+            if rule is not g.rule:
+                raise ConfigError(f"{where}: the state's group holds layer {n!r}, which this preconditioner's rules give "
+                                  f"to {rule.label}")
+        if (saved["damping"] is None) == (g.rule.own_damping and g.rule.index is not None):
+            raise ConfigError(f"{where}: the state's damping is {type(saved['damping']).__name__}; expected "
+                              f"{'its own damping state' if g.rule.own_damping else 'None (it shares the default one)'}")
+
+        def fit(key: str) -> Any:
+            if saved[key] is None:
+                return None
+            approx = BlockDiagonalApproximation.from_state_dict(saved[key])
+            if list(approx.names) != list(names):
+                raise ConfigError(f"{where}: the state's {key} covers layers {list(approx.names)}, its group {list(names)}")
+            for i, name, f in zip(approx.layer_indices, approx.names, approx.fits):
+                L = layers[i] if layers is not None and 0 <= i < len(layers) else None
+                if L is None or name != L.name:
+                    raise ConfigError(f"{caller}: the state's approximation names layer {i} {name!r}, its layout "
+                                      f"{None if L is None else L.name!r}")
+                if (f.a_dim, f.b_dim) != (L.a_dim, L.g_dim):
+                    raise ConfigError(
+                        f"{caller}: the state's factors of layer {L.name!r} are (d_a, d_g) = {(f.a_dim, f.b_dim)}, "
+                        f"the model's layer has {(L.a_dim, L.g_dim)}"
+                    )
+            return approx
+
+        approximation = fit("approximation")
+        inverted = approximation if saved["inverted_is_latest"] else fit("inverted_approximation")
+        counters = {}
+        for key in ("num_refreshes", "num_inversions"):
+            counters[key] = _step_index(saved[key], f"{where}: {key}")
+        for key in ("last_refresh_step", "last_inversion_step"):
+            counters[key] = None if saved[key] is None else _step_index(saved[key], f"{where}: {key}")
+        state = None if saved["inverted_damping"] is None else copy.deepcopy(dict(saved["inverted_damping"]))
+        return LayerGroup(g.rule, g.damping, tuple(names), approximation, inverted, None, state, **counters)
+
+    def _load_damping(self, damping: Damping, dstate: Mapping[str, Any], caller: str) -> None:
         try:
-            self.damping.load_state_dict(copy.deepcopy(dict(dstate)))
+            damping.load_state_dict(copy.deepcopy(dict(dstate)))
         except ConfigError as exc:
             raise ConfigError(f"{caller}: {exc}") from None
 
