@@ -17,6 +17,7 @@ from curvlib.errors import ConfigError, CurvlibError, DTypeDeviceError, ShapeErr
 from curvlib.plugins import load_registry
 from curvlib.precond import NotReadyError, build_preconditioner
 from curvlib.testing.compare import assert_close
+from curvlib.testing.references import dense_two_level_residual
 
 DT = torch.float64
 
@@ -318,20 +319,6 @@ def test_state_before_the_first_update_round_trips(registry):
 # -- the coarse correction ------------------------------------------------------------------------
 
 
-def _dense_two_level_residual(F_dense, M_dense, g, lam, slices, mode):
-    """(4.11)–(4.17) / (4.19) with the residual coarse space (4.34), V_i = (M r)[i], densely."""
-    Fb = F_dense + lam * torch.eye(F_dense.shape[0], dtype=DT)
-    zeta = M_dense @ g
-    r = g - Fb @ zeta
-    w = M_dense @ r
-    R0T = torch.zeros(F_dense.shape[0], len(slices), dtype=DT)
-    for j, sl in enumerate(slices):
-        R0T[sl, j] = w[sl]
-    Fc = R0T.T @ Fb @ R0T
-    rhs = R0T.T @ (r if mode == "multiplicative" else g)
-    return zeta + R0T @ torch.linalg.solve(Fc, rhs)
-
-
 @pytest.mark.parametrize("mode", ["multiplicative", "additive"])
 def test_coarse_correction_uses_the_latest_curvature_and_the_current_gradient(registry, mode):
     model = _mlp()
@@ -350,7 +337,7 @@ def test_coarse_correction_uses_the_latest_curvature_and_the_current_gradient(re
     M_dense = pre.inverse.to_dense()  # the first level from step 0
     for seed in (0, 1):
         g = torch.randn(pre.p, dtype=DT, generator=torch.Generator().manual_seed(seed))
-        expected = _dense_two_level_residual(F_dense, M_dense, g, lam, [L.slice for L in F.layers], mode)
+        expected = dense_two_level_residual(F_dense, M_dense, g, lam, [L.slice for L in F.layers], mode)
         assert_close(pre.apply(g), expected, msg=f"two-level {mode}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from curvlib.errors import ConfigError, UnknownKindError
 from curvlib.plugins import load_registry
 from curvlib.precond import PreconditionerConfig, build_preconditioner
 from curvlib.testing.compare import assert_close
+from curvlib.testing.references import dense_two_level_residual
 
 DT = torch.float64
 
@@ -148,7 +150,8 @@ def _train(opt, model, steps, seed0):
 
 
 @pytest.mark.filterwarnings("ignore::curvlib.ExcludedParametersWarning")
-def test_a_composed_optimizer_resumes_bit_identically(registry):
+@pytest.mark.parametrize("coarse", [None, "residual"])
+def test_a_composed_optimizer_resumes_bit_identically(registry, coarse):
     rules = [
         {"types": ["Conv2d"], "approximator": {"kind": "kpsvd", "max_iters": 30}, "damping": {"kind": "tikhonov", "value": 1e-2},
          "update_every": 2, "invert_every": 4},
@@ -156,7 +159,7 @@ def test_a_composed_optimizer_resumes_bit_identically(registry):
         {"types": ["LayerNorm"], "fallback": True},
     ]
     cfg = {"curvature": {"kind": "fisher", "mc_samples": 1}, "rules": rules, "update_every": 1, "invert_every": 2,
-           "damping": {"kind": "levenberg_marquardt", "value": 1e-2, "inner": "heuristic"}}
+           "damping": {"kind": "levenberg_marquardt", "value": 1e-2, "inner": "heuristic"}, "coarse_space": coarse}
 
     def build(seed):
         model = _Net(seed)
@@ -226,12 +229,10 @@ def test_an_unknown_kind_in_a_rule_names_the_rule(registry):
                              registry=registry)
 
 
-def test_rules_need_the_kronecker_preconditioner_and_one_level(registry):
+def test_rules_need_the_kronecker_preconditioner(registry):
     with pytest.raises(ConfigError, match="rules compose the block-diagonal Kronecker"):
         PreconditionerConfig(preconditioner="block_natural_gradient", damping={"kind": "tikhonov", "value": 1e-2},
                              rules=[{"match": "x"}])
-    with pytest.raises(ConfigError, match="not supported yet"):
-        PreconditionerConfig(coarse_space="residual", rules=[{"match": "x"}])
 
 
 def test_matchers(registry):
@@ -316,3 +317,59 @@ def test_curvlib_explain_prints_the_plan_of_a_config_file(tmp_path, monkeypatch,
     (tmp_path / "bad.yaml").write_text("rules:\n  - match: x\n    update_every: 3\n    invert_every: 4\n")
     assert main(["explain", "bad.yaml", "--model", "nets_for_explain:make"]) == 2
     assert "rules[0]: invert_every (T2 = 4) must be a multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["multiplicative", "additive"])
+def test_a_coarse_space_over_the_layers_rules_select(registry, mode):
+    """Two-level over the trunk only: R₀ᵀ has one column per selected layer and zero rows elsewhere,
+    so the head stays one-level (dense float64 reference of (4.17)/(4.19))."""
+    lam = 0.05
+    cfg = {"curvature": "ggn", "coarse_space": "residual", "coarse_mode": mode,
+           "damping": {"kind": "heuristic", "value": lam},
+           "rules": [{"match": "head", "approximator": "exact_block", "damping": {"kind": "tikhonov", "value": 1e-2}},
+                     {"types": ["Conv2d", "Linear"], "coarse": True}]}
+    model = _Net()
+    pre = build_preconditioner(model, nn.CrossEntropyLoss(), cfg, registry=registry)
+    pre.update(_batch(0))
+    F = pre.curvature
+    slices = [L.slice for L in F.layers if L.name in ("conv", "hidden")]
+    assert [g.rule.coarse for g in pre.groups] == [False, True, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F_dense = F.to_dense()
+    M_dense = pre.inverse.to_dense()
+    for seed in (0, 1):
+        g = torch.randn(pre.p, dtype=DT, generator=torch.Generator().manual_seed(seed))
+        expected = dense_two_level_residual(F_dense, M_dense, g, lam, slices, mode)
+        assert_close(pre.apply(g), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_coarse_membership_rules():
+    cfg = PreconditionerConfig(coarse_space="residual", rules=[{"match": "a", "coarse": False}, {"match": "b"}])
+    assert cfg._coarse_members() == [False, True, True]  # everything but rules[0]
+    cfg = PreconditionerConfig(coarse_space="residual", rules=[{"match": "a", "coarse": True}, {"match": "b"}])
+    assert cfg._coarse_members() == [True, False, False]  # exactly rules[0]
+    with pytest.raises(ConfigError, match=r"rules\[0\]: coarse=True needs a coarse_space"):
+        PreconditionerConfig(rules=[{"match": "a", "coarse": True}])
+    with pytest.raises(ConfigError, match="no rule puts any layer in the coarse space"):
+        PreconditionerConfig(coarse_space="residual", rules=[{"match": "a", "coarse": False}, {"coarse": False}])
+    with pytest.raises(ConfigError, match="coarse_mode='previous'"):
+        PreconditionerConfig(coarse_space="nicolaides", coarse_mode="previous", rules=[{"match": "a"}])
+
+
+def test_a_coarse_space_rule_that_matches_no_layer_is_refused_at_the_first_refresh(registry):
+    cfg = {"curvature": "ggn", "coarse_space": "residual", "rules": [{"match": "nothing*", "coarse": True}]}
+    pre = build_preconditioner(_Net(), nn.CrossEntropyLoss(), cfg, registry=registry)
+    with pytest.raises(ConfigError, match=r"no preconditioned layer is in the coarse space.*\['rules\[0\]'\]"):
+        pre.update(_batch(0))
+    assert pre.step == 0 and not pre.is_ready
+
+
+def test_the_coarse_spaces_needs_are_checked_for_each_rule_in_it(registry):
+    spectral = {"kind": "spectral", "source": "first_level"}
+    bad = {"curvature": "ggn", "coarse_space": spectral,
+           "rules": [{"match": "conv", "approximator": {"kind": "deflation", "rank": 2}, "damping": {"kind": "tikhonov", "value": 1e-2}}]}
+    with pytest.raises(ConfigError, match=r"rules\[0\]: incompatible kinds: coarse_space"):
+        build_preconditioner(_Net(), nn.CrossEntropyLoss(), bad, registry=registry)
+    bad["rules"][0]["coarse"] = False  # left one-level: nothing to check
+    build_preconditioner(_Net(), nn.CrossEntropyLoss(), bad, registry=registry)

@@ -205,12 +205,26 @@ def check_compatibility(resolved: ResolvedConfig) -> None:
                 _check_blocks(rule.approximator, rule.damping)
             except ConfigError as exc:
                 raise ConfigError(f"{rule.label}: {exc}") from None
-    approximator, damping, declared = _check_blocks(resolved.approximator, resolved.damping)
+    _check_blocks(resolved.approximator, resolved.damping)
     if resolved.coarse_space is None:
         return
     space = _build(resolved.coarse_space, CoarseSpace, "curvlib.coarse.CoarseSpace")
     needs = space.first_level_requirement()
-    if needs is None or declared is None or not isinstance(damping, Damping):
+    if needs is None:
+        return
+    for rule in resolved.groups:  # rule 3 for every group in the coarse space
+        if rule.coarse:
+            try:
+                _check_first_level(resolved.coarse_space, needs, rule.approximator, rule.damping)
+            except ConfigError as exc:
+                raise ConfigError(f"{rule.label}: {exc}" if resolved.config.rules else str(exc)) from None
+
+
+def _check_first_level(coarse: ResolvedKind, needs: Any, approximator_kind: ResolvedKind,
+                       damping_kind: ResolvedKind) -> None:
+    """Rule 3: the damping's inverses of the approximator's blocks offer what the coarse space needs."""
+    approximator, damping, declared = _check_blocks(approximator_kind, damping_kind)
+    if declared is None or not isinstance(damping, Damping):
         return
     kronecker = any(issubclass(c, KroneckerFactored) for c in declared.capabilities)
     counts: tuple[int | None, ...] | None = declared.term_counts() if kronecker else (None,)
@@ -223,9 +237,9 @@ def check_compatibility(resolved: ResolvedConfig) -> None:
         given = "; ".join(f"{n} term(s): {describe_capabilities(o)}" if n is not None else describe_capabilities(o)
                           for n, o in zip(counts, offers))
         raise ConfigError(
-            f"incompatible kinds: coarse_space = {KindOrigin.of(resolved.coarse_space.spec)} needs first-level blocks "
+            f"incompatible kinds: coarse_space = {KindOrigin.of(coarse.spec)} needs first-level blocks "
             f"that are {describe_capabilities(needs.any_of)} ({needs.reason}), but damping = "
-            f"{KindOrigin.of(resolved.damping.spec)} builds inverses of the {declared} of approximator = "
-            f"{KindOrigin.of(resolved.approximator.spec)} that are not ({given}); use the 'heuristic' damping, a "
+            f"{KindOrigin.of(damping_kind.spec)} builds inverses of the {declared} of approximator = "
+            f"{KindOrigin.of(approximator_kind.spec)} that are not ({given}); use the 'heuristic' damping, a "
             "one-term approximator, or source='auto'"
         )

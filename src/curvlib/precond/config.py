@@ -52,6 +52,7 @@ configuration is resolved against a plugin registry (:func:`resolve_config`, cal
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Mapping
@@ -117,7 +118,11 @@ class LayerRule(StrictModel):
     - ``update_every``, ``invert_every``: the layers' own T1 and T2 (T2 a multiple of T1);
     - ``fallback``: ``True`` leaves the matched layers out of the curvature — their
       parameters are updated by the optimizer's fallback (Adam or SGD), like parameters no
-      layer adapter covers; no other setting may be given then.
+      layer adapter covers; no other setting may be given then;
+    - ``coarse``: with a ``coarse_space``, whether the matched layers are in it (their rows
+      of the coarse basis R₀ᵀ; the others stay one-level).  When some rule says ``True``, the
+      coarse space covers exactly the layers of the rules that say ``True``; otherwise every
+      layer but those of the rules that say ``False``.
     """
 
     match: str | None = Field(None, min_length=1, description="glob on the layer's qualified name")
@@ -130,6 +135,7 @@ class LayerRule(StrictModel):
     update_every: int | None = Field(None, ge=1, description="T1 of the matched layers")
     invert_every: int | None = Field(None, ge=1, description="T2 of the matched layers")
     fallback: bool = Field(False, description="leave the matched layers to the fallback optimizer")
+    coarse: bool | None = Field(None, description="whether the matched layers are in the coarse space")
 
     @field_validator("approximator", "damping", mode="before")
     @classmethod
@@ -148,7 +154,8 @@ class LayerRule(StrictModel):
         if self.min_params is not None and self.max_params is not None and self.min_params > self.max_params:
             raise ValueError(f"min_params = {self.min_params} > max_params = {self.max_params}: the rule matches nothing")
         if self.fallback:
-            given = [k for k in ("approximator", "damping", "update_every", "invert_every") if getattr(self, k) is not None]
+            given = [k for k in ("approximator", "damping", "update_every", "invert_every", "coarse")
+                     if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"fallback=True leaves the layers to the fallback optimizer; {given} would not be used")
         return self
@@ -273,10 +280,18 @@ class PreconditionerConfig(StrictModel):
         if self.preconditioner != "kronecker":
             raise ValueError(f"rules compose the block-diagonal Kronecker preconditioner; preconditioner="
                              f"{self.preconditioner!r} has no per-layer approximator")
-        if self.coarse_space is not None:
-            raise ValueError(f"rules with a coarse_space ({self.coarse_space['kind']!r}) are not supported yet: the "
-                             "coarse correction couples every layer with one first level; use one level with rules")
+        if self.coarse_space is not None and self.coarse_mode == "previous":
+            raise ValueError("coarse_mode='previous' damps F̄•'s diagonal blocks like one first level does; with rules "
+                             "(several dampings) use 'multiplicative' or 'additive'")
+        members = self._coarse_members()
+        if not self.rules[-1].matchers:  # a last rule without matchers: the default rule matches nothing
+            members = members[:-1]
+        if self.coarse_space is not None and not any(members):
+            raise ValueError("no rule puts any layer in the coarse space: every rule says coarse=False and the default "
+                             "rule is left out")
         for i, rule in enumerate(self.rules):
+            if rule.coarse is not None and self.coarse_space is None:
+                raise ValueError(f"rules[{i}]: coarse={rule.coarse} needs a coarse_space (coarse_space is None: one level)")
             t1 = self.update_every if rule.update_every is None else rule.update_every
             t2 = self.invert_every if rule.invert_every is None else rule.invert_every
             if t2 % t1 != 0:
@@ -284,6 +299,15 @@ class PreconditionerConfig(StrictModel):
             if not rule.matchers and i < len(self.rules) - 1:
                 raise ValueError(f"rules[{i}] has no matcher, so it matches every layer and rules[{i + 1}:] can never "
                                  "match; give it a matcher (match, types, min_params, max_params, predicate) or move it last")
+
+    def _coarse_members(self) -> list[bool]:
+        """For each rule, then the default rule: whether its layers are in the coarse space
+        (:class:`LayerRule` ``coarse``)."""
+        if self.coarse_space is None:
+            return [False] * (len(self.rules) + 1)
+        if any(r.coarse is True for r in self.rules):
+            return [r.coarse is True for r in self.rules] + [False]
+        return [r.coarse is not False and not r.fallback for r in self.rules] + [True]
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -366,6 +390,7 @@ class ResolvedRule:
         fallback: the matched layers are left to the fallback optimizer.
         own_damping: the rule sets its damping; ``False``: it shares the default rule's
             damping object (the same λ, adapted once per step when adaptive).
+        coarse: its layers are in the coarse space (:class:`LayerRule` ``coarse``).
     """
 
     index: int | None
@@ -376,6 +401,7 @@ class ResolvedRule:
     invert_every: int
     fallback: bool = False
     own_damping: bool = False
+    coarse: bool = False
 
     @property
     def label(self) -> str:
@@ -474,6 +500,7 @@ def resolve_config(config: PreconditionerConfig, registry: Any) -> ResolvedConfi
         coarse = _resolve_kind(registry, "coarse_space", config.coarse_space, {})
     groups = [_resolve_rule(registry, config, i, rule, approx, damp) for i, rule in enumerate(config.rules)]
     groups.append(ResolvedRule(None, None, approx, damp, config.update_every, config.invert_every, own_damping=True))
+    groups = [dataclasses.replace(g, coarse=c) for g, c in zip(groups, config._coarse_members())]
     resolved = ResolvedConfig(config=config, curvature=curv, approximator=approx, damping=damp, coarse_space=coarse,
                               groups=tuple(groups))
     if config.preconditioner != "kronecker" and resolved.lam is None:

@@ -54,6 +54,7 @@ from torch import nn
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
 from curvlib.capture.layout import BlockCandidate, LayerBlock, OnLayers, find_layers, leaving_out, unwrap_model
 from curvlib.coarse.api import two_level
+from curvlib.coarse.basis import Partition
 from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
 from curvlib.curvatures.kinds import BuiltinCurvature, StatisticsCurvature
@@ -878,7 +879,23 @@ class Preconditioner(OnLayers, LinearOperator):
             self.config.coarse_mode,
             registry=self.registry,
             tko_diagonal=tko_diagonal,
+            partition=self._coarse_partition(),
         )
+
+    def _coarse_partition(self) -> Partition | None:
+        """With rules: one group per layer of the rules in the coarse space (the other layers'
+        rows of R₀ᵀ are zero: one level there); without: ``None``, every layer."""
+        if not self.config.rules:
+            return None
+        chosen = [L for L in self.curvature.layers
+                  for g in self._groups if g.rule.coarse and L.name in g.names]
+        if not chosen:
+            raise ConfigError(
+                "Preconditioner.update: no preconditioned layer is in the coarse space: the rules that put layers in it "
+                f"({[g.rule.label for g in self._groups if g.rule.coarse]}) matched none of "
+                f"{[L.name for L in self.curvature.layers]}")
+        chosen.sort(key=lambda L: L.slice.start)
+        return Partition([L.slice for L in chosen], self.curvature.shape[0], names=[L.name for L in chosen], cover=False)
 
     # -- application -------------------------------------------------------------------------
     def _check_ready(self, what: str) -> None:

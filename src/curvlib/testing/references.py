@@ -62,6 +62,7 @@ __all__ = [
     "dense_hessian_params",
     "dense_kfac_factors",
     "dense_tikhonov_solve",
+    "dense_two_level_residual",
     "flatten",
     "flatten_params",
     "k_factor",
@@ -678,3 +679,21 @@ def dense_tikhonov_solve(M: torch.Tensor, X: torch.Tensor, lam: float) -> torch.
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     y = torch.linalg.solve(M + lam * eye, vec(X).unsqueeze(-1)).squeeze(-1)
     return unvec(y, d_g, d_a)
+
+
+def dense_two_level_residual(F_dense: torch.Tensor, M_dense: torch.Tensor, g: torch.Tensor, lam: float,
+                             slices: Sequence[slice], mode: str = "multiplicative") -> torch.Tensor:
+    """The two-level direction (4.11)–(4.17) (``mode="multiplicative"``) or (4.19)
+    (``"additive"``) with the residual coarse space (4.34), densely: V_j = (M r)[slice j], the
+    rows outside every slice zero in R₀ᵀ (those coordinates one-level)."""
+    eye = torch.eye(F_dense.shape[0], dtype=F_dense.dtype, device=F_dense.device)
+    Fb = F_dense + lam * eye
+    zeta = M_dense @ g
+    r = g - Fb @ zeta
+    w = M_dense @ r
+    R0T = torch.zeros(F_dense.shape[0], len(slices), dtype=F_dense.dtype, device=F_dense.device)
+    for j, sl in enumerate(slices):
+        R0T[sl, j] = w[sl]
+    Fc = R0T.T @ Fb @ R0T
+    rhs = R0T.T @ (r if mode == "multiplicative" else g)
+    return zeta + R0T @ torch.linalg.solve(Fc, rhs)
