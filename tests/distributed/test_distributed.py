@@ -34,6 +34,11 @@ CASES = [
     {"model": "cnn", "config": {"curvature": {"kind": "fisher", "mc_samples": 2}, "approximator": "kpsvd",
                                 "damping": H, "coarse_space": "residual"}, "reference": False},
     {"model": "cnn", "config": {"curvature": "fisher", "damping": H}, "reference": False, "capture": True},
+    # a composed preconditioner: its own approximator, damping and schedule for the convolution,
+    # the coarse space over the linear layer only
+    {"model": "cnn", "config": {"curvature": "ggn", "damping": H, "coarse_space": "residual", "rules": [
+        {"types": ["Conv2d"], "approximator": {"kind": "kpsvd", **TIGHT}, "damping": {"kind": "tikhonov", "value": 1e-2},
+         "update_every": 2, "invert_every": 2, "coarse": False}]}},
 ]
 #: the inversion modes, the other SVD kinds and dampings (Tikhonov's exact two-term solve: PCG
 #: stops at its tolerance, which rounding moves), a schedule, a model without DDP (slow marker)
@@ -54,6 +59,9 @@ EXTRA = [
     {"model": "mlp", "config": {"curvature": "ggn", "damping": H}, "ddp": False},
     {"model": "mlp", "config": {"curvature": "ggn", "damping": H, "coarse_space": "nicolaides",
                                 "coarse_mode": "additive"}, "capture": True},
+    {"model": "mlp", "config": {"curvature": "ggn", "damping": H, "distributed_inversion": "direction",
+                                "rules": [{"match": "2", "damping": {"kind": "tikhonov", "value": 1e-2},
+                                           "update_every": 2, "invert_every": 4}]}},
 ]
 
 
@@ -64,7 +72,7 @@ def _name(case: dict) -> str:
                  else cfg["approximator"]["kind"])]
     parts += [f"+{cfg['coarse_space']}"] if cfg.get("coarse_space") else []
     parts += [cfg.get("distributed_inversion", "")] + ["no-ddp"] * (not case.get("ddp", True))
-    parts += ["capture"] * bool(case.get("capture")) + [cfg["damping"]["kind"]]
+    parts += ["capture"] * bool(case.get("capture")) + [cfg["damping"]["kind"]] + ["rules"] * bool(cfg.get("rules"))
     return "-".join(p for p in parts if p)
 
 

@@ -240,6 +240,14 @@ def _first_difference(a: Any, b: Any, where: str = "state") -> str | None:
     return None if type(a) is type(b) and a == b else where
 
 
+def _stable_text(value: Any) -> str:
+    """A JSON stand-in for a value that is not JSON (a rule's predicate), the same in every
+    process: a callable's qualified name, not its address."""
+    if callable(value):
+        return f"<{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}>"
+    return str(value)
+
+
 def _step_index(step: Any, caller: str) -> int:
     """A step index: an integer ≥ 0 (Python or NumPy/torch integer scalars)."""
     try:
@@ -468,17 +476,17 @@ class Preconditioner(OnLayers, LinearOperator):
         group = resolve_process_group(model, process_group)
         if group is None:
             return None
-        cfg, rk = self.config, self.resolved.approximator
+        cfg = self.config
         if cfg.preconditioner != "kronecker":
             raise ConfigError(f"preconditioner={cfg.preconditioner!r} inverts the dense curvature of one batch; under "
                               "torch.distributed use preconditioner='kronecker'")
-        if cfg.rules:
-            raise ConfigError("rules under torch.distributed are not supported yet: use one approximator and damping "
-                              "for every layer there")
-        if not getattr(type(rk.spec.factory(rk.options)), "distributed", False):
-            raise ConfigError(f"approximator {rk.kind!r} does not declare that it fits sharded statistics "
-                              "(BlockApproximator.distributed): under torch.distributed its fits would differ between "
-                              "the ranks; use kfac, kpsvd, deflation, lanczos or kfac_corrected")
+        for rule in self.resolved.groups:
+            rk = rule.approximator
+            if rk is not None and not getattr(type(rk.spec.factory(rk.options)), "distributed", False):
+                where = "" if rule.index is None else f"{rule.label}: "
+                raise ConfigError(f"{where}approximator {rk.kind!r} does not declare that it fits sharded statistics "
+                                  "(BlockApproximator.distributed): under torch.distributed its fits would differ "
+                                  "between the ranks; use kfac, kpsvd, deflation, lanczos or kfac_corrected")
         if cfg.coarse_space is not None and cfg.coarse_mode == "previous":
             raise ConfigError("coarse_mode='previous' builds F̄• from one batch's per-layer statistics; under "
                               "torch.distributed use 'multiplicative' or 'additive'")
@@ -734,7 +742,7 @@ class Preconditioner(OnLayers, LinearOperator):
         dtype, each configuration field and parameter shape; at a refresh (``F``, step ``k``)
         the step and the preconditioned layers."""
         lines = [f"world size {self.shard.world_size}", f"dtype {self.dtype}"]
-        lines += [f"configuration {key} = {json.dumps(value, sort_keys=True, default=str)}"
+        lines += [f"configuration {key} = {json.dumps(value, sort_keys=True, default=_stable_text)}"
                   for key, value in sorted(self.config.to_dict().items())]
         if F is None:
             lines += [f"parameter {name!r} {list(q.shape)}" for name, q in self.model.named_parameters()]
