@@ -15,6 +15,7 @@ from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWar
 from curvlib.capture.layout import LayerBlock
 from curvlib.curvatures.api import curvature
 from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
+from curvlib.curvatures.objective import Objective
 from curvlib.curvatures.operator import CurvatureBlock, CurvatureOperator, HessianOperator, NoStatisticsError
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping import BlockDiagonalInverse, damped_inverse
@@ -54,6 +55,7 @@ __all__ = [
     "LayerBlock",
     "LayerStatistics",
     "NoStatisticsError",
+    "Objective",
     "NumericalWarning",
     "PerformanceWarning",
     "__version__",

@@ -24,6 +24,7 @@ from typing import Any
 from curvlib.bench import report
 from curvlib.bench.job import BenchInterrupted, run_bench
 from curvlib.bench.methods import available_methods, resolve_method
+from curvlib.bench.progress import make_progress
 from curvlib.bench.problems import PROBLEMS, default_methods_of
 from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, BenchConfig, load_config_file
 from curvlib.errors import ConfigError, CurvlibError
@@ -177,6 +178,8 @@ def _list_problems() -> None:
     for name, builder in PROBLEMS.items():
         doc = (inspect.getdoc(builder) or "").split("\n")[0]
         sys.stdout.write(f"  {name:<24} {doc}\n")
+    sys.stdout.write(f"  {'mnist_gan':<24} WGAN-GP (DCGAN generator, conv critic) on MNIST: sgda adam kfac1 kfac2 "
+                     "kfac3, FID on MNIST-classifier features (docs/gan.md)\n")
 
 
 def _print_summary(summary: dict[str, Any], progress_mode: str) -> None:
@@ -203,6 +206,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list_problems:
         _list_problems()
         return 0
+    if args.problems and "mnist_gan" in args.problems:
+        return _bench_gan(args)
     if args.nproc is not None:
         return _bench_distributed(args)
     if args.distributed_inversion is not None:
@@ -256,6 +261,38 @@ def _bench_distributed(args: argparse.Namespace) -> int:
     if bad:
         sys.stderr.write(f"curvlib bench: the replicas of {', '.join(bad)} differ at the end\n")
         return 1
+    return 0
+
+
+#: the options ``mnist_gan`` takes (its own training loop: two players, FID; docs/gan.md)
+_GAN_TAKES = ("problems", "methods", "path", "small", "epochs", "batch_size", "seed", "seeds", "threads", "out", "name",
+              "progress", "no_plots", "func", "command", "list_methods", "list_problems")
+
+
+def _bench_gan(args: argparse.Namespace) -> int:
+    from curvlib.bench.gan import GanSpec, format_gan_summary, run_gan_bench
+    from curvlib.bench.job import default_out
+
+    if len(args.problems) != 1:
+        raise ConfigError(f"mnist_gan trains two players with its own loop: run it alone, not with {args.problems}")
+    used = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in _GAN_TAKES and v not in (None, False, [])]
+    if used:
+        raise ConfigError(f"mnist_gan does not take {', '.join(used)} (its options: --methods, --epochs, --batch-size, "
+                          "--seed, --seeds, --small, --path, --threads, --out, --name, --progress, --no-plots; docs/gan.md)")
+    fields = {"small": bool(args.small), "path": args.path, "threads": args.threads}
+    for key, value in (("methods", tuple(args.methods) if args.methods else None), ("epochs", args.epochs),
+                       ("batch_size", args.batch_size), ("seed", args.seed), ("seeds", args.seeds)):
+        if value is not None:
+            fields[key] = value
+    spec = GanSpec(**fields)
+    out = Path(args.out) if args.out else default_out(args.name)
+    sys.stdout.write(f"curvlib bench mnist_gan: {', '.join(spec.methods)}, {spec.epochs} epochs, batch {spec.batch_size}, "
+                     f"{spec.seeds} seed(s)\n")
+    sys.stdout.flush()
+    with make_progress(args.progress or "auto") as progress:
+        summary = run_gan_bench(spec, out, progress=progress, plots=not args.no_plots)
+    sys.stdout.write("\n" + format_gan_summary(summary) + f"\n\nresults: {out}\n")
     return 0
 
 

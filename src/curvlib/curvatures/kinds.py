@@ -159,12 +159,16 @@ class _HookedPass:
         self.operator: Any = None  # set by the kinds' capturing()
 
     def set_output(self, output: Any) -> None:
+        self.check_first_call()
+        self.output = output
+
+    def check_first_call(self, *_: Any) -> None:
         if self.output is not None:
             raise ConfigError(
                 "the model was called twice while its curvature statistics were being captured; call it once "
-                "on the batch (one forward pass per refresh)"
+                "on the batch (one forward pass per refresh; a second pass, such as a gradient penalty's, "
+                "after the block)"
             )
-        self.output = output
 
 
 @contextlib.contextmanager
@@ -194,18 +198,19 @@ def hooked_pass(model: nn.Module, loss_model: LossModel, batch: Any, registry: A
     m = split.num_samples
     with capture_forward(adapters, batch_size=m) as record:
         state = _HookedPass(record)
-        hook = model.register_forward_hook(lambda _m, _args, out: state.set_output(out)) if own_forward else None
+        hooks = [model.register_forward_pre_hook(state.check_first_call),  # before the layers' hooks record
+                 model.register_forward_hook(lambda _m, _args, out: state.set_output(out))] if own_forward else []
         try:
             yield state
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
     output = state.output
     if output is None:
         raise ConfigError("the model was not called on the batch while its curvature statistics were being captured")
     if not isinstance(output, torch.Tensor):
         raise UnsupportedLossError(f"expected the model to return one tensor, got {type(output).__name__}")
-    if not isinstance(target, torch.Tensor):
+    if loss_model.target_required and not isinstance(target, torch.Tensor):
         raise UnsupportedLossError(f"expected a target tensor, got {type(target).__name__}")
     if m is not None and output.ndim > 0 and output.shape[0] != m:
         raise ShapeError(f"the model's output has {output.shape[0]} entries on axis 0, the batch {m} samples")
@@ -392,7 +397,7 @@ class GGNCurvature(StatisticsCurvature):
     options_model = GGNOptions
 
     def _columns(self, loss_model, cap, generator):
-        return loss_model.ggn_columns(cap.output), 1.0 / cap.num_samples, None
+        return loss_model.ggn_columns(cap.output, cap.target), 1.0 / cap.num_samples, None
 
 
 class HessianCurvature(BuiltinCurvature):

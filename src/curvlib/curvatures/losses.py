@@ -151,9 +151,13 @@ class LossModel(abc.ABC):
         root_k = math.sqrt(self.k(output))
         return Columns(len(targets), lambda j: self.per_sample_gradients(output, targets[j]) / root_k)
 
+    #: whether the batch must carry a target tensor (an :class:`Objective` may ignore it)
+    target_required: bool = True
+
     @abc.abstractmethod
-    def ggn_columns(self, output: torch.Tensor) -> Columns:
-        """Columns of a square root of ∇²_f ℓ_b (``ggn``): Σ_j r_j[b] r_j[b]ᵀ = ∇²_f ℓ_b."""
+    def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
+        """Columns of a square root of ∇²_f ℓ_b (``ggn``): Σ_j r_j[b] r_j[b]ᵀ = ∇²_f ℓ_b
+        (``target``: the batch's targets, for a loss whose output Hessian depends on them)."""
 
     @abc.abstractmethod
     def sample_targets(self, output: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -217,7 +221,7 @@ class CrossEntropyLossModel(LossModel):
         """softmax over the classes, positions flattened: ``[m, C, D]``."""
         return torch.softmax(output.detach().reshape(output.shape[0], output.shape[1], -1), dim=1)
 
-    def ggn_columns(self, output: torch.Tensor) -> Columns:
+    def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
         p = self._probabilities(output)  # [m, C, D]
         m, C, D = p.shape
         scaled_root_p = (self.k(output) * p).sqrt()
@@ -273,7 +277,7 @@ class MSELossModel(_ElementwiseLossModel):
     def k(self, output: torch.Tensor) -> float:
         return 2.0 if self.reduction == "sum" else 2.0 / self.num_outputs(output)
 
-    def ggn_columns(self, output: torch.Tensor) -> Columns:
+    def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
         f = output.detach().reshape(output.shape[0], -1)
         return self._diagonal_columns(output, torch.full_like(f, math.sqrt(self.k(output))))
 
@@ -296,7 +300,7 @@ class BCEWithLogitsLossModel(_ElementwiseLossModel):
     def k(self, output: torch.Tensor) -> float:
         return 1.0 if self.reduction == "sum" else 1.0 / self.num_outputs(output)
 
-    def ggn_columns(self, output: torch.Tensor) -> Columns:
+    def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
         p = torch.sigmoid(output.detach().reshape(output.shape[0], -1))
         return self._diagonal_columns(output, (self.k(output) * p * (1 - p)).sqrt())
 
@@ -322,7 +326,7 @@ class BCELossModel(_ElementwiseLossModel):
     def k(self, output: torch.Tensor) -> float:
         return 1.0 if self.reduction == "sum" else 1.0 / self.num_outputs(output)
 
-    def ggn_columns(self, output: torch.Tensor) -> Columns:
+    def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
         p = output.detach().reshape(output.shape[0], -1)
         var = (p * (1 - p)).clamp_min(torch.finfo(p.dtype).tiny)
         return self._diagonal_columns(output, (self.k(output) / var).sqrt())
@@ -359,10 +363,13 @@ SUPPORTED_LOSSES: tuple[type[LossModel], ...] = (
 
 def loss_model_for(loss_fn: object) -> LossModel:
     """The :class:`LossModel` of a loss module; :class:`UnsupportedLossError` names the supported ones."""
+    own = getattr(type(loss_fn), "loss_model", None)  # a loss module declaring its own (curvlib.Objective)
+    if isinstance(loss_fn, nn.Module) and isinstance(own, type) and issubclass(own, LossModel):
+        return own(loss_fn)
     for cls in SUPPORTED_LOSSES:
         if type(loss_fn) is cls.loss_type:
             return cls(loss_fn)  # type: ignore[arg-type]
-    names = ", ".join(f"nn.{c.loss_type.__name__}" for c in SUPPORTED_LOSSES)
+    names = ", ".join(f"nn.{c.loss_type.__name__}" for c in SUPPORTED_LOSSES) + ", curvlib.Objective (any mean of per-sample terms)"
     got = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else repr(loss_fn)
     raise UnsupportedLossError(
         f"unsupported loss {got}; supported losses: {names} (reduction 'mean' or 'sum'; "

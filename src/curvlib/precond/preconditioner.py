@@ -57,7 +57,8 @@ from curvlib.coarse.api import two_level
 from curvlib.coarse.basis import Partition
 from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
-from curvlib.curvatures.kinds import BuiltinCurvature, StatisticsCurvature
+from curvlib.curvatures.kinds import BuiltinCurvature, FisherCurvature, StatisticsCurvature
+from curvlib.curvatures.objective import Objective
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
@@ -443,6 +444,9 @@ class Preconditioner(OnLayers, LinearOperator):
         self._dampings = [None if g.fallback else self.damping if not g.own_damping or g.index is None
                           else self._make_damping(g) for g in resolved.groups]
         self._curvature_factory = resolved.curvature.spec.factory(resolved.curvature.options)
+        if isinstance(self._curvature_factory, FisherCurvature) and isinstance(loss_fn, Objective):
+            raise ConfigError(f"curvature 'fisher' samples targets from the model's likelihood, and the objective "
+                              f"{loss_fn.name} is not one: use curvature 'empirical_fisher' or 'ggn'")
         self._verified: tuple[Any, ...] | None = None  # model state and batch shapes the per-sample probe passed on
         self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
         self.shard: Shard | None = self._make_shard(model, process_group)

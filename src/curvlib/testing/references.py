@@ -48,6 +48,8 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvlib.curvatures.objective import Objective
+
 __all__ = [
     "DT",
     "current_vector",
@@ -304,7 +306,7 @@ def loss_gradient(model: nn.Module, op: Any, loss_fn: nn.Module, X: torch.Tensor
 
 def k_factor(loss_fn: nn.Module, c: int | Sequence[int]) -> float:
     """k with ℓ_b = k·NLL_b, the per-sample loss convention of :mod:`curvlib.curvatures.losses`:
-    cross-entropy 1 (reduction "sum") or 1/D ("mean", D = prod(d) positions of logits
+    an :class:`~curvlib.Objective` 1; cross-entropy 1 (reduction "sum") or 1/D ("mean", D = prod(d) positions of logits
     ``[m, C, *d]``); MSE 2 ("sum") or 2/c ("mean"); BCE 1 ("sum") or 1/c ("mean").
 
     Args:
@@ -313,6 +315,8 @@ def k_factor(loss_fn: nn.Module, c: int | Sequence[int]) -> float:
             cross-entropy.
     """
     shape = (int(c),) if isinstance(c, int) else tuple(int(n) for n in c)
+    if isinstance(loss_fn, Objective):  # no likelihood to rescale: ℓ_b as the user defines it
+        return 1.0
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         positions = math.prod(shape[1:])
         return 1.0 if loss_fn.reduction == "sum" else 1.0 / positions
