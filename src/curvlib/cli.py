@@ -26,7 +26,7 @@ from curvlib.bench.job import BenchInterrupted, run_bench
 from curvlib.bench.methods import available_methods, resolve_method
 from curvlib.bench.progress import make_progress
 from curvlib.bench.problems import PROBLEMS, default_methods_of
-from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, BenchConfig, load_config_file
+from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_PROBLEMS, PROTOCOLS, BenchConfig, load_config_file, with_protocol
 from curvlib.errors import ConfigError, CurvlibError
 from curvlib.plugins import load_registry
 
@@ -103,6 +103,7 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`~curvlib.bench.settings.BenchConfig` of ``curvlib bench`` options:
     the ``--config`` file first, every option given on the command line on top."""
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    protocol = getattr(args, "protocol", None)
     problems = _names(args.problems)
     if problems is not None:
         data["problems"] = problems
@@ -159,6 +160,11 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
         data["plots"] = False
     if args.tensorboard is not None:
         data["tensorboard"] = args.tensorboard
+    if protocol is not None:
+        user_steps = "steps" in data
+        data = with_protocol(protocol, data)
+        if data.get("epochs") is not None and not user_steps:  # the user's run length wins over the protocol's
+            data.pop("steps")
     return BenchConfig.from_mapping(data, where=f"curvlib bench{' --config ' + args.config if args.config else ''}")
 
 
@@ -227,7 +233,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 #: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
-_NPROC_IGNORES = ("seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
+_NPROC_IGNORES = ("protocol", "seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
                   "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
                   "grid_damping", "grid_steps", "grid_kl_clip", "grid_cache", "target_loss", "target_margin",
                   "tensorboard", "config")
@@ -319,6 +325,10 @@ def _add_bench_parser(sub: Any) -> None:
     size.add_argument("--full", dest="small", action="store_const", const=False,
                       help="the thesis's full architectures and data")
     what.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (command-line options win)")
+    what.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                      help="the thesis's training protocol under the other options: T1 = T2 = 100, EMA 0.95, 1000 steps, "
+                      "3 seeds, early stopping, a grid search per method (thesis: reduced grid for 2 cores; "
+                      "thesis-full: the whole §3.3.2 grid); see docs/reproduction.md")
     what.add_argument("--list-methods", action="store_true", help="list the valid method names and exit")
     what.add_argument("--list-problems", action="store_true", help="list the problems and exit")
     what.add_argument("--nproc", type=int, metavar="N",

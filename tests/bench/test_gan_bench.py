@@ -48,3 +48,20 @@ def test_mnist_gan_refuses_what_it_does_not_take(tmp_path, capsys, argv, message
 def test_mnist_gan_runs_alone(tmp_path, capsys):
     assert main(["bench", "--problem", "mnist_gan", "mnist_cnn", "--out", str(tmp_path)]) == 2
     assert "run it alone" in capsys.readouterr().err
+
+
+def test_a_diverged_run_is_recorded_as_diverged_with_no_fid(tmp_path, monkeypatch):
+    from curvlib.bench.gan import GanSpec, PlayerSpec, format_gan_summary, run_gan_bench
+    from curvlib.bench.gan.players import METHODS
+
+    boom = PlayerSpec("sgd", 50.0)  # SGDA at lr 50: the critic's loss overflows within the epoch
+    monkeypatch.setitem(METHODS, "boom", (boom, boom))
+    summary = run_gan_bench(GanSpec(methods=("boom",), small=True, epochs=2, batch_size=32, threads=1), tmp_path,
+                            plots=False)
+    v = summary["methods"]["boom"]
+    assert v["status"] == "diverged" and v["final_fid"] is None
+    run = json.loads((tmp_path / "runs" / "boom-seed0.json").read_text())
+    assert len(run["epochs"]) == 2  # stopped after the epoch it diverged in
+    line = next(s for s in format_gan_summary(summary).splitlines() if s.startswith("boom"))
+    assert " - " in line and line.endswith("diverged")
+    json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN or Infinity

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from curvlib.bench.grid import THESIS_GRID_3_3_2
+from curvlib.bench.grid import THESIS_GRID_3_3_2, THESIS_KL_CLIPS
 from curvlib.bench.methods import Hyperparameters, Method
 from curvlib.bench.problems import PROBLEMS, Problem
 from curvlib.config import FrozenDict, StrictModel, load_config_mapping, validate_options
@@ -32,10 +32,12 @@ __all__ = [
     "DEFAULT_METHODS",
     "DEFAULT_PROBLEMS",
     "DEFAULT_STEPS",
+    "PROTOCOLS",
     "BenchConfig",
     "GridSettings",
     "MethodConfig",
     "load_config_file",
+    "with_protocol",
 ]
 
 #: Problems and methods of a bare ``curvlib bench``: the thesis's MNIST auto-encoder
@@ -45,6 +47,45 @@ __all__ = [
 DEFAULT_PROBLEMS: tuple[str, ...] = ("mnist_autoencoder",)
 DEFAULT_METHODS: tuple[str, ...] = ("sgd", "adam", "kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
 DEFAULT_STEPS = 200
+
+#: The §3.3.2 learning rates from 10⁻³ up, for the reduced protocol (2-core machines).
+_REDUCED_LR: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+#: ``curvlib bench --protocol NAME``: the thesis's training protocol (§3.3.2, §4.3) as the
+#: bottom layer of the settings — a ``--config`` file and the command line go on top.
+#: Both: T1 = T2 = 100, γ = 0.95, 1,000 steps evaluated every 20, 3 seeds, early stopping
+#: after 10 evaluations without improvement (§4.3, counted in evaluations), and a grid search
+#: per method selecting by the training loss (SGD keeps momentum 0.9). ``thesis`` searches
+#: lr ∈ {10⁻³, 3·10⁻³, …, 1} × λ ∈ {10⁻³, 10⁻², 10⁻¹} × c ∈ {10⁻², 10⁻³} with 100-step trials
+#: (42 points per natural-gradient method); ``thesis-full`` the whole §3.3.2 grid, lr and λ
+#: ∈ {10⁻⁴, 3·10⁻⁴, …, 3·10⁻¹} × c (128 points), for machines with time or a GPU.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "thesis": {
+        "steps": 1000, "eval_every": 20, "seeds": 3, "patience": 10,
+        "update_every": 100, "invert_every": 100, "ema": 0.95,
+        "grid": {"lr": _REDUCED_LR, "damping": (1e-3, 1e-2, 1e-1), "kl_clip": THESIS_KL_CLIPS, "steps": 100},
+    },
+    "thesis-full": {
+        "steps": 1000, "eval_every": 20, "seeds": 3, "patience": 10,
+        "update_every": 100, "invert_every": 100, "ema": 0.95,
+        "grid": {"lr": THESIS_GRID_3_3_2, "damping": THESIS_GRID_3_3_2, "kl_clip": THESIS_KL_CLIPS, "steps": 100},
+    },
+}
+
+
+def with_protocol(name: str | None, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a config file's mapping, then the command line) on top of protocol ``name``:
+    keys of ``data`` win, a ``grid`` mapping is merged key by key."""
+    if name is None:
+        return dict(data)
+    if name not in PROTOCOLS:
+        raise ConfigError(f"--protocol: expected one of {list(PROTOCOLS)}, got {name!r}")
+    out = {**PROTOCOLS[name], **data}
+    if isinstance(data.get("grid"), Mapping):
+        out["grid"] = {**PROTOCOLS[name]["grid"], **data["grid"]}
+    elif data.get("grid") is True:
+        out["grid"] = dict(PROTOCOLS[name]["grid"])
+    return out
 
 
 class MethodConfig(StrictModel):
