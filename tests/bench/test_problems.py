@@ -133,7 +133,7 @@ def test_small_problem_runs_forward_and_backward(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_conv_autoencoder"])
+@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_conv_autoencoder", "mnist_conv_bn_autoencoder"])
 def test_conv_models_full_size(name):
     _skip_without_data(name)
     problem = PROBLEMS[name]()
@@ -141,9 +141,11 @@ def test_conv_models_full_size(name):
     x = problem.dataset.X_train[:4]
     assert model(x).shape == ((4, 10) if name == "mnist_cnn" else (4, 784))
     assert any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if name == "mnist_conv_autoencoder":
+    if name != "mnist_cnn":
         convT = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
         assert len(convT) == 2 and all(m.output_padding == (1, 1) for m in convT)
+        norms = [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms == ([16, 32, 16] if name == "mnist_conv_bn_autoencoder" else [])
 
 
 def test_model_fn_is_seeded_and_leaves_global_rng_alone():

@@ -17,6 +17,7 @@ builder                        model (widths of the Linear layers, or layers) / 
 ``digits_mlp``                 64-15-15-15-15-10, CE, 1,000 8×8 digits (the seed-002 figure)
 ``mnist_cnn``                  2 × (Conv2d 5×5, ReLU, max-pool) + Linear, CE, MNIST
 ``mnist_conv_autoencoder``     2 strided Conv2d + 2 ConvTranspose2d (output_padding), BCE, MNIST
+``mnist_conv_bn_autoencoder``  the same with BatchNorm2d after the first three layers (§5.3.1)
 ``mnist_resnet``               conv-BN stem + 3 residual blocks (BatchNorm2d) + avg pool, CE, MNIST
 ``char_lm``                    4-block causal transformer LM, tied embedding, CE per character,
                                Python standard-library source text
@@ -67,7 +68,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from curvlib.bench.problems.extras import digits_autoencoder, digits_mlp, mnist_cnn, mnist_conv_autoencoder
+from curvlib.bench.problems.extras import (
+    digits_autoencoder,
+    digits_mlp,
+    mnist_cnn,
+    mnist_conv_autoencoder,
+    mnist_conv_bn_autoencoder,
+)
 from curvlib.bench.problems.model_factory import ModelFactory, init_module
 from curvlib.bench.problems.modern import MODERN_METHODS, char_lm, default_methods_of, mnist_resnet
 from curvlib.bench.problems.problem import Problem, Task
@@ -102,6 +109,7 @@ __all__ = [
     "digits_mlp",
     "mnist_cnn",
     "mnist_conv_autoencoder",
+    "mnist_conv_bn_autoencoder",
     "mnist_resnet",
     "char_lm",
     "MODERN_METHODS",
@@ -118,6 +126,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "digits_mlp": digits_mlp,
     "mnist_cnn": mnist_cnn,
     "mnist_conv_autoencoder": mnist_conv_autoencoder,
+    "mnist_conv_bn_autoencoder": mnist_conv_bn_autoencoder,
     "mnist_resnet": mnist_resnet,
     "char_lm": char_lm,
 }

@@ -12,7 +12,7 @@ from curvlib.bench.data import load_digits
 from curvlib.bench.problems.parts import check_widths, make_problem, mlp, mnist_data
 from curvlib.bench.problems.problem import Problem
 
-__all__ = ["digits_autoencoder", "digits_mlp", "mnist_cnn", "mnist_conv_autoencoder"]
+__all__ = ["digits_autoencoder", "digits_mlp", "mnist_cnn", "mnist_conv_autoencoder", "mnist_conv_bn_autoencoder"]
 
 
 def digits_autoencoder(*, small: bool = False, seed: int = 0, path: str | Path | None = None) -> Problem:
@@ -88,22 +88,37 @@ def mnist_conv_autoencoder(*, small: bool = False, seed: int = 0, path: str | Pa
     ``[B, 784]``; binary cross-entropy on logits, batch size 256. ``small``: 4 and 8
     channels, 1,024 images.
     """
+    return _conv_autoencoder("mnist_conv_autoencoder", batch_norm=False, small=small, seed=seed, path=path)
+
+
+def mnist_conv_bn_autoencoder(*, small: bool = False, seed: int = 0, path: str | Path | None = None) -> Problem:
+    """The convolutional auto-encoder of §5.3.1: :func:`mnist_conv_autoencoder` with a
+    BatchNorm2d after each of its first three layers (before the ReLU) — "four layers deep
+    and contain batch normalizations"; batch size 256. ``small``: 4 and 8 channels, 1,024 images.
+    """
+    return _conv_autoencoder("mnist_conv_bn_autoencoder", batch_norm=True, small=small, seed=seed, path=path)
+
+
+def _conv_autoencoder(name: str, *, batch_norm: bool, small: bool, seed: int, path: str | Path | None) -> Problem:
     c1, c2 = (4, 8) if small else (16, 32)
-    data = mnist_data(small, seed, path, "mnist_conv_autoencoder")
+    data = mnist_data(small, seed, path, name)
+
+    def norm(c: int) -> list[nn.Module]:
+        return [nn.BatchNorm2d(c)] if batch_norm else []
 
     def build() -> nn.Module:
         return nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)),
-            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+            nn.Conv2d(1, c1, 3, stride=2, padding=1), *norm(c1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), *norm(c2), nn.ReLU(),
+            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), *norm(c1), nn.ReLU(),
             nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1),
             nn.Flatten(),
         )
 
+    bn = "-bn" if batch_norm else ""
     return make_problem(
-        "mnist_conv_autoencoder", build=build, loss_fn=nn.BCEWithLogitsLoss(), dataset=data,
-        batch_size=256, task="autoencoder",
-        description=f"conv auto-encoder conv3x3/2({c1})-conv3x3/2({c2})-convT3x3/2({c1})-convT3x3/2(1) "
+        name, build=build, loss_fn=nn.BCEWithLogitsLoss(), dataset=data, batch_size=256, task="autoencoder",
+        description=f"conv auto-encoder conv3x3/2({c1}){bn}-conv3x3/2({c2}){bn}-convT3x3/2({c1}){bn}-convT3x3/2(1) "
         "on MNIST, ReLU, binary cross-entropy on logits",
     )
