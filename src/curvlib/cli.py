@@ -142,7 +142,7 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
                 entries[names.index(name)] = {**entries[names.index(name)], key: x}
             data["methods"] = entries
     if args.grid or any(getattr(args, k) is not None for k in ("grid_lr", "grid_damping", "grid_steps", "grid_kl_clip",
-                                                             "grid_cache")):
+                                                             "grid_cache", "grid_shard")):
         grid = data.get("grid")
         grid = {} if grid in (None, True, False) else dict(grid)
         if args.grid_lr is not None:
@@ -155,6 +155,8 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
             grid["kl_clip"] = args.grid_kl_clip
         if args.grid_cache is not None:
             grid["cache"] = args.grid_cache
+        if args.grid_shard is not None:
+            grid["shard"] = args.grid_shard
         data["grid"] = grid
     if args.no_plots:
         data["plots"] = False
@@ -226,6 +228,10 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\ncurvlib bench: interrupted after {exc.finished} of {exc.total} runs; "
                          f"results so far in {exc.out}\n")
         return EXIT_INTERRUPTED
+    if config.grid is not None and config.grid.shard is not None:
+        sys.stdout.write(f"\ngrid shard {config.grid.shard} done; its points are in {config.grid.cache}: run the same "
+                         "command without --grid-shard to choose and train\n")
+        return 0
     sys.stdout.write("\n")
     _print_summary(result.summary, config.progress)
     sys.stdout.write(f"\nresults: {result.out}\n")
@@ -233,7 +239,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 #: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
-_NPROC_IGNORES = ("protocol", "seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
+_NPROC_IGNORES = ("protocol", "grid_shard", "seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
                   "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
                   "grid_damping", "grid_steps", "grid_kl_clip", "grid_cache", "target_loss", "target_margin",
                   "tensorboard", "config")
@@ -379,6 +385,9 @@ def _add_bench_parser(sub: Any) -> None:
     hyper.add_argument("--grid-steps", type=int, help="steps of each grid trial (default: a quarter of --steps)")
     hyper.add_argument("--grid-kl-clip", type=_float_list, metavar="LIST",
                        help="KL clipping constants c of the grid (natural gradient; thesis §3.3.2: 1e-2,1e-3)")
+    hyper.add_argument("--grid-shard", metavar="I/N",
+                       help="train only shard I of N of every grid into --grid-cache and stop (no main runs): N jobs "
+                       "on one cache train the grid in parallel, then a run without --grid-shard chooses")
     hyper.add_argument("--grid-cache", metavar="DIR",
                        help="folder of finished grid points, reused by any grid that needs them (default: "
                        "grid/cache in --out)")

@@ -56,3 +56,37 @@ def test_an_unknown_protocol_is_refused(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--protocol", "thesiss"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_grid_shards_train_the_grid_together_and_the_final_run_only_chooses(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    common = ["bench", "--problem", "digits_autoencoder", "--small", "--methods", "adam", "kfac", "--steps", "4",
+              "--eval-every", "2", "--grid-lr", "0.01,0.1,0.3", "--grid-damping", "1e-3", "--grid-steps", "2",
+              "--grid-cache", str(cache), "--threads", "1", "--warmup-steps", "0", "--progress", "plain",
+              "--no-plots"]
+    for i in (1, 2):
+        assert main([*common, "--grid-shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")]) == 0
+        out = capsys.readouterr().out
+        assert f"grid shard {i}/2 done" in out and not (tmp_path / f"s{i}" / "runs").exists()
+        # 3 points per method: shard 1 trains points 0 and 2, shard 2 point 1
+        assert f"grid shard {i}/2: {2 if i == 1 else 1} point(s) trained, 0 found in the cache" in out
+    assert len(list(cache.glob("*.json"))) == 6
+    assert main([*common, "--out", str(tmp_path / "final")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("3 points, 3 from the cache") == 2  # the final run trained no grid point
+    alone = tmp_path / "alone"
+    k = common.index("--grid-cache")
+    assert main([*common[:k], *common[k + 2:], "--out", str(alone)]) == 0  # one job, its own cache
+    capsys.readouterr()
+    for method in ("adam", "kfac"):
+        a = json.loads((tmp_path / "final" / "grid" / f"digits_autoencoder__{method}.json").read_text())
+        b = json.loads((alone / "grid" / f"digits_autoencoder__{method}.json").read_text())
+        assert a["points"] == b["points"] and a["choice"]["lr"] == b["choice"]["lr"]  # same points as one job
+
+
+def test_a_grid_shard_is_checked(tmp_path, capsys):
+    base = ["bench", "--problem", "digits_autoencoder", "--small", "--grid-lr", "0.1", "--out", str(tmp_path)]
+    assert main([*base, "--grid-shard", "3/2", "--grid-cache", str(tmp_path / "c")]) == 2
+    assert "1 ≤ i ≤ n" in capsys.readouterr().err
+    assert main([*base, "--grid-shard", "1/2"]) == 2
+    assert "--grid-cache DIR" in capsys.readouterr().err

@@ -17,7 +17,9 @@ loss wins; a diverged run counts as +∞, ties go to the first point in grid ord
 With a ``cache`` folder every finished point is kept there as one JSON file named by a hash
 of everything the trial depends on (problem and its size, method, hyperparameters, steps,
 seed, evaluation size, curvlib version): a grid stopped half-way, or run again with more
-values, or a second grid sharing points, trains only the points it has not seen.
+values, or a second grid sharing points, trains only the points it has not seen. The same
+cache lets a grid be trained in parallel: :func:`grid_shard` trains every n-th point, so n
+jobs on one cache folder share the work, and the search on that cache then only chooses.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from curvlib.bench.progress import ProgressReporter
 from curvlib.bench.record import write_text_atomic
 from curvlib.bench.training import train
 
-__all__ = ["THESIS_GRID_3_3_2", "THESIS_GRID_4_3", "THESIS_KL_CLIPS", "GridPoint", "GridResult", "grid_search"]
+__all__ = ["THESIS_GRID_3_3_2", "THESIS_GRID_4_3", "THESIS_KL_CLIPS", "GridPoint", "GridResult", "GridShard",
+           "grid_search", "grid_shard"]
 
 #: The learning-rate and damping grid of the thesis's §3.3.2:
 #: {10⁻¹, 10⁻², 10⁻³, 10⁻⁴, 3·10⁻¹, 3·10⁻², 3·10⁻³, 3·10⁻⁴}.
@@ -175,43 +178,99 @@ def grid_search(
         cache: a folder of finished points (module docstring); ``None``: none.
         small: the problem's size, part of the cache key.
     """
-    if dampings is None:
-        dampings = THESIS_GRID_3_3_2 if method.is_natural_gradient else (None,)
-    if not method.is_natural_gradient:
-        dampings, kl_clips = (None,), (None,)
-    lrs, dampings, kl_clips = tuple(lrs), tuple(dampings), tuple(kl_clips or (None,))
+    grid = _Grid(problem, method, base, lrs, dampings, kl_clips, steps, seed, registry, eval_train_limit, cache, small)
     progress = progress or ProgressReporter()
     label = f"{problem.name} {method.name} grid"
-    total = len(lrs) * len(dampings) * len(kl_clips)
-    progress.start(label, total)
+    progress.start(label, len(grid.updates))
     points: list[GridPoint] = []
     best = math.inf
-    spent = 0.0
-    cached = 0
-    for lr in lrs:
-        for damping in dampings:
-            for c in kl_clips:
-                hp = base.model_copy(update=_update(lr, damping, c))
-                key = _cache_key(problem, small, method, hp, steps, seed, eval_train_limit)
-                point = _cached(cache, key)
-                if point is None:
-                    record = train(problem, method, hp, steps=steps, seed=seed, registry=registry, eval_every=steps,
-                                   eval_train_limit=eval_train_limit)
-                    loss = record.final_train_loss
-                    point = GridPoint(lr=lr, damping=damping, kl_clip=c, status=record.status,
-                                      final_train_loss=loss if loss is not None and math.isfinite(loss) else None,
-                                      steps=record.steps_done)
-                    spent += record.total_time
-                    _store(cache, key, point)
-                else:
-                    cached += 1
-                points.append(point)
-                best = min(best, point.score)
-                progress.update(label, len(points), best, spent)
-    result = GridResult(problem=problem.name, method=method.name, steps=steps, lrs=lrs, dampings=dampings,
-                        points=points, base=base, kl_clips=kl_clips, cached=cached)
+    for update in grid.updates:
+        points.append(grid.point(update))
+        best = min(best, points[-1].score)
+        progress.update(label, len(points), best, grid.spent)
+    result = GridResult(problem=problem.name, method=method.name, steps=steps, lrs=grid.lrs, dampings=grid.dampings,
+                        points=points, base=base, kl_clips=grid.kl_clips, cached=grid.cached)
     progress.finish(label, "ok" if not result.all_diverged else "diverged", result.best.final_train_loss)
     return result
+
+
+@dataclass(frozen=True)
+class GridShard:
+    """What :func:`grid_shard` did: its points trained, found in the cache, and left to the others."""
+
+    problem: str
+    method: str
+    shard: tuple[int, int]
+    trained: int
+    cached: int
+    left: int
+
+    def describe(self) -> str:
+        i, n = self.shard
+        return (f"grid shard {i}/{n}: {self.trained} point(s) trained, {self.cached} found in the cache, "
+                f"{self.left} left to the other shards")
+
+
+def grid_shard(problem: Problem, method: Method, base: Hyperparameters, *, shard: tuple[int, int],
+               cache: str | Path, lrs: Sequence[float] = THESIS_GRID_3_3_2,
+               dampings: Sequence[float | None] | None = None, steps: int, seed: int = 0, registry: Any = None,
+               progress: ProgressReporter | None = None, eval_train_limit: int | None = 10_000,
+               kl_clips: Sequence[float | None] | None = None, small: bool | None = None) -> GridShard:
+    """Shard ``i`` of ``n`` (1-based) of :func:`grid_search`'s points: the points k (grid order,
+    from 0) with k mod n = i − 1 that ``cache`` does not hold yet, trained and stored there. ``n``
+    jobs on one cache folder — processes, or machines sharing it — train the grid together;
+    :func:`grid_search` on that cache then trains nothing and chooses."""
+    i, n = shard
+    grid = _Grid(problem, method, base, lrs, dampings, kl_clips, steps, seed, registry, eval_train_limit, cache, small)
+    mine = [u for k, u in enumerate(grid.updates) if k % n == i - 1]
+    progress = progress or ProgressReporter()
+    label = f"{problem.name} {method.name} grid {i}/{n}"
+    progress.start(label, len(mine))
+    best = math.inf
+    for k, update in enumerate(mine):
+        best = min(best, grid.point(update).score)
+        progress.update(label, k + 1, best, grid.spent)
+    progress.finish(label, "ok", None if math.isinf(best) else best)
+    return GridShard(problem.name, method.name, (i, n), trained=len(mine) - grid.cached, cached=grid.cached,
+                     left=len(grid.updates) - len(mine))
+
+
+class _Grid:
+    """The points of one grid (learning rates outer, then dampings, then KL clips) and how one
+    is trained, or read from the cache."""
+
+    def __init__(self, problem: Problem, method: Method, base: Hyperparameters, lrs: Sequence[float],
+                 dampings: Sequence[float | None] | None, kl_clips: Sequence[float | None] | None, steps: int,
+                 seed: int, registry: Any, eval_train_limit: int | None, cache: str | Path | None,
+                 small: bool | None) -> None:
+        if dampings is None:
+            dampings = THESIS_GRID_3_3_2 if method.is_natural_gradient else (None,)
+        if not method.is_natural_gradient:
+            dampings, kl_clips = (None,), (None,)
+        self.lrs, self.dampings, self.kl_clips = tuple(lrs), tuple(dampings), tuple(kl_clips or (None,))
+        self.updates = [(lr, d, c) for lr in self.lrs for d in self.dampings for c in self.kl_clips]
+        self.problem, self.method, self.base, self.steps, self.seed = problem, method, base, steps, seed
+        self.registry, self.eval_train_limit, self.cache, self.small = registry, eval_train_limit, cache, small
+        self.spent = 0.0
+        self.cached = 0
+
+    def point(self, update: tuple[float, float | None, float | None]) -> GridPoint:
+        lr, damping, c = update
+        hp = self.base.model_copy(update=_update(lr, damping, c))
+        key = _cache_key(self.problem, self.small, self.method, hp, self.steps, self.seed, self.eval_train_limit)
+        point = _cached(self.cache, key)
+        if point is not None:
+            self.cached += 1
+            return point
+        record = train(self.problem, self.method, hp, steps=self.steps, seed=self.seed, registry=self.registry,
+                       eval_every=self.steps, eval_train_limit=self.eval_train_limit)
+        loss = record.final_train_loss
+        point = GridPoint(lr=lr, damping=damping, kl_clip=c, status=record.status,
+                          final_train_loss=loss if loss is not None and math.isfinite(loss) else None,
+                          steps=record.steps_done)
+        self.spent += record.total_time
+        _store(self.cache, key, point)
+        return point
 
 
 def _update(lr: float, damping: float | None, kl_clip: float | None) -> dict[str, Any]:

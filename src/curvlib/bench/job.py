@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from curvlib.bench import report
-from curvlib.bench.grid import grid_search
+from curvlib.bench.grid import grid_search, grid_shard
 from curvlib.bench.methods import Method, resolve_method
 from curvlib.bench.problems import PROBLEMS, Problem
 from curvlib.bench.progress import ProgressReporter, make_progress
 from curvlib.bench.record import RunRecord, versions, write_text_atomic
-from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_STEPS, BenchConfig, MethodConfig
+from curvlib.bench.settings import DEFAULT_METHODS, DEFAULT_STEPS, BenchConfig, MethodConfig, shard_of
 from curvlib.bench.tensorboard import require_tensorboard, write_tensorboard
 from curvlib.bench.training import steps_per_epoch, train, warm_up
 from curvlib.errors import ConfigError
@@ -210,6 +210,17 @@ def run_bench(
             for method, entry in methods[problem.name]:
                 hp = config.hyperparameters(method, entry, problem)
                 grid_info = None
+                if config.grid is not None and config.grid.shard is not None:  # this shard's points only
+                    done = grid_shard(
+                        problem, method, hp, shard=shard_of(config.grid.shard), cache=config.grid.cache,
+                        lrs=config.grid.lr, dampings=config.grid.damping if method.is_natural_gradient else (None,),
+                        steps=config.grid.steps or max(10, steps // 4), seed=config.seed, registry=registry,
+                        progress=progress, eval_train_limit=config.eval_train_limit, kl_clips=config.grid.kl_clip,
+                        small=config.small,
+                    )
+                    grids[(problem.name, method.name)] = done
+                    progress.message(f"[{problem.name} {method.name}] {done.describe()}")
+                    continue
                 if config.grid is not None:
                     grid_steps = config.grid.steps or max(10, steps // 4)
                     result = grid_search(
@@ -254,6 +265,8 @@ def run_bench(
         if own_progress:
             progress.close()
         torch.set_num_threads(threads_before)
+    if config.grid is not None and config.grid.shard is not None:  # no main runs: nothing to summarize
+        return BenchResult(config=config, out=out_dir, records=[], summary={}, grids=grids, files=files)
     summary, table = _write_summary(out_dir, records, config, total)
     files.extend(summary_files)
     if config.plots:

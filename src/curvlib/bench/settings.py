@@ -143,6 +143,10 @@ class GridSettings(StrictModel):
         cache: the folder of finished grid points (:mod:`curvlib.bench.grid`); ``None``:
             ``grid/cache`` in the results directory (a run resumed into the same ``--out``
             reuses its points).
+        shard: ``"i/n"``: train only shard i of n of every grid (every n-th point, from the
+            i-th) into ``cache`` and stop there, no main runs — n jobs on one cache folder train
+            the grid in parallel; a run without ``shard`` on that cache then chooses
+            (:func:`~curvlib.bench.grid.grid_shard`). Needs ``cache``.
     """
 
     lr: tuple[float, ...] = THESIS_GRID_3_3_2
@@ -150,6 +154,21 @@ class GridSettings(StrictModel):
     steps: int | None = Field(None, ge=1)
     kl_clip: tuple[float, ...] | None = None
     cache: str | None = None
+    shard: str | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            shard_of(value)
+        return value
+
+    @model_validator(mode="after")
+    def _shard_needs_cache(self) -> GridSettings:
+        if self.shard is not None and self.cache is None:
+            raise ValueError("a grid shard writes its points into the cache the other shards and the final run "
+                             "read: give the grid a cache folder (--grid-cache DIR), the same for every shard")
+        return self
 
     @field_validator("lr", "damping", "kl_clip")
     @classmethod
@@ -159,6 +178,17 @@ class GridSettings(StrictModel):
         if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
             raise ValueError(f"a grid needs at least one value, all positive and finite; got {list(values)}")
         return values
+
+
+def shard_of(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with 1 ≤ i ≤ n (a grid shard, :class:`GridSettings`)."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"a grid shard is written i/n (e.g. 1/2), got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"a grid shard i/n needs 1 ≤ i ≤ n, got {text!r}")
+    return i, n
 
 
 class BenchConfig(StrictModel):
