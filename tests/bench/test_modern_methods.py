@@ -77,7 +77,8 @@ def test_reduce_suffix_sets_weight_sharing_reduce(registry):
         assert "reduce" in method.description
         config = method.preconditioner_config(method.default_hyperparameters())
         assert config["approximator"]["kind"] == kind and config["approximator"]["weight_sharing"] == "reduce"
-        assert config["damping"]["kind"] == "heuristic"
+        plain = resolve_method(kind, registry)  # the kind's own default damping (kfac_lowrank: tikhonov)
+        assert config["damping"]["kind"] == plain.preconditioner_config(plain.default_hyperparameters())["damping"]["kind"]
     # the plain name keeps the approximator's own default (expand)
     plain = resolve_method("kfac", registry)
     assert plain.approximator_options == ()

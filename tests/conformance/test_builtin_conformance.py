@@ -69,6 +69,21 @@ class TestKFACCorrectedConformance(_Builtin, ApproximatorConformance):
     exact_on_rank_one = True
 
 
+class TestKFACLowRankConformance(_Builtin, ApproximatorConformance):
+    kind = "kfac_lowrank"
+    options = {"rank": 3, "tol": 1e-12, "max_iters": 400}
+    bad_options = ({"rank": 0}, {"depth": 1}, {"tol": 1.0})
+    psd = True  # A⊗G plus the positive part of the residual's top eigenpairs
+    exact_on_rank_one = True  # the residual vanishes
+
+
+class TestTNTConformance(_Builtin, ApproximatorConformance):
+    kind = "tnt"
+    bad_options = ({"ema": 1.5}, {"weight_sharing": "reduce"})
+    psd = True
+    exact_on_rank_one = True  # one sample: C_a ⊗ C_g / t = D Dᵀ ⊗ ... = F
+
+
 class TestExactBlockConformance(_Builtin, ApproximatorConformance):
     kind = "exact_block"
     bad_options = ({"dense_max": -1},)

@@ -29,6 +29,7 @@ from torch import nn
 
 import curvlib
 from curvlib.approximators.exact import ExactBlock
+from curvlib.approximators.lowrank import KroneckerLowRank
 from curvlib.curvatures.statistics import LayerStatistics, Use
 from curvlib.damping import (
     BlockDiagonalInverse,
@@ -473,6 +474,26 @@ class TestExactBlock(OperatorConformance):
     def make_operator(self):
         stats = conv_stats(50)
         return ExactBlock(stats), ref.dense_block(stats)
+
+
+class TestKroneckerLowRank(OperatorConformance):
+    """A ⊗ G + Σ_j s_j vec(U_j) vec(U_j)ᵀ from torch.kron and outer products of the columns."""
+
+    def make_operator(self):
+        A, G = spd(4, 55), spd(3, 56)
+        Q, _ = torch.linalg.qr(randn(12, 2, seed=57))
+        U = Q.T.reshape(2, 4, 3).transpose(1, 2)  # MAT of each column (column-major vec)
+        s = torch.tensor([2.0, 0.5], dtype=F64)
+        return KroneckerLowRank(A, G, U, s), kron(A, G) + (Q * s) @ Q.T
+
+
+class TestKroneckerLowRankTikhonovInverse(OperatorConformance):
+    """(A ⊗ G + U S Uᵀ + λI)⁻¹ by Woodbury against the dense inverse."""
+
+    def make_operator(self):
+        block, dense = TestKroneckerLowRank().make_operator()
+        op = TikhonovDamping(value=LAM).invert(block)
+        return op, inv(dense + LAM * torch.eye(12, dtype=F64))
 
 
 class TestEKFACBlock(OperatorConformance):

@@ -59,10 +59,10 @@ def make_batch():
 #: approximator config -> ("kronecker", possible numbers of terms) or ("shift", None)
 def blocks_of(approx: dict) -> tuple[str, set[int] | None]:
     kind = approx["kind"]
-    if kind == "exact_block":
-        return "shift", None  # an ExactBlock: tikhonov_solve, no factors
+    if kind in ("exact_block", "kfac_lowrank"):
+        return "shift", None  # an ExactBlock / A⊗G + USUᵀ: tikhonov_solve, no factors
     terms = {"kfac": {1, 2},  # two for a weight tied in transposed form
-             "kpsvd": {1}, "kfac_corrected": {2}}.get(kind)
+             "kpsvd": {1}, "kfac_corrected": {2}, "tnt": {1}}.get(kind)
     if terms is None:
         terms = {approx.get("rank", 2)}  # deflation, lanczos
     return "kronecker", terms
@@ -107,7 +107,7 @@ APPROXIMATOR_VARIANTS = {"deflation": [{"rank": 1}, {}, {"rank": 3}], "lanczos":
 DAMPING_VARIANTS = {"levenberg_marquardt": [{}, {"inner": "heuristic"}]}
 COARSE_VARIANTS = {"spectral": [{}, {"source": "first_level"}, {"source": "statistics"}]}
 KNOWN = {
-    "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "exact_block"},
+    "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "tnt", "exact_block"},
     "dampings": {"tikhonov", "heuristic", "levenberg_marquardt"},
     "coarse_spaces": {"nicolaides", "spectral", "krylov", "residual", "taylor"},
     "curvatures": {"fisher", "empirical_fisher", "ggn", "hessian"},

@@ -6,6 +6,8 @@ operator (DESIGN.md §3), and the errors of §3.3.1.
 - :mod:`~curvlib.approximators.kfac` — ``kfac`` (3.19), KFC (3.29)–(3.30), §5.2.3;
 - :mod:`~curvlib.approximators.svd_based` — ``kpsvd`` (3.22), ``deflation``
   (§3.2.3.1), ``lanczos`` (§3.2.3.2), ``kfac_corrected`` (3.26);
+- :mod:`~curvlib.approximators.lowrank` — ``kfac_lowrank`` (A⊗G plus low rank, Woodbury);
+- :mod:`~curvlib.approximators.tnt` — ``tnt`` (tensor normal training's mode covariances);
 - :mod:`~curvlib.approximators.exact` — ``exact_block`` (:class:`ExactBlock`, (4.52));
 - :mod:`~curvlib.approximators.api` — :func:`approximate`, :class:`BlockDiagonalApproximation`,
   :func:`approximation_error`.
@@ -28,6 +30,8 @@ from curvlib.approximators.base import (
 )
 from curvlib.approximators.exact import ExactBlock, ExactBlockApproximator, ExactBlockOptions, pair_gram
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions, kfac_factors
+from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions, KroneckerLowRank
+from curvlib.approximators.tnt import TNTApproximator, TNTOptions, mode_covariances
 from curvlib.approximators.svd_based import (
     DeflationApproximator,
     DeflationOptions,
@@ -56,18 +60,24 @@ __all__ = [
     "KFACApproximator",
     "KFACCorrectedApproximator",
     "KFACCorrectedOptions",
+    "KFACLowRankApproximator",
+    "KFACLowRankOptions",
     "KFACOptions",
     "KPSVDApproximator",
     "KPSVDOptions",
     "LanczosApproximator",
     "LanczosOptions",
+    "KroneckerLowRank",
     "LayerFit",
+    "TNTApproximator",
+    "TNTOptions",
     "align_signs",
     "approximate",
     "approximation_error",
     "ema_rho",
     "ema_terms",
     "kfac_factors",
+    "mode_covariances",
     "pair_gram",
     "z_operator",
 ]

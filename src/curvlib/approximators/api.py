@@ -46,7 +46,7 @@ from curvlib.approximators.svd_based import z_operator
 from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import BlockDiagonalOperator, KroneckerSum, VectorLayout, vec
+from curvlib.linalg import BlockDiagonalOperator, KroneckerFactored, KroneckerSum, LayerBlockOperator, VectorLayout, vec
 from curvlib.plugins import load_registry
 from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
 
@@ -398,10 +398,13 @@ def _dense_kronecker_sum(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> 
     return M
 
 
-def _spectrum(block: KroneckerSum | ExactBlock, p: int) -> torch.Tensor:
+def _spectrum(block: LayerBlockOperator, p: int) -> torch.Tensor:
     """All p eigenvalues of a fitted block, float64, descending."""
     if isinstance(block, ExactBlock):
         ev = block.nonzero_spectrum()
+    elif not isinstance(block, KroneckerFactored):  # another block (kfac_lowrank, a plugin's): dense, O(p³)
+        M = block.to_dense()
+        ev = torch.linalg.eigvalsh(0.5 * (M + M.T))
     else:
         live = [(A, B) for A, B in block.terms if bool(A.any()) and bool(B.any())]
         if not live:
@@ -418,16 +421,25 @@ def _spectrum(block: KroneckerSum | ExactBlock, p: int) -> torch.Tensor:
     return ev[:p] if ev.shape[0] > p else ev
 
 
-def _inner_with_block(stats: LayerStatistics, block: KroneckerSum | ExactBlock) -> torch.Tensor:
+def _inner_with_block(stats: LayerStatistics, block: LayerBlockOperator) -> torch.Tensor:
     """⟨F_ii, F̂_ii⟩_F, matrix-free.
 
     Kronecker sum: ⟨F, A⊗B⟩ = ⟨Z(F), vec(A)vec(B)ᵀ⟩ = vec(A)ᵀ Z(F) vec(B) (Z preserves the
     Frobenius inner product entry by entry, (3.37)), one product with the exact Z(F)
-    (all position pairs), O(m·d²).  Exact block: scale·scale'·‖J_iᵀJ'_i‖²_F.
+    (all position pairs), O(m·d²).  Exact block: scale·scale'·‖J_iᵀJ'_i‖²_F.  Any other block
+    (``kfac_lowrank``, a plugin's): scale·Σ_n ⟨D_n, F̂_ii D_n⟩ from the per-pair gradients D_n
+    (:meth:`~curvlib.curvatures.statistics.LayerStatistics.pair_gradients`), n block products.
     """
     if isinstance(block, ExactBlock):
         cross = pair_gram(stats, block.stats)
         return float(stats.scale) * block.scale * (cross * cross).sum()
+    if not isinstance(block, KroneckerFactored):  # any other block: scale·Σ_n ⟨D_n, F̂ D_n⟩, n products
+        total = torch.zeros((), dtype=block.dtype, device=block.device)
+        step = max(1, (1 << 22) // max(1, stats.c * stats.p))
+        for b0 in range(0, stats.m, step):
+            D = stats.pair_gradients(b0, min(b0 + step, stats.m))
+            total = total + (D * block.apply(D)).sum()
+        return float(stats.scale) * total
     zop = z_operator(stats, band_radius=None)
     VB = torch.stack([vec(B) for _, B in block.terms], dim=1)  # [d_g², K]
     VA = torch.stack([vec(A) for A, _ in block.terms], dim=1)  # [d_a², K]
@@ -452,7 +464,7 @@ def approximation_error(
     * Error 2 = ‖spec(F_ii) − spec(F̂_ii)‖₂ / ‖spec(F_ii)‖₂, both sorted descending:
       spec(F_ii) is the spectrum of scale·J_iᵀJ_i ``[n, n]`` padded with p_i − n zeros;
       spec(A⊗B) the products of the factors' eigenvalues (O(d_a³ + d_g³)); a sum of two
-      or more terms has no cheap spectrum, so it is formed densely and passed to
+      or more terms (or another block: ``kfac_lowrank``, a plugin's) has no cheap spectrum, so it is formed densely and passed to
       ``eigvalsh``: O(p_i³) time and p_i² float64 memory (layer 5 of the MNIST
       auto-encoder, p_i = 7,750: 480 MB, about 10 s on 2 CPU cores).  ``error2=False``
       skips it (``nan``).

@@ -1,7 +1,7 @@
 """curvlib's built-in approximators plugin, registered through the ``curvlib`` entry-point group
 exactly like a third-party plugin (see pyproject.toml).
 
-Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected`` and
+Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected``, ``kfac_lowrank``, ``tnt`` and
 ``exact_block``; each factory is a :class:`~curvlib.approximators.base.BlockApproximator`
 class called with its validated options model.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from curvlib.approximators.exact import ExactBlockApproximator, ExactBlockOptions
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions
+from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions
+from curvlib.approximators.tnt import TNTApproximator, TNTOptions
 from curvlib.approximators.svd_based import (
     DeflationApproximator,
     DeflationOptions,
@@ -28,6 +30,10 @@ BUILTIN_APPROXIMATORS = (
     ("deflation", DeflationApproximator, DeflationOptions, "Kronecker rank-r by successive deflated power SVDs (§3.2.3.1)", {}),
     ("lanczos", LanczosApproximator, LanczosOptions, "Kronecker rank-r by restarted Lanczos bidiagonalization (§3.2.3.2)", {}),
     ("kfac_corrected", KFACCorrectedApproximator, KFACCorrectedOptions, "KFAC plus the best rank-1 correction of F − A⊗G (3.26)", {}),
+    ("tnt", TNTApproximator, TNTOptions, "tensor normal training: trace-normalised mode covariances C_a⊗C_g/tr F", {}),
+    # Kronecker plus low rank: ShiftSolvable, inverted exactly by Woodbury under tikhonov (no π-split)
+    ("kfac_lowrank", KFACLowRankApproximator, KFACLowRankOptions,
+     "KFAC A⊗G plus the top-r positive eigenpairs of F − A⊗G, inverted by Woodbury", {"default_damping": "tikhonov"}),
     # no Kronecker factors for the π-split: front ends default to tikhonov, which solves it exactly
     ("exact_block", ExactBlockApproximator, ExactBlockOptions, "the exact sampled block scale·J_i J_iᵀ; (F_ii + λI)⁻¹ by (4.52)",
      {"default_damping": "tikhonov"}),

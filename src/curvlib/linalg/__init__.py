@@ -15,6 +15,8 @@
   (:func:`deflated`, :func:`ema_combined`);
 - top singular triplets of matrix-free operators: :func:`power_svd` (Algorithm 1),
   :func:`lanczos_svd` (Algorithm 2, restarted);
+- the algebraically largest eigenpairs of a symmetric matrix-free operator:
+  :func:`top_eigenpairs` (restarted block Krylov with Rayleigh–Ritz);
 - inverses of Kronecker blocks: :func:`kron_solve`, :class:`KroneckerEigen` (exact
   Tikhonov), :func:`pi_split` ((2.95)–(2.96)), :class:`TwoTermKroneckerInverse` (§3.2.5),
   :func:`eigh_safe`;
@@ -62,6 +64,7 @@ from curvlib.linalg.rearrange import (
     rearrange,
     unrearrange,
 )
+from curvlib.linalg.eigen import EigenResult, top_eigenpairs
 from curvlib.linalg.solvers import PCGInfo, WoodburySolver, pcg, woodbury_solve
 from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
 from curvlib.linalg.zproducts import (
@@ -76,6 +79,8 @@ from curvlib.linalg.zproducts import (
 
 __all__ = [
     "BlockDiagonalOperator",
+    "EigenResult",
+    "top_eigenpairs",
     "DampedKroneckerFactors",
     "FactorEigenbasis",
     "KroneckerFactored",
