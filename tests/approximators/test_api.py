@@ -16,13 +16,15 @@ from curvlib.plugins import load_registry
 from curvlib.testing.compare import assert_close
 
 DT = torch.float64
-KINDS = ["kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "tnt", "exact_block"]
+KINDS = ["kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "kpsvd_tensor", "tnt", "exact_block"]
 TIGHT = dict(power_tol=1e-12, max_iters=20000)
 
 
 def _opts(kind):
     if kind == "kfac_lowrank":
         return {"rank": 3, "tol": 1e-12, "max_iters": 400}
+    if kind == "kpsvd_tensor":
+        return {"tol": 0.0, "max_iters": 400}
     return {} if kind in ("kfac", "tnt", "exact_block") else dict(TIGHT)
 
 

@@ -72,6 +72,25 @@ def test_top_eigenpairs_equal_dense_eigh(N, r, shift, seed):
         assert_close(res.U.T @ res.U, Q[:, :r] @ Q[:, :r].T, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("depth", [3, 10, 13])
+def test_top_eigenpairs_keep_an_orthonormal_basis_near_the_full_space(depth):
+    """The KFAC residual of a small network's Linear layer (N = 95, F of rank 12): deep Krylov
+    bases nearly exhaust the space, where nearly dependent blocks must be replaced, not
+    normalised (with depth 10 they broke the basis's orthogonality once)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = torch.randn(6, 1, 4, 4, dtype=DT), torch.randint(0, 3, (6,))
+    F = curvature("fisher", model, nn.CrossEntropyLoss(), (X, y), generator=torch.Generator().manual_seed(0), mc_samples=2)
+    stats = F.statistics(1)
+    A, G = _kfac_pair(stats)
+    M = ref.dense_block(stats) - torch.kron(A, G)
+    e = torch.linalg.eigvalsh(M).flip(0)
+    res = top_eigenpairs(lambda V: V @ M, 95, 3, dtype=DT, device="cpu", tol=1e-12, max_iters=400, depth=depth)
+    assert res.converged
+    assert_close(res.U @ res.U.T, torch.eye(3, dtype=DT), atol=1e-12, rtol=0)
+    assert_close(res.theta, e[:3], atol=1e-10 * float(e.abs().max()), rtol=0)
+
+
 def test_top_eigenpairs_warm_start_needs_fewer_products():
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(200, 200, generator=gen, dtype=DT)

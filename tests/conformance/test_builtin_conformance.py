@@ -77,6 +77,14 @@ class TestKFACLowRankConformance(_Builtin, ApproximatorConformance):
     exact_on_rank_one = True  # the residual vanishes
 
 
+class TestKPSVDTensorConformance(_Builtin, ApproximatorConformance):
+    kind = "kpsvd_tensor"
+    options = {"tol": 0.0, "max_iters": 400}
+    bad_options = ({"max_iters": 0}, {"tol": 1.0}, {"a_modes": "2x2"})
+    psd = True  # Gram sums from PSD starts (Prop. 3.2's argument)
+    exact_on_rank_one = True
+
+
 class TestTNTConformance(_Builtin, ApproximatorConformance):
     kind = "tnt"
     bad_options = ({"ema": 1.5}, {"weight_sharing": "reduce"})

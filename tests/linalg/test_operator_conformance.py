@@ -496,6 +496,27 @@ class TestKroneckerLowRankTikhonovInverse(OperatorConformance):
         return op, inv(dense + LAM * torch.eye(12, dtype=F64))
 
 
+class TestMultiKronecker(OperatorConformance):
+    """A_1 ⊗ A_2 ⊗ A_3 over the modes (2, 2 | 3) from torch.kron."""
+
+    def make_operator(self):
+        from curvlib.approximators import MultiKronecker
+
+        factors = [spd(2, 70), spd(2, 71), spd(3, 72)]
+        return MultiKronecker(factors, (2, 2), (3,)), kron(kron(factors[0], factors[1]), factors[2])
+
+
+class TestKroneckerApproximateInverse(OperatorConformance):
+    """C ⊗ D ≈ (F_ii + λI)⁻¹ of an exact Linear block, against torch.kron of the fitted factors."""
+
+    def make_operator(self):
+        from curvlib.damping import KronInverseDamping
+
+        stats = LayerStatistics(a=randn(5, 4, seed=58), g=randn(5, 1, 3, seed=59), scale=0.2)
+        op = KronInverseDamping(value=LAM).invert(ExactBlock(stats))
+        return op, kron(op.C, op.D)
+
+
 class TestEKFACBlock(OperatorConformance):
     """The plugin's block (Q_A ⊗ Q_G) diag(vec(S)) (Q_A ⊗ Q_G)ᵀ from torch.kron."""
 

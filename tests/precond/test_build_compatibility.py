@@ -59,8 +59,10 @@ def make_batch():
 #: approximator config -> ("kronecker", possible numbers of terms) or ("shift", None)
 def blocks_of(approx: dict) -> tuple[str, set[int] | None]:
     kind = approx["kind"]
-    if kind in ("exact_block", "kfac_lowrank"):
-        return "shift", None  # an ExactBlock / A⊗G + USUᵀ: tikhonov_solve, no factors
+    if kind == "exact_block":
+        return "sampled", None  # an ExactBlock: tikhonov_solve and its statistics, no factors
+    if kind in ("kfac_lowrank", "kpsvd_tensor"):
+        return "shift", None  # A⊗G + USUᵀ, ⊗_j A_j: tikhonov_solve, no (two-sided) factors
     terms = {"kfac": {1, 2},  # two for a weight tied in transposed form
              "kpsvd": {1}, "kfac_corrected": {2}, "tnt": {1}}.get(kind)
     if terms is None:
@@ -73,10 +75,13 @@ def inner_damping(damping: dict) -> str:
 
 
 def damping_inverts(damping: dict, blocks: tuple[str, set[int] | None]) -> bool:
-    """heuristic: the π-split of one or two Kronecker terms; tikhonov: anything it is given."""
+    """heuristic: the π-split of one or two Kronecker terms; kron_inverse: sampled blocks (the
+    exact block's statistics); tikhonov: anything it is given."""
     kind, terms = blocks
     if inner_damping(damping) == "heuristic":
         return kind == "kronecker" and min(terms) <= 2
+    if damping["kind"] == "kron_inverse":
+        return kind == "sampled"
     return True
 
 
@@ -107,8 +112,9 @@ APPROXIMATOR_VARIANTS = {"deflation": [{"rank": 1}, {}, {"rank": 3}], "lanczos":
 DAMPING_VARIANTS = {"levenberg_marquardt": [{}, {"inner": "heuristic"}]}
 COARSE_VARIANTS = {"spectral": [{}, {"source": "first_level"}, {"source": "statistics"}]}
 KNOWN = {
-    "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "tnt", "exact_block"},
-    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt"},
+    "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "kpsvd_tensor", "tnt",
+                      "exact_block"},
+    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt", "kron_inverse"},
     "coarse_spaces": {"nicolaides", "spectral", "krylov", "residual", "taylor"},
     "curvatures": {"fisher", "empirical_fisher", "ggn", "hessian"},
 }

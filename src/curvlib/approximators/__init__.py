@@ -7,6 +7,7 @@ operator (DESIGN.md §3), and the errors of §3.3.1.
 - :mod:`~curvlib.approximators.svd_based` — ``kpsvd`` (3.22), ``deflation``
   (§3.2.3.1), ``lanczos`` (§3.2.3.2), ``kfac_corrected`` (3.26);
 - :mod:`~curvlib.approximators.lowrank` — ``kfac_lowrank`` (A⊗G plus low rank, Woodbury);
+- :mod:`~curvlib.approximators.tensor` — ``kpsvd_tensor`` (one factor per mode of the weight tensor);
 - :mod:`~curvlib.approximators.tnt` — ``tnt`` (tensor normal training's mode covariances);
 - :mod:`~curvlib.approximators.exact` — ``exact_block`` (:class:`ExactBlock`, (4.52));
 - :mod:`~curvlib.approximators.api` — :func:`approximate`, :class:`BlockDiagonalApproximation`,
@@ -31,6 +32,7 @@ from curvlib.approximators.base import (
 from curvlib.approximators.exact import ExactBlock, ExactBlockApproximator, ExactBlockOptions, pair_gram
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions, kfac_factors
 from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions, KroneckerLowRank
+from curvlib.approximators.tensor import KPSVDTensorApproximator, KPSVDTensorOptions, MultiKronecker
 from curvlib.approximators.tnt import TNTApproximator, TNTOptions, mode_covariances
 from curvlib.approximators.svd_based import (
     DeflationApproximator,
@@ -64,11 +66,14 @@ __all__ = [
     "KFACLowRankOptions",
     "KFACOptions",
     "KPSVDApproximator",
+    "KPSVDTensorApproximator",
+    "KPSVDTensorOptions",
     "KPSVDOptions",
     "LanczosApproximator",
     "LanczosOptions",
     "KroneckerLowRank",
     "LayerFit",
+    "MultiKronecker",
     "TNTApproximator",
     "TNTOptions",
     "align_signs",

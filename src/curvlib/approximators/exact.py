@@ -31,7 +31,7 @@ from curvlib.approximators.base import BlockApproximator, BlockDeclaration, FitI
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalWarning, PerformanceWarning, ShapeError, warn
-from curvlib.linalg import ShiftSolvable, WoodburySolver, eigh_safe, unvec, vec
+from curvlib.linalg import SampledBlock, ShiftSolvable, WoodburySolver, eigh_safe, unvec, vec
 
 __all__ = ["ExactBlock", "ExactBlockApproximator", "ExactBlockOptions", "pair_gram"]
 
@@ -49,7 +49,7 @@ def pair_gram(s1: LayerStatistics, s2: LayerStatistics | None = None) -> torch.T
     return s1.gram(s2)
 
 
-class ExactBlock(ShiftSolvable):
+class ExactBlock(ShiftSolvable, SampledBlock):
     """The exact sampled block F_ii = scale·J_i J_iᵀ ``[p_i, p_i]`` of one layer (module docstring).
 
     A :class:`~curvlib.linalg.ShiftSolvable` layer block: the operator products of every
@@ -95,6 +95,11 @@ class ExactBlock(ShiftSolvable):
     @property
     def device(self) -> torch.device:
         return self.stats.device
+
+    @property
+    def statistics(self) -> LayerStatistics:
+        """The layer's statistics (:class:`~curvlib.linalg.SampledBlock`)."""
+        return self.stats
 
     @property
     def scale(self) -> float:
@@ -278,8 +283,8 @@ class ExactBlockApproximator(BlockApproximator):
 
     options_model = ExactBlockOptions
     kind = "exact_block"
-    #: an :class:`ExactBlock`: no Kronecker factors, an exact ``tikhonov_solve``
-    blocks = BlockDeclaration((ShiftSolvable,))
+    #: an :class:`ExactBlock`: no Kronecker factors, an exact ``tikhonov_solve``, its statistics
+    blocks = BlockDeclaration((ShiftSolvable, SampledBlock))
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """An :class:`ExactBlock` of ``stats`` (see :meth:`BlockApproximator.fit`)."""

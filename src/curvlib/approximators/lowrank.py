@@ -181,7 +181,9 @@ class KFACLowRankOptions(ApproximatorOptions):
         rank: r, the rank of the correction (capped at p_i).
         tol: relative residual tolerance of each eigenpair (:func:`~curvlib.linalg.eigen.top_eigenpairs`).
         max_iters: cap on the eigen-solver's cycles.
-        depth: Krylov blocks per cycle (each a product of the residual with r + ``oversample`` vectors).
+        depth: Krylov blocks per cycle (each a product of the residual with r + ``oversample`` vectors);
+            the basis holds 2·depth·(r + oversample) vectors of p_i numbers.  On layer 5 of the
+            MNIST auto-encoder (r = 8, tol 10⁻⁶) depth 3 needed 1,224 products, 8 needed 480, 10 needed 360.
         oversample: extra vectors per block.
         warm_start: start from the previous refresh's U.
         seed: seed of the random start vectors.
@@ -190,7 +192,7 @@ class KFACLowRankOptions(ApproximatorOptions):
     rank: int = Field(8, ge=1, le=256, description="rank r of the correction U diag(s) Uᵀ")
     tol: float = Field(1e-4, ge=0.0, lt=1.0, allow_inf_nan=False, description="relative residual tolerance of the eigenpairs")
     max_iters: int = Field(20, ge=1, description="cap on the eigen-solver's cycles")
-    depth: int = Field(3, ge=2, le=32, description="Krylov blocks per cycle")
+    depth: int = Field(10, ge=2, le=32, description="Krylov blocks per cycle")
     oversample: int = Field(4, ge=0, le=64, description="extra vectors per Krylov block")
     warm_start: bool = Field(True, description="start from the previous refresh's eigenvectors")
     seed: int = Field(0, ge=0, description="seed of the random start vectors")

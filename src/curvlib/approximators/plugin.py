@@ -1,7 +1,7 @@
 """curvlib's built-in approximators plugin, registered through the ``curvlib`` entry-point group
 exactly like a third-party plugin (see pyproject.toml).
 
-Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected``, ``kfac_lowrank``, ``tnt`` and
+Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected``, ``kfac_lowrank``, ``kpsvd_tensor``, ``tnt`` and
 ``exact_block``; each factory is a :class:`~curvlib.approximators.base.BlockApproximator`
 class called with its validated options model.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from curvlib.approximators.exact import ExactBlockApproximator, ExactBlockOptions
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions
 from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions
+from curvlib.approximators.tensor import KPSVDTensorApproximator, KPSVDTensorOptions
 from curvlib.approximators.tnt import TNTApproximator, TNTOptions
 from curvlib.approximators.svd_based import (
     DeflationApproximator,
@@ -30,6 +31,9 @@ BUILTIN_APPROXIMATORS = (
     ("deflation", DeflationApproximator, DeflationOptions, "Kronecker rank-r by successive deflated power SVDs (§3.2.3.1)", {}),
     ("lanczos", LanczosApproximator, LanczosOptions, "Kronecker rank-r by restarted Lanczos bidiagonalization (§3.2.3.2)", {}),
     ("kfac_corrected", KFACCorrectedApproximator, KFACCorrectedOptions, "KFAC plus the best rank-1 correction of F − A⊗G (3.26)", {}),
+    ("kpsvd_tensor", KPSVDTensorApproximator, KPSVDTensorOptions,
+     "best A_1⊗…⊗A_K over the modes of the weight tensor (HOPM, matrix-free), exact Tikhonov inverse per mode",
+     {"default_damping": "tikhonov"}),
     ("tnt", TNTApproximator, TNTOptions, "tensor normal training: trace-normalised mode covariances C_a⊗C_g/tr F", {}),
     # Kronecker plus low rank: ShiftSolvable, inverted exactly by Woodbury under tikhonov (no π-split)
     ("kfac_lowrank", KFACLowRankApproximator, KFACLowRankOptions,

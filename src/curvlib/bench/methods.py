@@ -35,6 +35,7 @@ name                     what runs
                          ``coarse_mode="previous"`` (additive, approximate coarse operator)
 ``block_ng``             block-diagonal natural gradient (4.51)–(4.52), Tikhonov damping
 ``exact_ng``             exact natural gradient through Woodbury (4.50), Tikhonov damping
+``kron_inverse``         exact blocks with the ``kron_inverse`` damping: C⊗D fitted to (F_ii + λI)⁻¹ (ALS)
 ``<file>.yaml``          a composed preconditioner (docs/composition.md): a
                          ``PreconditionerConfig`` file (``.yaml``, ``.yml`` or ``.json``) whose
                          ``rules``, default ``approximator`` (with its options) and ``damping``
@@ -304,6 +305,11 @@ _FIXED: dict[str, Method] = {
         "exact_ng", "natural_gradient", "exact natural gradient via Woodbury (4.50), Tikhonov damping",
         damping_kind="tikhonov", preconditioner="exact_natural_gradient",
     ),
+    "kron_inverse": Method(
+        "kron_inverse", "natural_gradient",
+        "C⊗D fitted to (F_ii + λI)⁻¹ by alternating least squares (docs/beyond_kfac.md), on the exact blocks",
+        approximator="exact_block", damping_kind="kron_inverse",
+    ),
 }
 
 #: The two-level method of Tselepidis et al. (thesis Table 4.1, "PREVIOUS"): not a coarse
@@ -335,6 +341,8 @@ def available_methods(registry: Any) -> list[str]:
         if _PREVIOUS[1] in coarse and _PREVIOUS[0] not in coarse:
             names.append(f"kfac{COARSE_SEPARATOR}{_PREVIOUS[0]}")
     names += ["block_ng", "exact_ng"]
+    if "exact_block" in approximators and "kron_inverse" in _kinds(registry, "dampings"):
+        names.append("kron_inverse")
     taken = set(names)
     names += [k for k in _kinds(registry, "optimizers") if k not in taken]
     return names

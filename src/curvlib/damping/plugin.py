@@ -5,12 +5,14 @@ Damping kinds (λ means one thing per kind, stated with its formula):
 
 - ``tikhonov``: M = Σ_k A_k⊗B_k + λI ("normal damping", (2.94), (4.54));
 - ``heuristic``: M = (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) [+ A_2⊗B_2] (π-split (2.95)–(2.96), §3.2.5);
-- ``levenberg_marquardt``: either, with λ adapted by Martens & Grosse's reduction-ratio rule.
+- ``levenberg_marquardt``: either, with λ adapted by Martens & Grosse's reduction-ratio rule;
+- ``kron_inverse``: P = C⊗D nearest to (F_ii + λI)⁻¹ in ‖I − P(F_ii + λI)‖_F (sampled blocks).
 """
 
 from __future__ import annotations
 
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
+from curvlib.damping.kron_inverse import KronInverseDamping, KronInverseOptions
 from curvlib.damping.levenberg_marquardt import LevenbergMarquardtDamping, LevenbergMarquardtOptions
 from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
 from curvlib.plugins import hookimpl
@@ -35,4 +37,10 @@ def curvlib_register_dampings(registry):
         LevenbergMarquardtDamping,
         options=LevenbergMarquardtOptions,
         description="tikhonov or heuristic with λ adapted from the reduction ratio (Martens & Grosse's rule)",
+    )
+    registry.add(
+        "kron_inverse",
+        KronInverseDamping,
+        options=KronInverseOptions,
+        description="C⊗D minimising ‖I − (C⊗D)(F_ii + λI)‖_F by alternating least squares (exact_block's blocks)",
     )

@@ -40,6 +40,7 @@ from curvlib.linalg.blocks import (
     FactorEigenbasis,
     KroneckerFactored,
     LayerBlockOperator,
+    SampledBlock,
     ShiftSolvable,
 )
 from curvlib.linalg.kron import kron, kron_matvec, matvec_from_matrix_form, unvec, vec
@@ -85,6 +86,7 @@ __all__ = [
     "FactorEigenbasis",
     "KroneckerFactored",
     "LayerBlockOperator",
+    "SampledBlock",
     "ShiftSolvable",
     "AdjointOperator",
     "DenseOperator",

@@ -9,6 +9,8 @@ the families dispatch with ``isinstance`` on these classes — never by probing 
   (every Kronecker-sum approximation; dampings invert it from the factors);
 - :class:`ShiftSolvable` — the block solves (M + λI) vec(Y) = vec(X) exactly itself
   (an exact block, EKFAC's diagonal in an eigenbasis); the ``tikhonov`` damping uses it;
+- :class:`SampledBlock` — the block is scale·J_i J_iᵀ and exposes its statistics (the exact
+  block); the ``kron_inverse`` damping fits an approximate inverse from them;
 - :class:`FactorEigenbasis` — an applied inverse that eigendecomposed its (damped) leading
   factors and exposes them as a :class:`~curvlib.linalg.KroneckerEigen` (the ``spectral``
   coarse space reuses it instead of decomposing again);
@@ -41,6 +43,7 @@ __all__ = [
     "FactorEigenbasis",
     "KroneckerFactored",
     "LayerBlockOperator",
+    "SampledBlock",
     "ShiftSolvable",
 ]
 
@@ -112,6 +115,17 @@ class ShiftSolvable(LayerBlockOperator):
     @abc.abstractmethod
     def tikhonov_solve(self, X: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         """(M + λI)⁻¹ vec(X) in matrix form: X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``."""
+
+
+class SampledBlock(LayerBlockOperator):
+    """Capability: the block is the sampled scale·J_i J_iᵀ of per-pair gradients D_n and exposes
+    the layer's statistics (:class:`~curvlib.curvatures.statistics.LayerStatistics`), so that a
+    damping can fit its inverse from them (``kron_inverse``)."""
+
+    @property
+    @abc.abstractmethod
+    def statistics(self) -> Any:
+        """The :class:`~curvlib.curvatures.statistics.LayerStatistics` the block is made of."""
 
 
 class FactorEigenbasis(abc.ABC):

@@ -59,8 +59,10 @@ class EigenResult:
 
 def _orthonormal(W: torch.Tensor, against: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Rows of W ``[k, N]`` made orthonormal and orthogonal to the rows of ``against``
-    (projected out twice, then QR); rows that vanish in the projection (below 1e3·eps of
-    their norm) are replaced by random directions, orthogonalized the same way."""
+    (projected out twice, then QR, then once more); rows that lose more than half of their
+    digits in the projection (norm below √eps of the block's) are replaced by random
+    directions, orthogonalized the same way — a nearly dependent row would carry its rounding
+    error into the basis and break its orthogonality."""
     k, N = W.shape
     out: torch.Tensor | None = None
     for _ in range(4):
@@ -69,7 +71,13 @@ def _orthonormal(W: torch.Tensor, against: torch.Tensor | None, generator: torch
             for _ in range(2):
                 W = W - (W @ against.T) @ against
         Q, R = torch.linalg.qr(W.T)
-        weak = R.diagonal().abs() <= 1e3 * torch.finfo(W.dtype).eps * scale
+        weak = R.diagonal().abs() <= math.sqrt(torch.finfo(W.dtype).eps) * scale
+        if against is not None and not bool(weak.all()):  # a last pass against rounding in the QR
+            kept = Q.T[~weak]
+            kept = kept - (kept @ against.T) @ against
+            Q2, _ = torch.linalg.qr(kept.T)
+            Q = Q.clone()
+            Q[:, ~weak] = Q2
         good = Q.T[~weak]
         out = good if out is None else torch.cat([out, good])
         if not bool(weak.any()):

@@ -1,0 +1,104 @@
+"""How well Kronecker products approximate the damped *inverse* of one layer block (docs/beyond_kfac.md).
+
+For the block M = F_ii + λI of the true Fisher (one Monte Carlo sample, float64) of one
+layer, after ``--steps`` Adam steps of the problem's network, prints for each λ the relative
+residual ‖I − P M‖_F / ‖I‖_F (exact, from the statistics:
+:func:`curvlib.damping.kron_inverse.kron_inverse_residual`) of
+
+* KFAC's π-split inverse P = (A + π√λI)⁻¹ ⊗ (G + π⁻¹√λI)⁻¹ (2.95)–(2.96);
+* the same π-split inverse of TNT's factors (``tnt``);
+* ``kron_inverse``: the C ⊗ D fitted to M⁻¹ by alternating least squares;
+
+and the time of one ``kron_inverse`` fit relative to one KFAC refresh plus its π-split
+inversion (median of ``--repeats``).  0 is a perfect inverse; 1 is the residual of P = 0.
+
+Usage::
+
+    python benchmarks/inverse_approximation.py [--problem mnist_autoencoder] [--layer 4] [--steps 100]
+        [--lams 1e-4,1e-3,1e-2] [--threads 1] [--path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from curvlib.approximators import approximate
+from curvlib.bench.problems import PROBLEMS
+from curvlib.curvatures.api import curvature
+from curvlib.curvatures.factors import kfac_factors
+from curvlib.damping.kron_inverse import fit_kron_inverse, kron_inverse_residual
+from curvlib.linalg import pi_split
+
+from _common import PATH_HELP, median_time  # benchmarks/_common.py (this folder is on sys.path)
+
+
+def pi_split_inverse(A: torch.Tensor, G: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    Ad, Gd, _ = pi_split(A, G, lam)
+    return torch.linalg.inv(Ad), torch.linalg.inv(Gd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problem", default="mnist_autoencoder", choices=("mnist_autoencoder", "mnist_conv_autoencoder", "mnist_resnet"))
+    parser.add_argument("--layer", type=int, default=4, help="index of the preconditioned layer")
+    parser.add_argument("--steps", type=int, default=100, help="Adam steps before the measurement")
+    parser.add_argument("--lams", default="1e-4,1e-3,1e-2", help="comma-separated λ values")
+    parser.add_argument("--max-iters", type=int, default=30, help="kron_inverse's sweeps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--path", help=PATH_HELP)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problem = PROBLEMS[args.problem](seed=args.seed, path=args.path)
+    model = problem.model_fn(args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    stream = iter(())
+    for _ in range(args.steps + 1):
+        try:
+            X, Y = next(stream)
+        except StopIteration:
+            stream = iter(problem.batches(gen, drop_last=True))
+            X, Y = next(stream)
+        if _ == args.steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        problem.loss_fn(model(X), Y).backward()
+        optimizer.step()
+    model64 = copy.deepcopy(model).to(torch.float64)
+    F = curvature("fisher", model64, problem.loss_fn, (X.double(), Y.double()),
+                  generator=torch.Generator().manual_seed(args.seed + 1), mc_samples=1)
+    stats = F.statistics(args.layer)
+    L = F.layers[args.layer]
+    (A, G), = approximate(F, "kfac", layers=[args.layer])[args.layer].terms
+    (At, Gt), = approximate(F, "tnt", layers=[args.layer])[args.layer].terms
+    print(f"{args.problem}, layer {args.layer + 1} ({L.name}: d_a {L.a_dim}, d_g {L.g_dim}, p = {L.p_i:,}), true Fisher "
+          f"(1 MC sample) after {args.steps} Adam steps, batch {stats.m}, float64, {torch.get_num_threads()} threads")
+    print("relative residual ‖I − P (F + λI)‖_F / ‖I‖_F")
+    print(f"{'λ':>8}{'KFAC π-split':>15}{'TNT π-split':>14}{'kron_inverse':>15}{'sweeps':>8}")
+    for lam in (float(x) for x in args.lams.split(",")):
+        r_kfac = kron_inverse_residual(stats, lam, *pi_split_inverse(A, G, lam))
+        r_tnt = kron_inverse_residual(stats, lam, *pi_split_inverse(At, Gt, lam))
+        C, D, report = fit_kron_inverse(stats, lam, max_iters=args.max_iters, tol=1e-6)
+        print(f"{lam:>8.0e}{r_kfac:>15.4f}{r_tnt:>14.4f}{report['relative_residual']:>15.4f}{report['iterations']:>8d}")
+    lam = float(args.lams.split(",")[1 if "," in args.lams else 0])
+    stats32 = stats.to(torch.float32)
+
+    def kfac_refresh_and_invert():
+        (A32, G32), = kfac_factors(stats32)
+        pi_split_inverse(A32, G32, lam)
+
+    t_kfac = median_time(kfac_refresh_and_invert, args.repeats)
+    t_kinv = median_time(lambda: fit_kron_inverse(stats32, lam, max_iters=args.max_iters, tol=1e-6), args.repeats)
+    print(f"time at λ = {lam:g}, float32: KFAC refresh + π-split inversion {t_kfac * 1e3:.2f} ms, kron_inverse fit "
+          f"{t_kinv * 1e3:.2f} ms ({t_kinv / t_kfac:.1f}×)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``kron_inverse``: a Kronecker-factored approximation of the damped *inverse*, fitted directly.
+
+Instead of approximating the block and inverting the approximation (KFAC and every other
+approximator), this damping fits P = C ⊗ D — C ``[d_a, d_a]``, D ``[d_g, d_g]`` symmetric —
+to the inverse itself, in the sense of
+
+    min_{C, D}  ‖I − (C ⊗ D) M‖²_F,        M = F_ii + λI,  F_ii = scale·Σ_n vec(D_n) vec(D_n)ᵀ,
+
+the Frobenius-optimal Kronecker approximate inverse (a "sparse approximate inverse" with a
+Kronecker pattern).  It needs the per-pair gradients D_n ``[d_g, d_a]`` of the block, so it
+inverts :class:`~curvlib.linalg.SampledBlock` blocks: pair it with the ``exact_block``
+approximator (``{"approximator": "exact_block", "damping": {"kind": "kron_inverse", "value": λ}}``).
+It applies P vec(X) = vec(D X C) — two GEMMs, never a factorization at apply time.
+
+Alternating least squares (matrix-free).  With the other factor fixed the objective is a
+quadratic in C (or D).  Writing f = p − 2 tr(P M) + tr(PᵀP M²) and PᵀP = C² ⊗ D²:
+
+    tr(P M)     = tr(C T_D),   T_D = scale·Σ_n D_nᵀ D D_n + λ tr(D) I,
+    tr(PᵀP M²)  = tr(C Q_D C), Q_D = scale²·Σ_{n,n'} K_{nn'} D_nᵀ D² D_n' + 2λ·scale·Σ_n D_nᵀ D² D_n
+                                     + λ² tr(D²) I,
+
+K_{nn'} = ⟨D_n, D_n'⟩ the Gram matrix of the per-pair gradients (M² = F² + 2λF + λ²I and
+F² = scale²·Σ K_{nn'} vec(D_n) vec(D_n')ᵀ).  The symmetric minimiser solves the Sylvester
+equation C Q_D + Q_D C = 2 T_D, exactly in Q_D's eigenbasis; D follows with the roles of the
+two sides exchanged (D_n C D_nᵀ, D_n C² D_n'ᵀ).  Each half-step lowers f; the loop stops when
+f falls by less than ``tol``·f, or after ``max_iters`` sweeps, and balances ‖C‖_F = ‖D‖_F
+(C ⊗ D = αC ⊗ D/α).  The fit starts from C = I.
+
+Cost of a sweep.  A Linear layer without positions (D_n = g_n ā_nᵀ): every sum above is a
+Hadamard-weighted Gram product, Σ W_{nn'} D_nᵀ X D_n' = Āᵀ (W ∘ (G X Gᵀ)) Ā with the rows
+Ā ``[n, d_a]``, G ``[n, d_g]``: O(n²(d_a + d_g) + n(d_a² + d_g²)) and d³ for the two
+eigendecompositions.  Other layers form the D_n (n·p_i numbers): O(n²·p_i).
+
+What it reports (``info``): ``method="als"``, the sweeps (``iterations``), ``converged``,
+and ``relative_residual`` = ‖I − P M‖_F / ‖I‖_F at the fit.  P need not be positive definite;
+a fit whose C ⊗ D has a negative eigenvalue (C and D of mixed definiteness) is refused with
+a :class:`~curvlib.errors.NotPSDError` (the previous inverse is kept, or the error raised).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from curvlib.config import StrictModel
+from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
+from curvlib.errors import ConfigError, NotPSDError, NumericalError
+from curvlib.linalg import SampledBlock, eigh_safe
+
+__all__ = ["KronInverseDamping", "KronInverseOptions", "KroneckerApproximateInverse", "fit_kron_inverse",
+           "kron_inverse_residual"]
+
+_DENSE_PAIRS_MAX = 1 << 27  # n·p_i numbers the general path may form
+
+
+class KronInverseOptions(StrictModel):
+    """Options of ``kron_inverse``.
+
+    Attributes:
+        value: λ > 0 of M = F_ii + λI, the matrix whose inverse is approximated.
+        max_iters: cap on the alternating sweeps.
+        tol: stop when a sweep lowers ‖I − P M‖²_F by less than tol times its value.
+    """
+
+    value: float = Field(gt=0, allow_inf_nan=False, description="λ > 0 of M = F_ii + λI")
+    max_iters: int = Field(30, ge=1, le=10_000, description="cap on the alternating sweeps")
+    tol: float = Field(1e-6, ge=0.0, lt=1.0, allow_inf_nan=False, description="relative decrease that stops the sweeps")
+
+
+class _Pairs:
+    """The weighted sums Σ W_{nn'} D_nᵀ X D_n' and Σ W_{nn'} D_n Y D_n'ᵀ of a block's per-pair
+    gradients (module docstring), W an ``[n, n]`` matrix or ``None`` for the diagonal W = I."""
+
+    def __init__(self, stats: Any) -> None:
+        self.scale = float(stats.scale)
+        uses = stats.uses
+        self.rank_one = len(uses) == 1 and uses[0].T == 1 and not uses[0].transposed
+        if self.rank_one:
+            use = uses[0]
+            m, c, _, d_g = use.g.shape
+            self.G = use.g.reshape(m * c, d_g)
+            self.A = use.a.dense().reshape(m, -1).repeat_interleave(c, dim=0)
+            self.K = (self.A @ self.A.T) * (self.G @ self.G.T)
+        else:
+            if stats.num_pairs * stats.p > _DENSE_PAIRS_MAX:
+                raise ConfigError(
+                    f"kron_inverse: this block needs its {stats.num_pairs} per-pair gradients formed "
+                    f"({stats.num_pairs}·{stats.p} numbers, above {_DENSE_PAIRS_MAX}); only Linear layers without "
+                    "positions have the low-cost path — use a smaller batch or another damping for this layer"
+                )
+            self.D = stats.pair_gradients()  # [n, d_g, d_a]
+            self.K = torch.einsum("nga,kga->nk", self.D, self.D)
+
+    def a_side(self, X: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
+        """Σ W_{nn'} D_nᵀ X D_n' ``[d_a, d_a]`` for X ``[d_g, d_g]``."""
+        return self._sum(X, W, transpose=False)
+
+    def g_side(self, Y: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
+        """Σ W_{nn'} D_n Y D_n'ᵀ ``[d_g, d_g]`` for Y ``[d_a, d_a]``: :meth:`a_side` of the Dᵀ_n."""
+        return self._sum(Y, W, transpose=True)
+
+    def _sum(self, X: torch.Tensor, W: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+        if self.rank_one:  # D_n = g_n ā_nᵀ: the inner side's rows form the weights, the outer side's the Gram
+            inner, outer = (self.A, self.G) if transpose else (self.G, self.A)
+            core = inner @ X @ inner.T
+            if W is None:
+                return (outer.T * core.diagonal()) @ outer
+            return outer.T @ (W * core) @ outer
+        D = self.D.transpose(1, 2) if transpose else self.D  # [n, rows, cols]: Σ D_nᵀ X D_n'
+        right = D if W is None else torch.einsum("nk,kga->nga", W, D)
+        return torch.einsum("nga,gh,nhb->ab", D, X, right)
+
+
+def _sylvester_sym(Q: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """The symmetric X with X Q + Q X = T + Tᵀ (Q symmetric positive definite), in Q's eigenbasis."""
+    q, V = eigh_safe(Q)
+    if not bool(q.min() > 0):
+        raise NotPSDError(f"kron_inverse: the quadratic form Q has the eigenvalue {float(q.min()):.3e} ≤ 0")
+    R = V.T @ (T + T.T) @ V
+    return V @ (R / (q[:, None] + q[None, :])) @ V.T
+
+
+def kron_inverse_residual(stats: Any, lam: float, C: torch.Tensor, D: torch.Tensor) -> float:
+    """‖I − (C ⊗ D)(F_ii + λI)‖_F / ‖I‖_F for any symmetric C ``[d_a, d_a]``, D ``[d_g, d_g]`` —
+    a fitted one, or KFAC's π-split inverse (A + π√λI)⁻¹ ⊗ (G + π⁻¹√λI)⁻¹ — exactly, from the
+    statistics (the formulas of the module docstring, one evaluation)."""
+    pairs = _Pairs(stats)
+    s, p = pairs.scale, stats.a_dim * stats.g_dim
+    eye_a = torch.eye(stats.a_dim, dtype=stats.dtype, device=stats.device)
+    D2 = D @ D
+    T = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
+    Q = s * s * pairs.a_side(D2, pairs.K) + 2 * lam * s * pairs.a_side(D2, None) + lam * lam * torch.trace(D2) * eye_a
+    f = float(p - 2 * torch.trace(C @ T) + torch.trace(C @ Q @ C))
+    return math.sqrt(max(f, 0.0) / p)
+
+
+def fit_kron_inverse(stats: Any, lam: float, *, max_iters: int = 30, tol: float = 1e-6
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(C ``[d_a, d_a]``, D ``[d_g, d_g]``, report) minimising ‖I − (C⊗D)(F_ii + λI)‖_F over symmetric
+    C, D by alternating least squares (module docstring); ``report``: ``iterations``,
+    ``converged``, ``objective`` (‖I − P M‖²_F), ``relative_residual``."""
+    pairs = _Pairs(stats)
+    s, d_a, d_g = pairs.scale, stats.a_dim, stats.g_dim
+    p = d_a * d_g
+    eye_a = torch.eye(d_a, dtype=stats.dtype, device=stats.device)
+    eye_g = torch.eye(d_g, dtype=stats.dtype, device=stats.device)
+    K = pairs.K
+    C = eye_a.clone()
+    f_prev, converged, it = math.inf, False, 0
+    for it in range(1, max_iters + 1):
+        C2 = C @ C
+        T = s * pairs.g_side(C, None) + lam * torch.trace(C) * eye_g
+        Q = s * s * pairs.g_side(C2, K) + 2 * lam * s * pairs.g_side(C2, None) + lam * lam * torch.trace(C2) * eye_g
+        D = _sylvester_sym(0.5 * (Q + Q.T), T)
+        D2 = D @ D
+        T = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
+        Q = s * s * pairs.a_side(D2, K) + 2 * lam * s * pairs.a_side(D2, None) + lam * lam * torch.trace(D2) * eye_a
+        Q = 0.5 * (Q + Q.T)
+        C = _sylvester_sym(Q, T)
+        f = float(p - 2 * torch.trace(C @ T) + torch.trace(C @ Q @ C))
+        if not math.isfinite(f):
+            raise NumericalError(f"kron_inverse: the objective became {f} at sweep {it}")
+        alpha = math.sqrt(float(torch.linalg.matrix_norm(D)) / max(float(torch.linalg.matrix_norm(C)), 1e-300))
+        C, D = C * alpha, D / alpha
+        if f_prev - f <= tol * max(abs(f), 1e-300):
+            converged = True
+            break
+        f_prev = f
+    report = {"iterations": it, "converged": converged, "objective": max(f, 0.0),
+              "relative_residual": math.sqrt(max(f, 0.0) / p)}
+    return C, D, report
+
+
+class KroneckerApproximateInverse(BlockInverse):
+    """P = C ⊗ D ≈ (F_ii + λI)⁻¹, applied as vec(D X C)."""
+
+    def __init__(self, C: torch.Tensor, D: torch.Tensor, info: InverseInfo) -> None:
+        self.C, self.D = C, D
+        super().__init__(a_dim=C.shape[0], b_dim=D.shape[0], dtype=C.dtype, device=C.device, info=info)
+
+    def _solve(self, X: torch.Tensor) -> torch.Tensor:
+        return self.D @ X @ self.C
+
+
+class KronInverseDamping(Damping):
+    """``kron_inverse``: the Kronecker product C ⊗ D nearest to (F_ii + λI)⁻¹ in ‖I − P(F_ii + λI)‖_F."""
+
+    kind = "kron_inverse"
+    options_model = KronInverseOptions
+    requires = BlockRequirement(
+        (SampledBlock,),
+        reason="the fit of C ⊗ D ≈ (F_ii + λI)⁻¹ needs the per-pair gradients of the block (the exact_block approximator)",
+    )
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+        """C ⊗ D exposes neither an eigenbasis nor damped factors (the ``spectral`` coarse space's
+        ``first_level`` source is refused with it)."""
+        return ()
+
+    def _invert(self, block: Any) -> BlockInverse:
+        opts: KronInverseOptions = self.options
+        if not isinstance(block, SampledBlock):
+            raise ConfigError(
+                f"kron_inverse: the block is a {type(block).__name__}, not a SampledBlock: the fit of C ⊗ D needs the "
+                "per-pair gradients of the block — use the exact_block approximator with this damping"
+            )
+        C, D, report = fit_kron_inverse(block.statistics, self.value, max_iters=opts.max_iters, tol=opts.tol)
+        e_c, e_d = torch.linalg.eigvalsh(C), torch.linalg.eigvalsh(D)
+        corners = torch.outer(torch.stack([e_c.min(), e_c.max()]), torch.stack([e_d.min(), e_d.max()]))
+        lo = corners.min()  # the smallest eigenvalue e_c,i·e_d,j of C ⊗ D
+        if float(lo) < 0:
+            raise NotPSDError(f"kron_inverse: the fitted C ⊗ D has the eigenvalue {float(lo):.3e} < 0 (C and D of mixed "
+                              "definiteness); a preconditioner must be positive definite")
+        info = InverseInfo(kind=self.kind, method="als", lam=self.value, iterations=report["iterations"],
+                           converged=report["converged"], relative_residual=report["relative_residual"])
+        return KroneckerApproximateInverse(C, D, info)
