@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     layer_shape = ""
     for step in range(args.steps + 1):
         X, Y = next(stream)
-        X, Y = X.to(dtype), Y.to(dtype)
+        X, Y = X.to(dtype), (Y.to(dtype) if Y.is_floating_point() else Y)  # class indices stay integers
         if step % args.every == 0:
             t0 = time.perf_counter()
             # the Fisher of the current model, captured on a copy in the curvature dtype
             model_c = model if curv_dtype == dtype else copy.deepcopy(model).to(curv_dtype)
-            batch = (X.to(curv_dtype), Y.to(curv_dtype))
+            batch = (X.to(curv_dtype), Y.to(curv_dtype) if Y.is_floating_point() else Y)
             F = curvature("fisher", model_c, loss_fn, batch, generator=mc_gen, registry=registry, mc_samples=1)
             L = F.layers[args.layer]
             layer_shape = f"d_a {L.a_dim}, d_g {L.g_dim}, p = {L.p_i:,}"

@@ -228,6 +228,15 @@ def test_bench_runs_a_composed_config_file_as_a_method(tmp_path, capsys):
     assert rules[0]["approximator"] == {"kind": "exact_block"} and rules[0]["damping"]["kind"] == "tikhonov"
     assert rules[1]["update_every"] == 4 and "composed by 2 rule(s)" in captured.out + json.dumps(run)
 
+    # the file's damping options reach the optimizer; its λ is the bench's
+    structured = tmp_path / "diag.yaml"
+    structured.write_text("approximator: kfac\ndamping: {kind: inverse_free, value: 0.5, block_size: 1}\n")
+    rc = main(["bench", *TINY, "--methods", str(structured), "--steps", "2", "--damping", "1e-2", "--no-plots",
+               "--out", str(tmp_path / "r1")])
+    assert rc == 0, capsys.readouterr().err
+    run = json.loads(next((tmp_path / "r1" / "runs").glob("*diag.yaml.json")).read_text())
+    assert run["preconditioner_config"]["damping"] == {"kind": "inverse_free", "block_size": 1, "value": 1e-2}
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - match: x\n    approximator: {kind: kpsvd, rank: 0}\n")
     assert main(["bench", *TINY, "--methods", str(bad), "--steps", "2", "--out", str(tmp_path / "r2")]) == 2

@@ -506,6 +506,17 @@ class TestMultiKronecker(OperatorConformance):
         return MultiKronecker(factors, (2, 2), (3,)), kron(kron(factors[0], factors[1]), factors[2])
 
 
+class TestInverseFreeInverse(OperatorConformance):
+    """K_A² ⊗ K_G² of the π-split, block-diagonal factors, against the dense blockwise inverses."""
+
+    def make_operator(self):
+        from curvlib.damping import InverseFreeDamping
+
+        (A, B), = kron_terms([73])
+        op = InverseFreeDamping(value=LAM, block_size=2, tol=1e-14, max_iters=200).invert(KroneckerSum([(A, B)]))
+        return op, kron(op.PA, op.PG)
+
+
 class TestKroneckerApproximateInverse(OperatorConformance):
     """C ⊗ D ≈ (F_ii + λI)⁻¹ of an exact Linear block, against torch.kron of the fitted factors."""
 

@@ -80,6 +80,8 @@ def damping_inverts(damping: dict, blocks: tuple[str, set[int] | None]) -> bool:
     kind, terms = blocks
     if inner_damping(damping) == "heuristic":
         return kind == "kronecker" and min(terms) <= 2
+    if damping["kind"] == "inverse_free":  # the π-split factors of one term
+        return kind == "kronecker" and min(terms) <= 1
     if damping["kind"] == "kron_inverse":
         return kind == "sampled"
     return True
@@ -90,6 +92,8 @@ def exposes_eigen_or_factors(damping: dict, blocks: tuple[str, set[int] | None])
     PiSplitInverse (1 term), TwoTermHeuristicInverse (2), EigenTikhonovInverse (tikhonov, 1)."""
     kind, terms = blocks
     if kind != "kronecker":
+        return False
+    if damping["kind"] in ("inverse_free", "kron_inverse"):  # their inverses expose neither
         return False
     usable = {1, 2} if inner_damping(damping) == "heuristic" else {1}
     return bool(terms & usable)
@@ -114,7 +118,7 @@ COARSE_VARIANTS = {"spectral": [{}, {"source": "first_level"}, {"source": "stati
 KNOWN = {
     "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "kpsvd_tensor", "tnt",
                       "exact_block"},
-    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt", "kron_inverse"},
+    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt", "kron_inverse", "inverse_free"},
     "coarse_spaces": {"nicolaides", "spectral", "krylov", "residual", "taylor"},
     "curvatures": {"fisher", "empirical_fisher", "ggn", "hessian"},
 }

@@ -34,8 +34,10 @@ eigenbasis of the factors — eigenvalues are the products of the factors' eigen
 O(Σ_j d_j³) per refresh instead of O(d_a³ + d_g³), and O(p_i·Σ_j d_j) per product.  It takes
 the ``tikhonov`` damping (its registered default).
 
-Cost per refresh: O(n·p_i·Σ_j d_j) per sweep and factor update (the per-pair gradients are
-formed in chunks of samples).  EMA: the factors are averaged one by one with
+Cost per refresh: a Linear layer without positions has 𝒟_n = ā_n ⊗ g_n, and each factor
+update costs O(n·(d_a·Σ a_j + d_g·Σ g_j)) — KFAC's order — with nothing formed.  Other layers
+form the per-pair gradients (O(n·T·p_i), once per refresh when they hold at most 2²⁶ numbers,
+else in chunks at every factor update), then O(n·p_i·Σ_j d_j) per factor update.  EMA: the factors are averaged one by one with
 ρ = min(1 − 1/k, γ) after the fit (§3.1.2's factor-wise rule).
 """
 
@@ -197,22 +199,75 @@ def _modes(stats: LayerStatistics, a_modes, g_modes) -> tuple[tuple[int, ...], t
     return tuple(a_modes), tuple(g_modes)
 
 
-def _contractions(stats: LayerStatistics, modes: tuple[int, ...], factors: list[torch.Tensor], j: int) -> torch.Tensor:
-    """scale·Σ_n unfold_j(𝒟_n) unfold_j(𝒟_n ×_{k≠j} A_k)ᵀ ``[d_j, d_j]``."""
-    K = len(modes)
+class _PairTensors:
+    """The per-pair gradients 𝒟_n as order-K tensors ``[n, *modes]``, in chunks of samples: formed
+    once and kept when they hold at most ``_KEEP`` numbers, else formed again at every use."""
+
+    def __init__(self, stats: LayerStatistics, modes: tuple[int, ...], a_modes: tuple[int, ...]) -> None:
+        self.stats, self.modes = stats, modes
+        self.step = max(1, _CHUNK // max(1, stats.c * stats.p))
+        self.sides: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kept: list[torch.Tensor] | None = None
+        use = stats.uses[0]
+        if len(stats.uses) == 1 and use.T == 1 and not use.transposed:  # 𝒟_n = ā_n ⊗ g_n
+            m, c, _, d_g = use.g.shape
+            a = use.a.dense().reshape(m, stats.a_dim).repeat_interleave(c, dim=0)
+            self.sides = (a.reshape(m * c, *a_modes), use.g.reshape(m * c, *modes[len(a_modes):]))
+        elif stats.num_pairs * stats.p <= _KEEP:
+            self.kept = [self._form(b0) for b0 in self._starts()]
+
+    def _starts(self) -> range:
+        return range(0, self.stats.m, self.step)
+
+    def _form(self, b0: int) -> torch.Tensor:
+        D = self.stats.pair_gradients(b0, min(b0 + self.step, self.stats.m))  # [n, d_g, d_a]
+        return D.transpose(1, 2).reshape(D.shape[0], *self.modes)
+
+    def __iter__(self):
+        return iter(self.kept) if self.kept is not None else (self._form(b0) for b0 in self._starts())
+
+
+_KEEP = 1 << 26  # per-pair gradient numbers kept across the sweeps
+
+
+def _partial(T: torch.Tensor, factors: Sequence[torch.Tensor], j: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_n w_n unfold_j(T_n) unfold_j(T_n ×_{k≠j} F_k)ᵀ ``[d_j, d_j]`` for T ``[n, *modes]``."""
+    K = T.ndim - 1
+    Y = T
+    for k in range(K):
+        if k != j:
+            Y = mode_product(Y, factors[k], k)
+    if weights is not None:
+        Y = Y * weights.reshape(-1, *([1] * K))
     letters = string.ascii_letters[: K + 1]
-    out = torch.zeros(modes[j], modes[j], dtype=stats.dtype, device=stats.device)
-    step = max(1, _CHUNK // max(1, stats.c * stats.p))
-    for b0 in range(0, stats.m, step):
-        D = stats.pair_gradients(b0, min(b0 + step, stats.m))  # [n, d_g, d_a]
-        T = D.transpose(1, 2).reshape(D.shape[0], *modes)
-        Y = T
-        for k in range(K):
-            if k != j:
-                Y = mode_product(Y, factors[k], k)
-        left = letters[0] + "".join(letters[1 + k] if k != j else "x" for k in range(K))
-        right = letters[0] + "".join(letters[1 + k] if k != j else "y" for k in range(K))
-        out += torch.einsum(f"{left},{right}->xy", T, Y)
+    left = letters[0] + "".join(letters[1 + k] if k != j else "x" for k in range(K))
+    right = letters[0] + "".join(letters[1 + k] if k != j else "y" for k in range(K))
+    return torch.einsum(f"{left},{right}->xy", T, Y)
+
+
+def _quadratic(T: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """⟨T_n, T_n ×_k F_k (all k)⟩ ``[n]`` for T ``[n, *modes]``."""
+    Y = T
+    for k, F in enumerate(factors):
+        Y = mode_product(Y, F, k)
+    return (T * Y).reshape(T.shape[0], -1).sum(1)
+
+
+def _contractions(stats: LayerStatistics, pairs: _PairTensors, factors: list[torch.Tensor], j: int) -> torch.Tensor:
+    """scale·Σ_n unfold_j(𝒟_n) unfold_j(𝒟_n ×_{k≠j} A_k)ᵀ ``[d_j, d_j]``.
+
+    A Linear layer without positions has 𝒟_n = ā_n ⊗ g_n (each side reshaped to its modes), so
+    the contraction separates: for an a-side mode, Σ_n (g_nᵀ ⊗G g_n) unfold_j(ā_n) unfold_j(ā_n ×
+    A_k)ᵀ — O(n·(d_a·Σ a_j + d_g·Σ g_j)), no per-pair gradient formed."""
+    if pairs.sides is not None:
+        a, g = pairs.sides
+        p = a.ndim - 1
+        if j < p:
+            return float(stats.scale) * _partial(a, factors[:p], j, _quadratic(g, factors[p:]))
+        return float(stats.scale) * _partial(g, factors[p:], j - p, _quadratic(a, factors[:p]))
+    out = torch.zeros(pairs.modes[j], pairs.modes[j], dtype=stats.dtype, device=stats.device)
+    for T in pairs:
+        out += _partial(T, factors, j)
     return float(stats.scale) * out
 
 
@@ -239,13 +294,14 @@ class KPSVDTensorApproximator(BlockApproximator):
             factors = [F.clone() for F in past.factors]
         else:
             factors = [torch.eye(d, dtype=stats.dtype, device=stats.device) for d in modes]
+        pairs = _PairTensors(stats, modes, a_modes)
         norms2 = [float(torch.linalg.matrix_norm(F)) ** 2 for F in factors]
         sigma2, converged, sweeps = 0.0, False, 0
         for sweeps in range(1, opts.max_iters + 1):
             before = sigma2
             for j in range(K):
                 others = math.prod(norms2[:j] + norms2[j + 1:])
-                T = _contractions(stats, modes, factors, j)
+                T = _contractions(stats, pairs, factors, j)
                 T = 0.5 * (T + T.T)
                 t2 = float(torch.linalg.matrix_norm(T)) ** 2
                 if t2 == 0.0 or others == 0.0:  # F = 0: the zero product

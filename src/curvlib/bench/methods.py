@@ -216,6 +216,9 @@ class Method:
             hyperparameters' ``approximator_options`` may add others but not contradict these.
         rules: the ``PreconditionerConfig.rules`` of a composed method (a config file), as
             plain mappings.
+        damping_options: options of the method's damping kind other than λ (a composed
+            method's file: ``{"block_size": 16}`` of ``inverse_free``), as ``(option, value)``
+            pairs; used while the damping kind is the method's own.
     """
 
     name: str
@@ -231,6 +234,7 @@ class Method:
     needs_batch: bool = False
     approximator_options: tuple[tuple[str, Any], ...] = ()
     rules: tuple[Any, ...] = ()
+    damping_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def is_natural_gradient(self) -> bool:
@@ -265,6 +269,8 @@ class Method:
         if not self.is_natural_gradient:
             raise ConfigError(f"method {self.name!r} ({self.family}) has no preconditioner")
         damping: dict[str, Any] = {"kind": hp.damping_kind or self.damping_kind or "heuristic"}
+        if damping["kind"] == self.damping_kind:
+            damping.update(self.damping_options)
         if hp.damping is not None:
             damping["value"] = hp.damping
         curvature: dict[str, Any] = {"kind": hp.curvature}
@@ -379,10 +385,15 @@ def _composed(path: str) -> Method:
     kind = approximator.pop("kind")
     approximator.pop("ema", None)  # the bench's ema
     rules = tuple({k: v for k, v in r.items() if v is not None and v is not False} for r in data["rules"])
-    damping = data["damping"]["kind"]
+    damping_data = dict(data["damping"])
+    damping = damping_data.pop("kind")
+    damping_data.pop("value", None)  # the bench's λ
     desc = _describe(kind, damping, ()) + f", composed by {len(rules)} rule(s) from {path}"
+    if damping_data:
+        desc += f", damping options {damping_data}"
     return Method(path, "natural_gradient", desc, approximator=kind, damping_kind=damping,
-                  approximator_options=tuple(sorted(approximator.items())), rules=rules)
+                  approximator_options=tuple(sorted(approximator.items())), rules=rules,
+                  damping_options=tuple(sorted(damping_data.items())))
 
 
 def resolve_method(name: str, registry: Any) -> Method:

@@ -11,6 +11,7 @@ regularized inverse.
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping, InverseInfo
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions, PiSplitInverse, TwoTermHeuristicInverse
+from curvlib.damping.inverse_free import InverseFreeDamping, InverseFreeInverse, InverseFreeOptions
 from curvlib.damping.kron_inverse import KronInverseDamping, KronInverseOptions, KroneckerApproximateInverse
 from curvlib.damping.levenberg_marquardt import (
     LevenbergMarquardtDamping,
@@ -36,6 +37,9 @@ __all__ = [
     "ExactBlockTikhonovInverse",
     "HeuristicDamping",
     "HeuristicOptions",
+    "InverseFreeDamping",
+    "InverseFreeInverse",
+    "InverseFreeOptions",
     "InverseInfo",
     "KronInverseDamping",
     "KronInverseOptions",

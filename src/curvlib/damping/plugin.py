@@ -6,12 +6,15 @@ Damping kinds (λ means one thing per kind, stated with its formula):
 - ``tikhonov``: M = Σ_k A_k⊗B_k + λI ("normal damping", (2.94), (4.54));
 - ``heuristic``: M = (A_1 + π√λI)⊗(B_1 + π⁻¹√λI) [+ A_2⊗B_2] (π-split (2.95)–(2.96), §3.2.5);
 - ``levenberg_marquardt``: either, with λ adapted by Martens & Grosse's reduction-ratio rule;
+- ``inverse_free``: the π-split's inverse factors by Newton–Schulz steps (products only), dense,
+  diagonal or block-diagonal;
 - ``kron_inverse``: P = C⊗D nearest to (F_ii + λI)⁻¹ in ‖I − P(F_ii + λI)‖_F (sampled blocks).
 """
 
 from __future__ import annotations
 
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
+from curvlib.damping.inverse_free import InverseFreeDamping, InverseFreeOptions
 from curvlib.damping.kron_inverse import KronInverseDamping, KronInverseOptions
 from curvlib.damping.levenberg_marquardt import LevenbergMarquardtDamping, LevenbergMarquardtOptions
 from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
@@ -43,4 +46,10 @@ def curvlib_register_dampings(registry):
         KronInverseDamping,
         options=KronInverseOptions,
         description="C⊗D minimising ‖I − (C⊗D)(F_ii + λI)‖_F by alternating least squares (exact_block's blocks)",
+    )
+    registry.add(
+        "inverse_free",
+        InverseFreeDamping,
+        options=InverseFreeOptions,
+        description="the π-split's inverse factors by Newton–Schulz steps, no decomposition; dense, diagonal or block",
     )
