@@ -31,10 +31,17 @@ Hadamard-weighted Gram product, Σ W_{nn'} D_nᵀ X D_n' = Āᵀ (W ∘ (G X G�
 Ā ``[n, d_a]``, G ``[n, d_g]``: O(n²(d_a + d_g) + n(d_a² + d_g²)) and d³ for the two
 eigendecompositions.  Other layers form the D_n (n·p_i numbers): O(n²·p_i).
 
+Rank k (the ``rank`` option).  P = Σ_{r≤k} C_r ⊗ D_r is fitted greedily, as deflation fits a
+Kronecker sum: term r minimises ‖R_r − (C_r ⊗ D_r) M‖_F for the residual R_r = I − Σ_{s<r}
+(C_s ⊗ D_s) M of the terms before it, by the same ALS with the cross terms of the previous
+terms in the linear part (:func:`fit_kron_inverse_terms`).  The sum is not the joint optimum
+over k terms; each term lowers the residual.
+
 What it reports (``info``): ``method="als"``, the sweeps (``iterations``), ``converged``,
 and ``relative_residual`` = ‖I − P M‖_F / ‖I‖_F at the fit.  P need not be positive definite;
-a fit whose C ⊗ D has a negative eigenvalue (C and D of mixed definiteness) is refused with
-a :class:`~curvlib.errors.NotPSDError` (the previous inverse is kept, or the error raised).
+a fit whose P may have a negative eigenvalue (C and D of mixed definiteness; for several terms
+by Weyl's bound) is refused with a :class:`~curvlib.errors.NotPSDError` (the previous inverse
+is kept, or the error raised).
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ from pydantic import Field
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
 from curvlib.errors import ConfigError, NotPSDError, NumericalError
-from curvlib.linalg import SampledBlock, eigh_safe
+from curvlib.linalg import SampledBlock, eigh_safe, top_eigenpairs
 
 __all__ = ["KronInverseDamping", "KronInverseOptions", "KroneckerApproximateInverse", "fit_kron_inverse",
-           "kron_inverse_residual"]
+           "fit_kron_inverse_terms", "kron_inverse_residual"]
 
 _DENSE_PAIRS_MAX = 1 << 27  # n·p_i numbers the general path may form
 
@@ -61,12 +68,15 @@ class KronInverseOptions(StrictModel):
 
     Attributes:
         value: λ > 0 of M = F_ii + λI, the matrix whose inverse is approximated.
-        max_iters: cap on the alternating sweeps.
+        rank: the number of Kronecker terms of P, each fitted to what the previous ones leave
+            (greedy; :func:`fit_kron_inverse_terms`).
+        max_iters: cap on the alternating sweeps per term.
         tol: stop when a sweep lowers ‖I − P M‖²_F by less than tol times its value.
     """
 
     value: float = Field(gt=0, allow_inf_nan=False, description="λ > 0 of M = F_ii + λI")
-    max_iters: int = Field(30, ge=1, le=10_000, description="cap on the alternating sweeps")
+    rank: int = Field(1, ge=1, le=16, description="Kronecker terms of P, fitted one after the other")
+    max_iters: int = Field(30, ge=1, le=10_000, description="cap on the alternating sweeps per term")
     tol: float = Field(1e-6, ge=0.0, lt=1.0, allow_inf_nan=False, description="relative decrease that stops the sweeps")
 
 
@@ -142,47 +152,85 @@ def fit_kron_inverse(stats: Any, lam: float, *, max_iters: int = 30, tol: float 
     """(C ``[d_a, d_a]``, D ``[d_g, d_g]``, report) minimising ‖I − (C⊗D)(F_ii + λI)‖_F over symmetric
     C, D by alternating least squares (module docstring); ``report``: ``iterations``,
     ``converged``, ``objective`` (‖I − P M‖²_F), ``relative_residual``."""
+    terms, report = fit_kron_inverse_terms(stats, lam, rank=1, max_iters=max_iters, tol=tol)
+    (C, D), = terms
+    return C, D, report
+
+
+def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: int = 30, tol: float = 1e-6
+                           ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """P = Σ_{r≤rank} C_r ⊗ D_r fitted term by term (greedy, as deflation fits Kronecker sums): term r
+    minimises ‖R_r − (C_r ⊗ D_r) M‖_F with R_r = I − Σ_{s<r} (C_s ⊗ D_s) M, by the ALS of the module
+    docstring with the previous terms' cross terms in the linear part,
+
+        tr(R_rᵀ (C ⊗ D) M) = tr(C T_D) − Σ_s tr(C Q_{D_s D} C_s),   Q_X = the a-side partial trace of M²
+        with the g-side weight X (for symmetric X the Q of the module docstring; in general Xᵀ).
+
+    Returns the terms and the report of the whole sum (``iterations`` summed over the terms)."""
     pairs = _Pairs(stats)
     s, d_a, d_g = pairs.scale, stats.a_dim, stats.g_dim
     p = d_a * d_g
     eye_a = torch.eye(d_a, dtype=stats.dtype, device=stats.device)
     eye_g = torch.eye(d_g, dtype=stats.dtype, device=stats.device)
     K = pairs.K
-    C = eye_a.clone()
-    f_prev, converged, it = math.inf, False, 0
-    for it in range(1, max_iters + 1):
-        C2 = C @ C
-        T = s * pairs.g_side(C, None) + lam * torch.trace(C) * eye_g
-        Q = s * s * pairs.g_side(C2, K) + 2 * lam * s * pairs.g_side(C2, None) + lam * lam * torch.trace(C2) * eye_g
-        D = _sylvester_sym(0.5 * (Q + Q.T), T)
-        D2 = D @ D
-        T = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
-        Q = s * s * pairs.a_side(D2, K) + 2 * lam * s * pairs.a_side(D2, None) + lam * lam * torch.trace(D2) * eye_a
-        Q = 0.5 * (Q + Q.T)
-        C = _sylvester_sym(Q, T)
-        f = float(p - 2 * torch.trace(C @ T) + torch.trace(C @ Q @ C))
-        if not math.isfinite(f):
-            raise NumericalError(f"kron_inverse: the objective became {f} at sweep {it}")
-        alpha = math.sqrt(float(torch.linalg.matrix_norm(D)) / max(float(torch.linalg.matrix_norm(C)), 1e-300))
-        C, D = C * alpha, D / alpha
-        if f_prev - f <= tol * max(abs(f), 1e-300):
-            converged = True
-            break
-        f_prev = f
-    report = {"iterations": it, "converged": converged, "objective": max(f, 0.0),
+
+    def q_a(X: torch.Tensor) -> torch.Tensor:  # Σ X_gg' M²_{(g',·),(g,·)}, the a-side form of weight X
+        Xt = X.T
+        return s * s * pairs.a_side(Xt, K) + 2 * lam * s * pairs.a_side(Xt, None) + lam * lam * torch.trace(X) * eye_a
+
+    def q_g(Y: torch.Tensor) -> torch.Tensor:
+        Yt = Y.T
+        return s * s * pairs.g_side(Yt, K) + 2 * lam * s * pairs.g_side(Yt, None) + lam * lam * torch.trace(Y) * eye_g
+
+    terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+    f0, sweeps, converged, f = float(p), 0, True, float(p)
+    for _ in range(rank):
+        C = eye_a.clone()
+        f_prev, done = math.inf, False
+        for _ in range(max_iters):
+            sweeps += 1
+            B = s * pairs.g_side(C, None) + lam * torch.trace(C) * eye_g
+            for C_s, D_s in terms:
+                B = B - q_g(C_s @ C) @ D_s
+            Q = q_g(C @ C)
+            D = _sylvester_sym(0.5 * (Q + Q.T), B)
+            B = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
+            for C_s, D_s in terms:
+                B = B - q_a(D_s @ D) @ C_s
+            Q = q_a(D @ D)
+            Q = 0.5 * (Q + Q.T)
+            C = _sylvester_sym(Q, B)
+            f = float(f0 - 2 * torch.trace(C @ B) + torch.trace(C @ Q @ C))
+            if not math.isfinite(f):
+                raise NumericalError(f"kron_inverse: the objective became {f} at sweep {sweeps}")
+            alpha = math.sqrt(float(torch.linalg.matrix_norm(D)) / max(float(torch.linalg.matrix_norm(C)), 1e-300))
+            C, D = C * alpha, D / alpha
+            if f_prev - f <= tol * max(abs(f), 1e-300):
+                done = True
+                break
+            f_prev = f
+        converged = converged and done
+        terms.append((C, D))
+        f0 = f
+    report = {"iterations": sweeps, "converged": converged, "objective": max(f, 0.0),
               "relative_residual": math.sqrt(max(f, 0.0) / p)}
-    return C, D, report
+    return terms, report
 
 
 class KroneckerApproximateInverse(BlockInverse):
-    """P = C ⊗ D ≈ (F_ii + λI)⁻¹, applied as vec(D X C)."""
+    """P = Σ_r C_r ⊗ D_r ≈ (F_ii + λI)⁻¹, applied as Σ_r vec(D_r X C_r); ``C``, ``D``: the first term."""
 
-    def __init__(self, C: torch.Tensor, D: torch.Tensor, info: InverseInfo) -> None:
-        self.C, self.D = C, D
-        super().__init__(a_dim=C.shape[0], b_dim=D.shape[0], dtype=C.dtype, device=C.device, info=info)
+    def __init__(self, terms: list[tuple[torch.Tensor, torch.Tensor]], info: InverseInfo) -> None:
+        self.terms = list(terms)
+        self.C, self.D = self.terms[0]
+        super().__init__(a_dim=self.C.shape[0], b_dim=self.D.shape[0], dtype=self.C.dtype, device=self.C.device,
+                         info=info)
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
-        return self.D @ X @ self.C
+        out = self.D @ X @ self.C
+        for C, D in self.terms[1:]:
+            out = out + D @ X @ C
+        return out
 
 
 class KronInverseDamping(Damping):
@@ -207,13 +255,34 @@ class KronInverseDamping(Damping):
                 f"kron_inverse: the block is a {type(block).__name__}, not a SampledBlock: the fit of C ⊗ D needs the "
                 "per-pair gradients of the block — use the exact_block approximator with this damping"
             )
-        C, D, report = fit_kron_inverse(block.statistics, self.value, max_iters=opts.max_iters, tol=opts.tol)
-        e_c, e_d = torch.linalg.eigvalsh(C), torch.linalg.eigvalsh(D)
-        corners = torch.outer(torch.stack([e_c.min(), e_c.max()]), torch.stack([e_d.min(), e_d.max()]))
-        lo = corners.min()  # the smallest eigenvalue e_c,i·e_d,j of C ⊗ D
-        if float(lo) < 0:
-            raise NotPSDError(f"kron_inverse: the fitted C ⊗ D has the eigenvalue {float(lo):.3e} < 0 (C and D of mixed "
-                              "definiteness); a preconditioner must be positive definite")
+        terms, report = fit_kron_inverse_terms(block.statistics, self.value, rank=opts.rank,
+                                               max_iters=opts.max_iters, tol=opts.tol)
+        lo = _smallest_eigenvalue(terms)
+        if lo < 0:
+            raise NotPSDError(f"kron_inverse: the fitted P has the eigenvalue {lo:.3e} < 0; a preconditioner must be "
+                              "positive definite")
         info = InverseInfo(kind=self.kind, method="als", lam=self.value, iterations=report["iterations"],
                            converged=report["converged"], relative_residual=report["relative_residual"])
-        return KroneckerApproximateInverse(C, D, info)
+        return KroneckerApproximateInverse(terms, info)
+
+
+def _smallest_eigenvalue(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """λ_min of P = Σ_r C_r ⊗ D_r: the smallest product e_c,i·e_d,j for one term; for several, the
+    largest eigenvalue of −P by :func:`~curvlib.linalg.top_eigenpairs` (matrix-free, products
+    with P only); a negative value within 10⁻⁸·Σ‖C_r‖‖D_r‖ of 0 counts as 0."""
+    if len(terms) == 1:
+        (C, D), = terms
+        e_c, e_d = torch.linalg.eigvalsh(C), torch.linalg.eigvalsh(D)
+        corners = torch.outer(torch.stack([e_c.min(), e_c.max()]), torch.stack([e_d.min(), e_d.max()]))
+        return float(corners.min())
+    d_a, d_g = terms[0][0].shape[0], terms[0][1].shape[0]
+    C0 = terms[0][0]
+
+    def minus_p(V: torch.Tensor) -> torch.Tensor:
+        X = V.reshape(-1, d_g, d_a)
+        return -sum(D @ X @ C for C, D in terms).reshape(V.shape)
+
+    res = top_eigenpairs(minus_p, d_a * d_g, 1, dtype=C0.dtype, device=C0.device, tol=1e-6, max_iters=50)
+    lo = -float(res.theta[0])
+    size = sum(float(torch.linalg.matrix_norm(C, 2) * torch.linalg.matrix_norm(D, 2)) for C, D in terms)
+    return lo if lo < -1e-8 * size else max(lo, 0.0)
