@@ -107,6 +107,24 @@ def test_geometry_validates_and_describes():
 
 
 @few
+@given(stats=_stats(), max_numbers=st.integers(1, 200))
+def test_pair_gradient_chunks_and_pair_rows(stats, max_numbers):
+    """The chunks are pair_gradients() in sample order, each within max_numbers (or one sample);
+    pair_rows gives D_n = g_n ā_nᵀ exactly when the statistics say the pairs are outer products."""
+    chunks = list(stats.pair_gradient_chunks(max_numbers))
+    assert torch.equal(torch.cat(chunks), stats.pair_gradients())
+    assert all(D.numel() <= max(max_numbers, stats.c * stats.p) for D in chunks)
+    simple = len(stats.uses) == 1 and stats.uses[0].T == 1 and not stats.uses[0].transposed
+    assert stats.rank_one_pairs == simple
+    if simple:
+        a, g = stats.pair_rows()
+        assert_close(torch.einsum("ng,na->nga", g, a), stats.pair_gradients())
+    else:
+        with pytest.raises(ShapeError, match="not outer products"):
+            stats.pair_rows()
+
+
+@few
 @given(stats=_stats(), seed=seeds)
 def test_jacobian_products_define_the_dense_block(stats, seed):
     """scale·J Jᵀ = F_ii of the reference (every use, geometry, orientation); Jᵀ is J's

@@ -435,9 +435,7 @@ def _inner_with_block(stats: LayerStatistics, block: LayerBlockOperator) -> torc
         return float(stats.scale) * block.scale * (cross * cross).sum()
     if not isinstance(block, KroneckerFactored):  # any other block: scale·Σ_n ⟨D_n, F̂ D_n⟩, n products
         total = torch.zeros((), dtype=block.dtype, device=block.device)
-        step = max(1, (1 << 22) // max(1, stats.c * stats.p))
-        for b0 in range(0, stats.m, step):
-            D = stats.pair_gradients(b0, min(b0 + step, stats.m))
+        for D in stats.pair_gradient_chunks():
             total = total + (D * block.apply(D)).sum()
         return float(stats.scale) * total
     zop = z_operator(stats, band_radius=None)

@@ -177,11 +177,9 @@ class ExactBlock(ShiftSolvable, SampledBlock):
                 PerformanceWarning,
             )
         out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
-        m, c = self.stats.m, self.stats.c
-        step = max(1, (1 << 22) // max(1, c * self.p))
-        for b0 in range(0, m, step):  # chunks of samples bound the n×p_i intermediate
-            D = self.stats.pair_vectors(b0, min(b0 + step, m))
-            out += D.T @ D
+        for D in self.stats.pair_gradient_chunks():  # chunks of samples bound the n×p_i intermediate
+            V = D.transpose(1, 2).reshape(D.shape[0], -1)  # vec(D_n)ᵀ as rows
+            out += V.T @ V
         return self.scale * out
 
     # -- regularized inverse ----------------------------------------------------------------------

@@ -224,9 +224,9 @@ class KFACLowRankApproximator(BlockApproximator):
 
         def residual(V: torch.Tensor) -> torch.Tensor:
             X = V.reshape(-1, d_g, d_a)
-            out = exact._apply(X)
+            out = exact.apply(X)
             if rho > 0:
-                out = torch.lerp(out, past._apply(X), rho)
+                out = torch.lerp(out, past.apply(X), rho)
             return (out - G @ X @ A).reshape(V.shape)
 
         v0 = past.U.reshape(past.rank, N) if (past is not None and opts.warm_start) else None

@@ -201,30 +201,25 @@ def _modes(stats: LayerStatistics, a_modes, g_modes) -> tuple[tuple[int, ...], t
 
 class _PairTensors:
     """The per-pair gradients 𝒟_n as order-K tensors ``[n, *modes]``, in chunks of samples: formed
-    once and kept when they hold at most ``_KEEP`` numbers, else formed again at every use."""
+    once and kept when they hold at most ``_KEEP`` numbers, else formed again at every use.
+    Outer-product pairs (:attr:`~curvlib.curvatures.statistics.LayerStatistics.rank_one_pairs`)
+    keep their two sides instead (``sides``), and nothing is formed."""
 
     def __init__(self, stats: LayerStatistics, modes: tuple[int, ...], a_modes: tuple[int, ...]) -> None:
         self.stats, self.modes = stats, modes
-        self.step = max(1, _CHUNK // max(1, stats.c * stats.p))
         self.sides: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kept: list[torch.Tensor] | None = None
-        use = stats.uses[0]
-        if len(stats.uses) == 1 and use.T == 1 and not use.transposed:  # 𝒟_n = ā_n ⊗ g_n
-            m, c, _, d_g = use.g.shape
-            a = use.a.dense().reshape(m, stats.a_dim).repeat_interleave(c, dim=0)
-            self.sides = (a.reshape(m * c, *a_modes), use.g.reshape(m * c, *modes[len(a_modes):]))
+        if stats.rank_one_pairs:  # 𝒟_n = ā_n ⊗ g_n
+            a, g = stats.pair_rows()
+            self.sides = (a.reshape(-1, *a_modes), g.reshape(-1, *modes[len(a_modes):]))
         elif stats.num_pairs * stats.p <= _KEEP:
-            self.kept = [self._form(b0) for b0 in self._starts()]
+            self.kept = list(self._formed())
 
-    def _starts(self) -> range:
-        return range(0, self.stats.m, self.step)
-
-    def _form(self, b0: int) -> torch.Tensor:
-        D = self.stats.pair_gradients(b0, min(b0 + self.step, self.stats.m))  # [n, d_g, d_a]
-        return D.transpose(1, 2).reshape(D.shape[0], *self.modes)
+    def _formed(self):
+        return (D.transpose(1, 2).reshape(D.shape[0], *self.modes) for D in self.stats.pair_gradient_chunks(_CHUNK))
 
     def __iter__(self):
-        return iter(self.kept) if self.kept is not None else (self._form(b0) for b0 in self._starts())
+        return iter(self.kept) if self.kept is not None else self._formed()
 
 
 _KEEP = 1 << 26  # per-pair gradient numbers kept across the sweeps

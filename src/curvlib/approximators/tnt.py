@@ -56,7 +56,7 @@ class TNTOptions(StrictModel):
 def mode_covariances(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(C_a ``[d_a, d_a]``, C_g ``[d_g, d_g]``, t = tr F_ii) of the module docstring."""
     scale = float(stats.scale)
-    if len(stats.uses) == 1 and stats.uses[0].T == 1 and not stats.uses[0].transposed:
+    if stats.rank_one_pairs:
         (use,) = stats.uses
         m, c, _, d_g = use.g.shape
         g = use.g.reshape(m, c, d_g)
@@ -69,9 +69,7 @@ def mode_covariances(stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor
     else:
         C_a = torch.zeros(stats.a_dim, stats.a_dim, dtype=stats.dtype, device=stats.device)
         C_g = torch.zeros(stats.g_dim, stats.g_dim, dtype=stats.dtype, device=stats.device)
-        step = max(1, _CHUNK // max(1, stats.c * stats.p))
-        for b0 in range(0, stats.m, step):
-            D = stats.pair_gradients(b0, min(b0 + step, stats.m))  # [k, d_g, d_a]
+        for D in stats.pair_gradient_chunks(_CHUNK):  # [k, d_g, d_a]
             C_a += torch.einsum("kga,kgb->ab", D, D)
             C_g += torch.einsum("kga,kha->gh", D, D)
         C_a, C_g = scale * C_a, scale * C_g

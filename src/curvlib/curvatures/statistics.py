@@ -34,7 +34,7 @@ is not stored: it is an argument of the functions that combine positions
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -362,6 +362,30 @@ class LayerStatistics:
             D = Du if D is None else D + Du
         return D.reshape(-1, self.g_dim, self.a_dim)
 
+    def pair_gradient_chunks(self, max_numbers: int = 1 << 22) -> Iterator[torch.Tensor]:
+        """:meth:`pair_gradients` of consecutive chunks of samples, each of at most ``max_numbers``
+        entries (at least one sample): ``[n_chunk, d_g, d_a]`` in sample order."""
+        step = max(1, max_numbers // max(1, self.c * self.p))
+        for b0 in range(0, self.m, step):
+            yield self.pair_gradients(b0, min(b0 + step, self.m))
+
+    @property
+    def rank_one_pairs(self) -> bool:
+        """Every per-pair gradient is an outer product, D_n = g_n ā_bᵀ: one untransposed use
+        without positions (:meth:`pair_rows` gives the two sides)."""
+        return len(self.uses) == 1 and self.uses[0].T == 1 and not self.uses[0].transposed
+
+    def pair_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ā rows ``[n, d_a]``, g rows ``[n, d_g]``), pair n = (b, c) b-major, with D_n = g_n ā_nᵀ
+        (ā_b repeated for each column c); only for :attr:`rank_one_pairs` statistics."""
+        if not self.rank_one_pairs:
+            raise ShapeError("LayerStatistics.pair_rows: the per-pair gradients are not outer products (several uses, "
+                             "positions or a transposed use); use pair_gradients")
+        (use,) = self.uses
+        m, c = self.m, self.c
+        a = use.a.dense().reshape(m, self.a_dim).repeat_interleave(c, dim=0)
+        return a, use.g.reshape(m * c, self.g_dim)
+
     def pair_vectors(self, b0: int = 0, b1: int | None = None) -> torch.Tensor:
         """vec(D_n)ᵀ as rows: ``[(b1 − b0)·c, p_i]`` (the rows of J_iᵀ)."""
         D = self.pair_gradients(b0, b1)
@@ -380,8 +404,7 @@ class LayerStatistics:
                 f"LayerStatistics.gram: blocks of different shapes (d_a, d_g) = {(self.a_dim, self.g_dim)} and "
                 f"{(other.a_dim, other.g_dim)}"
             )
-        simple = all(len(s.uses) == 1 and s.uses[0].T == 1 and not s.uses[0].transposed for s in (self, other))
-        if simple:
+        if self.rank_one_pairs and other.rank_one_pairs:
             u1, u2 = self.uses[0], other.uses[0]
             c1, c2 = u1.g.shape[1], u2.g.shape[1]
             Ka = u1.a.cross(u2.a)[:, 0, :, 0].repeat_interleave(c1, 0).repeat_interleave(c2, 1)

@@ -82,17 +82,16 @@ class KronInverseOptions(StrictModel):
 
 class _Pairs:
     """The weighted sums Σ W_{nn'} D_nᵀ X D_n' and Σ W_{nn'} D_n Y D_n'ᵀ of a block's per-pair
-    gradients (module docstring), W an ``[n, n]`` matrix or ``None`` for the diagonal W = I."""
+    gradients (module docstring), W an ``[n, n]`` matrix or ``None`` for the diagonal W = I, and
+    the two forms of the objective built from them for M = F_ii + λI."""
 
-    def __init__(self, stats: Any) -> None:
-        self.scale = float(stats.scale)
-        uses = stats.uses
-        self.rank_one = len(uses) == 1 and uses[0].T == 1 and not uses[0].transposed
+    def __init__(self, stats: Any, lam: float) -> None:
+        self.scale, self.lam = float(stats.scale), float(lam)
+        self.eye_a = torch.eye(stats.a_dim, dtype=stats.dtype, device=stats.device)
+        self.eye_g = torch.eye(stats.g_dim, dtype=stats.dtype, device=stats.device)
+        self.rank_one = stats.rank_one_pairs
         if self.rank_one:
-            use = uses[0]
-            m, c, _, d_g = use.g.shape
-            self.G = use.g.reshape(m * c, d_g)
-            self.A = use.a.dense().reshape(m, -1).repeat_interleave(c, dim=0)
+            self.A, self.G = stats.pair_rows()
             self.K = (self.A @ self.A.T) * (self.G @ self.G.T)
         else:
             if stats.num_pairs * stats.p > _DENSE_PAIRS_MAX:
@@ -103,6 +102,25 @@ class _Pairs:
                 )
             self.D = stats.pair_gradients()  # [n, d_g, d_a]
             self.K = torch.einsum("nga,kga->nk", self.D, self.D)
+
+    def t_a(self, D: torch.Tensor) -> torch.Tensor:
+        """T_D = scale·Σ_n D_nᵀ D D_n + λ tr(D) I ``[d_a, d_a]``: tr((C ⊗ D) M) = tr(C T_D)."""
+        return self.scale * self.a_side(D, None) + self.lam * torch.trace(D) * self.eye_a
+
+    def t_g(self, C: torch.Tensor) -> torch.Tensor:
+        """T_C = scale·Σ_n D_n C D_nᵀ + λ tr(C) I ``[d_g, d_g]``: tr((C ⊗ D) M) = tr(D T_C)."""
+        return self.scale * self.g_side(C, None) + self.lam * torch.trace(C) * self.eye_g
+
+    def q_a(self, X: torch.Tensor) -> torch.Tensor:
+        """Q_X ``[d_a, d_a]`` with tr((Y ⊗ X) M²) = tr(Y Q_X), X ``[d_g, d_g]`` (module docstring; Xᵀ
+        in the sums, which matters only for a non-symmetric X)."""
+        s, lam, Xt = self.scale, self.lam, X.T
+        return s * s * self.a_side(Xt, self.K) + 2 * lam * s * self.a_side(Xt, None) + lam * lam * torch.trace(X) * self.eye_a
+
+    def q_g(self, Y: torch.Tensor) -> torch.Tensor:
+        """Q_Y ``[d_g, d_g]`` with tr((Y ⊗ X) M²) = tr(X Q_Y), Y ``[d_a, d_a]``."""
+        s, lam, Yt = self.scale, self.lam, Y.T
+        return s * s * self.g_side(Yt, self.K) + 2 * lam * s * self.g_side(Yt, None) + lam * lam * torch.trace(Y) * self.eye_g
 
     def a_side(self, X: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
         """Σ W_{nn'} D_nᵀ X D_n' ``[d_a, d_a]`` for X ``[d_g, d_g]``."""
@@ -137,12 +155,9 @@ def kron_inverse_residual(stats: Any, lam: float, C: torch.Tensor, D: torch.Tens
     """‖I − (C ⊗ D)(F_ii + λI)‖_F / ‖I‖_F for any symmetric C ``[d_a, d_a]``, D ``[d_g, d_g]`` —
     a fitted one, or KFAC's π-split inverse (A + π√λI)⁻¹ ⊗ (G + π⁻¹√λI)⁻¹ — exactly, from the
     statistics (the formulas of the module docstring, one evaluation)."""
-    pairs = _Pairs(stats)
-    s, p = pairs.scale, stats.a_dim * stats.g_dim
-    eye_a = torch.eye(stats.a_dim, dtype=stats.dtype, device=stats.device)
-    D2 = D @ D
-    T = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
-    Q = s * s * pairs.a_side(D2, pairs.K) + 2 * lam * s * pairs.a_side(D2, None) + lam * lam * torch.trace(D2) * eye_a
+    pairs = _Pairs(stats, lam)
+    p = stats.a_dim * stats.g_dim
+    T, Q = pairs.t_a(D), pairs.q_a(D @ D)
     f = float(p - 2 * torch.trace(C @ T) + torch.trace(C @ Q @ C))
     return math.sqrt(max(f, 0.0) / p)
 
@@ -167,37 +182,24 @@ def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: 
         with the g-side weight X (for symmetric X the Q of the module docstring; in general Xᵀ).
 
     Returns the terms and the report of the whole sum (``iterations`` summed over the terms)."""
-    pairs = _Pairs(stats)
-    s, d_a, d_g = pairs.scale, stats.a_dim, stats.g_dim
-    p = d_a * d_g
-    eye_a = torch.eye(d_a, dtype=stats.dtype, device=stats.device)
-    eye_g = torch.eye(d_g, dtype=stats.dtype, device=stats.device)
-    K = pairs.K
-
-    def q_a(X: torch.Tensor) -> torch.Tensor:  # Σ X_gg' M²_{(g',·),(g,·)}, the a-side form of weight X
-        Xt = X.T
-        return s * s * pairs.a_side(Xt, K) + 2 * lam * s * pairs.a_side(Xt, None) + lam * lam * torch.trace(X) * eye_a
-
-    def q_g(Y: torch.Tensor) -> torch.Tensor:
-        Yt = Y.T
-        return s * s * pairs.g_side(Yt, K) + 2 * lam * s * pairs.g_side(Yt, None) + lam * lam * torch.trace(Y) * eye_g
-
+    pairs = _Pairs(stats, lam)
+    p = stats.a_dim * stats.g_dim
     terms: list[tuple[torch.Tensor, torch.Tensor]] = []
     f0, sweeps, converged, f = float(p), 0, True, float(p)
     for _ in range(rank):
-        C = eye_a.clone()
+        C = pairs.eye_a.clone()
         f_prev, done = math.inf, False
         for _ in range(max_iters):
             sweeps += 1
-            B = s * pairs.g_side(C, None) + lam * torch.trace(C) * eye_g
+            B = pairs.t_g(C)
             for C_s, D_s in terms:
-                B = B - q_g(C_s @ C) @ D_s
-            Q = q_g(C @ C)
+                B = B - pairs.q_g(C_s @ C) @ D_s
+            Q = pairs.q_g(C @ C)
             D = _sylvester_sym(0.5 * (Q + Q.T), B)
-            B = s * pairs.a_side(D, None) + lam * torch.trace(D) * eye_a
+            B = pairs.t_a(D)
             for C_s, D_s in terms:
-                B = B - q_a(D_s @ D) @ C_s
-            Q = q_a(D @ D)
+                B = B - pairs.q_a(D_s @ D) @ C_s
+            Q = pairs.q_a(D @ D)
             Q = 0.5 * (Q + Q.T)
             C = _sylvester_sym(Q, B)
             f = float(f0 - 2 * torch.trace(C @ B) + torch.trace(C @ Q @ C))
