@@ -73,6 +73,7 @@ __all__ = [
     "FitInfo",
     "LayerFit",
     "align_signs",
+    "ema_pairs",
     "ema_rho",
     "ema_terms",
     "fit_structure_problem",
@@ -322,8 +323,17 @@ def ema_terms(
     Returns:
         pairs (A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]``).
     """
-    aligned = align_signs(new_terms, old_terms)
-    return [(rho * A0 + (1.0 - rho) * A, rho * B0 + (1.0 - rho) * B) for (A0, B0), (A, B) in zip(old_terms, aligned)]
+    return ema_pairs(old_terms, align_signs(new_terms, old_terms), rho)
+
+
+def ema_pairs(
+    old_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    new_terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rho: float,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """ρ·old + (1 − ρ)·new factor by factor, as they are (no sign alignment), each one kernel
+    (``torch.lerp``) instead of three; new tensors, the inputs are not changed."""
+    return [(torch.lerp(A, A0, rho), torch.lerp(B, B0, rho)) for (A0, B0), (A, B) in zip(old_terms, new_terms)]
 
 
 # --------------------------------------------------------------------------- interface

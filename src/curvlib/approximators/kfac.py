@@ -49,6 +49,7 @@ from curvlib.approximators.base import (
     FactorFitted,
     FitInfo,
     LayerFit,
+    ema_pairs,
     ema_rho,
 )
 from curvlib.curvatures.factors import kfac_factors
@@ -112,6 +113,6 @@ class KFACApproximator(BlockApproximator, FactorFitted):
                     f"kfac: the previous fit has {len(previous.terms)} Kronecker terms, this batch {len(terms)} "
                     "(the layer's uses changed orientation); start a new fit with previous=None"
                 )
-            terms = [(rho * A0 + (1.0 - rho) * A, rho * G0 + (1.0 - rho) * G) for (A0, G0), (A, G) in zip(previous.terms, terms)]
+            terms = ema_pairs(previous.terms, terms, rho)
         info = FitInfo(method=self.kind, refresh=k, rho=rho)
         return LayerFit(block=KroneckerSum(terms), info=info, state={"refresh": k})

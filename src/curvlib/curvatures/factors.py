@@ -101,11 +101,19 @@ def kfac_factors(stats: LayerStatistics, weight_sharing: WeightSharing = "expand
     terms = []
     for group in _groups(stats):
         T = sum(u.T for u in group)
-        A = sum(u.a.gram() for u in group) / m
-        G = sum(_g_gram(u.g) for u in group) * (scale / T)
-        A, G = 0.5 * (A + A.T), 0.5 * (G + G.T)
+        A = _symmetrized([u.a.gram() for u in group], 1.0 / m)
+        G = _symmetrized([_g_gram(u.g) for u in group], scale / T)
         terms.append((G, A) if group[0].transposed else (A, G))
     return terms
+
+
+def _symmetrized(grams: list[torch.Tensor], c: float) -> torch.Tensor:
+    """c·(S + Sᵀ)/2 for S the sum of ``grams``: one new matrix (the grams are fresh and summed in
+    place), not the five temporaries of the textbook expression."""
+    S = grams[0]
+    for M in grams[1:]:
+        S = S.add_(M)
+    return (S + S.mT).mul_(0.5 * c)
 
 
 def _g_gram(g: torch.Tensor) -> torch.Tensor:

@@ -198,10 +198,12 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
     def condition_numbers(self) -> torch.Tensor:
         """(κ_A, κ_G) of the damped factors: the eigenvalue ratios when :attr:`eigen` is at hand,
         else κ₁ = ‖M_d‖₁·‖M_d⁻¹‖₁ from the explicit inverse (LAPACK's condition number of a
-        Cholesky-factored matrix; never below the eigenvalue ratio, at most d times it)."""
+        Cholesky-factored matrix; never below the eigenvalue ratio, at most d times it).  Both
+        matrices are symmetric, so ‖·‖₁ is the largest absolute row sum: one contiguous pass
+        each (``matrix_norm(ord=1)`` reduces over columns, ~4× slower on one CPU thread)."""
         if self.eigen_computed:
             return super().condition_numbers()
-        norm1 = lambda M: torch.linalg.matrix_norm(M, ord=1)  # noqa: E731
+        norm1 = lambda M: M.abs().sum(-1).amax()  # noqa: E731
         return torch.stack([norm1(Md) * norm1(Mi) for Md, Mi in zip(self._damped_factors, (self._A_inv, self._B_inv))])
 
     def _solve(self, X: torch.Tensor) -> torch.Tensor:
