@@ -241,3 +241,31 @@ def test_bench_runs_a_composed_config_file_as_a_method(tmp_path, capsys):
     bad.write_text("rules:\n  - match: x\n    approximator: {kind: kpsvd, rank: 0}\n")
     assert main(["bench", *TINY, "--methods", str(bad), "--steps", "2", "--out", str(tmp_path / "r2")]) == 2
     assert "rules[0].approximator.rank" in capsys.readouterr().err
+
+
+def test_bench_panels_draws_several_result_folders_in_one_figure(tmp_path, capsys):
+    """benchmarks/bench_panels.py: one panel per bench --out folder, rows of --cols panels; the
+    figure grows with the grid (a missing folder is an error naming it)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_panels", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_panels.py")
+    panels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(panels)
+    outs = []
+    for seed in (0, 1):
+        out = tmp_path / f"res{seed}"
+        rc = main(["bench", *TINY, "--methods", "sgd", "adam", "--steps", "6", "--eval-every", "2", "--no-plots",
+                   "--seed", str(seed), "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        outs.append(out)
+    one = tmp_path / "one.png"
+    panels.main(["--panel", f"seed 0={outs[0]}", "--out", str(one)])
+    grid = tmp_path / "grid.png"
+    panels.main(["--cols", "2", "--x", "time", "--out", str(grid),
+                 *[a for i in range(3) for a in ("--panel", f"p{i}={outs[i % 2]}")]])
+    (w1, h1), (w2, h2) = _png_size(one), _png_size(grid)
+    assert w2 > 1.8 * w1 and h2 > 1.5 * h1  # 2 columns, 2 rows (the last row's second panel hidden)
+    with pytest.raises(SystemExit, match="no runs"):
+        panels.main(["--panel", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "x.png")])

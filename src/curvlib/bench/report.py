@@ -30,7 +30,9 @@ from curvlib.errors import ConfigError
 __all__ = [
     "TargetHit",
     "bits_unit",
+    "draw_curves",
     "format_summary",
+    "plot_panels",
     "plot_runs",
     "rich_summary",
     "summarize",
@@ -370,23 +372,7 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
         for suffix, xlabel, ylabel, xkey, ykey in panels:
             fig, ax = _figure(f"{problem}: {ylabel} vs {xlabel.split(' [')[0]}", xlabel,
                               f"{ylabel} [{unit}]" if unit else ylabel)
-            plotted = False
-            for (method, group), color in zip(groups.items(), colors):
-                xs, ys, lo, hi = _seed_band(group, xkey, ykey)
-                if not xs:
-                    continue
-                bad = [r.status for r in group if r.status != "ok"]
-                label = method + (f" ({', '.join(bad)})" if bad else "")
-                if len(group) > 1:
-                    label += f", median of {len(group)} seeds"
-                    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
-                ax.plot(xs, ys, color=color, label=label, linewidth=1.4, marker="." if len(xs) < 40 else None)
-                plotted = True
-            if plotted:
-                ys_all = [y for line in ax.get_lines() for y in line.get_ydata()]
-                # a log axis only helps when the curves span more than a decade
-                if log_y and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:
-                    ax.set_yscale("log")
+            if draw_curves(ax, groups, colors, xkey, ykey, log_y=log_y):
                 ax.legend(fontsize=8, ncols=2 if len(runs) > 6 else 1)
             path = out / f"{problem}_{suffix}.png"
             fig.savefig(path)
@@ -396,6 +382,78 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
         if scaled:
             written.append(_plot_step_scale(problem, scaled, out))
     return written
+
+
+def draw_curves(ax: Any, groups: Mapping[str, Sequence[Any]], colors: Sequence[Any], xkey: str, ykey: str, *,
+                log_y: bool = True) -> bool:
+    """Draw one line per method of ``groups`` (method -> its runs) on the matplotlib axis ``ax``:
+    with several seeds the median and a band over their range (:func:`_seed_band`); a method
+    with a failed run is labelled so.  The y axis turns logarithmic when the curves span more
+    than a decade (``log_y``).  Returns whether anything was drawn."""
+    plotted = False
+    for (method, group), color in zip(groups.items(), colors):
+        xs, ys, lo, hi = _seed_band(group, xkey, ykey)
+        if not xs:
+            continue
+        bad = [r.status for r in group if r.status != "ok"]
+        label = method + (f" ({', '.join(bad)})" if bad else "")
+        if len(group) > 1:
+            label += f", median of {len(group)} seeds"
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ax.plot(xs, ys, color=color, label=label, linewidth=1.4, marker="." if len(xs) < 40 else None)
+        plotted = True
+    if plotted:
+        ys_all = [y for line in ax.get_lines() for y in line.get_ydata()]
+        # a log axis only helps when the curves span more than a decade
+        if log_y and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:
+            ax.set_yscale("log")
+    return plotted
+
+
+def plot_panels(panels: Sequence[Sequence[tuple[str, Sequence[Any]]]], path: str | Path, *,
+                xkey: str = "eval_epoch", ykey: str = "eval_train_loss", xlabel: str = "epoch",
+                ylabel: str = "training loss", log_y: bool = True) -> Path:
+    """A grid of loss panels in one PNG, like the thesis's multi-panel figures (e.g. Fig. 4.1:
+    one row per batch size, one column per problem): ``panels[row][col] = (title, records)``,
+    each panel drawn by :func:`draw_curves` with one colour per method across the figure and
+    one shared legend.  Returns ``path``."""
+    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
+        raise ConfigError("the bench plots need matplotlib: pip install 'curvlib[bench]'")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows, cols = len(panels), max(len(r) for r in panels)
+    methods: dict[str, None] = {}
+    for row in panels:
+        for _, records in row:
+            methods.update((r.method, None) for r in records)
+    color_of = dict(zip(methods, _colors(len(methods))))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + 0.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.set_visible(False)
+                continue
+            title, records = row[c]
+            groups: dict[str, list[Any]] = {}
+            for rec in records:
+                groups.setdefault(rec.method, []).append(rec)
+            draw_curves(ax, groups, [color_of[m] for m in groups], xkey, ykey, log_y=log_y)
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles = [Line2D([], [], color=color_of[m], linewidth=1.4) for m in methods]
+    fig.legend(handles, list(methods), loc="outside lower center", ncols=min(len(methods), 8), fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
 
 
 def _plot_step_scale(problem: str, runs: Sequence[tuple[Any, Any]], out: Path) -> Path:
