@@ -34,8 +34,10 @@ eigendecompositions.  Other layers form the D_n (n·p_i numbers): O(n²·p_i).
 Rank k (the ``rank`` option).  P = Σ_{r≤k} C_r ⊗ D_r is fitted greedily, as deflation fits a
 Kronecker sum: term r minimises ‖R_r − (C_r ⊗ D_r) M‖_F for the residual R_r = I − Σ_{s<r}
 (C_s ⊗ D_s) M of the terms before it, by the same ALS with the cross terms of the previous
-terms in the linear part (:func:`fit_kron_inverse_terms`).  The sum is not the joint optimum
-over k terms; each term lowers the residual.
+terms in the linear part (:func:`fit_kron_inverse_terms`); each term lowers the residual, but the
+sum is not the joint optimum over k terms.  ``fit="joint"`` continues from the greedy sum by block
+coordinate descent: each term refitted against all the others, pass after pass, until the sum is
+stationary for the joint objective (a local optimum).
 
 What it reports (``info``): ``method="als"``, the sweeps (``iterations``), ``converged``,
 and ``relative_residual`` = ‖I − P M‖_F / ‖I‖_F at the fit.  P need not be positive definite;
@@ -47,7 +49,7 @@ is kept, or the error raised).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -68,14 +70,16 @@ class KronInverseOptions(StrictModel):
 
     Attributes:
         value: λ > 0 of M = F_ii + λI, the matrix whose inverse is approximated.
-        rank: the number of Kronecker terms of P, each fitted to what the previous ones leave
-            (greedy; :func:`fit_kron_inverse_terms`).
+        rank: the number of Kronecker terms of P.
+        fit: ``"greedy"``: each term fitted to what the previous ones leave; ``"joint"``: then
+            refitted against all the others until the sum is stationary (:func:`fit_kron_inverse_terms`).
         max_iters: cap on the alternating sweeps per term.
         tol: stop when a sweep lowers ‖I − P M‖²_F by less than tol times its value.
     """
 
     value: float = Field(gt=0, allow_inf_nan=False, description="λ > 0 of M = F_ii + λI")
-    rank: int = Field(1, ge=1, le=16, description="Kronecker terms of P, fitted one after the other")
+    rank: int = Field(1, ge=1, le=16, description="Kronecker terms of P")
+    fit: Literal["greedy", "joint"] = Field("greedy", description="rank > 1: term by term, or all terms together")
     max_iters: int = Field(30, ge=1, le=10_000, description="cap on the alternating sweeps per term")
     tol: float = Field(1e-6, ge=0.0, lt=1.0, allow_inf_nan=False, description="relative decrease that stops the sweeps")
 
@@ -172,51 +176,91 @@ def fit_kron_inverse(stats: Any, lam: float, *, max_iters: int = 30, tol: float 
     return C, D, report
 
 
-def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: int = 30, tol: float = 1e-6
+def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: int = 30, tol: float = 1e-6,
+                           fit: str = "greedy", max_passes: int | None = None
                            ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
-    """P = Σ_{r≤rank} C_r ⊗ D_r fitted term by term (greedy, as deflation fits Kronecker sums): term r
-    minimises ‖R_r − (C_r ⊗ D_r) M‖_F with R_r = I − Σ_{s<r} (C_s ⊗ D_s) M, by the ALS of the module
-    docstring with the previous terms' cross terms in the linear part,
+    """P = Σ_{r≤rank} C_r ⊗ D_r: ``fit="greedy"`` fits term by term (as deflation fits Kronecker sums):
+    term r minimises ‖R_r − (C_r ⊗ D_r) M‖_F with R_r = I − Σ_{s<r} (C_s ⊗ D_s) M, by the ALS of the
+    module docstring with the previous terms' cross terms in the linear part,
 
         tr(R_rᵀ (C ⊗ D) M) = tr(C T_D) − Σ_s tr(C Q_{D_s D} C_s),   Q_X = the a-side partial trace of M²
         with the g-side weight X (for symmetric X the Q of the module docstring; in general Xᵀ).
 
-    Returns the terms and the report of the whole sum (``iterations`` summed over the terms)."""
+    ``fit="joint"`` then minimises ‖I − P M‖_F over all the terms together by block coordinate
+    descent ("backfitting"): passes over r = 1…k refit term r against *every* other term, warm
+    started from its current value, until a pass lowers the objective by less than ``tol`` times
+    its value (at most ``max_passes`` passes, default ``max_iters``; each term's refit at most
+    ``max_iters`` sweeps).  Every half-step minimises over one factor, so the
+    objective never rises, and at convergence each term is stationary given all the others — a
+    stationary point of the joint problem (a local optimum; the joint problem is not convex).
+
+    Returns the terms and the report of the whole sum (``iterations``: the sweeps of all terms and
+    passes; ``passes``: the joint passes, 0 for greedy)."""
+    if fit not in ("greedy", "joint"):
+        raise ConfigError(f"kron_inverse: fit must be 'greedy' or 'joint', got {fit!r}")
     pairs = _Pairs(stats, lam)
     p = stats.a_dim * stats.g_dim
     terms: list[tuple[torch.Tensor, torch.Tensor]] = []
-    f0, sweeps, converged, f = float(p), 0, True, float(p)
+    f, sweeps, converged = float(p), 0, True
     for _ in range(rank):
-        C = pairs.eye_a.clone()
-        f_prev, done = math.inf, False
-        for _ in range(max_iters):
-            sweeps += 1
-            B = pairs.t_g(C)
-            for C_s, D_s in terms:
-                B = B - pairs.q_g(C_s @ C) @ D_s
-            Q = pairs.q_g(C @ C)
-            D = _sylvester_sym(0.5 * (Q + Q.T), B)
-            B = pairs.t_a(D)
-            for C_s, D_s in terms:
-                B = B - pairs.q_a(D_s @ D) @ C_s
-            Q = pairs.q_a(D @ D)
-            Q = 0.5 * (Q + Q.T)
-            C = _sylvester_sym(Q, B)
-            f = float(f0 - 2 * torch.trace(C @ B) + torch.trace(C @ Q @ C))
-            if not math.isfinite(f):
-                raise NumericalError(f"kron_inverse: the objective became {f} at sweep {sweeps}")
-            alpha = math.sqrt(float(torch.linalg.matrix_norm(D)) / max(float(torch.linalg.matrix_norm(C)), 1e-300))
-            C, D = C * alpha, D / alpha
-            if f_prev - f <= tol * max(abs(f), 1e-300):
-                done = True
-                break
-            f_prev = f
+        C, D, f, n, done = _fit_term(pairs, terms, pairs.eye_a.clone(), f, max_iters, tol)
+        sweeps += n
         converged = converged and done
         terms.append((C, D))
-        f0 = f
-    report = {"iterations": sweeps, "converged": converged, "objective": max(f, 0.0),
+    passes = 0
+    if fit == "joint" and rank > 1:
+        converged = False
+        for _ in range(max_iters if max_passes is None else max_passes):
+            passes += 1
+            f_start = f
+            for r in range(rank):
+                others = terms[:r] + terms[r + 1:]
+                C_r, D_r = terms[r]
+                B, Q = _a_side(pairs, others, D_r)
+                f_others = f + 2 * float(torch.trace(C_r @ B)) - float(torch.trace(C_r @ Q @ C_r))
+                C, D, f, n, _ = _fit_term(pairs, others, C_r, f_others, max_iters, tol)
+                sweeps += n
+                terms[r] = (C, D)
+            if f_start - f <= tol * max(abs(f), 1e-300):
+                converged = True
+                break
+    report = {"iterations": sweeps, "converged": converged, "objective": max(f, 0.0), "passes": passes,
               "relative_residual": math.sqrt(max(f, 0.0) / p)}
     return terms, report
+
+
+def _a_side(pairs: _Pairs, others: list[tuple[torch.Tensor, torch.Tensor]], D: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) of the C half-step for a fixed D: f = f_others − 2 tr(C B) + tr(C Q C)."""
+    B = pairs.t_a(D)
+    for C_s, D_s in others:
+        B = B - pairs.q_a(D_s @ D) @ C_s
+    Q = pairs.q_a(D @ D)
+    return B, 0.5 * (Q + Q.T)
+
+
+def _fit_term(pairs: _Pairs, others: list[tuple[torch.Tensor, torch.Tensor]], C: torch.Tensor, f_others: float,
+              max_iters: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, float, int, bool]:
+    """One term C ⊗ D minimising ‖I − (Σ_others + C ⊗ D) M‖²_F with the others fixed, by ALS from C;
+    ``f_others`` is the objective of the others alone.  Returns (C, D, objective, sweeps, converged)."""
+    f, f_prev = f_others, math.inf
+    for sweep in range(1, max_iters + 1):
+        B = pairs.t_g(C)
+        for C_s, D_s in others:
+            B = B - pairs.q_g(C_s @ C) @ D_s
+        Q = pairs.q_g(C @ C)
+        D = _sylvester_sym(0.5 * (Q + Q.T), B)
+        B, Q = _a_side(pairs, others, D)
+        C = _sylvester_sym(Q, B)
+        f = float(f_others - 2 * torch.trace(C @ B) + torch.trace(C @ Q @ C))
+        if not math.isfinite(f):
+            raise NumericalError(f"kron_inverse: the objective became {f} at sweep {sweep}")
+        alpha = math.sqrt(float(torch.linalg.matrix_norm(D)) / max(float(torch.linalg.matrix_norm(C)), 1e-300))
+        C, D = C * alpha, D / alpha
+        if f_prev - f <= tol * max(abs(f), 1e-300):
+            return C, D, f, sweep, True
+        f_prev = f
+    return C, D, f, max_iters, False
 
 
 class KroneckerApproximateInverse(BlockInverse):
@@ -258,7 +302,7 @@ class KronInverseDamping(Damping):
                 "per-pair gradients of the block — use the exact_block approximator with this damping"
             )
         terms, report = fit_kron_inverse_terms(block.statistics, self.value, rank=opts.rank,
-                                               max_iters=opts.max_iters, tol=opts.tol)
+                                               max_iters=opts.max_iters, tol=opts.tol, fit=opts.fit)
         lo = _smallest_eigenvalue(terms)
         if lo < 0:
             raise NotPSDError(f"kron_inverse: the fitted P has the eigenvalue {lo:.3e} < 0; a preconditioner must be "
