@@ -163,9 +163,7 @@ def summarize(records: Sequence[Any], *, target_loss: float | None = None, targe
         by_problem[r.problem].append(r)
     for name in order:
         runs = by_problem[name]
-        groups: dict[str, list[Any]] = {}
-        for r in runs:
-            groups.setdefault(r.method, []).append(r)
+        groups = _by_method(runs)
         if target_loss is not None:
             target, source = float(target_loss), "user"
         else:
@@ -317,6 +315,19 @@ def rich_summary(summary: dict[str, Any]) -> list[Any]:
 # --------------------------------------------------------------------------- plots
 
 
+def _by_method(records: Sequence[Any]) -> dict[str, list[Any]]:
+    """The records grouped by method, in the order of each method's first record."""
+    groups: dict[str, list[Any]] = {}
+    for r in records:
+        groups.setdefault(r.method, []).append(r)
+    return groups
+
+
+def _require_matplotlib(hint: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
+        raise ConfigError(f"the bench plots need matplotlib: pip install 'curvlib[bench]'{hint}")
+
+
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     # matplotlib is optional (the bench extra) and slow to import: only the plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -349,8 +360,7 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
     Needs matplotlib (the ``bench`` extra); raises :class:`~curvlib.errors.ConfigError`
     naming it otherwise.
     """
-    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
-        raise ConfigError("the bench plots need matplotlib: pip install 'curvlib[bench]' (or pass --no-plots)")
+    _require_matplotlib(" (or pass --no-plots)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_problem: dict[str, list[Any]] = {}
@@ -358,9 +368,7 @@ def plot_runs(records: Sequence[Any], out_dir: str | Path, *, log_y: bool = True
         by_problem.setdefault(r.problem, []).append(r)
     written: list[Path] = []
     for problem, runs in by_problem.items():
-        groups: dict[str, list[Any]] = {}
-        for r in runs:
-            groups.setdefault(r.method, []).append(r)
+        groups = _by_method(runs)
         colors = _colors(len(groups))
         panels = [
             ("train_loss_vs_epoch", "epoch", "training loss", "eval_epoch", "eval_train_loss"),
@@ -417,8 +425,7 @@ def plot_panels(panels: Sequence[Sequence[tuple[str, Sequence[Any]]]], path: str
     one row per batch size, one column per problem): ``panels[row][col] = (title, records)``,
     each panel drawn by :func:`draw_curves` with one colour per method across the figure and
     one shared legend.  Returns ``path``."""
-    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - matplotlib is in the bench extra
-        raise ConfigError("the bench plots need matplotlib: pip install 'curvlib[bench]'")
+    _require_matplotlib("")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -439,9 +446,7 @@ def plot_panels(panels: Sequence[Sequence[tuple[str, Sequence[Any]]]], path: str
                 ax.set_visible(False)
                 continue
             title, records = row[c]
-            groups: dict[str, list[Any]] = {}
-            for rec in records:
-                groups.setdefault(rec.method, []).append(rec)
+            groups = _by_method(records)
             draw_curves(ax, groups, [color_of[m] for m in groups], xkey, ykey, log_y=log_y)
             ax.set_title(title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)

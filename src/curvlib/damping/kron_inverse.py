@@ -216,7 +216,7 @@ def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: 
             for r in range(rank):
                 others = terms[:r] + terms[r + 1:]
                 C_r, D_r = terms[r]
-                B, Q = _a_side(pairs, others, D_r)
+                B, Q = _half_step(pairs, others, D_r, "a")
                 f_others = f + 2 * float(torch.trace(C_r @ B)) - float(torch.trace(C_r @ Q @ C_r))
                 C, D, f, n, _ = _fit_term(pairs, others, C_r, f_others, max_iters, tol)
                 sweeps += n
@@ -229,13 +229,16 @@ def fit_kron_inverse_terms(stats: Any, lam: float, *, rank: int = 1, max_iters: 
     return terms, report
 
 
-def _a_side(pairs: _Pairs, others: list[tuple[torch.Tensor, torch.Tensor]], D: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Q) of the C half-step for a fixed D: f = f_others − 2 tr(C B) + tr(C Q C)."""
-    B = pairs.t_a(D)
+def _half_step(pairs: _Pairs, others: list[tuple[torch.Tensor, torch.Tensor]], X: torch.Tensor, side: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) of the half-step that solves for the ``side`` factor (``"a"``: C, ``"g"``: D) with the
+    other factor X fixed: f = f_others − 2 tr(Y B) + tr(Y Q Y) in the solved factor Y."""
+    t, q = (pairs.t_a, pairs.q_a) if side == "a" else (pairs.t_g, pairs.q_g)
+    B = t(X)
     for C_s, D_s in others:
-        B = B - pairs.q_a(D_s @ D) @ C_s
-    Q = pairs.q_a(D @ D)
+        fixed, solved = (D_s, C_s) if side == "a" else (C_s, D_s)
+        B = B - q(fixed @ X) @ solved
+    Q = q(X @ X)
     return B, 0.5 * (Q + Q.T)
 
 
@@ -245,12 +248,9 @@ def _fit_term(pairs: _Pairs, others: list[tuple[torch.Tensor, torch.Tensor]], C:
     ``f_others`` is the objective of the others alone.  Returns (C, D, objective, sweeps, converged)."""
     f, f_prev = f_others, math.inf
     for sweep in range(1, max_iters + 1):
-        B = pairs.t_g(C)
-        for C_s, D_s in others:
-            B = B - pairs.q_g(C_s @ C) @ D_s
-        Q = pairs.q_g(C @ C)
-        D = _sylvester_sym(0.5 * (Q + Q.T), B)
-        B, Q = _a_side(pairs, others, D)
+        B, Q = _half_step(pairs, others, C, "g")
+        D = _sylvester_sym(Q, B)
+        B, Q = _half_step(pairs, others, D, "a")
         C = _sylvester_sym(Q, B)
         f = float(f_others - 2 * torch.trace(C @ B) + torch.trace(C @ Q @ C))
         if not math.isfinite(f):
