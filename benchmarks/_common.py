@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PATH_HELP", "interleaved", "median_time"]
+import torch
+
+__all__ = ["PATH_HELP", "LockstepRun", "interleaved", "median_time"]
 
 #: ``--path`` of every script that trains or measures on MNIST (like ``curvlib bench --path``)
 PATH_HELP = ("a folder of MNIST idx files (train-images-idx3-ubyte[.gz], …; e.g. from "
@@ -42,3 +44,33 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, reference: str) 
             times[name].append(time.perf_counter() - t0)
     ratios = {name: statistics.median(t / r for t, r in zip(ts, times[reference])) for name, ts in times.items()}
     return ratios, {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class LockstepRun:
+    """One method of a lockstep comparison (methods advanced one step each in turn): its model,
+    optimizer, accumulated step time (zero_grad, forward, backward, step and the loss read back)
+    and training curve.  ``needs_batch``: the optimizer's step takes ``batch=(X, y)``."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Any, opt: Any, needs_batch: bool) -> None:
+        self.name, self.model, self.loss_fn, self.opt, self.needs_batch = name, model, loss_fn, opt, needs_batch
+        self.seconds = 0.0
+        self.curve: list[tuple[int, float]] = []
+        self.diverged = False
+
+    def step(self, X: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(X), y)
+        loss.backward()
+        if self.needs_batch:
+            self.opt.step(batch=(X, y))
+        else:
+            self.opt.step()
+        value = float(loss.detach())
+        self.seconds += time.perf_counter() - t0
+        return value
+
+    def train_loss(self, X: torch.Tensor) -> float:
+        """The loss of the auto-encoder on ``X`` (its own target), without gradients."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.model(X), X))

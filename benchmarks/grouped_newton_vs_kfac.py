@@ -43,7 +43,6 @@ import argparse
 import copy
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.optim import NaturalGradient
 from curvlib_grouped_newton import GroupedNewton, GroupedNewtonOptions
 
-from _common import PATH_HELP  # benchmarks/_common.py (this folder is on sys.path)
+from _common import PATH_HELP, LockstepRun  # benchmarks/_common.py (this folder is on sys.path)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -76,44 +75,16 @@ def _parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-class _Run:
-    """One method: its model, optimizer, step function and accumulated step time."""
-
-    def __init__(self, name: str, model: torch.nn.Module, loss_fn, opt, needs_batch: bool):
-        self.name, self.model, self.loss_fn, self.opt, self.needs_batch = name, model, loss_fn, opt, needs_batch
-        self.seconds = 0.0
-        self.curve: list[tuple[int, float]] = []
-        self.diverged = False
-
-    def step(self, X: torch.Tensor, y: torch.Tensor) -> float:
-        t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(X), y)
-        loss.backward()
-        if self.needs_batch:
-            self.opt.step(batch=(X, y))
-        else:
-            self.opt.step()
-        value = float(loss.detach())
-        self.seconds += time.perf_counter() - t0
-        return value
-
-
-def _build(name: str, model, loss_fn, args) -> _Run:
+def _build(name: str, model, loss_fn, args) -> LockstepRun:
     if name == "grouped_newton":
         opt = GroupedNewton(model, loss_fn, lr=args.gn_lr, cubic=args.gn_cubic, period=args.gn_period,
                             lr_momentum=args.gn_lr_momentum)
-        return _Run(name, model, loss_fn, opt, True)
+        return LockstepRun(name, model, loss_fn, opt, True)
     if name == "kfac":
         opt = NaturalGradient(model, loss_fn, None, lr=args.kfac_lr, generator=torch.Generator().manual_seed(args.seed))
-        return _Run(name, model, loss_fn, opt, True)
+        return LockstepRun(name, model, loss_fn, opt, True)
     opt = torch.optim.Adam(model.parameters(), lr=args.adam_lr)
-    return _Run(name, model, loss_fn, opt, False)
-
-
-def _train_loss(run: _Run, X: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(run.loss_fn(run.model(X), X))
+    return LockstepRun(name, model, loss_fn, opt, False)
 
 
 def main(argv=None) -> dict:
@@ -142,7 +113,7 @@ def main(argv=None) -> dict:
 
     runs = [_build(name, copy.deepcopy(init), problem.loss_fn, args) for name in names]
     for run in runs:
-        run.curve.append((0, _train_loss(run, X_train)))
+        run.curve.append((0, run.train_loss(X_train)))
     gen = torch.Generator().manual_seed(args.seed)
     k = 0
     with warnings.catch_warnings():
@@ -156,7 +127,7 @@ def main(argv=None) -> dict:
                 k += 1
                 if k % args.eval_every == 0 or k == args.steps:
                     for run in runs:
-                        run.curve.append((k, _train_loss(run, X_train)))
+                        run.curve.append((k, run.train_loss(X_train)))
                     print(f"step {k:4d}: " + ", ".join(f"{r.name} {r.curve[-1][1]:.4f}" for r in runs), flush=True)
                 if k >= args.steps:
                     break

@@ -26,8 +26,11 @@ O(n·T·p_i + n·p_i·(d_a + d_g)).  EMA (§3.1.2): both factors are averaged wi
 ρ = min(1 − 1/k, γ), like KFAC's.  The block is one Kronecker term with PSD factors, so every
 damping (heuristic π-split, tikhonov, Levenberg–Marquardt) and coarse space applies.
 
-Not included: TNT's architecture-free capture of parameters no adapter covers (such a
-parameter is left to the fallback optimizer, as for every kind).
+Architecture-free: with ``uncovered_parameters("per_sample")`` (config ``uncovered:
+"per_sample"``) a parameter no adapter covers gets a ``parameter`` block,
+W̄ = θ.reshape(d_0, −1) with the per-sample gradients as its statistics
+(:mod:`curvlib.capture.adapters.parameter`), and C_g, C_a are the row and column
+covariances of θ's per-sample gradients — every trainable parameter covered.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from curvlib.capture.adapters.base import BatchCouplingWarning, ExcludedParametersWarning, LayerAdapter
-from curvlib.errors import ShapeError, UnsupportedLayerError, warn
+from curvlib.errors import ConfigError, ShapeError, UnsupportedLayerError, warn
 from curvlib.linalg.operator import VectorLayout
 from curvlib.linalg.rows import Rows
 
@@ -53,9 +53,11 @@ __all__ = [
     "blocks_params",
     "blocks_params_to_vector",
     "blocks_vector_to_params",
+    "current_uncovered",
     "find_layers",
     "leave_out",
     "leaving_out",
+    "uncovered_parameters",
     "unwrap_model",
     "warn_batch_coupling",
     "warn_excluded",
@@ -506,6 +508,10 @@ def find_layers(model: nn.Module, registry: Any) -> tuple[list[BlockCandidate], 
         if p.requires_grad and id(p) not in claimed:
             owner = owners.get(id(p), [("", None)])[0][1]
             excluded[pname] = f"no layer adapter for {type(owner).__name__}" if owner is not None else "no layer adapter"
+    if _UNCOVERED.get() == "per_sample":
+        made_more = _per_sample_adapters(model, registry, owners, excluded, dims)
+        found_any = found_any or bool(made_more)
+        candidates += [BlockCandidate(ad.block_name, "parameter", (ad,), (Placement(),)) for ad in made_more]
 
     if not found_any:
         known = sorted({t.__name__ for s in specs for t in s.metadata.get("module_types", ())})
@@ -513,6 +519,68 @@ def find_layers(model: nn.Module, registry: Any) -> tuple[list[BlockCandidate], 
             f"{type(model).__name__} has no trainable module with a layer adapter; supported module types: {known}"
         )
     return candidates, excluded
+
+
+#: What :func:`uncovered_parameters` set: ``"fallback"`` or ``"per_sample"``.
+_UNCOVERED: contextvars.ContextVar[str] = contextvars.ContextVar("curvlib_uncovered", default="fallback")
+
+UNCOVERED_MODES = ("fallback", "per_sample")
+
+
+@contextlib.contextmanager
+def uncovered_parameters(mode: str) -> Iterator[None]:
+    """Within the block, what discovery (:func:`find_layers`) does with a trainable parameter
+    that no layer adapter covers: ``"fallback"`` (the default) excludes it — the optimizer
+    updates it with its first-order fallback; ``"per_sample"`` gives it a block of the
+    ``parameter`` layer kind (:mod:`curvlib.capture.adapters.parameter`: per-sample gradients
+    by recomputing its module one sample at a time), so every trainable parameter is covered.
+
+    Example::
+
+        with uncovered_parameters("per_sample"):
+            F = curvlib.curvature("ggn", model, loss_fn, batch=(X, y))
+
+    A data-set operator keeps the mode it was built under.  The preconditioner's
+    ``uncovered`` config field sets it for its own captures.
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
+    if mode not in UNCOVERED_MODES:
+        raise ConfigError(f"uncovered_parameters: expected one of {list(UNCOVERED_MODES)}, got {mode!r}")
+    token = _UNCOVERED.set(mode)
+    try:
+        yield
+    finally:
+        _UNCOVERED.reset(token)
+
+
+def current_uncovered() -> str:
+    """The mode :func:`uncovered_parameters` set (``"fallback"`` outside any block)."""
+    return _UNCOVERED.get()
+
+
+def _per_sample_adapters(model: nn.Module, registry: Any, owners: dict[int, list[tuple[str, nn.Module]]],
+                         excluded: dict[str, str], dims: dict[str, int]) -> list[LayerAdapter]:
+    """The ``parameter`` adapters of the excluded parameters that no adapter claimed (``"no layer
+    adapter"``), each removed from ``excluded``; a parameter registered by several modules stays
+    excluded with the reason."""
+    factory = registry.layers.get("parameter").factory
+    names = {id(p): n for n, p in model.named_parameters()}
+    made = []
+    for pid, regs in owners.items():
+        qual = names.get(pid)
+        if qual is None or not excluded.get(qual, "").startswith("no layer adapter"):
+            continue
+        if len({id(mod) for _, mod in regs}) > 1:
+            excluded[qual] = (f"registered by several modules {sorted({n for n, _ in regs})}; per-sample capture needs "
+                              "the one module that uses it")
+            continue
+        mod_name, mod = regs[0]
+        pname = next(n for n, q in mod.named_parameters(recurse=False) if id(q) == pid)
+        made.append(factory.create_for(mod, pname, name=mod_name, batch_dim=dims.get(mod_name, 0)))
+        del excluded[qual]
+    return made
 
 
 #: What :func:`leaving_out` set: ``candidate -> reason`` (``None``: the candidate is kept).

@@ -17,6 +17,8 @@ layer kind                  module types
 ``group_norm``              ``nn.GroupNorm``
 ``batch_norm``              ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm``)
 ``multihead_attention``     ``nn.MultiheadAttention`` (its input projection)
+``parameter``               none by type: any parameter no other kind covers, under
+                            ``uncovered_parameters("per_sample")``
 ==========================  ==================================================
 """
 
@@ -33,6 +35,7 @@ from curvlib.capture.adapters import (
     LayerNormAdapter,
     LinearAdapter,
     MultiheadAttentionAdapter,
+    ParameterAdapter,
     RMSNormAdapter,
 )
 from curvlib.plugins import hookimpl
@@ -51,6 +54,7 @@ BUILTIN_LAYERS = (
     ("group_norm", GroupNormAdapter, (nn.GroupNorm,)),
     ("batch_norm", BatchNormAdapter, (nn.modules.batchnorm._BatchNorm,)),
     ("multihead_attention", MultiheadAttentionAdapter, (nn.MultiheadAttention,)),
+    ("parameter", ParameterAdapter, ()),
 )
 
 

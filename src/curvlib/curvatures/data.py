@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from curvlib.capture.adapters import BatchCouplingWarning, ExcludedParametersWarning
-from curvlib.capture.layout import LayerBlock, OnLayers
+from curvlib.capture.layout import LayerBlock, OnLayers, current_uncovered, uncovered_parameters
 from curvlib.curvatures.batches import BatchFn, as_pair, split_batch
 from curvlib.curvatures.factors import WEIGHT_SHARING, WeightSharing, kfac_factors
 from curvlib.curvatures.kinds import BuiltinCurvature, capture_batch
@@ -127,6 +127,7 @@ class DataCurvatureOperator(OnLayers, PerSampleMean):
         self._factory, self._registry, self._batch_fn = factory, registry, batch_fn
         self._loss_model = loss_model_for(loss_fn)
         self._bar = _progress_bar(progress)
+        self._uncovered = current_uncovered()  # every later pass discovers the layers the same way
 
         first, counted = None, 0
         if num_data is None:  # the counting pass loads every batch, never calls the model
@@ -181,7 +182,7 @@ class DataCurvatureOperator(OnLayers, PerSampleMean):
         """The kind's operator of each batch with its weight m_β/N, one at a time."""
         N = self.num_samples
         for k, pair, m in self._pairs(what):
-            with warnings.catch_warnings():  # announced once, when the first batch was captured
+            with warnings.catch_warnings(), uncovered_parameters(self._uncovered):  # warnings: announced once
                 warnings.simplefilter("ignore", ExcludedParametersWarning)
                 warnings.simplefilter("ignore", BatchCouplingWarning)
                 # curvlib's own kinds skip the probe and ∇L of batches after the first (verified at

@@ -36,7 +36,12 @@ plus the schedule and the way the pieces are combined:
 - ``distributed_inversion``: under ``torch.distributed``, ``"broadcast"`` (default: each
   layer inverted by one rank, the inverse broadcast), ``"direction"`` (the owner applies its
   layers' inverses and the directions are all-reduced each step; not with a coarse space) or
-  ``"replicated"`` (every rank inverts every layer); see :mod:`curvlib.distributed`.
+  ``"replicated"`` (every rank inverts every layer); see :mod:`curvlib.distributed`;
+- ``uncovered``: what happens to a trainable parameter no layer adapter covers —
+  ``"fallback"`` (default: the optimizer's first-order fallback updates it) or
+  ``"per_sample"`` (it gets its own block of the ``parameter`` layer kind, per-sample
+  gradients by recomputing its module one sample at a time: every trainable parameter in
+  the curvature, see :mod:`curvlib.capture.adapters.parameter`).
 
 Every field is strictly typed (``update_every="2"`` or ``update_every=True`` is refused, not
 converted; ``ema`` takes an int or a float) and the configuration is immutable all the way
@@ -238,6 +243,12 @@ class PreconditionerConfig(StrictModel):
         "broadcast",
         description="under torch.distributed: each layer inverted by one rank and the inverse broadcast, or the "
                     "owner's direction all-reduced at every step, or every rank inverting every layer",
+    )
+
+    uncovered: Literal["fallback", "per_sample"] = Field(
+        "fallback",
+        description="a trainable parameter no layer adapter covers: left to the fallback optimizer, or its own block "
+                    "from per-sample gradients (the 'parameter' layer kind)",
     )
 
     @field_validator("curvature", "approximator", "damping", mode="before")

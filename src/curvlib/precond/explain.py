@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from curvlib.capture.layout import find_layers, leave_out, leaving_out
+from curvlib.capture.layout import find_layers, leave_out
 
 __all__ = ["LayerPlan", "format_plan", "layer_plan"]
 
@@ -67,8 +67,8 @@ def _kind(rk: Any) -> str:
 
 def layer_plan(pre: Any) -> list[LayerPlan]:
     """The rows of :meth:`Preconditioner.describe` (module docstring)."""
-    candidates, _ = find_layers(pre.model, pre.registry)
-    with leaving_out(pre._leave_out()):
+    with pre._discovery():
+        candidates, _ = find_layers(pre.model, pre.registry)
         kept = {c.name for c in leave_out(pre.model, list(candidates), {})}
     fits = {}
     for g in pre.groups:

@@ -52,7 +52,15 @@ import torch
 from torch import nn
 
 from curvlib.approximators.api import BlockDiagonalApproximation, approximate
-from curvlib.capture.layout import BlockCandidate, LayerBlock, OnLayers, find_layers, leaving_out, unwrap_model
+from curvlib.capture.layout import (
+    BlockCandidate,
+    LayerBlock,
+    OnLayers,
+    find_layers,
+    leaving_out,
+    uncovered_parameters,
+    unwrap_model,
+)
 from curvlib.coarse.api import two_level
 from curvlib.coarse.basis import Partition
 from curvlib.config import positive_damping
@@ -586,6 +594,14 @@ class Preconditioner(OnLayers, LinearOperator):
                 return i
         return len(self.resolved.groups) - 1
 
+    @contextlib.contextmanager
+    def _discovery(self) -> Iterator[None]:
+        """Layer discovery as configured: the fallback rules' layers left out
+        (:func:`~curvlib.capture.layout.leaving_out`) and the ``uncovered`` mode
+        (:func:`~curvlib.capture.layout.uncovered_parameters`)."""
+        with leaving_out(self._leave_out()), uncovered_parameters(self.config.uncovered):
+            yield
+
     def _leave_out(self) -> Any:
         """The :func:`~curvlib.capture.layout.leaving_out` reason of the fallback rules (None: none)."""
         if not any(g.fallback for g in self.resolved.groups):
@@ -701,7 +717,7 @@ class Preconditioner(OnLayers, LinearOperator):
             return
         self._seed_stream()
         before = self.generator.get_state()
-        with leaving_out(self._leave_out()), factory.capturing(
+        with self._discovery(), factory.capturing(
                 self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                 **self._capture_options(batch)) as state:
             yield
@@ -768,7 +784,7 @@ class Preconditioner(OnLayers, LinearOperator):
             self.generator.set_state(pending.generator_after)
         else:
             self._seed_stream()
-            with preserved_buffers(self.model), torch.enable_grad(), leaving_out(self._leave_out()):
+            with preserved_buffers(self.model), torch.enable_grad(), self._discovery():
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                   **extra)
         bad = _nonfinite_parts(F) if isinstance(F, CurvatureOperator) else []
@@ -788,7 +804,7 @@ class Preconditioner(OnLayers, LinearOperator):
             return False
         changed = self._layers is not None and [L.name for L in F.layers] != [L.name for L in self._layers]
         if changed and extra.pop("verify", True) is False:  # another set of layers than the verified one: verify it
-            with preserved_buffers(self.model), torch.enable_grad(), leaving_out(self._leave_out()):
+            with preserved_buffers(self.model), torch.enable_grad(), self._discovery():
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
                                   **extra)
         self._verified = key
@@ -1291,7 +1307,8 @@ class Preconditioner(OnLayers, LinearOperator):
             raise ConfigError(f"{caller}: {exc}") from None
 
     def _layout(self, entries: Sequence[Mapping[str, Any]], caller: str) -> list[LayerBlock]:
-        candidates, _ = find_layers(self.model, self.registry)
+        with self._discovery():
+            candidates, _ = find_layers(self.model, self.registry)
         by_name = {c.name: c for c in candidates}
         chosen = []
         for e in entries:

@@ -13,6 +13,8 @@ module                             W̄                                       ā 
 ``nn.LayerNorm``/``RMSNorm``/      [γ; β] (one column)                     [1]; g = per-sample gradient
 ``GroupNorm``/``BatchNorm*``
 ``nn.MultiheadAttention``          [in_proj_weight, in_proj_bias]          [x; 1] per distinct q/k/v input
+any module (``parameter`` kind)    θ.reshape(d_0, −1), one parameter θ     one-hot e_t at T = a_dim positions;
+                                                                           g = per-sample gradient columns
 =================================  =====================================  ==============================
 """
 
@@ -39,6 +41,7 @@ from curvlib.capture.adapters.norm import (
     NormAdapter,
     RMSNormAdapter,
 )
+from curvlib.capture.adapters.parameter import ParameterAdapter
 
 __all__ = [
     "AffineAdapter",
@@ -56,6 +59,7 @@ __all__ = [
     "LinearAdapter",
     "MultiheadAttentionAdapter",
     "NormAdapter",
+    "ParameterAdapter",
     "RMSNormAdapter",
     "UseCapture",
     "unfold_patches",
