@@ -3,14 +3,17 @@ run as ``python benchmarks/<script>.py``, which puts this folder first on ``sys.
 
 from __future__ import annotations
 
+import copy
+import math
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["PATH_HELP", "LockstepRun", "interleaved", "median_time"]
+__all__ = ["PATH_HELP", "LockstepRun", "interleaved", "median_time", "run_lockstep"]
 
 #: ``--path`` of every script that trains or measures on MNIST (like ``curvlib bench --path``)
 PATH_HELP = ("a folder of MNIST idx files (train-images-idx3-ubyte[.gz], …; e.g. from "
@@ -74,3 +77,37 @@ class LockstepRun:
         """The loss of the auto-encoder on ``X`` (its own target), without gradients."""
         with torch.no_grad():
             return float(self.loss_fn(self.model(X), X))
+
+
+def run_lockstep(build: Callable[[str, torch.nn.Module], LockstepRun], names: Sequence[str], init: torch.nn.Module,
+                 problem: Any, *, steps: int, eval_every: int, warmup: int, seed: int) -> list[LockstepRun]:
+    """Train one :class:`LockstepRun` per name, ``build(name, model)``, from copies of ``init`` on the
+    same batches of ``problem`` (``problem.batches(generator)``, seeded by ``seed``), one step of each in
+    turn; the training loss on ``problem.dataset.X_train`` every ``eval_every`` steps (printed).
+    First, ``warmup`` untimed steps of each method on a throwaway copy (one-time costs off the clock).
+    Warnings are silenced; a run whose loss turns non-finite stops (``diverged``)."""
+    X_train = problem.dataset.X_train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Xw, yw = next(problem.batches(torch.Generator().manual_seed(seed + 1)))
+        for name in names:
+            throwaway = build(name, copy.deepcopy(init))
+            for _ in range(warmup):
+                throwaway.step(Xw, yw)
+        runs = [build(name, copy.deepcopy(init)) for name in names]
+        for run in runs:
+            run.curve.append((0, run.train_loss(X_train)))
+        gen, k = torch.Generator().manual_seed(seed), 0
+        while k < steps:
+            for X, y in problem.batches(gen):
+                for run in runs:
+                    if not run.diverged:
+                        run.diverged = not math.isfinite(run.step(X, y))
+                k += 1
+                if k % eval_every == 0 or k == steps:
+                    for run in runs:
+                        run.curve.append((k, run.train_loss(X_train)))
+                    print(f"step {k:4d}: " + ", ".join(f"{r.name} {r.curve[-1][1]:.4f}" for r in runs), flush=True)
+                if k >= steps:
+                    break
+    return runs

@@ -40,10 +40,7 @@ and by KFAC's, all measured in this one run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +49,7 @@ from curvlib.bench.problems import PROBLEMS
 from curvlib.optim import NaturalGradient
 from curvlib_grouped_newton import GroupedNewton, GroupedNewtonOptions
 
-from _common import PATH_HELP, LockstepRun  # benchmarks/_common.py (this folder is on sys.path)
+from _common import PATH_HELP, LockstepRun, run_lockstep  # benchmarks/_common.py (this folder is on sys.path)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -91,7 +88,6 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     problem = PROBLEMS["mnist_autoencoder"](small=not args.full, seed=args.seed, path=args.path)
-    X_train = problem.dataset.X_train
     names = ("grouped_newton", "kfac", "adam")
     init = problem.model_fn(args.seed)
     print(f"problem: {problem.description}; {'full' if args.full else 'small=True'}; "
@@ -102,35 +98,8 @@ def main(argv=None) -> dict:
           f"μ = 1 − 1/T, ν = {args.gn_lr_momentum:g}; KFAC: default PreconditionerConfig, lr = {args.kfac_lr:g}; "
           f"Adam: lr = {args.adam_lr:g}")
 
-    warm_batches = problem.batches(torch.Generator().manual_seed(args.seed + 1))
-    Xw, yw = next(warm_batches)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:  # one-time costs (thread pools, allocator, first autograd graphs) off the clock
-            throwaway = _build(name, copy.deepcopy(init), problem.loss_fn, args)
-            for _ in range(args.warmup):
-                throwaway.step(Xw, yw)
-
-    runs = [_build(name, copy.deepcopy(init), problem.loss_fn, args) for name in names]
-    for run in runs:
-        run.curve.append((0, run.train_loss(X_train)))
-    gen = torch.Generator().manual_seed(args.seed)
-    k = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while k < args.steps:
-            for X, y in problem.batches(gen):
-                for run in runs:
-                    if not run.diverged:
-                        value = run.step(X, y)
-                        run.diverged = not math.isfinite(value)
-                k += 1
-                if k % args.eval_every == 0 or k == args.steps:
-                    for run in runs:
-                        run.curve.append((k, run.train_loss(X_train)))
-                    print(f"step {k:4d}: " + ", ".join(f"{r.name} {r.curve[-1][1]:.4f}" for r in runs), flush=True)
-                if k >= args.steps:
-                    break
+    runs = run_lockstep(lambda name, model: _build(name, model, problem.loss_fn, args), names, init, problem,
+                        steps=args.steps, eval_every=args.eval_every, warmup=args.warmup, seed=args.seed)
 
     by = {r.name: r for r in runs}
     print()

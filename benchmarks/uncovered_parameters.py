@@ -32,10 +32,8 @@ The table: final training loss (whole training set), steps to reach ``--target``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +42,7 @@ from torch import nn
 from curvlib.bench.problems import PROBLEMS
 from curvlib.optim import NaturalGradient
 
-from _common import PATH_HELP, LockstepRun  # benchmarks/_common.py (this folder is on sys.path)
+from _common import PATH_HELP, LockstepRun, run_lockstep  # benchmarks/_common.py (this folder is on sys.path)
 
 
 class Gain(nn.Module):
@@ -128,39 +126,16 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     problem = PROBLEMS["mnist_autoencoder"](small=True, seed=args.seed, path=args.path)
-    X_train = problem.dataset.X_train
     init = changed(problem.model_fn(args.seed))
     own = sum(q.numel() for m in init.modules() if isinstance(m, (Gain, Dense)) for q in m.parameters())
     print(f"problem: {problem.description} with gains and a hand-written bottleneck; {problem.dataset.n_train} "
           f"training images, batch {problem.batch_size}; {sum(q.numel() for q in init.parameters())} parameters, "
           f"{own} of them in modules without an adapter; {args.steps} steps; torch threads {args.threads}")
 
-    Xw, yw = next(problem.batches(torch.Generator().manual_seed(args.seed + 1)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in METHODS:  # one-time costs off the clock
-            throwaway = _build(name, copy.deepcopy(init), problem.loss_fn, args)
-            for _ in range(args.warmup):
-                throwaway.step(Xw, yw)
-
-        runs = [_build(name, copy.deepcopy(init), problem.loss_fn, args) for name in METHODS]
-        for run in runs:
-            run.curve.append((0, run.train_loss(X_train)))
-        gen, k = torch.Generator().manual_seed(args.seed), 0
-        while k < args.steps:
-            for X, y in problem.batches(gen):
-                for run in runs:
-                    if not run.diverged:
-                        run.diverged = not math.isfinite(run.step(X, y))
-                k += 1
-                if k % args.eval_every == 0 or k == args.steps:
-                    for run in runs:
-                        run.curve.append((k, run.train_loss(X_train)))
-                    print(f"step {k:4d}: " + ", ".join(f"{r.name} {r.curve[-1][1]:.4f}" for r in runs), flush=True)
-                if k >= args.steps:
-                    break
-        covered = {r.name: (len(r.opt.preconditioner.curvature.layers), len(r.opt.preconditioner.curvature.excluded))
-                   for r in runs if r.needs_batch}
+    runs = run_lockstep(lambda name, model: _build(name, model, problem.loss_fn, args), METHODS, init, problem,
+                        steps=args.steps, eval_every=args.eval_every, warmup=args.warmup, seed=args.seed)
+    covered = {r.name: (len(r.opt.preconditioner.curvature.layers), len(r.opt.preconditioner.curvature.excluded))
+               for r in runs if r.needs_batch}
 
     by = {r.name: r for r in runs}
     print()
