@@ -68,11 +68,15 @@ from curvlib.plugins import load_registry
 
 from _common import PATH_HELP, median_time  # benchmarks/_common.py (this folder is on sys.path)
 
-METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "tnt", "kpsvd_tensor")
+METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "tnt", "kpsvd_tensor",
+           "kpsvd_tensor_r2", "kpsvd_tensor_auto")
+#: the approximator kind of each method (a variant of a kind: other options, below)
+KINDS = {"kpsvd_tensor_r2": "kpsvd_tensor", "kpsvd_tensor_auto": "kpsvd_tensor"}
 LABELS = {"kfac": "KFAC", "kpsvd": "KPSVD", "deflation": "Deflation", "lanczos": "Lanczos", "kfac_corrected": "KFAC-corrected",
           "kfac_lowrank": "KFAC + low rank", "tnt": "TNT",
-          "kpsvd_tensor": "KPSVD-tensor"}
-STYLES = {"kfac": "-", "kpsvd": "-", "deflation": "-", "lanczos": "--", "kfac_corrected": "-", "kfac_lowrank": ":", "tnt": "-.", "kpsvd_tensor": "--"}  # Lanczos ≈ Deflation
+          "kpsvd_tensor": "KPSVD-tensor", "kpsvd_tensor_r2": "KPSVD-tensor r2", "kpsvd_tensor_auto": "KPSVD-tensor auto"}
+STYLES = {"kfac": "-", "kpsvd": "-", "deflation": "-", "lanczos": "--", "kfac_corrected": "-", "kfac_lowrank": ":", "tnt": "-.",
+          "kpsvd_tensor": "--", "kpsvd_tensor_r2": ":", "kpsvd_tensor_auto": "-."}  # Lanczos ≈ Deflation
 TABLE_3_1 = {
     "kfac": "2ℓmd²",
     "kpsvd": "4k₁ℓmd²",
@@ -82,6 +86,8 @@ TABLE_3_1 = {
     "kfac_lowrank": "2ℓmd² + k(4m p + 2p(d_a+d_g))",
     "tnt": "2ℓmd² (weighted)",
     "kpsvd_tensor": "sweeps·K·n·p·Σd_j",
+    "kpsvd_tensor_r2": "2 × the above",
+    "kpsvd_tensor_auto": "sweeps·K·n·p·Σd_j",
 }
 
 
@@ -92,6 +98,10 @@ def method_options(method: str, args: argparse.Namespace) -> dict:
         return {"rank": args.lowrank_rank, "tol": args.power_tol, "max_iters": args.max_iters}
     if method == "kpsvd_tensor":  # modes chosen per layer (a bias-free conv: channels, kernel axes)
         return {"tol": args.power_tol**2, "max_iters": args.max_iters}
+    if method == "kpsvd_tensor_r2":  # the same modes, a greedy sum of two products
+        return {"tol": args.power_tol**2, "max_iters": args.max_iters, "rank": 2}
+    if method == "kpsvd_tensor_auto":  # every side without a bias column split in a balanced pair too
+        return {"tol": args.power_tol**2, "max_iters": args.max_iters, "a_modes": "auto", "g_modes": "auto"}
     opts = {"power_tol": args.power_tol, "max_iters": args.max_iters}
     if method in ("deflation", "lanczos"):
         opts["rank"] = 2
@@ -103,7 +113,7 @@ def predicted_ratio(method: str, fit, krylov_dim: int, d: float, m: int, d_a: in
     k = fit.info.iterations
     if method in ("kfac", "tnt"):
         return 1.0
-    if method == "kpsvd_tensor":  # no closed form in Table 3.1's terms
+    if KINDS.get(method, method) == "kpsvd_tensor":  # no closed form in Table 3.1's terms
         return math.nan
     if method == "kfac_lowrank":  # KFAC, then k residual products: J_iᵀ and J_i (2mp each) and G X A
         p = d_a * d_g
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             losses.append(float(F.loss))
             for method in METHODS:
                 approx = approximate(
-                    F, method, layers=[args.layer], previous=previous[method], registry=registry, **method_options(method, args)
+                    F, KINDS.get(method, method), layers=[args.layer], previous=previous[method], registry=registry, **method_options(method, args)
                 )
                 before_last[method], previous[method] = previous[method], approx
                 with warnings.catch_warnings():
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     timing = {}
     for method in METHODS:
         opts = method_options(method, args)
-        spec, options = registry.approximators.resolve({"kind": method, **opts})
+        spec, options = registry.approximators.resolve({"kind": KINDS.get(method, method), **opts})
         approximator = spec.factory(options)
         stats = F.statistics(args.layer)
         # warm start from the fit of the previous measurement (another batch, --every steps earlier)
@@ -292,21 +302,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{problem.batch_size}, fits in {args.curvature_dtype} (training {args.dtype}), {torch.get_num_threads()} threads; "
           f"Adam lr {args.lr}, {args.steps} steps")
     print(f"Error 1 at {len(steps)} measurements (every {args.every} steps), Error 2 at {n2} (every {args.error2_every} steps)")
-    print(f"{'method':<16}{'mean Err 1':>11}{'max Err 1':>10}{'mean Err 2':>11}{'mean iters':>11}{'conv.':>7}")
+    print(f"{'method':<18}{'mean Err 1':>11}{'max Err 1':>10}{'mean Err 2':>11}{'mean iters':>11}{'conv.':>7}")
     for method in METHODS:
         s = series[method]
         print(
-            f"{LABELS[method]:<16}{mean(s['error1']):>11.4f}{max(s['error1']):>10.4f}{mean(s['error2']):>11.4f}"
+            f"{LABELS[method]:<18}{mean(s['error1']):>11.4f}{max(s['error1']):>10.4f}{mean(s['error2']):>11.4f}"
             f"{mean(s['iterations']):>11.1f}{sum(s['converged']):>4d}/{len(s['converged'])}"
         )
     print()
     print(f"One refresh of layer {args.layer + 1} relative to one KFAC refresh (median of {args.repeats}; "
           f"KFAC = {t_kfac * 1e3:.2f} ms), m = {m_batch}")
-    print(f"{'method':<16}{'Table 3.1 cost of F̂':<26}{'pred. (k cold)':>15}{'cold':>9}{'k cold':>8}{'warm':>9}{'k warm':>8}")
+    print(f"{'method':<18}{'Table 3.1 cost of F̂':<26}{'pred. (k cold)':>15}{'cold':>9}{'k cold':>8}{'warm':>9}{'k warm':>8}")
     for method in METHODS:
         t = timing[method]
         print(
-            f"{LABELS[method]:<16}{TABLE_3_1[method]:<26}{t['predicted_ratio_cold']:>15.1f}{t['ratio_cold']:>9.1f}"
+            f"{LABELS[method]:<18}{TABLE_3_1[method]:<26}{t['predicted_ratio_cold']:>15.1f}{t['ratio_cold']:>9.1f}"
             f"{t['cold_iterations']:>8d}{t['ratio_warm']:>9.1f}{t['warm_iterations']:>8d}"
         )
     print()

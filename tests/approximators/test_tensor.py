@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import approx_reference as ref
 import pytest
@@ -14,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlib.approximators import KPSVDApproximator, LayerFit
-from curvlib.approximators.tensor import KPSVDTensorApproximator, MultiKronecker
+from curvlib.approximators.tensor import KPSVDTensorApproximator, MultiKronecker, MultiKroneckerSum, balanced_split
 from curvlib.curvatures.statistics import LayerStatistics
-from curvlib.errors import ConfigError
+from curvlib.errors import ConfigError, NumericalWarning, ShapeError
 from curvlib.linalg import vec
 from curvlib.testing.compare import assert_close
 
@@ -122,3 +123,107 @@ def test_round_trip_bad_modes_and_warm_start():
     assert copy.deepcopy(first.block)._eigen is None
     with pytest.raises(ConfigError, match="a_modes = \\(3, 3\\) has the product 9"):
         KPSVDTensorApproximator({"a_modes": (3, 3)}).fit(stats)
+
+
+# --------------------------------------------------------------------------- rank r, automatic modes
+
+
+def _dense_psd(M: torch.Tensor) -> torch.Tensor:
+    e, Q = torch.linalg.eigh(M)
+    return (Q * e.clamp_min(0)) @ Q.T
+
+
+@pytest.mark.parametrize("case", ["conv_auto_modes", "linear_factored"])
+def test_rank_two_is_dense_hopm_of_the_residual(case):
+    make, a_modes, g_modes, modes = CASES[case]
+    stats = make()
+    options = {"a_modes": a_modes, "g_modes": g_modes, "tol": 0.0, "max_iters": 400}
+    one = KPSVDTensorApproximator(options).fit(stats)  # the same first term, and its sweeps
+    fit = KPSVDTensorApproximator({**options, "rank": 2}).fit(stats)
+    F = ref.dense_block(stats)
+    T1 = dense_hopm(F, modes, sweeps=one.info.iterations)
+    T2 = dense_hopm(F - T1, modes, sweeps=fit.info.iterations - one.info.iterations)
+    first, second = fit.block.terms
+    assert_close(first.to_dense(), T1, rtol=1e-9)
+    assert_close(second.to_dense(), T2, rtol=1e-9, atol=1e-9 * float(T2.abs().max()))
+    assert_close(fit.block.to_dense(), T1 + T2, rtol=1e-9)
+    σ1, σ2 = fit.info.singular_values
+    assert σ1 >= σ2 > 0
+    err1 = float(torch.linalg.matrix_norm(F - T1)) ** 2
+    err2 = float(torch.linalg.matrix_norm(F - fit.block.to_dense())) ** 2
+    assert err2 == pytest.approx(err1 - σ2**2, rel=1e-6)  # a fixed point removes σ₂² from the residual
+    assert_close(fit.block.frobenius_norm(), torch.linalg.matrix_norm(fit.block.to_dense()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), lam=st.floats(1e-2, 10.0))
+def test_rank_r_products_and_tikhonov_solve_equal_dense_ones(seed, lam):
+    stats = _conv_no_bias(seed % 50, m=3)
+    fit = KPSVDTensorApproximator({"rank": 3, "tol": 1e-12, "max_iters": 300}).fit(stats)
+    D = fit.block.to_dense()
+    p = D.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2, fit.block.b_dim, fit.block.a_dim, generator=gen, dtype=DT)
+    assert_close(vec(fit.block.apply(X)), (D @ vec(X).T).T)
+    M = D + lam * torch.eye(p, dtype=DT)
+    if float(torch.linalg.eigvalsh(M)[0]) > 1e-8 * lam:  # definite: PCG solves M itself
+        want = torch.linalg.solve(M, vec(X).T).T
+    else:  # the documented fallback: every term's PSD part
+        want = torch.linalg.solve(sum(_dense_psd(t.to_dense()) for t in fit.block.terms) + lam * torch.eye(p, dtype=DT),
+                                  vec(X).T).T
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)
+        got = vec(fit.block.tikhonov_solve(X, lam))
+    assert_close(got, want, atol=1e-6 * float(want.abs().max()), rtol=0)
+
+
+def test_an_indefinite_sum_falls_back_to_the_psd_parts_with_a_warning_and_keeps_it():
+    gen = torch.Generator().manual_seed(0)
+    spd = [(lambda X: X @ X.T + torch.eye(d, dtype=DT))(torch.randn(d, d, generator=gen, dtype=DT)) for d in (2, 3)]
+    neg = [-torch.eye(2, dtype=DT), 5 * torch.eye(3, dtype=DT)]  # the product has eigenvalues −5
+    block = MultiKroneckerSum([MultiKronecker(spd, (2,), (3,)), MultiKronecker(neg, (2,), (3,))])
+    X = torch.randn(3, 2, generator=gen, dtype=DT)
+    with pytest.warns(NumericalWarning, match="PSD part"):
+        Y = block.tikhonov_solve(X, 1e-2)
+    want = torch.linalg.solve(spd[0].kron(spd[1]) + 1e-2 * torch.eye(6, dtype=DT), vec(X[None]).T).T  # psd(neg) = 0
+    assert_close(vec(Y[None]), want, rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # kept for λ: no second warning
+        block.tikhonov_solve(X, 1e-2)
+
+
+def test_rank_r_round_trip_warm_start_ema_and_mismatches():
+    stats = _conv_no_bias(7)
+    approx = KPSVDTensorApproximator({"rank": 2, "tol": 1e-12, "ema": 0.5})
+    first = approx.fit(stats)
+    assert isinstance(first.block, MultiKroneckerSum) and len(first.block.terms) == 2
+    second = approx.fit(_conv_no_bias(8), previous=first)
+    alone = KPSVDTensorApproximator({"rank": 2, "tol": 1e-12}).fit(_conv_no_bias(8), previous=first)
+    for t, t0, t1 in zip(second.block.terms, first.block.terms, alone.block.terms):  # ρ = min(1 − 1/2, 0.5)
+        for F, F0, F1 in zip(t.factors, t0.factors, t1.factors):
+            assert_close(F, 0.5 * F0 + 0.5 * F1)
+    buf = io.BytesIO()
+    torch.save(second.state_dict(), buf)
+    buf.seek(0)
+    back = LayerFit.from_state_dict(torch.load(buf))
+    assert_close(back.block.to_dense(), second.block.to_dense(), rtol=0, atol=0)
+    assert copy.deepcopy(second.block).terms[0]._eigen is None
+    with pytest.raises(ShapeError, match="2 term\\(s\\), this one .* and 1"):
+        KPSVDTensorApproximator({"rank": 1}).fit(stats, previous=first)
+
+
+@pytest.mark.parametrize("d, want", [(1, (1,)), (13, (13,)), (12, (3, 4)), (784, (28, 28)), (1000, (25, 40))])
+def test_balanced_split(d, want):
+    assert balanced_split(d) == want
+
+
+def test_auto_modes_split_every_side_without_a_bias_column():
+    no_bias = ref.linear_stats(m=6, d_a=6, d_g=12, seed=9)
+    no_bias = LayerStatistics(uses=no_bias.uses, scale=no_bias.scale, has_bias=False)
+    fit = KPSVDTensorApproximator({"a_modes": "auto", "g_modes": "auto"}).fit(no_bias)
+    assert (fit.block.a_modes, fit.block.g_modes) == ((2, 3), (3, 4))
+    with_bias = LayerStatistics(uses=no_bias.uses, scale=no_bias.scale, has_bias=True)
+    fit = KPSVDTensorApproximator({"a_modes": "auto", "g_modes": "auto"}).fit(with_bias)
+    assert (fit.block.a_modes, fit.block.g_modes) == ((6,), (3, 4))  # [x; 1] has no product structure
+    conv = KPSVDTensorApproximator({"a_modes": "auto"}).fit(_conv_no_bias(1))
+    assert conv.block.a_modes == (2, 2, 2)  # the kernel split, as with None

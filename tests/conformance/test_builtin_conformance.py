@@ -85,6 +85,13 @@ class TestKPSVDTensorConformance(_Builtin, ApproximatorConformance):
     exact_on_rank_one = True
 
 
+class TestKPSVDTensorRank2Conformance(_Builtin, ApproximatorConformance):
+    kind = "kpsvd_tensor"
+    options = {"tol": 0.0, "max_iters": 400, "rank": 2}
+    bad_options = ({"rank": 0}, {"g_modes": "balanced"})
+    exact_on_rank_one = True  # the residual vanishes
+
+
 class TestTNTConformance(_Builtin, ApproximatorConformance):
     kind = "tnt"
     bad_options = ({"ema": 1.5}, {"weight_sharing": "reduce"})
