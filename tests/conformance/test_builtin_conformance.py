@@ -92,6 +92,12 @@ class TestKPSVDTensorRank2Conformance(_Builtin, ApproximatorConformance):
     exact_on_rank_one = True  # the residual vanishes
 
 
+class TestSINGDConformance(_Builtin, ApproximatorConformance):
+    kind = "singd"
+    own_inverse = True  # K Kᵀ ⊗ C Cᵀ, applied by inverse_factors
+    bad_options = ({"lr_cov": 0.0}, {"alpha1": 1.0}, {"block_size": 0})
+
+
 class TestTNTConformance(_Builtin, ApproximatorConformance):
     kind = "tnt"
     bad_options = ({"ema": 1.5}, {"weight_sharing": "reduce"})

@@ -262,7 +262,7 @@ def test_options_are_validated_through_the_registry(registry):
             damped_inverse(approx, "tikhonov", registry=registry, **bad)
     with pytest.raises(ConfigError, match="value"):
         damped_inverse(approx, "heuristic", value=float("inf"), registry=registry)
-    with pytest.raises(UnknownKindError, match="known kinds: 'heuristic', 'inverse_free', 'kron_inverse', 'levenberg_marquardt', 'tikhonov'"):
+    with pytest.raises(UnknownKindError, match="known kinds: 'heuristic', 'inverse_factors', 'inverse_free', 'kron_inverse', 'levenberg_marquardt', 'tikhonov'"):
         damped_inverse(approx, "tychonoff", value=1.0, registry=registry)
 
 

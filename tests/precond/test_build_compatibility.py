@@ -63,6 +63,8 @@ def blocks_of(approx: dict) -> tuple[str, set[int] | None]:
         return "sampled", None  # an ExactBlock: tikhonov_solve and its statistics, no factors
     if kind in ("kfac_lowrank", "kpsvd_tensor"):
         return "shift", None  # A⊗G + USUᵀ, ⊗_j A_j: tikhonov_solve, no (two-sided) factors
+    if kind == "singd":
+        return "own_inverse", None  # K Kᵀ ⊗ C Cᵀ, its own inverse: no factors, no tikhonov_solve
     terms = {"kfac": {1, 2},  # two for a weight tied in transposed form
              "kpsvd": {1}, "kfac_corrected": {2}, "tnt": {1}}.get(kind)
     if terms is None:
@@ -76,8 +78,11 @@ def inner_damping(damping: dict) -> str:
 
 def damping_inverts(damping: dict, blocks: tuple[str, set[int] | None]) -> bool:
     """heuristic: the π-split of one or two Kronecker terms; kron_inverse: sampled blocks (the
-    exact block's statistics); tikhonov: anything it is given."""
+    exact block's statistics); inverse_factors: the blocks that carry their inverse (singd), and
+    only they; tikhonov: any other block."""
     kind, terms = blocks
+    if (damping["kind"] == "inverse_factors") != (kind == "own_inverse"):  # applies exactly those blocks' inverses
+        return False
     if inner_damping(damping) == "heuristic":
         return kind == "kronecker" and min(terms) <= 2
     if damping["kind"] == "inverse_free":  # the π-split factors of one term
@@ -117,8 +122,8 @@ DAMPING_VARIANTS = {"levenberg_marquardt": [{}, {"inner": "heuristic"}]}
 COARSE_VARIANTS = {"spectral": [{}, {"source": "first_level"}, {"source": "statistics"}]}
 KNOWN = {
     "approximators": {"kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kfac_lowrank", "kpsvd_tensor", "tnt",
-                      "exact_block"},
-    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt", "kron_inverse", "inverse_free"},
+                      "singd", "exact_block"},
+    "dampings": {"tikhonov", "heuristic", "levenberg_marquardt", "kron_inverse", "inverse_free", "inverse_factors"},
     "coarse_spaces": {"nicolaides", "spectral", "krylov", "residual", "taylor"},
     "curvatures": {"fisher", "empirical_fisher", "ggn", "hessian"},
 }

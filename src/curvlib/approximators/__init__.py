@@ -9,6 +9,7 @@ operator (DESIGN.md §3), and the errors of §3.3.1.
 - :mod:`~curvlib.approximators.lowrank` — ``kfac_lowrank`` (A⊗G plus low rank, Woodbury);
 - :mod:`~curvlib.approximators.tensor` — ``kpsvd_tensor`` (one factor per mode of the weight tensor);
 - :mod:`~curvlib.approximators.tnt` — ``tnt`` (tensor normal training's mode covariances);
+- :mod:`~curvlib.approximators.singd` — ``singd`` (SINGD's inverse factors, a running update);
 - :mod:`~curvlib.approximators.exact` — ``exact_block`` (:class:`ExactBlock`, (4.52));
 - :mod:`~curvlib.approximators.api` — :func:`approximate`, :class:`BlockDiagonalApproximation`,
   :func:`approximation_error`.
@@ -32,7 +33,8 @@ from curvlib.approximators.base import (
 from curvlib.approximators.exact import ExactBlock, ExactBlockApproximator, ExactBlockOptions, pair_gram
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions, kfac_factors
 from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions, KroneckerLowRank
-from curvlib.approximators.tensor import KPSVDTensorApproximator, KPSVDTensorOptions, MultiKronecker
+from curvlib.approximators.singd import SINGDApproximator, SINGDBlock, SINGDOptions
+from curvlib.approximators.tensor import KPSVDTensorApproximator, KPSVDTensorOptions, MultiKronecker, MultiKroneckerSum
 from curvlib.approximators.tnt import TNTApproximator, TNTOptions, mode_covariances
 from curvlib.approximators.svd_based import (
     DeflationApproximator,
@@ -74,6 +76,10 @@ __all__ = [
     "KroneckerLowRank",
     "LayerFit",
     "MultiKronecker",
+    "MultiKroneckerSum",
+    "SINGDApproximator",
+    "SINGDBlock",
+    "SINGDOptions",
     "TNTApproximator",
     "TNTOptions",
     "align_signs",

@@ -57,6 +57,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from curvlib.config import StrictModel, validate_options
+from curvlib.curvatures.factors import kfac_factors
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, DTypeDeviceError, NumericalError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import KroneckerFactored, KroneckerSum, LayerBlockOperator, finite_screen
@@ -489,6 +490,36 @@ class FactorFitted(abc.ABC):
     @abc.abstractmethod
     def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
         """The fit from the factor terms ``[(A [d_a, d_a], G [d_g, d_g]), …]`` of one layer."""
+
+
+class FromKFACFactors(FactorFitted):
+    """A :class:`BlockApproximator` mixin whose fit is a function of the batch's KFAC factors
+    (options ``weight_sharing``): :meth:`fit` computes them (averaged over the global batch under
+    ``torch.distributed``: one all-reduce), :meth:`fit_factors` takes them from elsewhere; both
+    continue into :meth:`_fit_terms`."""
+
+    def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
+        """The fit from the KFAC factors of ``stats`` (see :meth:`BlockApproximator.fit`)."""
+        kept, k = self._begin_refresh(stats, previous)
+        if kept is not None:
+            return kept
+        terms = kfac_factors(stats, self.options.weight_sharing)
+        if self.shard is not None:
+            flat = self._global_average([M for term in terms for M in term])
+            terms = [(flat[2 * t], flat[2 * t + 1]) for t in range(len(terms))]
+        return self._fit_terms(terms, k, previous)
+
+    def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
+        """The fit from factors computed elsewhere (e.g. over a data set by
+        :func:`~curvlib.curvatures.data.kfac_factors_over`), continuing ``previous`` as :meth:`fit` does."""
+        terms = [(A, G) for A, G in terms]
+        A0, G0 = terms[0]
+        self._check_previous_fits(previous, A0.shape[0], G0.shape[0], A0.dtype, A0.device, "the factors")
+        return self._fit_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
+
+    @abc.abstractmethod
+    def _fit_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]], k: int, previous: LayerFit | None) -> LayerFit:
+        """The k-th fit from the factor terms, continuing ``previous``."""
 
 
 # --------------------------------------------------------------------------- output checks

@@ -46,14 +46,13 @@ from curvlib.approximators.base import (
     ApproximatorOptions,
     BlockApproximator,
     BlockDeclaration,
-    FactorFitted,
     FitInfo,
+    FromKFACFactors,
     LayerFit,
     ema_pairs,
     ema_rho,
 )
 from curvlib.curvatures.factors import kfac_factors
-from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ShapeError
 from curvlib.linalg import KroneckerFactored, KroneckerSum, finite_screen
 
@@ -66,7 +65,7 @@ class KFACOptions(ApproximatorOptions):
     """Options of ``kfac``: ``ema`` (γ of §3.1.2) and ``weight_sharing`` (``"expand"``/``"reduce"``)."""
 
 
-class KFACApproximator(BlockApproximator, FactorFitted):
+class KFACApproximator(FromKFACFactors, BlockApproximator):
     """``kfac``: A ⊗ G with A = E[ā āᵀ], G = E[g gᵀ] (3.19); KFC (3.29)–(3.30) for convolutions."""
 
     options_model = KFACOptions
@@ -77,26 +76,6 @@ class KFACApproximator(BlockApproximator, FactorFitted):
     #: A and G are averages over samples: under torch.distributed one all-reduce of the
     #: weighted local factors gives the global batch's (before the checks and the EMA)
     distributed = True
-
-    def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
-        """A :class:`~curvlib.linalg.KroneckerSum` (A, G) — one term, or one per orientation for a
-        weight tied in transposed form (see :meth:`BlockApproximator.fit`)."""
-        kept, k = self._begin_refresh(stats, previous)
-        if kept is not None:
-            return kept
-        terms = kfac_factors(stats, self.options.weight_sharing)
-        if self.shard is not None:
-            flat = self._global_average([M for term in terms for M in term])
-            terms = [(flat[2 * t], flat[2 * t + 1]) for t in range(len(terms))]
-        return self._fit_terms(terms, k, previous)
-
-    def fit_factors(self, terms: Sequence[Term], previous: LayerFit | None = None) -> LayerFit:
-        """The fit from factors computed elsewhere (e.g. over a data set by
-        :func:`~curvlib.curvatures.data.kfac_factors_over`), with the EMA of :meth:`fit`."""
-        terms = [(A, G) for A, G in terms]
-        A0, G0 = terms[0]
-        self._check_previous_fits(previous, A0.shape[0], G0.shape[0], A0.dtype, A0.device, "the factors")
-        return self._fit_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
 
     def _fit_terms(self, terms: list[Term], k: int, previous: LayerFit | None) -> LayerFit:
         # finite statistics can still overflow in the factor GEMMs (inputs × 1e20): such factors

@@ -1,8 +1,8 @@
 """curvlib's built-in approximators plugin, registered through the ``curvlib`` entry-point group
 exactly like a third-party plugin (see pyproject.toml).
 
-Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected``, ``kfac_lowrank``, ``kpsvd_tensor``, ``tnt`` and
-``exact_block``; each factory is a :class:`~curvlib.approximators.base.BlockApproximator`
+Kinds: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos``, ``kfac_corrected``, ``kfac_lowrank``, ``kpsvd_tensor``, ``tnt``,
+``singd`` and ``exact_block``; each factory is a :class:`~curvlib.approximators.base.BlockApproximator`
 class called with its validated options model.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from curvlib.approximators.exact import ExactBlockApproximator, ExactBlockOptions
 from curvlib.approximators.kfac import KFACApproximator, KFACOptions
 from curvlib.approximators.lowrank import KFACLowRankApproximator, KFACLowRankOptions
+from curvlib.approximators.singd import SINGDApproximator, SINGDOptions
 from curvlib.approximators.tensor import KPSVDTensorApproximator, KPSVDTensorOptions
 from curvlib.approximators.tnt import TNTApproximator, TNTOptions
 from curvlib.approximators.svd_based import (
@@ -38,6 +39,10 @@ BUILTIN_APPROXIMATORS = (
     # Kronecker plus low rank: ShiftSolvable, inverted exactly by Woodbury under tikhonov (no π-split)
     ("kfac_lowrank", KFACLowRankApproximator, KFACLowRankOptions,
      "KFAC A⊗G plus the top-r positive eigenpairs of F − A⊗G, inverted by Woodbury", {"default_damping": "tikhonov"}),
+    # the inverse factors themselves: applied by inverse_factors, nothing to decompose
+    ("singd", SINGDApproximator, SINGDOptions,
+     "SINGD: K Kᵀ ⊗ C Cᵀ ≈ F⁻¹ by one running momentum step per refresh, dense/diagonal/block, inverse-free",
+     {"default_damping": "inverse_factors"}),
     # no Kronecker factors for the π-split: front ends default to tikhonov, which solves it exactly
     ("exact_block", ExactBlockApproximator, ExactBlockOptions, "the exact sampled block scale·J_i J_iᵀ; (F_ii + λI)⁻¹ by (4.52)",
      {"default_damping": "tikhonov"}),

@@ -11,7 +11,13 @@ regularized inverse.
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping, InverseInfo
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions, PiSplitInverse, TwoTermHeuristicInverse
-from curvlib.damping.inverse_free import InverseFreeDamping, InverseFreeInverse, InverseFreeOptions
+from curvlib.damping.inverse_free import (
+    InverseFactorsDamping,
+    InverseFactorsOptions,
+    InverseFreeDamping,
+    InverseFreeInverse,
+    InverseFreeOptions,
+)
 from curvlib.damping.kron_inverse import KronInverseDamping, KronInverseOptions, KroneckerApproximateInverse
 from curvlib.damping.levenberg_marquardt import (
     LevenbergMarquardtDamping,
@@ -37,6 +43,8 @@ __all__ = [
     "ExactBlockTikhonovInverse",
     "HeuristicDamping",
     "HeuristicOptions",
+    "InverseFactorsDamping",
+    "InverseFactorsOptions",
     "InverseFreeDamping",
     "InverseFreeInverse",
     "InverseFreeOptions",

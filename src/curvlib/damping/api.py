@@ -47,6 +47,7 @@ from curvlib.damping.base import (
 from curvlib.errors import ConfigError, NumericalError, ShapeError
 from curvlib.linalg import (
     BlockDiagonalOperator,
+    InverseFactored,
     KroneckerFactored,
     LayerBlockOperator,
     ShiftSolvable,
@@ -190,7 +191,7 @@ def damped_inverse(
         damping.origin = KindOrigin.of(spec)
 
     layout: VectorLayout | None = None
-    if isinstance(approx, (KroneckerFactored, ShiftSolvable)):
+    if isinstance(approx, (KroneckerFactored, ShiftSolvable, InverseFactored)):
         blocks_in: Sequence[LayerBlockOperator] = [approx]
         p = approx.shape[0]
         slices: Sequence[slice] = [slice(0, p)]
@@ -199,7 +200,7 @@ def damped_inverse(
     else:
         raise ShapeError(
             f"{caller}: expected a block-diagonal approximation (a BlockDiagonalOperator such as the result of "
-            f"curvlib.approximate) or a single KroneckerFactored / ShiftSolvable block; got {type(approx).__name__}"
+            f"curvlib.approximate) or a single KroneckerFactored / ShiftSolvable / InverseFactored block; got {type(approx).__name__}"
         )
 
     prev_blocks: Sequence[BlockInverse | None]

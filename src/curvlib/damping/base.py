@@ -57,6 +57,7 @@ from curvlib.errors import (
 from curvlib.linalg import (
     DampedKroneckerFactors,
     FactorEigenbasis,
+    InverseFactored,
     KroneckerFactored,
     LayerBlockOperator,
     ShiftSolvable,
@@ -81,10 +82,11 @@ __all__ = [
 
 
 def _check_block(block: Any, caller: str) -> None:
-    if not isinstance(block, (KroneckerFactored, ShiftSolvable)):
+    if not isinstance(block, (KroneckerFactored, ShiftSolvable, InverseFactored)):
         raise ConfigError(
-            f"{caller}: expected a KroneckerFactored block (Σ A_k⊗B_k with .terms, e.g. a KroneckerSum) or a "
-            f"ShiftSolvable block (with an exact .tikhonov_solve(X, lam), e.g. an ExactBlock); got {type(block).__name__}"
+            f"{caller}: expected a KroneckerFactored block (Σ A_k⊗B_k with .terms, e.g. a KroneckerSum), a "
+            f"ShiftSolvable block (with an exact .tikhonov_solve(X, lam), e.g. an ExactBlock) or an InverseFactored "
+            f"block (with its .inverse_factors, e.g. singd's); got {type(block).__name__}"
         )
 
 

@@ -43,7 +43,7 @@ from pydantic import Field
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
 from curvlib.errors import ConfigError, NotPSDError
-from curvlib.linalg import KroneckerFactored, pi_split
+from curvlib.linalg import InverseFactored, KroneckerFactored, pi_split, structured_part
 
 __all__ = ["InverseFreeDamping", "InverseFreeInverse", "InverseFreeOptions", "inverse_root"]
 
@@ -64,20 +64,12 @@ class InverseFreeOptions(StrictModel):
     tol: float = Field(1e-6, ge=0.0, lt=1.0, allow_inf_nan=False, description="‖Z Y − I‖_F/√d that stops the steps")
 
 
-def _structured(M: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """M restricted to its diagonal blocks of ``block_size`` rows (all of M for ``None``)."""
-    if block_size is None or block_size >= M.shape[0]:
-        return M
-    idx = torch.arange(M.shape[0], device=M.device) // block_size
-    return torch.where(idx[:, None] == idx[None, :], M, torch.zeros((), dtype=M.dtype, device=M.device))
-
-
 def inverse_root(M: torch.Tensor, *, block_size: int | None = None, max_iters: int = 60, tol: float = 1e-6
                  ) -> tuple[torch.Tensor, int, float]:
     """(K ≈ S^{-1/2}, steps, ‖Z Y − I‖_F / √d) for S the structured part of the symmetric
     positive definite M, by the coupled Newton–Schulz iteration of the module docstring
     (matrix products only)."""
-    S = _structured(0.5 * (M + M.T), block_size)
+    S = structured_part(0.5 * (M + M.T), block_size)
     d = S.shape[0]
     eye = torch.eye(d, dtype=S.dtype, device=S.device)
     trace = float(torch.diagonal(S).sum())
@@ -137,3 +129,35 @@ class InverseFreeDamping(Damping):
         info = InverseInfo(kind=self.kind, method="newton_schulz", lam=self.value, pi=pi, iterations=max(sa, sg),
                            converged=res <= opts.tol, relative_residual=res)
         return InverseFreeInverse(KA @ KA, KG @ KG, info)
+
+
+class InverseFactorsOptions(StrictModel):
+    """Options of ``inverse_factors``: ``value`` λ only scales the coordinates no block covers by
+    1/λ, as every damping's does; the block's inverse factors carry their own damping (``singd``'s
+    ``damping`` option)."""
+
+    value: float = Field(1e-3, gt=0, allow_inf_nan=False,
+                         description="λ of the coordinates no block covers; the inverse factors carry their own")
+
+
+class InverseFactorsDamping(Damping):
+    """``inverse_factors``: applies the inverse factors a block carries, P_A ⊗ P_G as
+    vec(P_G X P_A) — two GEMMs, nothing decomposed or inverted (``singd``'s blocks)."""
+
+    kind = "inverse_factors"
+    options_model = InverseFactorsOptions
+    requires = BlockRequirement(
+        (InverseFactored,),
+        reason="the block's own inverse factors P_A ⊗ P_G (an approximator that keeps its inverse, e.g. singd)",
+    )
+
+    def inverse_capabilities(self, block: tuple[type, ...], terms: int | None) -> tuple[type, ...]:
+        """P_A ⊗ P_G exposes no eigenbasis and no damped factors."""
+        return ()
+
+    def _invert(self, block: Any) -> BlockInverse:
+        if not isinstance(block, InverseFactored):
+            raise ConfigError(f"inverse_factors: expected a block that carries its inverse factors (singd), got a "
+                              f"{type(block).__name__}; use the heuristic or tikhonov damping for it")
+        PA, PG = block.inverse_factors
+        return InverseFreeInverse(PA, PG, InverseInfo(kind=self.kind, method="inverse_factors", lam=self.value))

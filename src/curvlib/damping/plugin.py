@@ -8,13 +8,20 @@ Damping kinds (λ means one thing per kind, stated with its formula):
 - ``levenberg_marquardt``: either, with λ adapted by Martens & Grosse's reduction-ratio rule;
 - ``inverse_free``: the π-split's inverse factors by Newton–Schulz steps (products only), dense,
   diagonal or block-diagonal;
+- ``inverse_factors``: P_A ⊗ P_G, the inverse factors the block carries (``singd``; λ only for
+  coordinates no block covers);
 - ``kron_inverse``: P = C⊗D nearest to (F_ii + λI)⁻¹ in ‖I − P(F_ii + λI)‖_F (sampled blocks).
 """
 
 from __future__ import annotations
 
 from curvlib.damping.heuristic import HeuristicDamping, HeuristicOptions
-from curvlib.damping.inverse_free import InverseFreeDamping, InverseFreeOptions
+from curvlib.damping.inverse_free import (
+    InverseFactorsDamping,
+    InverseFactorsOptions,
+    InverseFreeDamping,
+    InverseFreeOptions,
+)
 from curvlib.damping.kron_inverse import KronInverseDamping, KronInverseOptions
 from curvlib.damping.levenberg_marquardt import LevenbergMarquardtDamping, LevenbergMarquardtOptions
 from curvlib.damping.tikhonov import TikhonovDamping, TikhonovOptions
@@ -52,4 +59,10 @@ def curvlib_register_dampings(registry):
         InverseFreeDamping,
         options=InverseFreeOptions,
         description="the π-split's inverse factors by Newton–Schulz steps, no decomposition; dense, diagonal or block",
+    )
+    registry.add(
+        "inverse_factors",
+        InverseFactorsDamping,
+        options=InverseFactorsOptions,
+        description="the inverse factors a block carries (singd's K Kᵀ ⊗ C Cᵀ), applied by two GEMMs",
     )

@@ -120,7 +120,10 @@ class TikhonovDamping(Damping):
     def _invert(self, block: Any) -> BlockInverse:
         opts: TikhonovOptions = self.options
         lam = self.value
-        if not isinstance(block, KroneckerFactored):  # a ShiftSolvable block (checked by invert)
+        if not isinstance(block, KroneckerFactored):
+            if not isinstance(block, ShiftSolvable):
+                raise ConfigError(f"damping 'tikhonov': {type(block).__name__} has neither Kronecker factors nor its own "
+                                  "tikhonov_solve; a block that carries its inverse factors takes 'inverse_factors'")
             return ExactBlockTikhonovInverse(block, lam, kind=self.kind)
         terms = block.terms
         if len(terms) == 1:

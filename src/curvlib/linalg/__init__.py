@@ -38,10 +38,12 @@ from curvlib.linalg.blocks import (
     BlockDiagonalOperator,
     DampedKroneckerFactors,
     FactorEigenbasis,
+    InverseFactored,
     KroneckerFactored,
     LayerBlockOperator,
     SampledBlock,
     ShiftSolvable,
+    structured_part,
 )
 from curvlib.linalg.kron import kron, kron_matvec, matvec_from_matrix_form, unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
@@ -84,10 +86,12 @@ __all__ = [
     "top_eigenpairs",
     "DampedKroneckerFactors",
     "FactorEigenbasis",
+    "InverseFactored",
     "KroneckerFactored",
     "LayerBlockOperator",
     "SampledBlock",
     "ShiftSolvable",
+    "structured_part",
     "AdjointOperator",
     "DenseOperator",
     "IdentityOperator",

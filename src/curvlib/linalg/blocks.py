@@ -41,10 +41,12 @@ __all__ = [
     "BlockDiagonalOperator",
     "DampedKroneckerFactors",
     "FactorEigenbasis",
+    "InverseFactored",
     "KroneckerFactored",
     "LayerBlockOperator",
     "SampledBlock",
     "ShiftSolvable",
+    "structured_part",
 ]
 
 
@@ -115,6 +117,28 @@ class ShiftSolvable(LayerBlockOperator):
     @abc.abstractmethod
     def tikhonov_solve(self, X: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         """(M + λI)⁻¹ vec(X) in matrix form: X ``[..., d_g, d_a]`` -> ``[..., d_g, d_a]``."""
+
+
+class InverseFactored(LayerBlockOperator):
+    """Capability: the block carries the Kronecker factors of its own (damped) inverse,
+    M⁻¹ = P_A ⊗ P_G, kept by its approximator without inverting anything (SINGD's K Kᵀ and
+    C Cᵀ); the ``inverse_factors`` damping applies them."""
+
+    @property
+    @abc.abstractmethod
+    def inverse_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_A [d_a, d_a], P_G [d_g, d_g])`` with M⁻¹ = P_A ⊗ P_G."""
+
+
+def structured_part(M: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """M restricted to its diagonal blocks of ``block_size`` rows (all of M for ``None``, the
+    diagonal for 1): the structures of SINGD's factors."""
+    if block_size is None or block_size >= M.shape[0]:
+        return M
+    if block_size == 1:
+        return torch.diag_embed(torch.diagonal(M))
+    idx = torch.arange(M.shape[0], device=M.device) // block_size
+    return torch.where(idx[:, None] == idx[None, :], M, torch.zeros((), dtype=M.dtype, device=M.device))
 
 
 class SampledBlock(LayerBlockOperator):

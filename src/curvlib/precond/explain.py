@@ -8,7 +8,9 @@ the FLOPs of one product with its fitted block:
 - a Kronecker sum of r terms (A_k ``[d_a, d_a]``, B_k ``[d_g, d_g]``): r·(d_a² + d_g²) entries
   and Σ_k 2·d_a·d_g·(d_a + d_g) FLOPs (B_k X A_kᵀ per term) — what the π-split inverse of a
   single term costs too; an inverse applied in the factors' eigenbasis costs twice that;
-- an exact block (``exact_block``): p_i² entries and 2·p_i² FLOPs.
+- a block that carries its inverse factors (``singd``): K, C and their momenta,
+  2·(d_a² + d_g²) entries, and 2·d_a·d_g·(d_a + d_g) FLOPs (P_G X P_A);
+- any other block (``exact_block``): p_i² entries and 2·p_i² FLOPs.
 
 Before the first refresh the number of terms is the most the approximator declares (its
 :meth:`~curvlib.approximators.BlockApproximator.declared_blocks`; marked ``≤`` when it may fit
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curvlib.capture.layout import find_layers, leave_out
+from curvlib.linalg import InverseFactored
 
 __all__ = ["LayerPlan", "format_plan", "layer_plan"]
 
@@ -89,11 +92,15 @@ def layer_plan(pre: Any) -> list[LayerPlan]:
         if c.name in fits:
             block = fits[c.name].block
             terms = len(block.terms) if hasattr(block, "terms") else None
+            inverse_factored = isinstance(block, InverseFactored)
         else:
             declared = rule.approximator.spec.factory(rule.approximator.options).declared_blocks()
             terms = None if declared is None or declared.terms is None else (declared.terms[1] or declared.terms[0])
             bound = terms is not None and declared.terms[0] != terms
-        if terms is None:
+            inverse_factored = declared is not None and InverseFactored in declared.capabilities
+        if inverse_factored:  # K, C and their momenta; applied as P_G X P_A
+            entries, flops = 2 * (d_a * d_a + d_g * d_g), 2 * d_a * d_g * (d_a + d_g)
+        elif terms is None:
             entries, flops = p * p, 2 * p * p
         else:
             entries, flops = terms * (d_a * d_a + d_g * d_g), terms * 2 * d_a * d_g * (d_a + d_g)

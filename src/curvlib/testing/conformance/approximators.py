@@ -67,17 +67,21 @@ class ApproximatorConformance(_KindConformance):
     - ``tikhonov_options``: extra options of the ``tikhonov`` damping used by the inverse
       check (default ``{"method": "exact"}``: a dense Cholesky for sums of several terms);
     - ``lam_relative``: λ of that check is ``lam_relative``·‖F̂‖₂ (+ twice the most negative
-      eigenvalue of an indefinite F̂, so that F̂ + λI is definite).
+      eigenvalue of an indefinite F̂, so that F̂ + λI is definite);
+    - ``own_inverse``: the blocks carry their own inverse factors (``inverse_factors``, e.g.
+      ``singd``): the inverse checks apply the ``inverse_factors`` damping and compare with F̂⁻¹.
 
     The fitted block must expose ``a_dim``, ``b_dim``, ``shape``, ``dtype``, ``device``,
-    ``matvec`` (``[p]`` and ``[p, k]``), ``to_dense`` and either ``terms`` (a Kronecker sum)
-    or ``tikhonov_solve(X, lam)`` (an exact-like block), which is what the dampings consume.
+    ``matvec`` (``[p]`` and ``[p, k]``), ``to_dense`` and ``terms`` (a Kronecker sum),
+    ``tikhonov_solve(X, lam)`` (an exact-like block) or ``inverse_factors`` (its own inverse),
+    which is what the dampings consume.
     """
 
     family: ClassVar[str] = "approximators"
     psd: ClassVar[bool] = False
     psd_rtol: ClassVar[float | None] = None
     exact_on_rank_one: ClassVar[bool] = False
+    own_inverse: ClassVar[bool] = False
     statistics_kinds: ClassVar[tuple[str, ...]] = STATISTICS_KINDS
     max_m: ClassVar[int] = 4
     max_c: ClassVar[int] = 2
@@ -149,9 +153,26 @@ class ApproximatorConformance(_KindConformance):
         _expect(block.dtype == stats.dtype and torch.device(block.device) == stats.device,
                 f"{where}: expected the block in the statistics' dtype/device {stats.dtype} on {stats.device}, "
                 f"got {block.dtype} on {block.device}")
-        _expect(getattr(block, "terms", None) is not None or callable(getattr(block, "tikhonov_solve", None)),
-                f"{where}: expected the block to have `terms` (a Kronecker sum Σ A_k⊗B_k) or `tikhonov_solve(X, lam)` "
-                f"(an exact-like block) so that a damping can invert it; {type(block).__name__} has neither")
+        _expect(getattr(block, "terms", None) is not None or callable(getattr(block, "tikhonov_solve", None))
+                or getattr(block, "inverse_factors", None) is not None,
+                f"{where}: expected the block to have `terms` (a Kronecker sum Σ A_k⊗B_k), `tikhonov_solve(X, lam)` "
+                f"(an exact-like block) or `inverse_factors` (its own inverse) so that a damping can invert it; "
+                f"{type(block).__name__} has none of them")
+
+    def _damped_inverse(self, block: Any, D64: torch.Tensor) -> tuple[Any, torch.Tensor, str]:
+        """(the damped inverse of ``block``, the dense matrix it inverts, a description): the
+        ``tikhonov`` damping's (F̂ + λI)⁻¹, or for a kind whose blocks carry their own inverse
+        (``own_inverse``) the ``inverse_factors`` damping's F̂⁻¹."""
+        if self.own_inverse:
+            damping = self.registry.dampings.create({"kind": "inverse_factors", "value": 1.0})
+            M, what = D64, "block's own inverse F̂⁻¹ (inverse_factors)"
+        else:
+            lam = _safe_lambda(D64, self.lam_relative)
+            damping = self.registry.dampings.create({"kind": "tikhonov", "value": lam, **self.tikhonov_options})
+            M = D64 + lam * torch.eye(D64.shape[0], dtype=torch.float64, device=D64.device)
+            what = f"tikhonov inverse (F̂ + λI)⁻¹ (λ = {lam:.3e})"
+        with _NoPerformanceWarnings():
+            return damping.invert(block), M, what
 
     def _dense(self, block: Any) -> torch.Tensor:
         with _NoPerformanceWarnings():
@@ -211,16 +232,10 @@ class ApproximatorConformance(_KindConformance):
         def check(stats, seed):
             block = self.fit(stats).block
             D = self._dense(block).to(torch.float64)
-            lam = _safe_lambda(D, self.lam_relative)
-            damping = self.registry.dampings.create({"kind": "tikhonov", "value": lam, **self.tikhonov_options})
-            with _NoPerformanceWarnings():
-                inv = damping.invert(block)
-            p = D.shape[0]
-            V = _random((p, 2), seed, D)
-            expected = torch.linalg.solve(D + lam * torch.eye(p, dtype=torch.float64), V)
-            assert_close(inv.matvec(V.to(block.dtype)), expected,
-                         msg=f"{self.kind} on {stats_kind} statistics: expected the tikhonov inverse (F̂ + λI)⁻¹V "
-                             f"(λ = {lam:.3e}) to equal the dense solve")
+            inv, M, what = self._damped_inverse(block, D)
+            V = _random((D.shape[0], 2), seed, D)
+            assert_close(inv.matvec(V.to(block.dtype)), torch.linalg.solve(M, V),
+                         msg=f"{self.kind} on {stats_kind} statistics: expected the {what} to equal the dense solve")
 
         check()
 
@@ -240,16 +255,13 @@ class ApproximatorConformance(_KindConformance):
                     f"{where}: expected to_dense() in {dtype} on {stats.device}, got {D.dtype} on {D.device}")
             _assert_products(block, D, stats.a_dim, stats.g_dim, seed, where)
             D64 = D.to(torch.float64).cpu()
-            lam = _safe_lambda(D64, self.lam_relative)
-            damping = self.registry.dampings.create({"kind": "tikhonov", "value": lam, **self.tikhonov_options})
-            with _NoPerformanceWarnings():
-                inv = damping.invert(block)
+            inv, M, _ = self._damped_inverse(block, D64)
             v = _random((D.shape[0],), seed, D)
             out = inv.matvec(v)
             _expect(out.dtype == dtype and out.device == stats.device,
                     f"{where}: expected the damped inverse's output in {dtype} on {stats.device}, got {out.dtype} on "
                     f"{out.device}")
-            expected = torch.linalg.solve(D64 + lam * torch.eye(D64.shape[0], dtype=torch.float64), v.to(torch.float64).cpu())
+            expected = torch.linalg.solve(M, v.to(torch.float64).cpu())
             assert_close(out.cpu(), expected, dtype=dtype, msg=f"{where}: expected the damped inverse to match the dense solve")
 
         check()
