@@ -506,6 +506,29 @@ class TestMultiKronecker(OperatorConformance):
         return MultiKronecker(factors, (2, 2), (3,)), kron(kron(factors[0], factors[1]), factors[2])
 
 
+class TestMultiKroneckerSum(OperatorConformance):
+    """A_1 ⊗ A_2 ⊗ A_3 + B_1 ⊗ B_2 ⊗ B_3 (the second term indefinite) from torch.kron."""
+
+    def make_operator(self):
+        from curvlib.approximators import MultiKronecker, MultiKroneckerSum
+
+        first = [spd(2, 74), spd(2, 75), spd(3, 76)]
+        second = [spd(2, 77), -spd(2, 78), spd(3, 79)]
+        dense = sum(kron(kron(f[0], f[1]), f[2]) for f in (first, second))
+        return MultiKroneckerSum([MultiKronecker(first, (2, 2), (3,)), MultiKronecker(second, (2, 2), (3,))]), dense
+
+
+class TestSINGDBlock(OperatorConformance):
+    """(K Kᵀ)⁻¹ ⊗ (C Cᵀ)⁻¹ from torch.kron of the dense inverses."""
+
+    def make_operator(self):
+        from curvlib.approximators import SINGDBlock
+
+        K, C = randn(4, 4, seed=80) + 2 * torch.eye(4, dtype=F64), randn(3, 3, seed=81) + 2 * torch.eye(3, dtype=F64)
+        block = SINGDBlock(K, C, torch.zeros(4, 4, dtype=F64), torch.zeros(3, 3, dtype=F64))
+        return block, kron(inv(K @ K.T), inv(C @ C.T))
+
+
 class TestInverseFreeInverse(OperatorConformance):
     """K_A² ⊗ K_G² of the π-split, block-diagonal factors, against the dense blockwise inverses."""
 
