@@ -15,7 +15,7 @@ from torch import nn
 from curvlib.approximators import LayerFit
 from curvlib.approximators.singd import SINGDApproximator, SINGDBlock, SINGDOptions, singd_step
 from curvlib.damping import InverseFactorsDamping, TikhonovDamping
-from curvlib.errors import ConfigError
+from curvlib.errors import ConfigError, NumericalError, NumericalWarning
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.linalg import KroneckerSum, vec
 from curvlib.optim import NaturalGradient
@@ -167,3 +167,15 @@ def test_a_training_step_decomposes_and_inverts_nothing(monkeypatch):
     before = [q.detach().clone() for q in net.parameters()]
     train_steps(opt, net, loss_fn, [(X, y)] * 3)
     assert all(not torch.equal(b, q) for b, q in zip(before, net.parameters()))
+
+
+def test_a_step_that_overflows_keeps_the_previous_fit_or_raises_without_one():
+    stats = ref.linear_stats(m=6, d_a=4, d_g=3, seed=4)
+    wild = SINGDApproximator({"lr_cov": 1e150, "alpha1": 0.0})
+    first = wild.fit(stats)  # K ~ 1e150: finite, and the next step overflows
+    assert all(bool(torch.isfinite(t).all()) for t in first.block.state_dict().values())
+    with pytest.warns(NumericalWarning, match="non-finite factors"):
+        kept = wild.fit(stats, previous=first)
+    assert kept is first
+    with pytest.raises(NumericalError, match="non-finite factors"):
+        wild.fit(ref.linear_stats(m=6, d_a=4, d_g=3, scale=1e300, seed=5))
