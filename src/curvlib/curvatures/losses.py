@@ -41,7 +41,9 @@ r ∈ R^{c} back-propagated from the output f (§2.2.4; ``J_b`` = ∂f_b/∂θ):
 - ``empirical_fisher`` (2.85): r_b = ∇_f ℓ_b(y_b) / √k with the data targets.
 
 ``fisher``/``empirical_fisher`` columns are the exact gradients of the user's loss module
-(autograd on the output, times m for "mean"), divided by √k.
+(autograd on the output, times m for "mean"), divided by √k — for ``MSELoss`` (2(f − y)) and
+``BCEWithLogitsLoss`` (σ(f) − y) in closed form, one elementwise pass (tested equal to the
+module's autograd gradient to rounding).
 
 For ``BCELoss`` the ``ggn`` kind returns J_pᵀ diag(k / (p(1−p))) J_p (columns
 √k/√(p_j(1−p_j)) e_j back-propagated from the probabilities p): the Fisher of the Bernoulli
@@ -269,13 +271,33 @@ class _ElementwiseLossModel(LossModel):
         return Columns(c, get)
 
 
-class MSELossModel(_ElementwiseLossModel):
+class _ClosedFormGradient(_ElementwiseLossModel):
+    """An elementwise loss whose per-sample output gradient has a closed form,
+    ∇_{f_b} ℓ_b(y_b) = ``self._gradient(f, y)`` (for ``"sum"``; divided by c for ``"mean"``):
+    one elementwise pass instead of the loss module's forward and backward (tested equal to
+    the module's autograd gradient to rounding).  Targets of another dtype than the output
+    take the module's route."""
+
+    def _gradient(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_sample_gradients(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dtype != output.dtype or target.shape != output.shape:
+            return super().per_sample_gradients(output, target)
+        grad = self._gradient(output.detach(), target)
+        return grad if self.reduction == "sum" else grad / self.num_outputs(output)
+
+
+class MSELossModel(_ClosedFormGradient):
     """``nn.MSELoss``: Gaussian N(f, I), k = 2 ("sum") or 2/c ("mean"); ∇²_f ℓ = k·I."""
 
     loss_type = nn.MSELoss
 
     def k(self, output: torch.Tensor) -> float:
         return 2.0 if self.reduction == "sum" else 2.0 / self.num_outputs(output)
+
+    def _gradient(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (f - y)
 
     def ggn_columns(self, output: torch.Tensor, target: torch.Tensor | None = None) -> Columns:
         f = output.detach().reshape(output.shape[0], -1)
@@ -288,10 +310,13 @@ class MSELossModel(_ElementwiseLossModel):
         return f.unsqueeze(1) + eps
 
 
-class BCEWithLogitsLossModel(_ElementwiseLossModel):
+class BCEWithLogitsLossModel(_ClosedFormGradient):
     """``nn.BCEWithLogitsLoss``: Bernoulli(sigmoid f), k = 1 or 1/c; ∇²_f ℓ = k·diag(p(1−p))."""
 
     loss_type = nn.BCEWithLogitsLoss
+
+    def _gradient(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(f) - y
 
     def _check_options(self) -> None:
         self._reject("weight", lambda v: v is None, "weight=None")
