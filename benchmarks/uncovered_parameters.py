@@ -17,9 +17,10 @@ after untimed warm-up steps on throwaway copies):
 - ``<kfac|tnt>_fallback``: :class:`~curvlib.optim.NaturalGradient` with the default config
   (true Fisher, one Monte Carlo sample, π-split damping λ = 1e-3, EMA 0.95), ``update_every``
   10 / ``invert_every`` 20, learning rate 1 and KL clipping c = 1e-3 (``curvlib bench``'s
-  defaults; without the clipping the natural-gradient steps grow until they diverge); the
-  uncovered parameters are left out of the curvature and updated by the Adam fallback, in a
-  parameter group of their own with Adam's learning rate (``--fallback sgd``: SGD with the natural gradient's learning rate);
+  defaults; without the clipping, at learning rate 0.1, the per-sample runs diverged and the
+  fallback runs stalled); the uncovered parameters are left out of the curvature and updated
+  by the Adam fallback, in a parameter group of their own with Adam's learning rate
+  (``--fallback sgd``: SGD with the natural gradient's learning rate);
 - ``<kfac|tnt>_per_sample``: the same with ``uncovered="per_sample"``: every parameter in the
   curvature, the uncovered ones as blocks of the ``parameter`` layer kind.
 
