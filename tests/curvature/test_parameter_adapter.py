@@ -225,3 +225,53 @@ def test_natural_gradient_trains_every_parameter_and_checkpoints_round_trip(appr
     train_steps(opt2, net2, loss_fn, [(X2, y2)])
     for (n, q), q2 in zip(net.named_parameters(), net2.parameters()):
         assert torch.equal(q, q2), n
+
+
+def test_a_module_called_twice_has_two_uses_and_stays_exact():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.gain = Scale(4)
+
+        def forward(self, x):
+            return self.l2(self.gain(torch.tanh(self.gain(self.l1(x)))))
+
+    torch.manual_seed(6)
+    net = Twice().to(DT)
+    X, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    with uncovered_parameters("per_sample"):
+        F = curvlib.curvature("ggn", net, loss_fn, batch=(X, y))
+    i = next(i for i, L in enumerate(F.layers) if L.name == "gain.s")
+    assert len(F.statistics(i).uses) == 2
+    params = F.params()
+    v = [torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=DT) for q in params]
+    C = ref.dense_ggn_params(net, params, loss_fn, X, y)
+    assert_close(ref.flatten_params(F @ v), C @ ref.flatten_params(v), rtol=1e-10, atol=1e-12)
+
+
+def test_a_module_returning_a_tuple_is_refused_naming_the_parameter():
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.s, x
+
+    class Net2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.pair, self.l2 = nn.Linear(3, 3), Pair(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.l2(self.pair(self.l1(x))[0])
+
+    net = Net2().to(DT)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+    with uncovered_parameters("per_sample"), pytest.raises(UnsupportedLayerError, match="parameter 'pair.s' of Pair"):
+        curvlib.curvature("ggn", net, nn.CrossEntropyLoss(), batch=(X, y))
+    with pytest.warns(ExcludedParametersWarning):  # the default leaves it to the fallback
+        F = curvlib.curvature("ggn", net, nn.CrossEntropyLoss(), batch=(X, y))
+    assert F.excluded == ["pair.s"]
