@@ -504,12 +504,12 @@ def find_layers(model: nn.Module, registry: Any) -> tuple[list[BlockCandidate], 
                         "(supported) layer adapter; their use of it would be missing from the curvature"
                     )
 
-    for pname, p in model.named_parameters():
-        if p.requires_grad and id(p) not in claimed:
-            owner = owners.get(id(p), [("", None)])[0][1]
-            excluded[pname] = f"no layer adapter for {type(owner).__name__}" if owner is not None else "no layer adapter"
+    unclaimed = {pname: p for pname, p in model.named_parameters() if p.requires_grad and id(p) not in claimed}
+    for pname, p in unclaimed.items():
+        owner = owners.get(id(p), [("", None)])[0][1]
+        excluded[pname] = f"no layer adapter for {type(owner).__name__}" if owner is not None else "no layer adapter"
     if _UNCOVERED.get() == "per_sample":
-        made_more = _per_sample_adapters(model, registry, owners, excluded, dims)
+        made_more = _per_sample_adapters(unclaimed, registry, owners, excluded, dims)
         found_any = found_any or bool(made_more)
         candidates += [BlockCandidate(ad.block_name, "parameter", (ad,), (Placement(),)) for ad in made_more]
 
@@ -560,24 +560,21 @@ def current_uncovered() -> str:
     return _UNCOVERED.get()
 
 
-def _per_sample_adapters(model: nn.Module, registry: Any, owners: dict[int, list[tuple[str, nn.Module]]],
+def _per_sample_adapters(unclaimed: dict[str, torch.Tensor], registry: Any, owners: dict[int, list[tuple[str, nn.Module]]],
                          excluded: dict[str, str], dims: dict[str, int]) -> list[LayerAdapter]:
-    """The ``parameter`` adapters of the excluded parameters that no adapter claimed (``"no layer
-    adapter"``), each removed from ``excluded``; a parameter registered by several modules stays
-    excluded with the reason."""
+    """The ``parameter`` adapters of the parameters no adapter claimed (``unclaimed``: qualified
+    name -> parameter), each removed from ``excluded``; a parameter registered by several modules
+    stays excluded with the reason."""
     factory = registry.layers.get("parameter").factory
-    names = {id(p): n for n, p in model.named_parameters()}
     made = []
-    for pid, regs in owners.items():
-        qual = names.get(pid)
-        if qual is None or not excluded.get(qual, "").startswith("no layer adapter"):
-            continue
+    for qual, p in unclaimed.items():
+        regs = owners[id(p)]
         if len({id(mod) for _, mod in regs}) > 1:
             excluded[qual] = (f"registered by several modules {sorted({n for n, _ in regs})}; per-sample capture needs "
                               "the one module that uses it")
             continue
         mod_name, mod = regs[0]
-        pname = next(n for n, q in mod.named_parameters(recurse=False) if id(q) == pid)
+        pname = next(n for n, q in mod.named_parameters(recurse=False) if q is p)
         made.append(factory.create_for(mod, pname, name=mod_name, batch_dim=dims.get(mod_name, 0)))
         del excluded[qual]
     return made
