@@ -65,7 +65,7 @@ from curvlib.approximators.base import BlockApproximator, BlockDeclaration, FitI
 from curvlib.config import StrictModel
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import ShiftSolvable, eigh_safe, finite_screen, pcg
+from curvlib.linalg import ShiftSolvable, eigh_safe, finite_screen, matrix_pcg
 
 __all__ = ["KPSVDTensorApproximator", "KPSVDTensorOptions", "MultiKronecker", "MultiKroneckerSum", "balanced_split",
            "mode_product"]
@@ -490,22 +490,9 @@ class MultiKroneckerSum(ShiftSolvable):
         return lead.tikhonov_solve(X, lam_f)
 
     def _pcg(self, X: torch.Tensor, lam: float, psd: bool) -> tuple[torch.Tensor, Any]:
-        d_g, d_a = self.b_dim, self.a_dim
-        n = d_g * d_a
-        batch = X.shape[:-2]
-        b = X.reshape(-1, n).T  # row-major flattenings: a fixed permutation of vec, CG unchanged
         apply = (lambda t, M: t.psd_apply(M)) if psd else (lambda t, M: t._apply(M))
-
-        def matvec(V: torch.Tensor) -> torch.Tensor:
-            M = V.T.reshape(-1, d_g, d_a)
-            return (sum(apply(t, M) for t in self.terms) + lam * M).reshape(-1, n).T
-
-        def precond(R: torch.Tensor) -> torch.Tensor:
-            return self.terms[0].tikhonov_solve(R.T.reshape(-1, d_g, d_a), lam).reshape(-1, n).T
-
-        tol = torch.finfo(self.dtype).eps ** 0.75
-        x, info = pcg(matvec, b, precond=precond, tol=tol, max_iters=self.pcg_max_iters)
-        return x.T.reshape(*batch, d_g, d_a), info
+        return matrix_pcg(lambda M: sum(apply(t, M) for t in self.terms), lambda R: self.terms[0].tikhonov_solve(R, lam),
+                          X, lam, tol=torch.finfo(self.dtype).eps ** 0.75, max_iters=self.pcg_max_iters)
 
     def _fall_back(self, lam: float, why: str) -> None:
         if lam not in self._fallbacks:

@@ -66,7 +66,7 @@ from curvlib.linalg import (
     KroneckerSum,
     ShiftSolvable,
     eigh_safe,
-    pcg,
+    matrix_pcg,
 )
 
 __all__ = [
@@ -254,26 +254,8 @@ class PCGTikhonovInverse(BlockInverse):
         return self._psd_op is not None or self._leading_only
 
     def _run(self, op: KroneckerSum, X: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        d_g, d_a = self.b_dim, self.a_dim
-        n = d_g * d_a
-        batch = X.shape[:-2]
-        Xs = X.reshape(-1, d_g, d_a)
-        k = Xs.shape[0]
-        lam = self._lam
-        # Columns are row-major flattenings of the matrices: a fixed permutation of vec,
-        # so inner products, and hence CG, are unchanged.
-        b = Xs.reshape(k, n).T
-
-        def matvec(V: torch.Tensor) -> torch.Tensor:
-            M = V.T.reshape(-1, d_g, d_a)
-            return (op.apply(M) + lam * M).reshape(-1, n).T
-
-        def precond(R: torch.Tensor) -> torch.Tensor:
-            M = R.T.reshape(-1, d_g, d_a)
-            return self._precond.tikhonov_solve(M, lam).reshape(-1, n).T
-
-        x, info = pcg(matvec, b, precond=precond, tol=self._tol, max_iters=self._max_iters)
-        return x.T.reshape(*batch, d_g, d_a), info
+        return matrix_pcg(op.apply, lambda R: self._precond.tikhonov_solve(R, self._lam), X, self._lam,
+                          tol=self._tol, max_iters=self._max_iters)
 
     def _fall_back(self, why: str) -> None:
         """Take the next documented fallback: M → psd_part → leading_term (module docstring)."""

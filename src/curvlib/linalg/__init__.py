@@ -68,7 +68,7 @@ from curvlib.linalg.rearrange import (
     unrearrange,
 )
 from curvlib.linalg.eigen import EigenResult, top_eigenpairs
-from curvlib.linalg.solvers import PCGInfo, WoodburySolver, pcg, woodbury_solve
+from curvlib.linalg.solvers import PCGInfo, WoodburySolver, matrix_pcg, pcg, woodbury_solve
 from curvlib.linalg.svd import SVDResult, lanczos_svd, power_svd
 from curvlib.linalg.zproducts import (
     AffineZOperator,
@@ -125,6 +125,7 @@ __all__ = [
     "lanczos_svd",
     "matvec_from_matrix_form",
     "nearest_kronecker",
+    "matrix_pcg",
     "pcg",
     "pi_split",
     "power_svd",

@@ -25,6 +25,7 @@ from curvlib.linalg.inverse import _check_same, _check_square, _positive_lambda,
 
 __all__ = [
     "PCGInfo",
+    "matrix_pcg",
     "pcg",
     "WoodburySolver",
     "woodbury_solve",
@@ -188,6 +189,36 @@ def pcg(
 
 # --------------------------------------------------------------------------- Woodbury
 
+
+
+def matrix_pcg(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    precond: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    lam: float,
+    *,
+    tol: float,
+    max_iters: int | None,
+) -> tuple[torch.Tensor, PCGInfo]:
+    """(M + λI)⁻¹ vec(X) in matrix form by :func:`pcg`, for a layer block M given by products with
+    batches of matrices: ``apply(M_k [k, d_g, d_a])`` -> M vec(M_k) in matrix form,
+    ``precond(R [k, d_g, d_a])`` -> the preconditioner's solve; ``X [..., d_g, d_a]``, every
+    matrix one PCG column.  Columns are row-major flattenings of the matrices — a fixed
+    permutation of vec — so inner products, and hence CG, are unchanged."""
+    d_g, d_a = X.shape[-2:]
+    n = d_g * d_a
+    batch = X.shape[:-2]
+    b = X.reshape(-1, n).T
+
+    def matvec(V: torch.Tensor) -> torch.Tensor:
+        M = V.T.reshape(-1, d_g, d_a)
+        return (apply(M) + lam * M).reshape(-1, n).T
+
+    def solve(R: torch.Tensor) -> torch.Tensor:
+        return precond(R.T.reshape(-1, d_g, d_a)).reshape(-1, n).T
+
+    x, info = pcg(matvec, b, precond=solve, tol=tol, max_iters=max_iters)
+    return x.T.reshape(*batch, d_g, d_a), info
 
 class WoodburySolver:
     """(λI_p + (1/m) J Jᵀ)⁻¹ by Sherman–Morrison–Woodbury, (4.49)–(4.50).
