@@ -496,7 +496,7 @@ class FromKFACFactors(FactorFitted):
     """A :class:`BlockApproximator` mixin whose fit is a function of the batch's KFAC factors
     (options ``weight_sharing``): :meth:`fit` computes them (averaged over the global batch under
     ``torch.distributed``: one all-reduce), :meth:`fit_factors` takes them from elsewhere; both
-    continue into :meth:`_fit_terms`."""
+    screen them and continue into :meth:`_fit_terms` with finite factors."""
 
     def fit(self, stats: LayerStatistics, previous: LayerFit | None = None) -> LayerFit:
         """The fit from the KFAC factors of ``stats`` (see :meth:`BlockApproximator.fit`)."""
@@ -507,7 +507,7 @@ class FromKFACFactors(FactorFitted):
         if self.shard is not None:
             flat = self._global_average([M for term in terms for M in term])
             terms = [(flat[2 * t], flat[2 * t + 1]) for t in range(len(terms))]
-        return self._fit_terms(terms, k, previous)
+        return self._fit_finite_terms(terms, k, previous)
 
     def fit_factors(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], previous: LayerFit | None = None) -> LayerFit:
         """The fit from factors computed elsewhere (e.g. over a data set by
@@ -515,11 +515,22 @@ class FromKFACFactors(FactorFitted):
         terms = [(A, G) for A, G in terms]
         A0, G0 = terms[0]
         self._check_previous_fits(previous, A0.shape[0], G0.shape[0], A0.dtype, A0.device, "the factors")
-        return self._fit_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
+        return self._fit_finite_terms(terms, 1 if previous is None else previous.refresh + 1, previous)
+
+    def _fit_finite_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]], k: int,
+                          previous: LayerFit | None) -> LayerFit:
+        # finite statistics can still overflow in the factor GEMMs (inputs × 1e20): such factors
+        # must never enter an EMA or a running update, or every later fit and inversion inherits them
+        factors = [M for term in terms for M in term]
+        bad = 0 if bool(finite_screen(factors)) else int(sum((~torch.isfinite(M)).sum() for M in factors))
+        if bad:
+            return self._fallback(f"non-finite KFAC factors ({bad} entries; finite statistics that overflowed)",
+                                  previous)
+        return self._fit_terms(terms, k, previous)
 
     @abc.abstractmethod
     def _fit_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]], k: int, previous: LayerFit | None) -> LayerFit:
-        """The k-th fit from the factor terms, continuing ``previous``."""
+        """The k-th fit from finite factor terms, continuing ``previous``."""
 
 
 # --------------------------------------------------------------------------- output checks

@@ -54,7 +54,7 @@ from curvlib.approximators.base import (
 )
 from curvlib.curvatures.factors import kfac_factors
 from curvlib.errors import ShapeError
-from curvlib.linalg import KroneckerFactored, KroneckerSum, finite_screen
+from curvlib.linalg import KroneckerFactored, KroneckerSum
 
 __all__ = ["KFACApproximator", "KFACOptions", "kfac_factors"]
 
@@ -78,13 +78,6 @@ class KFACApproximator(FromKFACFactors, BlockApproximator):
     distributed = True
 
     def _fit_terms(self, terms: list[Term], k: int, previous: LayerFit | None) -> LayerFit:
-        # finite statistics can still overflow in the factor GEMMs (inputs × 1e20): such factors
-        # must never enter the EMA, or every later fit and inversion inherits them
-        factors = [M for term in terms for M in term]
-        bad = 0 if bool(finite_screen(factors)) else int(sum((~torch.isfinite(M)).sum() for M in factors))
-        if bad:
-            return self._fallback(f"non-finite KFAC factors ({bad} entries; finite statistics that overflowed)",
-                                  previous)
         rho = ema_rho(k, self.options.ema)
         if rho > 0:
             if len(previous.terms) != len(terms):

@@ -163,8 +163,6 @@ class SINGDApproximator(FromKFACFactors, BlockApproximator):
     distributed = True
 
     def _fit_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]], k: int, previous: LayerFit | None) -> LayerFit:
-        if not bool(finite_screen([M for term in terms for M in term])):
-            return self._fallback("non-finite KFAC factors (finite statistics that overflowed)", previous)
         A0, G0 = terms[0]
         if previous is None:
             eye_a = torch.eye(A0.shape[0], dtype=A0.dtype, device=A0.device)
