@@ -100,6 +100,11 @@ Usage::
 
     python benchmarks/step_cost.py [--batch 512] [--repeats 3] [--threads N]
         [--methods kfac kpsvd ...] [--skip-peers] [--skip-peer-factors] [--skip-peer-steps] [--small]
+        [--device cuda]
+
+``--device cuda`` runs part 1 on the GPU (each timed step ends with ``torch.cuda.synchronize()``;
+the FLOP limits are the same counts, a GPU's small-matrix inefficiency is not in them) and
+skips the peers, which are set up for the CPU here.
 
 On a shared machine use ``--threads 1`` (two threads on two busy cores make the LAPACK
 calls erratic) and ``--repeats`` ≥ 7.  Absolute times are printed only for context; the
@@ -155,11 +160,13 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def curvlib_optimizer(problem, method_name: str, registry, X, Y, T1: int, T2: int, lr: float = TIMING_LR):
     """A fresh model and one step of ``method_name`` on it under schedule (T1, T2), as a callable."""
     method = resolve_method(method_name, registry)
-    model = problem.model_fn(0)
+    model = problem.model_fn(0).to(X.device)
     hp = method.default_hyperparameters(lr=lr, update_every=T1, invert_every=T2, kl_clip=0) \
         if method.is_natural_gradient else method.default_hyperparameters(lr=lr)
     stepper = build_training_step(method, model, problem.loss_fn, hp,
-                                  generator=torch.Generator().manual_seed(1), registry=registry)
+                                  generator=torch.Generator(device=X.device).manual_seed(1), registry=registry)
+    if X.device.type == "cuda":  # a step's time is the time until its kernels have run
+        return model, lambda: (stepper.step(X, Y), torch.cuda.synchronize())
     return model, lambda: stepper.step(X, Y)
 
 
@@ -534,16 +541,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
     parser.add_argument("--path", help=PATH_HELP)
+    parser.add_argument("--device", default="cpu",
+                        help="where part 1 runs (e.g. cuda: every step ends with torch.cuda.synchronize()); "
+                        "the peers (parts 2 and 3) run on the CPU only and are skipped on another device")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
     problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0, path=args.path)
-    X = problem.dataset.X_train[: args.batch]
+    device = torch.device(args.device)
+    X = problem.dataset.X_train[: args.batch].to(device)
     Y = X
     registry = load_registry()
-    print(f"MNIST auto-encoder {'-'.join(map(str, problem.widths))}, batch {X.shape[0]}, float32, CPU, "
+    where = "CPU" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    print(f"MNIST auto-encoder {'-'.join(map(str, problem.widths))}, batch {X.shape[0]}, float32, {where}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
     sgd = step_timer(problem, "sgd", registry, X, Y, 1, 1, max(args.repeats, 5))
@@ -554,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2)
         print(table(["method", *COST_HEADER], rows))
 
-    if args.skip_peers:
+    if args.skip_peers or device.type != "cpu":
         return
     if not args.skip_peer_factors:
         run_part2(args, problem, registry, X, sgd)

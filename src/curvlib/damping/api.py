@@ -221,9 +221,12 @@ def damped_inverse(
 
     def invert(indices: Sequence[int]) -> tuple[dict[int, BlockInverse], list[int]]:
         inverses, kept, flags = {}, [], []
-        for i in indices:
+        indices = list(indices)
+        built = list(damping.invert_many([blocks_in[i] for i in indices], [prev_blocks[i] for i in indices]))
+        if len(built) != len(indices):
+            raise origin.error(None, f"invert_many returned {len(built)} inverses for {len(indices)} blocks")
+        for i, inv in zip(indices, built):
             block, prev = blocks_in[i], prev_blocks[i]
-            inv = damping.invert(block, previous=prev)
             if prev is not None and inv is prev:
                 kept.append(i)  # checked when it was built
             else:

@@ -37,7 +37,7 @@ factors), which the ``spectral`` coarse space may need.  What the inverses must 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -406,10 +406,32 @@ class Damping(abc.ABC):
         _check_block(block, caller)
         if previous is not None:
             self._check_previous(block, previous, caller)
-        try:
+
+        def build() -> BlockInverse:
             if isinstance(block, KroneckerFactored):
                 _check_finite_terms(block.terms, caller)
             return self._invert(block)
+
+        return self._or_previous(build, previous, caller)
+
+    def invert_many(self, blocks: Sequence[Any], previous: Sequence[BlockInverse | None]) -> list[BlockInverse]:
+        """The damped inverses of several blocks (a network's layers), each as :meth:`invert` builds it.
+
+        By default one :meth:`invert` per block.  A kind may override it to share work between
+        the blocks — ``heuristic`` factors every damped factor of one shape in one batched call —
+        with the same results, checks and per-block fallbacks (a block whose inversion fails
+        keeps its ``previous``).  :func:`~curvlib.damping.damped_inverse` calls this.
+        """
+        if len(blocks) != len(previous):
+            raise ShapeError(f"{type(self).__name__}.invert_many: {len(blocks)} blocks, {len(previous)} previous")
+        return [self.invert(b, previous=p) for b, p in zip(blocks, previous)]
+
+    @staticmethod
+    def _or_previous(build: Callable[[], BlockInverse], previous: BlockInverse | None, caller: str) -> BlockInverse:
+        """``build()``, or ``previous`` with a :class:`NumericalWarning` when it fails numerically
+        (re-raised when there is no ``previous``): the fallback of :meth:`invert`."""
+        try:
+            return build()
         except (NumericalError, NotPSDError) as exc:
             if previous is None:
                 raise

@@ -43,7 +43,9 @@ flipped to positive traces before the split.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,13 +53,14 @@ from pydantic import Field
 
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
-from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, warn
+from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, ShapeError, warn
 from curvlib.linalg import (
     DampedKroneckerFactors,
     FactorEigenbasis,
     KroneckerEigen,
     KroneckerFactored,
     TwoTermKroneckerInverse,
+    cholesky_inverses,
     eigh_safe,
     pi_split,
 )
@@ -79,9 +82,17 @@ class HeuristicOptions(StrictModel):
 
 
 def _sign_normalized(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if float(torch.diagonal(A).sum()) < 0 and float(torch.diagonal(B).sum()) < 0:
-        return -A, -B
+    (A, B), _ = _sign_normalized_traced(A, B, (float(torch.diagonal(A).sum()), float(torch.diagonal(B).sum())))
     return A, B
+
+
+def _sign_normalized_traced(
+    A: torch.Tensor, B: torch.Tensor, traces: tuple[float, float]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[float, float]]:
+    """(A, B) flipped to positive traces when both are negative, with the traces that go with them."""
+    if traces[0] < 0 and traces[1] < 0:
+        return (-A, -B), (-traces[0], -traces[1])
+    return (A, B), traces
 
 
 class HeuristicDamping(Damping):
@@ -102,6 +113,49 @@ class HeuristicDamping(Damping):
         if not any(issubclass(c, KroneckerFactored) for c in block):
             return ()
         return {1: (FactorEigenbasis, DampedKroneckerFactors), 2: (DampedKroneckerFactors,)}.get(terms, ())
+
+    def invert_many(self, blocks: Sequence[Any], previous: Sequence[BlockInverse | None]) -> list[BlockInverse]:
+        """:meth:`invert` for every block, the one-term blocks' damped factors inverted together.
+
+        Every one-term block's traces and finiteness screen are read in one host
+        synchronisation, and its two damped factors go to :func:`~curvlib.linalg.cholesky_inverses`,
+        which factors the factors of equal shape in one batched call (one more synchronisation
+        for all).  The results equal :meth:`invert`'s block by block to rounding (the same
+        routine on the same matrices; see there), and the same blocks give the same bits.  Other blocks, a factor that fails Cholesky (the eigenvalue rule) and a
+        block whose screen fails (the exact check, then the ``previous`` fallback) take the
+        per-block path, with its warnings and errors.
+        """
+        if len(blocks) != len(previous):
+            raise ShapeError(f"{type(self).__name__}.invert_many: {len(blocks)} blocks, {len(previous)} previous")
+        caller = f"{type(self).__name__}.invert"
+        batched = [i for i, b in enumerate(blocks) if isinstance(b, KroneckerFactored) and len(b.terms) == 1]
+        for i in batched:
+            if previous[i] is not None:
+                self._check_previous(blocks[i], previous[i], caller)
+        if len(batched) < 2:
+            return super().invert_many(blocks, previous)
+        scalars = [
+            torch.stack([torch.diagonal(A).sum(), torch.diagonal(B).sum(), A.sum(), B.sum()]).to(torch.float64)
+            for A, B in (blocks[i].terms[0] for i in batched)
+        ]
+        read = torch.stack([v.to(scalars[0].device) for v in scalars]).tolist()  # one host synchronisation
+        lam = self.value
+        split: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for i, (tr_a, tr_b, sum_a, sum_b) in zip(batched, read):
+            if math.isfinite(sum_a) and math.isfinite(sum_b):  # else the exact check of invert()
+                (A, B), traces = _sign_normalized_traced(*blocks[i].terms[0], (tr_a, tr_b))
+                split[i] = pi_split(A, B, lam, traces=traces)
+        factors = cholesky_inverses([M for i in split for M in split[i][:2]])
+        out = []
+        for i, (block, prev) in enumerate(zip(blocks, previous)):
+            if i not in split:
+                out.append(self.invert(block, previous=prev))
+                continue
+            j = 2 * list(split).index(i)
+            Ad, Bd, pi = split[i]
+            build = functools.partial(PiSplitInverse.from_damped, Ad, Bd, pi, lam, factors[j:j + 2], kind=self.kind)
+            out.append(self._or_previous(build, prev, caller))
+        return out
 
     def _invert(self, block: Any) -> BlockInverse:
         if not isinstance(block, KroneckerFactored):
@@ -161,19 +215,43 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, lam: float, *, kind: str = "heuristic") -> None:
         Ad, Bd, pi = pi_split(A, B, lam)
+        self._build(Ad, Bd, pi, lam, cholesky_inverses([Ad, Bd]), kind)
+
+    @classmethod
+    def from_damped(
+        cls,
+        Ad: torch.Tensor,
+        Bd: torch.Tensor,
+        pi: float,
+        lam: float,
+        cholesky: Sequence[torch.Tensor | None],
+        *,
+        kind: str = "heuristic",
+    ) -> PiSplitInverse:
+        """The inverse from the π-split's damped factors and their Cholesky inverses
+        (:func:`~curvlib.linalg.cholesky_inverses`, ``None`` where it failed: the eigenvalue
+        rule is taken for that factor here) — :meth:`HeuristicDamping.invert_many`'s path."""
+        self = cls.__new__(cls)
+        self._build(Ad, Bd, pi, lam, cholesky, kind)
+        return self
+
+    def _build(self, Ad: torch.Tensor, Bd: torch.Tensor, pi: float, lam: float,
+               cholesky: Sequence[torch.Tensor | None], kind: str) -> None:
         self._shifts = _shifts(lam, pi)
         (self._A_inv, eig_a, clamped_a), (self._B_inv, eig_b, clamped_b) = (
-            _damped_inverse(Md, shift) for Md, shift in ((Ad, self._shifts[0]), (Bd, self._shifts[1])))
+            (inv, None, 0) if inv is not None else _eigenvalue_rule(Md, shift)
+            for inv, Md, shift in zip(cholesky, (Ad, Bd), self._shifts)
+        )
         self._eig = [eig_a, eig_b]
         self._eigen: KroneckerEigen | None = None
         self.pi = float(pi)
         self._damped_factors = (Ad, Bd)
         method = "cholesky" if eig_a is None and eig_b is None else "eigen"
         super().__init__(
-            a_dim=A.shape[0],
-            b_dim=B.shape[0],
-            dtype=A.dtype,
-            device=A.device,
+            a_dim=Ad.shape[0],
+            b_dim=Bd.shape[0],
+            dtype=Ad.dtype,
+            device=Ad.device,
             info=InverseInfo(kind=kind, method=method, lam=float(lam), pi=self.pi, n_clamped=clamped_a + clamped_b),
         )
 
@@ -213,6 +291,8 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
         """A copy without the damped factors: the receivers rebuild them from the block (half the bytes)."""
         sent = copy.copy(self)
         sent._damped_factors = None
+        # an inverse factored in a batch is a view into it: send its own entries, not the batch's
+        sent._A_inv, sent._B_inv = (_own_storage(M) for M in (self._A_inv, self._B_inv))
         return sent
 
     def after_transfer(self, block: Any) -> None:
@@ -221,14 +301,16 @@ class PiSplitInverse(BlockInverse, FactorEigenbasis, DampedKroneckerFactors):
             self._damped_factors = (Ad, Bd)
 
 
-def _damped_inverse(Md: torch.Tensor, shift: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
-    """(M_d⁻¹, the clamped eigendecomposition of M_d or ``None``, clamps) for M_d = M + shift·I
-    (:class:`PiSplitInverse`: Cholesky when M_d is positive definite, else the eigenvalue rule).
-    Cholesky reads one triangle, so the rounding-level asymmetry of M needs no symmetrization,
-    and ``cholesky_inverse`` returns an exactly symmetric matrix."""
-    L, info = torch.linalg.cholesky_ex(Md)
-    if int(info) == 0:
-        return torch.cholesky_inverse(L), None, 0
+def _own_storage(M: torch.Tensor) -> torch.Tensor:
+    return M.clone() if M.untyped_storage().nbytes() > M.numel() * M.element_size() else M
+
+
+def _eigenvalue_rule(Md: torch.Tensor, shift: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int]:
+    """(M_d⁻¹, the clamped eigendecomposition of M_d, clamps) for a damped factor
+    M_d = M + shift·I that failed Cholesky (:class:`PiSplitInverse`): M_d's eigenvalues are
+    clamped at the shift.  (Cholesky reads one triangle, so the rounding-level asymmetry of M
+    needs no symmetrization on that route, and ``cholesky_inverse`` returns an exactly
+    symmetric matrix.)"""
     e, Q = eigh_safe(Md)
     n_clamped = _count_below(e, shift)
     e = e.clamp_min(shift)

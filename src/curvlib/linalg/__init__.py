@@ -30,6 +30,7 @@ O(d²) and are documented as such; nothing else does.
 from curvlib.linalg.inverse import (
     KroneckerEigen,
     TwoTermKroneckerInverse,
+    cholesky_inverses,
     eigh_safe,
     kron_solve,
     pi_split,
@@ -128,6 +129,7 @@ __all__ = [
     "matrix_pcg",
     "pcg",
     "pi_split",
+    "cholesky_inverses",
     "power_svd",
     "rearrange",
     "unrearrange",

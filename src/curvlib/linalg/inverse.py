@@ -23,7 +23,9 @@ float64 retry of :func:`eigh_safe`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,6 +44,7 @@ __all__ = [
     "kron_solve",
     "KroneckerEigen",
     "pi_split",
+    "cholesky_inverses",
     "TwoTermKroneckerInverse",
 ]
 
@@ -222,7 +225,9 @@ class KroneckerEigen:
         return Qb @ Y @ Qa.T
 
 
-def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def pi_split(
+    A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor, *, traces: tuple[float, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The factored ("heuristic") Tikhonov damping of KFAC, (2.95)–(2.96) and end of §3.1.2.
 
         A⊗B + λI ≈ (A + π√λ I) ⊗ (B + π⁻¹√λ I),   π = sqrt( (tr A / d_a) / (tr B / d_b) ),
@@ -234,6 +239,8 @@ def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor) -> tup
         A: ``[d_a, d_a]``.
         B: ``[d_b, d_b]``.
         lam: λ ≥ 0.
+        traces: ``(tr A, tr B)`` when the caller has read them already (e.g. every layer's in
+            one host synchronisation); read here otherwise.
 
     Returns:
         ``(A + π√λ I [d_a, d_a], B + π⁻¹√λ I [d_b, d_b], π)``.
@@ -243,8 +250,8 @@ def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor) -> tup
     d_b = _check_square(B, "B", caller)
     _check_same(A, B, "A and B", caller)
     lam = _positive_lambda(lam, caller, allow_zero=True)
-    mean_a = float(torch.diagonal(A).sum()) / d_a
-    mean_b = float(torch.diagonal(B).sum()) / d_b
+    tr_a, tr_b = (float(torch.diagonal(A).sum()), float(torch.diagonal(B).sum())) if traces is None else traces
+    mean_a, mean_b = tr_a / d_a, tr_b / d_b
     if math.isfinite(mean_a) and math.isfinite(mean_b) and mean_a > 0 and mean_b > 0:
         pi = math.sqrt(mean_a / mean_b)
     else:
@@ -262,6 +269,51 @@ def _shifted(M: torch.Tensor, c: float) -> torch.Tensor:
     """M + c·I in one pass over M (no identity matrix built)."""
     out = M.clone(memory_format=torch.contiguous_format)
     out.diagonal().add_(c)
+    return out
+
+
+def cholesky_inverses(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """M⁻¹ of each symmetric matrix that is positive definite in its dtype, ``None`` for the others.
+
+    The matrices of one shape, dtype and device are factored together: one batched
+    ``torch.linalg.cholesky_ex`` and one batched ``torch.cholesky_inverse`` per group (the
+    layers of equal width of a network, e.g. the mirrored halves of an auto-encoder), and
+    one host synchronisation in all reads every factorisation's status.  Each matrix goes
+    through the same LAPACK (or cuSOLVER) routine as it would alone, so the result equals
+    ``cholesky_inverse(cholesky(M))`` per matrix to rounding (a matrix inside a batch is not
+    aligned in memory as one alone is, and BLAS may round its last bits differently; the
+    same matrices in the same order give the same bits).  Cholesky reads one triangle, and
+    the inverse returned is exactly symmetric.  The inverses of a group are views into one
+    batch tensor.
+
+    Args:
+        matrices: ``[n_i, n_i]`` symmetric matrices (any mix of sizes, dtypes, devices).
+
+    Returns:
+        the inverses, in order; ``None`` where the Cholesky factorisation failed (M not
+        numerically positive definite): the caller decides what to do with such a matrix.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, M in enumerate(matrices):
+        _check_square(M, f"matrices[{i}]", "cholesky_inverses")
+        groups.setdefault((M.shape, M.dtype, M.device), []).append(i)
+    factored, infos = [], []
+    for members in groups.values():
+        batch = matrices[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([matrices[i] for i in members])
+        L, info = torch.linalg.cholesky_ex(batch)
+        factored.append((members, L))
+        infos.append(info.to(device=infos[0].device) if infos else info)
+    ok = torch.cat(infos).eq(0).tolist() if infos else []  # the one host synchronisation
+    out: list[torch.Tensor | None] = [None] * len(matrices)
+    position = 0
+    for members, L in factored:
+        good = ok[position:position + len(members)]
+        position += len(members)
+        kept = [j for j, g in enumerate(good) if g]  # a failed factor is never handed to cholesky_inverse
+        if kept:
+            inverse = torch.cholesky_inverse(L if len(kept) == len(members) else L[kept])
+            for row, j in enumerate(kept):
+                out[members[j]] = inverse[row]
     return out
 
 
