@@ -13,11 +13,45 @@ from typing import Any
 
 import torch
 
-__all__ = ["PATH_HELP", "LockstepRun", "interleaved", "median_time", "run_lockstep"]
+__all__ = ["PATH_HELP", "LockstepRun", "autoencoder_on_device", "host_syncs", "interleaved", "median_time",
+           "run_lockstep"]
 
 #: ``--path`` of every script that trains or measures on MNIST (like ``curvlib bench --path``)
 PATH_HELP = ("a folder of MNIST idx files (train-images-idx3-ubyte[.gz], …; e.g. from "
              "../shared/tools/get_full_mnist.sh): the full 60k/10k MNIST instead of the 5,000 bundled images")
+
+
+def autoencoder_on_device(parser: Any, argv: Sequence[str] | None, *, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """Parse the arguments of a device benchmark (``parser`` plus ``--device``, ``--threads``,
+    ``--batch``, ``--small``) and build the MNIST auto-encoder problem: ``(args, problem, X)``
+    with X the first ``--batch`` training images on ``args.device`` (a ``torch.device``)."""
+    from curvlib.bench.problems import PROBLEMS
+
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
+    return args, problem, problem.dataset.X_train[: args.batch].to(args.device)
+
+
+def host_syncs(fn: Callable[[], Any]) -> int:
+    """How many host synchronisations one call of ``fn`` makes on the GPU (``torch.cuda``'s sync
+    debug mode warns at every implicit device → host wait: ``.item()``, ``.tolist()``, ``bool(t)``)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:

@@ -23,42 +23,20 @@ import warnings
 import torch
 
 from curvlib.approximators.api import approximate
-from curvlib.bench.problems import PROBLEMS
 from curvlib.curvatures.api import curvature
 from curvlib.damping import HeuristicDamping
 from curvlib.plugins import load_registry
 
-from _common import interleaved
-
-
-def host_syncs(fn) -> int:
-    """How many host synchronisations one call of ``fn`` makes (CUDA's sync debug mode)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+from _common import autoencoder_on_device, host_syncs, interleaved
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, problem, X = autoencoder_on_device(parser, argv)
+    device = args.device
     registry = load_registry()
-    problem = PROBLEMS["mnist_autoencoder"](small=args.small, seed=0)
     model = problem.model_fn(0).to(device)
-    X = problem.dataset.X_train[: args.batch].to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """curvlib's built-in kinds only (no third-party entry points); a module may define its own."""
+    from curvlib.plugins import load_registry
+
+    return load_registry(external=False)

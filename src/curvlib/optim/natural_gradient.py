@@ -292,6 +292,7 @@ class NaturalGradient(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):  # a scheduler or the user may have changed them
             self._check_group(group, f"param_groups[{i}]")
         pre = self.preconditioner
+        pre.wait_inversion()  # background_inversion: the inverse started at the last step serves this one
         k = pre.step
         if batch is None:
             batch = pre.pending_batch(k)  # captured from the caller's own pass (capture())

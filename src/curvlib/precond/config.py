@@ -41,7 +41,14 @@ plus the schedule and the way the pieces are combined:
   ``"fallback"`` (default: the optimizer's first-order fallback updates it) or
   ``"per_sample"`` (it gets its own block of the ``parameter`` layer kind, per-sample
   gradients by recomputing its module one sample at a time: every trainable parameter in
-  the curvature, see :mod:`curvlib.capture.adapters.parameter`).
+  the curvature, see :mod:`curvlib.capture.adapters.parameter`);
+- ``background_inversion``: ``False`` (default) inverts at the inversion step, before that
+  step's direction; ``True`` inverts in a worker thread — on a side CUDA stream when the
+  factors are on a GPU — while training goes on, and installs the new inverse at the next
+  step (:meth:`~curvlib.precond.Preconditioner.wait_inversion`): the direction of an
+  inversion step uses the previous inverse.  The first inversion, and one after the layers
+  changed, are made in place.  ``"kronecker"`` without a coarse space, one process
+  (docs/optimizer.md, "Background inversion").
 
 Every field is strictly typed (``update_every="2"`` or ``update_every=True`` is refused, not
 converted; ``ema`` takes an int or a float) and the configuration is immutable all the way
@@ -250,6 +257,11 @@ class PreconditionerConfig(StrictModel):
         description="a trainable parameter no layer adapter covers: left to the fallback optimizer, or its own block "
                     "from per-sample gradients (the 'parameter' layer kind)",
     )
+    background_inversion: bool = Field(
+        False,
+        description="each inversion after the first runs in a worker thread (on a side CUDA stream on a GPU) while "
+                    "training goes on, and is installed at the next step (Preconditioner.wait_inversion)",
+    )
 
     @field_validator("curvature", "approximator", "damping", mode="before")
     @classmethod
@@ -277,6 +289,13 @@ class PreconditionerConfig(StrictModel):
             raise ValueError(
                 "distributed_inversion='direction' keeps each layer's inverse on one rank, and the coarse correction "
                 f"({self.coarse_space['kind']!r}) applies the first level to every layer on every rank; use 'broadcast'"
+            )
+        if self.background_inversion and (self.preconditioner != "kronecker" or self.coarse_space is not None):
+            raise ValueError(
+                "background_inversion runs the block-diagonal Kronecker inversion in a worker thread; it needs "
+                f"preconditioner='kronecker' without a coarse_space (got preconditioner={self.preconditioner!r}, "
+                f"coarse_space={None if self.coarse_space is None else self.coarse_space['kind']!r}): the two-level "
+                "operator and the natural-gradient references are built with the inverse at the refresh"
             )
         self._check_rules()
         if self.coarse_space is None and self.coarse_mode != "multiplicative":

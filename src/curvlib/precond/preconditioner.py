@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import operator
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,10 +94,13 @@ class UpdateInfo:
     Attributes:
         step: the step index k the update was made for.
         refreshed: the curvature was captured and the approximation refitted.
-        inverted: the damped inverse was rebuilt.
+        inverted: the damped inverse was rebuilt (with ``background``: started in a worker
+            thread, installed by the next :meth:`Preconditioner.wait_inversion`).
         refresh_seconds, invert_seconds: host wall-clock time of the refresh and of the
             inversion (0 when not done).  On a GPU, kernels still queued at the end are not
-            included (no synchronisation is added for the measurement).
+            included (no synchronisation is added for the measurement); in the background, the
+            time to start the worker.
+        background: the inversion runs in the background (``background_inversion``).
     """
 
     step: int
@@ -104,6 +108,7 @@ class UpdateInfo:
     inverted: bool
     refresh_seconds: float = field(default=0.0, compare=False)  # measurements: not part of equality
     invert_seconds: float = field(default=0.0, compare=False)
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,50 @@ def _joined(parts: Sequence[Any], damping: Damping | None = None) -> Any:
                                 block_dampings=[t[3].damping for t in items])
 
 
+class _BackgroundInversion:
+    """One inversion running in a daemon worker thread, on ``stream`` (a side CUDA stream) when
+    given: the stream first waits for the work queued on the caller's stream so far (the
+    refresh that made the factors), and :meth:`result` makes the caller's stream wait for the
+    inversion's kernels.  Memory made on the side stream stays in its pool, and the next
+    inversion's kernels wait for everything queued before it, so freed inverses are reused safely."""
+
+    def __init__(self, step: int, fn: Any, stream: Any) -> None:
+        self.step = step
+        self._stream = stream
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._done_event: Any = None
+        queued = None
+        if stream is not None:
+            queued = torch.cuda.Event()
+            queued.record(torch.cuda.current_stream(stream.device))
+        self._thread = threading.Thread(target=self._run, args=(fn, queued), name=f"curvlib-inversion-{step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any, queued: Any) -> None:
+        try:
+            if self._stream is None:
+                with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
+                    self._value = fn()
+                return
+            with torch.no_grad(), torch.cuda.stream(self._stream):
+                self._stream.wait_event(queued)
+                self._value = fn()
+                self._done_event = torch.cuda.Event()
+                self._done_event.record(self._stream)
+        except BaseException as exc:  # raised in the caller's thread by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._done_event is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._done_event)
+        return self._value
+
+
 # --------------------------------------------------------------------------- the preconditioner
 
 
@@ -459,6 +508,8 @@ class Preconditioner(OnLayers, LinearOperator):
         self._pending: _PendingCapture | None = None  # a refresh captured from the caller's own pass (capture())
         self.shard: Shard | None = self._make_shard(model, process_group)
         self._stream_seed: int | None = None
+        self._background: _BackgroundInversion | None = None  # an inversion running in a worker thread
+        self._side_stream: Any = None  # its CUDA stream, made at the first one on a GPU
         if self.shard is not None:  # the ranks agree on the model and the configuration before anything else
             self.shard.agree(self._fingerprint(), 1)
             self._stream_seed = self.shard.broadcast_seed(self.generator.initial_seed())
@@ -502,6 +553,9 @@ class Preconditioner(OnLayers, LinearOperator):
         if cfg.coarse_space is not None and cfg.coarse_mode == "previous":
             raise ConfigError("coarse_mode='previous' builds F̄• from one batch's per-layer statistics; under "
                               "torch.distributed use 'multiplicative' or 'additive'")
+        if cfg.background_inversion:
+            raise ConfigError("background_inversion runs the inversion in a worker thread, and under torch.distributed "
+                              "the inversion's collectives must run in the same order on every rank; set it False")
         return Shard(group, self.device, inversion=cfg.distributed_inversion)
 
     def _reset(self) -> None:
@@ -645,6 +699,7 @@ class Preconditioner(OnLayers, LinearOperator):
             ConfigError: a refresh is due and ``batch`` is ``None``; or ``step`` < 0.
             NumericalError: the first refresh fails numerically (nothing to keep).
         """
+        self.wait_inversion()
         k = self._step if step is None else _step_index(step, "Preconditioner.update")
         refresh = self.refresh_due(k)
         invert = self.inversion_due(k)
@@ -660,12 +715,15 @@ class Preconditioner(OnLayers, LinearOperator):
                 "the batch: pass batch=(X, y)"
             )
         t0 = t1 = time.perf_counter()
+        background = False
         try:
             with self.transaction("Preconditioner.update"):  # a failed update leaves no trace
-                if refresh and self._refresh(batch, k, pending):
+                relayout = refresh and self._refresh(batch, k, pending)
+                if relayout:
                     invert = True  # the layers changed: the old inverse no longer fits
                 t1 = time.perf_counter()
-                if invert:
+                background = invert and self.config.background_inversion and not relayout and self.inverse is not None
+                if invert and not background:
                     self._invert(k)
                 if refresh:
                     self._build_operator()
@@ -677,11 +735,13 @@ class Preconditioner(OnLayers, LinearOperator):
                 f"previous refresh (step {self.last_refresh_step}) and its inverse",
                 NumericalWarning,
             )
-            refresh = invert = False
+            refresh = invert = background = False
+        if background:
+            self._start_background_inversion(k)
         t2 = time.perf_counter()
         self._step = k + 1
         return UpdateInfo(step=k, refreshed=refresh, inverted=invert, refresh_seconds=t1 - t0 if refresh else 0.0,
-                          invert_seconds=t2 - t1 if invert else 0.0)
+                          invert_seconds=t2 - t1 if invert else 0.0, background=background)
 
     # -- statistics from the caller's own pass ----------------------------------------------------
     @contextlib.contextmanager
@@ -852,32 +912,96 @@ class Preconditioner(OnLayers, LinearOperator):
         return tuple(out)
 
     def _invert(self, k: int) -> None:
-        kind = self.config.preconditioner
-        if kind == "kronecker":
-            groups = []
-            for g in self._groups:
-                if not g.inversion_due(k):
-                    groups.append(g)
-                    continue
-                state = copy.deepcopy(g.damping.state_dict())
-                previous = g.inverse if isinstance(g.inverse, BlockDiagonalInverse) else None
-                if previous is not None and [b.shape for b in previous.blocks] != [
-                    (s.stop - s.start,) * 2 for s in g.approximation.slices
-                ]:
-                    previous = None
-                inverse = damped_inverse(g.approximation, g.damping, previous=previous, shard=self.shard)
-                groups.append(dataclasses.replace(g, inverse=inverse, inverted_approximation=g.approximation,
-                                                  inverted_damping_state=state, num_inversions=g.num_inversions + 1,
-                                                  last_inversion_step=k))
-            self._groups = tuple(groups)
-            self.inverse = _joined([g.inverse for g in groups if g.inverse is not None], self.damping)
-        else:
-            self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
-            self.inverse = self._natural_gradient(self.curvature)
-            self._inverted_curvature = self.curvature
+        if self.config.preconditioner == "kronecker":
+            self._install_inverse(k, self._inverted_groups(self._groups, k, self.shard))
+            return
+        self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
+        self.inverse = self._natural_gradient(self.curvature)
+        self._inverted_curvature = self.curvature
         self.num_inversions += 1
         self.last_inversion_step = k
         self.last_inversion = _inversion_report(k, self.inverse, [L.name for L in self._layers or []])
+
+    @staticmethod
+    def _inverted_groups(groups: Sequence[LayerGroup], k: int, shard: Shard | None) -> tuple[LayerGroup, ...]:
+        """The groups with the damped inverses of those due at step k rebuilt from their latest fits
+        (pure: reads the groups and their dampings, changes neither)."""
+        out = []
+        for g in groups:
+            if not g.inversion_due(k):
+                out.append(g)
+                continue
+            state = copy.deepcopy(g.damping.state_dict())
+            previous = g.inverse if isinstance(g.inverse, BlockDiagonalInverse) else None
+            if previous is not None and [b.shape for b in previous.blocks] != [
+                (s.stop - s.start,) * 2 for s in g.approximation.slices
+            ]:
+                previous = None
+            inverse = damped_inverse(g.approximation, g.damping, previous=previous, shard=shard)
+            out.append(dataclasses.replace(g, inverse=inverse, inverted_approximation=g.approximation,
+                                           inverted_damping_state=state, num_inversions=g.num_inversions + 1,
+                                           last_inversion_step=k))
+        return tuple(out)
+
+    def _install_inverse(self, k: int, groups: tuple[LayerGroup, ...], report: InversionReport | None = None) -> None:
+        self._groups = groups
+        self.inverse = _joined([g.inverse for g in groups if g.inverse is not None], self.damping)
+        self.num_inversions += 1
+        self.last_inversion_step = k
+        self.last_inversion = report or _inversion_report(k, self.inverse, [L.name for L in self._layers or []])
+
+    # -- background inversion ------------------------------------------------------------------
+    def _start_background_inversion(self, k: int) -> None:
+        """Start the inversion of step k in a worker thread (``background_inversion``): it reads
+        the groups as they are now, with frozen copies of their dampings (the live ones may adapt
+        meanwhile), and :meth:`wait_inversion` installs its result."""
+        groups = self._groups
+        frozen = copy.deepcopy([g.damping for g in groups])  # one call: shared dampings stay shared
+        snapshot = tuple(dataclasses.replace(g, damping=d) for g, d in zip(groups, frozen))
+        names = [L.name for L in self._layers or []]
+
+        def invert() -> tuple[tuple[LayerGroup, ...], InversionReport]:
+            done = self._inverted_groups(snapshot, k, None)
+            return done, _inversion_report(k, _joined([g.inverse for g in done if g.inverse is not None],
+                                                      frozen[-1]), names)
+
+        if self.device.type == "cuda" and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        self._background = _BackgroundInversion(k, invert, self._side_stream if self.device.type == "cuda" else None)
+
+    def wait_inversion(self) -> bool:
+        """Wait for the inversion running in the background (``background_inversion``), if any,
+        and install it: the next :meth:`apply` uses the new inverse.  :meth:`update`,
+        :meth:`state_dict` and :meth:`load_state_dict` call it first, and so does
+        :class:`~curvlib.optim.NaturalGradient` at the start of every step, so the inverse
+        started at step k serves the directions from step k + 1 on.
+
+        Returns:
+            whether an inversion was installed.
+
+        Raises:
+            whatever the inversion raised (e.g. a damping plugin's error); the preconditioner
+            then keeps its previous inverse, and the next inversion is due at the next multiple
+            of T2.
+        """
+        job = self._background
+        if job is None:
+            return False
+        try:
+            done, report = job.result()
+        finally:
+            self._background = None
+        live = {id(g.rule): g.damping for g in self._groups}
+        installed = []
+        for g in done:  # the inverses were built with frozen copies: point them at the live dampings
+            damping = live[id(g.rule)]
+            if g.last_inversion_step == job.step and isinstance(g.inverse, BlockDiagonalInverse):
+                g.inverse.damping = damping
+                g.inverse.block_dampings = (damping,) * len(g.inverse.blocks)
+            installed.append(dataclasses.replace(g, damping=damping))
+        self._install_inverse(job.step, tuple(installed), report)
+        self._build_operator()
+        return True
 
     def _lam(self) -> float:
         return self.damping.value
@@ -1038,7 +1162,9 @@ class Preconditioner(OnLayers, LinearOperator):
         on load, deterministically), the damping state (e.g. the Levenberg–Marquardt λ),
         and — when the coarse correction or a natural-gradient reference needs it — the
         captured statistics of the curvature.  Loadable with ``torch.load(weights_only=True)``.
+        An inversion running in the background is waited for and installed first.
         """
+        self.wait_inversion()
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "preconditioner": self.config.preconditioner,
@@ -1110,6 +1236,7 @@ class Preconditioner(OnLayers, LinearOperator):
                 negative step or a corrupt generator state, or does not load for another reason.
         """
         caller = "Preconditioner.load_state_dict"
+        self.wait_inversion()  # its result would otherwise land on the loaded state
         if isinstance(state, Mapping) and state.get("version") == 2:  # saved before torch.distributed: one process
             state = {**state, "version": 3, "world_size": 1, "stream_seed": None}
         if isinstance(state, Mapping) and state.get("version") == 3:  # saved before rules: one group
