@@ -184,7 +184,9 @@ def test_invert_many_on_cuda_equals_the_per_block_path_with_fewer_host_synchroni
 
     batched, n_batched = syncs(lambda: damping.invert_many(blocks, [None] * len(blocks)))
     alone, n_alone = syncs(lambda: _per_block(damping, blocks, [None] * len(blocks)))
-    assert n_batched <= 3 < n_alone
+    # two reads of every layer's scalars (traces, screen, Cholesky status) against several per
+    # layer; a routine that checks its own status on the host (cholesky_inverse) adds one per group
+    assert n_batched < n_alone / 2, (n_batched, n_alone)
     for inv, ref in zip(batched, alone):
         X = torch.randn(2, inv.b_dim, inv.a_dim, dtype=F64, device="cuda")
         assert inv.solve(X).device.type == "cuda"
