@@ -15,7 +15,11 @@ backward / ``step(batch=...)``:
 
 * ``plain``: no curvature work (the preconditioner applied to the gradient);
 * ``refresh``: the curvature captured on the batch and the approximation refitted (T1);
-* ``refresh+invert``: the above and the damped inverse rebuilt (T2) — the un-amortized step.
+* ``refresh+invert``: the above and the damped inverse rebuilt (T2) — the un-amortized step;
+  with ``--background`` also with ``background_inversion=True`` (row "<method>, background";
+  its plain and refresh steps are the method's, and the FLOP limit of its refresh+invert step
+  is the refresh's: the inversion runs in a worker thread, off the step's path where a core
+  is free, and each step first waits for the previous step's).
 
 The amortized cost over a schedule T1 = ``--update-every``, T2 = ``--invert-every`` is
 
@@ -157,11 +161,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- part 1
 
 
-def curvlib_optimizer(problem, method_name: str, registry, X, Y, T1: int, T2: int, lr: float = TIMING_LR):
-    """A fresh model and one step of ``method_name`` on it under schedule (T1, T2), as a callable."""
+def curvlib_optimizer(problem, method_name: str, registry, X, Y, T1: int, T2: int, lr: float = TIMING_LR, *,
+                      background: bool = False):
+    """A fresh model and one step of ``method_name`` on it under schedule (T1, T2), as a callable
+    (``background``: with ``background_inversion=True``)."""
     method = resolve_method(method_name, registry)
     model = problem.model_fn(0).to(X.device)
-    hp = method.default_hyperparameters(lr=lr, update_every=T1, invert_every=T2, kl_clip=0) \
+    hp = method.default_hyperparameters(lr=lr, update_every=T1, invert_every=T2, kl_clip=0,
+                                        background_inversion=background or None) \
         if method.is_natural_gradient else method.default_hyperparameters(lr=lr)
     stepper = build_training_step(method, model, problem.loss_fn, hp,
                                   generator=torch.Generator(device=X.device).manual_seed(1), registry=registry)
@@ -170,9 +177,9 @@ def curvlib_optimizer(problem, method_name: str, registry, X, Y, T1: int, T2: in
     return model, lambda: stepper.step(X, Y)
 
 
-def stepper_for(problem, method_name: str, registry, X, Y, T1: int, T2: int):
+def stepper_for(problem, method_name: str, registry, X, Y, T1: int, T2: int, *, background: bool = False):
     """One step of ``method_name`` under schedule (T1, T2), as a callable (a fresh model each)."""
-    return curvlib_optimizer(problem, method_name, registry, X, Y, T1, T2)[1]
+    return curvlib_optimizer(problem, method_name, registry, X, Y, T1, T2, background=background)[1]
 
 
 def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repeats: int) -> float:
@@ -201,10 +208,12 @@ def cost_cells(ratio: dict, seconds: dict, name, T1: int, T2: int, limits: StepL
 COST_HEADER = ["plain", "lim", "refresh", "lim", "refresh+invert", "lim", "amortized", "lim", "amortized [ms]"]
 
 
-def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int) -> tuple[float, list[list[str]]]:
+def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
+          background: bool = False) -> tuple[float, list[list[str]]]:
     """Every step kind of every method timed interleaved with SGD (one step of each per round;
     each ratio is the median over rounds of time / that round's SGD step), with the FLOP-model
-    limits of the methods in :data:`FLOP_MODELS`."""
+    limits of the methods in :data:`FLOP_MODELS`; ``background``: also each method's
+    refresh+invert step with ``background_inversion=True`` (its row "<name>, background")."""
     fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1),
            "adam": stepper_for(problem, "adam", registry, X, Y, 1, 1)}
     failed = {}
@@ -212,6 +221,8 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int) -> t
         try:
             for kind, (t1, t2) in KINDS.items():
                 fns[(name, kind)] = stepper_for(problem, name, registry, X, Y, t1, t2)
+            if background:
+                fns[(name, "background")] = stepper_for(problem, name, registry, X, Y, *KINDS["full"], background=True)
         except Exception as exc:  # report and go on: one method must not hide the others
             failed[name] = exc
     ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
@@ -228,6 +239,12 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int) -> t
             continue
         limits = step_limits(FLOP_MODELS[name], shapes, X.shape[0]) if name in FLOP_MODELS else None
         rows.append([name, *cost_cells(ratio, seconds, name, T1, T2, limits)])
+        if background:  # the inversion off the step's path: its limit is the refresh's
+            bg = f"{name}, background"
+            ratio.update({(bg, "plain"): ratio[(name, "plain")], (bg, "refresh"): ratio[(name, "refresh")],
+                          (bg, "full"): ratio[(name, "background")]})
+            rows.append([bg, *cost_cells(ratio, seconds, bg, T1, T2, limits and StepLimits(
+                limits.plain, limits.refresh, limits.refresh))])
         print(f"  {name}: plain {seconds[(name, 'plain')] * 1e3:.1f} ms, refresh {seconds[(name, 'refresh')] * 1e3:.1f} ms, "
               f"refresh+invert {seconds[(name, 'full')] * 1e3:.1f} ms", flush=True)
     return sgd, rows
@@ -539,6 +556,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="losses of the peer comparison: the problem's BCE, and squared error on the same "
                         "network (BackPACK supports BCEWithLogitsLoss only for scalar outputs)")
     parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--background", action="store_true",
+                        help="part 1 also times each method's refresh+invert step with background_inversion=True "
+                        "(the inversion in a worker thread, installed at the next step)")
     parser.add_argument("--small", action="store_true", help="the shrunk auto-encoder (a quick smoke run)")
     parser.add_argument("--path", help=PATH_HELP)
     parser.add_argument("--device", default="cpu",
@@ -563,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         T1, T2 = args.update_every, args.invert_every
         print(f"\n[1] one optimizer step relative to one SGD step (T1 = {T1}, T2 = {T2}; amortized over T1, T2; "
               "lim = FLOP-model limit)", flush=True)
-        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2)
+        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2, args.background)
         print(table(["method", *COST_HEADER], rows))
 
     if args.skip_peers or device.type != "cpu":

@@ -9,6 +9,9 @@ the one the background preconditioner must apply from step k + 1 on."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 
@@ -231,3 +234,23 @@ def test_on_cuda_the_inversion_runs_on_a_side_stream_and_equals_the_in_place_one
         HeuristicDamping.invert_many = original
     side = [s for s in streams if s != torch.cuda.default_stream()]
     assert side and all(s == pres[1]._side_stream for s in side)
+
+
+def test_a_process_that_exits_while_an_inversion_runs_exits_cleanly():
+    """The worker is not a daemon: the interpreter waits for it (a thread killed inside a torch
+    call at exit aborts the process: 'terminate called without an active exception')."""
+    script = textwrap.dedent("""
+        import torch
+        from torch import nn
+        from curvlib.precond import build_preconditioner
+        model = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 300))
+        pre = build_preconditioner(model, nn.MSELoss(), {"invert_every": 1, "background_inversion": True})
+        for _ in range(2):
+            X = torch.randn(64, 300)
+            pre.update((X, X))
+        assert pre._background is not None
+        print("leaving")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "leaving" in done.stdout, done.stderr
+    assert "terminate" not in done.stderr

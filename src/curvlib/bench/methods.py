@@ -169,6 +169,7 @@ class Hyperparameters(StrictModel):
             against the kind's options model (e.g. ``{"cubic": 1e3, "period": 10}``).
         distributed_inversion: ``PreconditionerConfig.distributed_inversion`` (``curvlib bench
             --nproc``); ``None``: the default.
+        background_inversion: ``PreconditionerConfig.background_inversion``; ``None``: the default.
     """
 
     lr: float = Field(gt=0)
@@ -187,6 +188,7 @@ class Hyperparameters(StrictModel):
     fallback: Literal["sgd", "adam"] = "sgd"
     optimizer_options: FrozenDict = Field(default_factory=FrozenDict)
     distributed_inversion: Literal["broadcast", "direction", "replicated"] | None = None
+    background_inversion: bool | None = None
 
 
 # --------------------------------------------------------------------------- methods
@@ -292,7 +294,7 @@ class Method:
             config["coarse_mode"] = self.coarse_mode
         if self.rules:
             config["rules"] = [dict(r) for r in self.rules]
-        for key in ("update_every", "invert_every", "ema", "distributed_inversion"):
+        for key in ("update_every", "invert_every", "ema", "distributed_inversion", "background_inversion"):
             value = getattr(hp, key)
             if value is not None:
                 config[key] = value

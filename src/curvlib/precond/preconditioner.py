@@ -348,7 +348,7 @@ def _joined(parts: Sequence[Any], damping: Damping | None = None) -> Any:
 
 
 class _BackgroundInversion:
-    """One inversion running in a daemon worker thread, on ``stream`` (a side CUDA stream) when
+    """One inversion running in a worker thread, on ``stream`` (a side CUDA stream) when
     given: the stream first waits for the work queued on the caller's stream so far (the
     refresh that made the factors), and :meth:`result` makes the caller's stream wait for the
     inversion's kernels.  Memory made on the side stream stays in its pool, and the next
@@ -364,8 +364,9 @@ class _BackgroundInversion:
         if stream is not None:
             queued = torch.cuda.Event()
             queued.record(torch.cuda.current_stream(stream.device))
-        self._thread = threading.Thread(target=self._run, args=(fn, queued), name=f"curvlib-inversion-{step}",
-                                        daemon=True)
+        # not a daemon: the interpreter waits for a running inversion at exit (one killed inside a torch
+        # call aborts the process)
+        self._thread = threading.Thread(target=self._run, args=(fn, queued), name=f"curvlib-inversion-{step}")
         self._thread.start()
 
     def _run(self, fn: Any, queued: Any) -> None:
