@@ -113,6 +113,35 @@ def test_state_dict_round_trip(F):
     assert back.names == approx.names and back.slices == approx.slices
 
 
+@pytest.mark.parametrize("kind", ["kfac", "kfac_corrected", "deflation"])
+def test_as_restored_is_the_round_trip_layout_without_its_copies(F, kind):
+    """as_restored() = from_state_dict(state_dict()): the same values, strides, offsets and
+    storage sizes (what BLAS rounding depends on), info and state; one-term fits whose factors
+    own their storage keep their tensors (no copy), the others are stacked as a load stacks them."""
+    approx = approximate(F, kind, **(TIGHT if kind != "kfac" else {}))
+    fast, slow = approx.as_restored(), BlockDiagonalApproximation.from_state_dict(approx.state_dict())
+    assert fast.names == slow.names and fast.slices == slow.slices and fast.kind == slow.kind
+    for f, s, orig in zip(fast.fits, slow.fits, approx.fits):
+        assert f.info == s.info and f.state.keys() == s.state.keys()
+        for pair_f, pair_s, pair_o in zip(f.terms, s.terms, orig.terms):
+            for M_f, M_s, M_o in zip(pair_f, pair_s, pair_o):
+                assert torch.equal(M_f, M_s)
+                assert (M_f.stride(), M_f.storage_offset(), M_f.untyped_storage().nbytes()) == (
+                    M_s.stride(), M_s.storage_offset(), M_s.untyped_storage().nbytes())
+                assert (M_f is M_o) == (len(orig.terms) == 1)  # kept, or stacked like a load
+    v = torch.randn(F.p, dtype=DT)
+    assert torch.equal(fast @ v, slow @ v)
+    # a factor that is a view into a larger storage takes the round trip
+    A, B = approx.fits[0].terms[0]
+    big = torch.zeros(2, *A.shape, dtype=A.dtype)
+    big[1] = A
+    from curvlib.approximators.base import LayerFit
+    from curvlib.linalg import KroneckerSum
+    view = LayerFit(KroneckerSum([(big[1], B)]), approx.fits[0].info, dict(approx.fits[0].state))
+    restored = view.as_restored()
+    assert restored.terms[0][0].storage_offset() == 0 and torch.equal(restored.terms[0][0], A)
+
+
 def test_float32_is_preserved():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))

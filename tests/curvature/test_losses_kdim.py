@@ -264,6 +264,26 @@ def test_sample_targets_shape_dtype_device_and_generator(d):
     assert not torch.equal(draws, other)
 
 
+@pytest.mark.parametrize("loss_fn", [nn.BCEWithLogitsLoss(), nn.BCELoss()])
+def test_bernoulli_draws_at_non_finite_outputs_are_fair_coins(loss_fn):
+    """A NaN (or, for probabilities, ±inf) output entry is drawn as Bernoulli(1/2), the others
+    as given: the same draws, from the same generator, as from the output with those entries
+    replaced by the fair coin's (logit 0, probability 1/2)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g, dtype=DT)
+    out = logits if isinstance(loss_fn, nn.BCEWithLogitsLoss) else torch.sigmoid(logits)
+    fair = 0.0 if isinstance(loss_fn, nn.BCEWithLogitsLoss) else 0.5
+    bad = out.clone()
+    bad[0, 1], bad[2, 3] = float("nan"), float("nan")
+    if isinstance(loss_fn, nn.BCELoss):
+        bad[4, 0], bad[5, 4] = float("inf"), -float("inf")
+    clean = torch.where(torch.isfinite(bad), bad, torch.full_like(bad, fair))
+    lm = loss_model_for(loss_fn)
+    draws = lm.sample_targets(bad, 3, torch.Generator().manual_seed(1))
+    assert torch.isfinite(draws).all()
+    assert torch.equal(draws, lm.sample_targets(clean, 3, torch.Generator().manual_seed(1)))
+
+
 def test_sample_targets_without_positions_are_unchanged():
     """D = 1: the same draws as ``torch.multinomial(softmax(f), S)`` from the same generator."""
     f, _ = _case(())

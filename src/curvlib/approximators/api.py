@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,20 +168,32 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (``torch.load(weights_only=True)`` compatible); see :meth:`from_state_dict`."""
+        return self._state(LayerFit.state_dict)
+
+    def _state(self, fit_state: Callable[[LayerFit], Any]) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "p": self.p,
             "origin": None if self._origin is None else self._origin.state_dict(),
             "psd_factors": self.psd_factors,
             "layers": [
-                {"index": i, "name": n, "start": sl.start, "stop": sl.stop, "fit": self._fits[i].state_dict()}
+                {"index": i, "name": n, "start": sl.start, "stop": sl.stop, "fit": fit_state(self._fits[i])}
                 for i, n, sl in zip(self.layer_indices, self.names, self.slices)
             ],
         }
 
+    def as_restored(self) -> BlockDiagonalApproximation:
+        """``from_state_dict(state_dict())``, each fit by :meth:`LayerFit.as_restored` (no copies
+        of factors already laid out as a load lays them out)."""
+        return self._from_state(self._state(lambda fit: fit), LayerFit.as_restored)
+
     @classmethod
     def from_state_dict(cls, data: Mapping[str, Any]) -> BlockDiagonalApproximation:
         """Inverse of :meth:`state_dict`."""
+        return cls._from_state(data, LayerFit.from_state_dict)
+
+    @classmethod
+    def _from_state(cls, data: Mapping[str, Any], fit_from: Callable[[Any], LayerFit]) -> BlockDiagonalApproximation:
         layers = data["layers"]
         for d in layers:
             if not isinstance(d["name"], str):
@@ -189,7 +201,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
                                   f"{d['name']!r}; expected a module name (a str)")
         return cls(
             kind=data["kind"],
-            fits={d["index"]: LayerFit.from_state_dict(d["fit"]) for d in layers},
+            fits={d["index"]: fit_from(d["fit"]) for d in layers},
             names={d["index"]: d["name"] for d in layers},
             slices={d["index"]: slice(d["start"], d["stop"]) for d in layers},
             p=data["p"],

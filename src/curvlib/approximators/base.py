@@ -143,6 +143,10 @@ class FitInfo:
         return max(self.residuals, default=0.0)
 
 
+def _owns_contiguous_storage(M: torch.Tensor) -> bool:
+    return M.is_contiguous() and M.storage_offset() == 0 and M.untyped_storage().nbytes() == M.numel() * M.element_size()
+
+
 @dataclass(frozen=True)
 class LayerFit:
     """One layer's fitted block, with what the fit reports and what the next refresh needs.
@@ -210,6 +214,18 @@ class LayerFit:
             block = {"type": "plugin", "class": f"{cls.__module__}:{cls.__qualname__}", **self.block.state_dict()}
         return {"block": block, "info": dataclasses.asdict(self.info), "state": dict(self.state)}
 
+    def as_restored(self) -> LayerFit:
+        """The fit as ``from_state_dict(state_dict())`` rebuilds it — the memory layout a
+        checkpoint restores, so that a resumed run computes with the same tensors (BLAS rounding
+        depends on strides and offsets) — without the copies where the layout already is that:
+        a one-term Kronecker block whose factors each own their contiguous storage from offset 0
+        keeps its tensors (a load unbinds a stack of one: the same layout); anything else takes
+        the round trip."""
+        if isinstance(self.block, KroneckerSum) and len(self.block.terms) == 1 and all(
+                _owns_contiguous_storage(M) for M in self.block.terms[0]):
+            return self._restored(KroneckerSum(self.block.terms), dataclasses.asdict(self.info), dict(self.state))
+        return LayerFit.from_state_dict(self.state_dict())
+
     @classmethod
     def from_state_dict(cls, data: Mapping[str, Any]) -> LayerFit:
         """Inverse of :meth:`state_dict`."""
@@ -225,10 +241,15 @@ class LayerFit:
             raise ConfigError(
                 f"LayerFit.from_state_dict: unknown block type {kind!r}; expected 'kronecker_sum', 'exact_block' or 'plugin'"
             )
-        info = dict(data["info"])
+        return cls._restored(block, data["info"], data["state"])
+
+    @classmethod
+    def _restored(cls, block: Any, info_data: Mapping[str, Any], state_data: Mapping[str, Any]) -> LayerFit:
+        """The fit of a rebuilt block with its info and state checked and normalised as a load does."""
+        info = dict(info_data)
         for key in ("residuals", "singular_values"):
             info[key] = tuple(float(x) for x in info.get(key, ()))
-        state = dict(data["state"])
+        state = dict(state_data)
         for where, values, key, low in (("info", info, "refresh", 1), ("info", info, "iterations", 0),
                                         ("state", state, "refresh", 1)):
             if key in values:

@@ -371,10 +371,10 @@ def _bernoulli(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def _drawable(p: torch.Tensor, fill: float, *, rows: bool = False) -> torch.Tensor:
     """Probabilities whose non-finite entries (``rows``: whole rows holding one, as for the
     categorical rows of CE) are replaced by ``fill`` (module docstring: non-finite outputs),
-    without a host synchronisation."""
-    bad = ~torch.isfinite(p)
-    if rows:
-        bad = bad.any(dim=1, keepdim=True)
+    without a host synchronisation: entrywise, one fused pass (``nan_to_num``)."""
+    if not rows:
+        return torch.nan_to_num(p, nan=fill, posinf=fill, neginf=fill)
+    bad = (~torch.isfinite(p)).any(dim=1, keepdim=True)
     return torch.where(bad, torch.full_like(p, fill), p)
 
 
