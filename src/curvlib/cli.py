@@ -65,7 +65,7 @@ _BENCH_SCALARS = {
     "mc_samples": "mc_samples", "seed": "seed", "seeds": "seeds", "small": "small", "out": "out", "name": "name",
     "target_loss": "target_loss", "target_margin": "target_margin", "eval_every": "eval_every",
     "patience": "patience", "eval_train_limit": "eval_train_limit", "progress": "progress",
-    "warmup_steps": "warmup_steps", "threads": "threads",
+    "warmup_steps": "warmup_steps", "threads": "threads", "background_inversion": "background_inversion",
 }
 
 
@@ -240,7 +240,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 #: options of the regular bench that ``--nproc`` does not use (it measures steps, not training curves)
 _NPROC_IGNORES = ("protocol", "grid_shard", "seeds", "epochs", "eval_every", "eval_train_limit", "warmup_steps", "patience", "lr", "damping",
-                  "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "grid", "grid_lr",
+                  "damping_kind", "momentum", "weight_decay", "kl_clip", "ema", "mc_samples", "background_inversion",
+                  "grid", "grid_lr",
                   "grid_damping", "grid_steps", "grid_kl_clip", "grid_cache", "target_loss", "target_margin",
                   "tensorboard", "config")
 
@@ -378,6 +379,9 @@ def _add_bench_parser(sub: Any) -> None:
     hyper.add_argument("--invert-every", type=int, metavar="T2", help="steps between inversions")
     hyper.add_argument("--ema", type=float, help="moving-average decay gamma of the curvature (thesis: 0.95)")
     hyper.add_argument("--mc-samples", type=int, help="Monte Carlo targets per input for the true Fisher")
+    hyper.add_argument("--background-inversion", action="store_true", default=None,
+                       help="natural gradient: invert in a worker thread (a side CUDA stream on a GPU) while training "
+                       "goes on; each inverse serves from the step after its inversion step (docs/optimizer.md)")
     hyper.add_argument("--grid", action="store_true",
                        help="grid-search lr (and damping) per method before the main run (thesis §3.3.2 grid)")
     hyper.add_argument("--grid-lr", type=_float_list, metavar="LIST", help="learning rates of the grid, comma-separated")

@@ -157,6 +157,20 @@ def test_hyperparameter_defaults_and_schedule(registry):
     assert resolve_method("adam", registry).default_hyperparameters().damping is None
 
 
+def test_background_inversion_reaches_the_preconditioner_from_the_command_line(registry):
+    from curvlib.cli import bench_config_from_args, build_parser
+
+    args = build_parser().parse_args(["bench", "--methods", "adam", "kfac", "--background-inversion"])
+    config = bench_config_from_args(args)
+    problem = PROBLEMS["mnist_autoencoder"](small=True, seed=0)
+    kfac, adam = resolve_method("kfac", registry), resolve_method("adam", registry)
+    hp = config.hyperparameters(kfac, config.methods_for(problem)[1], problem)
+    assert hp.background_inversion is True and kfac.preconditioner_config(hp)["background_inversion"] is True
+    assert config.hyperparameters(adam, config.methods_for(problem)[0], problem).background_inversion is None
+    off = bench_config_from_args(build_parser().parse_args(["bench", "--methods", "kfac"]))
+    assert "background_inversion" not in kfac.preconditioner_config(off.hyperparameters(kfac, off.methods_for(problem)[0]))
+
+
 def test_bench_config_validation():
     with pytest.raises(ConfigError, match="unknown problem"):
         BenchConfig.from_mapping({"problems": ["nope"]})

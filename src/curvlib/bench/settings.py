@@ -109,6 +109,7 @@ class MethodConfig(StrictModel):
     update_every: int | None = Field(None, ge=1)
     invert_every: int | None = Field(None, ge=1)
     ema: float | None = Field(None, ge=0, le=1)
+    background_inversion: bool | None = None
     approximator_options: FrozenDict | None = None
     coarse_options: FrozenDict | None = None
     fallback: Literal["sgd", "adam"] | None = None
@@ -126,7 +127,7 @@ class MethodConfig(StrictModel):
 
 #: The BenchConfig fields that are hyperparameters of every method.
 _GLOBAL_HP = ("lr", "damping", "damping_kind", "momentum", "weight_decay", "kl_clip",
-              "update_every", "invert_every", "ema", "mc_samples")
+              "update_every", "invert_every", "ema", "mc_samples", "background_inversion")
 
 
 class GridSettings(StrictModel):
@@ -203,8 +204,8 @@ class BenchConfig(StrictModel):
             set (at most one of them; neither: :data:`DEFAULT_STEPS` steps).
         batch_size: ``None``: each problem's own (the thesis's) batch size.
         lr, damping, damping_kind, momentum, weight_decay, kl_clip, update_every,
-        invert_every, ema, mc_samples: global hyperparameters, for every method that
-            does not set its own (``lr``/``damping``: ``None`` keeps the method defaults).
+        invert_every, ema, mc_samples, background_inversion: global hyperparameters, for every
+            method that does not set its own (``lr``/``damping``: ``None`` keeps the method defaults).
         seed: seeds the model weights, the batch order, the Monte Carlo draws and the data split.
         seeds: runs per method: seeds ``seed``, ``seed + 1``, … (weights, batch order and draws;
             the data split stays ``seed``'s); the summary reports medians over them and the
@@ -251,6 +252,7 @@ class BenchConfig(StrictModel):
     invert_every: int | None = Field(None, ge=1)
     ema: float | None = Field(None, ge=0, le=1)
     mc_samples: int | None = Field(None, ge=1)
+    background_inversion: bool | None = None
     seed: int = 0
     seeds: int = Field(1, ge=1)
     small: bool = True
@@ -327,7 +329,8 @@ class BenchConfig(StrictModel):
         values = dict(problem.hyperparameter_defaults.get(method.family, {})) if problem is not None else {}
         values.update({k: getattr(self, k) for k in _GLOBAL_HP if getattr(self, k) is not None})
         if not method.is_natural_gradient:
-            for key in ("damping", "damping_kind", "kl_clip", "update_every", "invert_every", "ema", "mc_samples"):
+            for key in ("damping", "damping_kind", "kl_clip", "update_every", "invert_every", "ema", "mc_samples",
+                        "background_inversion"):
                 values.pop(key, None)
         values.update(entry.overrides())
         try:
