@@ -121,9 +121,10 @@ class HeuristicDamping(Damping):
         synchronisation, and its two damped factors go to :func:`~curvlib.linalg.cholesky_inverses`,
         which factors the factors of equal shape in one batched call (one more synchronisation
         for all).  The results equal :meth:`invert`'s block by block to rounding (the same
-        routine on the same matrices; see there), and the same blocks give the same bits.  Other blocks, a factor that fails Cholesky (the eigenvalue rule) and a
-        block whose screen fails (the exact check, then the ``previous`` fallback) take the
-        per-block path, with its warnings and errors.
+        routine on the same matrices; see there), and the same blocks give the same bits.
+        Other blocks, a factor that fails Cholesky (the eigenvalue rule) and a block whose
+        screen fails (the exact check, then the ``previous`` fallback) take the per-block
+        path, with its warnings and errors.
         """
         if len(blocks) != len(previous):
             raise ShapeError(f"{type(self).__name__}.invert_many: {len(blocks)} blocks, {len(previous)} previous")
@@ -146,12 +147,13 @@ class HeuristicDamping(Damping):
                 (A, B), traces = _sign_normalized_traced(*blocks[i].terms[0], (tr_a, tr_b))
                 split[i] = pi_split(A, B, lam, traces=traces)
         factors = cholesky_inverses([M for i in split for M in split[i][:2]])
+        position = {i: 2 * n for n, i in enumerate(split)}
         out = []
         for i, (block, prev) in enumerate(zip(blocks, previous)):
             if i not in split:
                 out.append(self.invert(block, previous=prev))
                 continue
-            j = 2 * list(split).index(i)
+            j = position[i]
             Ad, Bd, pi = split[i]
             build = functools.partial(PiSplitInverse.from_damped, Ad, Bd, pi, lam, factors[j:j + 2], kind=self.kind)
             out.append(self._or_previous(build, prev, caller))

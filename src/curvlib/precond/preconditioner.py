@@ -696,9 +696,15 @@ class Preconditioner(OnLayers, LinearOperator):
         inverse are kept, with a :class:`~curvlib.errors.NumericalWarning`, the step counter
         advances and the returned info says ``refreshed=False, inverted=False``.
 
+        With ``background_inversion``, an inversion started by the previous update is first
+        installed (:meth:`wait_inversion`), and an inversion due at this step is started in
+        the background after the refresh (``UpdateInfo.background``).
+
         Raises:
             ConfigError: a refresh is due and ``batch`` is ``None``; or ``step`` < 0.
             NumericalError: the first refresh fails numerically (nothing to keep).
+            whatever a background inversion raised (:meth:`wait_inversion`), before anything
+            of this update is done.
         """
         self.wait_inversion()
         k = self._step if step is None else _step_index(step, "Preconditioner.update")
