@@ -3,6 +3,8 @@ operator product, and a plain step folds the finiteness policy into one check.""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import warnings
 
 import pytest
@@ -91,6 +93,54 @@ def test_a_plain_step_checks_once_and_skips_non_finite_gradients(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert opt.preconditioner.step == 2 and opt.metrics["skipped"]
     assert opt.metrics["counts"]["skipped_steps"] == 2
+
+
+@contextlib.contextmanager
+def _host_reads(monkeypatch):
+    """Count every way a tensor's value reaches the host (each is a device synchronisation on a
+    GPU): ``item``, ``tolist``, ``bool``, ``float``, ``int``, ``numpy``, ``cpu``."""
+    counts = collections.Counter()
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    yield counts
+    monkeypatch.undo()
+
+
+def _deep_mlp(layers):
+    torch.manual_seed(0)
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(6, 6), nn.Tanh()]
+    return nn.Sequential(*mods[:-1], nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_a_plain_step_reads_one_value_to_the_host(monkeypatch, kl_clip):
+    """Issue 11, item 2: the plain step's one host synchronisation (the finiteness check of the
+    directions and fallback gradients), whatever the depth; a refresh reads the statistics'
+    screens of all layers at once."""
+    refresh_reads = {}
+    for layers in (2, 5):
+        model, loss_fn = _deep_mlp(layers), nn.CrossEntropyLoss()
+        X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        opt = NaturalGradient(model, loss_fn, {"update_every": 2, "invert_every": 1000}, lr=0.01, kl_clip=kl_clip)
+        for k in range(4):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            with _host_reads(monkeypatch) as counts:
+                opt.step(batch=(X, y))
+            if k == 3:  # plain
+                assert dict(counts) == {"__bool__": 1}, counts
+            if k == 2:  # refresh
+                refresh_reads[layers] = sum(counts.values())
+    # one factor screen per layer is left (inside each layer's fit), the statistics' screens are one read
+    assert refresh_reads[5] - refresh_reads[2] == 5 - 2, refresh_reads
 
 
 def test_the_per_sample_probe_runs_again_only_when_the_model_or_batch_shapes_change(monkeypatch):

@@ -277,13 +277,30 @@ class LayerStatistics:
         try:
             return self._nonfinite
         except AttributeError:
-            if bool(finite_screen([t for u in self.uses for t in (*u.a.stored_values, u.g)])):
-                counts = (0, 0)
-            else:  # the screen may be a false alarm: count exactly
-                counts = (sum(u.a.num_nonfinite() for u in self.uses),
-                          sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
-            object.__setattr__(self, "_nonfinite", counts)
-            return counts
+            return self._counted(bool(self._screen()))
+
+    @staticmethod
+    def num_nonfinite_all(stats: Sequence[LayerStatistics]) -> list[tuple[int, int]]:
+        """:meth:`num_nonfinite` of several statistics (a network's layers), their screens read
+        in one host synchronisation (each a device → host wait on a GPU)."""
+        todo = [st for st in stats if not hasattr(st, "_nonfinite")]
+        if todo:
+            flags = [st._screen() for st in todo]
+            for st, ok in zip(todo, torch.stack([f.to(flags[0].device) for f in flags]).tolist()):
+                st._counted(ok)
+        return [st.num_nonfinite() for st in stats]
+
+    def _screen(self) -> torch.Tensor:
+        return finite_screen([t for u in self.uses for t in (*u.a.stored_values, u.g)])
+
+    def _counted(self, screened_finite: bool) -> tuple[int, int]:
+        if screened_finite:
+            counts = (0, 0)
+        else:  # the screen may be a false alarm: count exactly
+            counts = (sum(u.a.num_nonfinite() for u in self.uses),
+                      sum(int((~torch.isfinite(u.g)).sum()) for u in self.uses))
+        object.__setattr__(self, "_nonfinite", counts)
+        return counts
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers (``torch.load(weights_only=True)`` compatible)."""

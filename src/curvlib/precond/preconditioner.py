@@ -276,9 +276,9 @@ def _step_index(step: Any, caller: str) -> int:
 def _nonfinite_parts(F: CurvatureOperator) -> list[str]:
     """What of a captured curvature holds NaN/inf: layers' statistics, the loss, the gradient."""
     bad = []
-    for i, L in enumerate(F.layers):
-        st = F.statistics(i)
-        if any(st.num_nonfinite()) or not math.isfinite(float(st.scale)):
+    stats = [F.statistics(i) for i in range(len(F.layers))]
+    for L, st, counts in zip(F.layers, stats, LayerStatistics.num_nonfinite_all(stats)):
+        if any(counts) or not math.isfinite(float(st.scale)):
             bad.append(f"statistics of layer {L.name!r}")
     if F.loss is not None and not bool(torch.isfinite(torch.as_tensor(F.loss)).all()):
         bad.append("the loss")
