@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from curvlib.damping import HeuristicDamping, PiSplitInverse, TwoTermHeuristicInverse, damped_inverse
 from curvlib.damping.base import Damping
-from curvlib.errors import NumericalError, NumericalWarning
+from curvlib.errors import CurvlibError, NumericalError, NumericalWarning
 from curvlib.linalg import KroneckerSum, cholesky_inverses
 from curvlib.testing.compare import assert_close
 from curvlib.testing.strategies import seeds
@@ -191,3 +191,13 @@ def test_invert_many_on_cuda_equals_the_per_block_path_with_fewer_host_synchroni
         X = torch.randn(2, inv.b_dim, inv.a_dim, dtype=F64, device="cuda")
         assert inv.solve(X).device.type == "cuda"
         assert_close(inv.solve(X), ref.solve(X), rtol=1e-10, atol=0)
+
+
+def test_an_invert_many_that_returns_the_wrong_count_is_refused():
+    class Short(HeuristicDamping):
+        def invert_many(self, blocks, previous):
+            return super().invert_many(blocks, previous)[:-1]
+
+    approx = FakeApproximation(_layers(AE_LIKE[:3], seed=61))
+    with pytest.raises(CurvlibError, match="invert_many returned 2 inverses for 3 blocks"):
+        damped_inverse(approx, Short(value=0.1))
