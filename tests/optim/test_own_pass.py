@@ -140,3 +140,95 @@ def test_a_skipped_step_drops_its_capture():
         model[0].weight.grad[0, 0] = float("nan")
         opt.step()  # skipped
     assert opt.metrics["skipped"] and opt.preconditioner.pending_batch(0) is None
+
+
+def test_the_empirical_fisher_from_the_callers_backward_back_propagates_nothing_of_its_own(monkeypatch):
+    """Issue 11, item 3: the empirical Fisher's one column is the caller's own ``loss.backward()``
+    (read by hooks at the recorded outputs); the Monte Carlo Fisher still back-propagates its
+    sampled targets."""
+    import curvlib.curvatures.kinds as kinds
+
+    counts = {}
+    real = kinds.backpropagate_columns
+    for kind in ("empirical_fisher", "fisher"):
+        calls = []
+        monkeypatch.setattr(kinds, "backpropagate_columns", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        model = _model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning either
+            _train(model, _opt(model, kind), 4, own_pass=True)
+        counts[kind] = len(calls)
+    assert counts == {"empirical_fisher": 0, "fisher": 2}, counts
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")])
+def test_the_empirical_fisher_from_the_callers_backward_equals_its_own_column(loss_fn):
+    """The kind-level capture: the statistics from the caller's backward equal those of the
+    back-propagated column, on a model that calls one layer twice (two uses of one block)."""
+    from curvlib.curvatures.kinds import EmpiricalFisherCurvature
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+    torch.manual_seed(0)
+    model = Twice().to(DT)
+    X = torch.randn(12, 6, dtype=DT)
+    y = torch.randint(0, 5, (12,)) if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.randn(12, 5, dtype=DT)
+    kind = EmpiricalFisherCurvature()
+    with kind.capturing(model, loss_fn, (X, y)) as own_column:
+        model(X)
+    with kind.capturing_backward(model, loss_fn, (X, y)) as from_backward:
+        out = model(X)
+    loss_fn(out, y).backward()
+    F, G = own_column.operator, from_backward.finish()
+    v = torch.randn(F.p, dtype=DT)
+    torch.testing.assert_close(G @ v, F @ v, rtol=1e-12, atol=1e-13)
+    for i in range(len(F.layers)):
+        for u, w in zip(F.statistics(i).uses, G.statistics(i).uses):
+            torch.testing.assert_close(w.g, u.g, rtol=1e-12, atol=1e-14)
+
+
+def test_a_backward_that_cannot_stand_for_the_column_falls_back_to_a_pass_of_its_own():
+    """A loss with another term of the output (or no backward before the step): the refresh
+    captures the batch itself, with a warning, and the steps equal step(batch=...)'s."""
+    from curvlib.errors import PerformanceWarning
+
+    X, y = _data()
+
+    def loss_of(model):
+        out = model(X)
+        return nn.BCEWithLogitsLoss()(out, y) + 0.1 * out.pow(2).mean()
+
+    runs = []
+    for own in (False, True):
+        model = _model()
+        opt = _opt(model, "empirical_fisher")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                opt.zero_grad()
+                if own:
+                    with opt.capture((X, y)):
+                        loss = loss_of(model)
+                else:
+                    loss = loss_of(model)
+                loss.backward()
+                opt.step(batch=(X, y))
+        fallbacks = [w for w in caught if issubclass(w.category, PerformanceWarning)]
+        assert len(fallbacks) == (2 if own else 0)  # the two refreshes
+        runs.append(model)
+    for p, q in zip(*(m.parameters() for m in runs)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+    model = _model()
+    opt = _opt(model, "empirical_fisher")
+    with opt.capture((X, y)):
+        nn.BCEWithLogitsLoss()(model(X), y)
+    with pytest.warns(PerformanceWarning, match="did not run"):
+        opt.preconditioner.update()
+    assert opt.preconditioner.num_refreshes == 1

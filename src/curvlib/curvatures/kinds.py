@@ -242,6 +242,30 @@ def hooked_pass(model: nn.Module, loss_model: LossModel, batch: Any, registry: A
     )
 
 
+def _use_outputs(uses: Any) -> list[torch.Tensor]:
+    """The distinct output tensors of the recorded uses, in order."""
+    out, seen = [], set()
+    for u in uses:
+        for t in u.outputs:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def _multiple(r: torch.Tensor, g: torch.Tensor) -> float | None:
+    """α with r = α·g to rounding (max-norm residual ≤ 256·eps·max|r|), or ``None``."""
+    if r.shape != g.shape or not bool(torch.isfinite(g).all()):
+        return None
+    r64, g64 = r.to(torch.float64), g.to(torch.float64)
+    gg = float((g64 * g64).sum())
+    if gg == 0.0:
+        return 0.0 if float(r64.abs().max()) == 0.0 else None
+    alpha = float((r64 * g64).sum()) / gg
+    tol = 256 * torch.finfo(r.dtype).eps * float(r64.abs().max())
+    return alpha if float((r64 - alpha * g64).abs().max()) <= tol else None
+
+
 def _loss_gradient(loss: torch.Tensor, layers: list[LayerBlock]) -> list[torch.Tensor]:
     """∇_{W̄_i} L ``[g_dim, a_dim]`` of every block (one backward pass, graph retained)."""
     params = blocks_params(layers)
@@ -339,6 +363,59 @@ class StatisticsCurvature(BuiltinCurvature):
             yield state
         with torch.enable_grad():
             state.operator = self._operator(loss_model, state.result, generator)
+
+    @contextlib.contextmanager
+    def capturing_backward(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        batch: Any,
+        *,
+        registry: Any = None,
+        verify: bool = True,
+        gradient: bool = True,
+    ) -> Iterator[_HookedPass]:
+        """:meth:`capturing` without a backward pass of its own: the kind's one column per
+        sample is the caller's own ``loss.backward()``, read by hooks on the recorded outputs.
+
+        Only for a kind whose column is the gradient of the loss at the data targets
+        (``empirical_fisher``).  The yielded object's ``finish()``, called after the caller's
+        backward, returns the :class:`CurvatureOperator` — the one :meth:`capturing` gives, to
+        rounding — or ``None`` when the caller's backward cannot stand for the column: it did not
+        run, ran more than once, or its gradient at the network output is not a multiple of the
+        column, ∇_f ℓ_b(y_b)/√k (a loss with other terms of the output, a scaled loss as AMP's).
+        The caller then captures the batch with a pass of its own.
+        """
+        registry = _registry(registry)
+        loss_model = loss_model_for(loss_fn)
+        with hooked_pass(model, loss_model, batch, registry, verify=verify, gradient=gradient,
+                         own_forward=True) as state:
+            yield state
+        cap = state.result
+        recorded = [uc for per_layer in cap.uses for per_adapter in per_layer for uc in per_adapter]
+        tensors = [cap.output, *_use_outputs(recorded)]
+        seen: list[list[torch.Tensor]] = [[] for _ in tensors]
+        handles = [t.register_hook(lambda grad, i=i: seen[i].append(grad.detach())) for i, t in enumerate(tensors)
+                   if t.requires_grad]
+
+        def finish() -> CurvatureOperator | None:
+            for h in handles:
+                h.remove()
+            if not seen[0] or any(len(g) > 1 for g in seen):
+                return None
+            with torch.enable_grad():
+                columns, scale, _ = self._columns(loss_model, cap, None)
+            r, got = columns.get(0).detach(), seen[0][0]
+            alpha = _multiple(r, got)
+            if alpha is None:
+                return None
+            grads = {id(t): (g[0] * alpha if g else torch.zeros_like(t)) for t, g in zip(tensors, seen)}
+            stats = cap.statistics([[[uc.columns([grads[id(t)] for t in uc.outputs]).unsqueeze(1) for uc in per_adapter]
+                                     for per_adapter in per_layer] for per_layer in cap.uses], scale)
+            return CurvatureOperator(cap.layers, list(cap.excluded), stats, kind=self.kind, loss=cap.loss,
+                                     gradient=cap.gradient, sampled_targets=None)
+
+        state.finish = finish
 
     def _operator(self, loss_model: LossModel, cap: CapturedBatch,
                   generator: torch.Generator | None) -> CurvatureOperator:

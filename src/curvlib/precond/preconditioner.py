@@ -66,14 +66,27 @@ from curvlib.coarse.api import two_level
 from curvlib.coarse.basis import Partition
 from curvlib.config import positive_damping
 from curvlib.curvatures.batches import split_batch
-from curvlib.curvatures.kinds import BuiltinCurvature, FisherCurvature, StatisticsCurvature
+from curvlib.curvatures.kinds import (
+    BuiltinCurvature,
+    EmpiricalFisherCurvature,
+    FisherCurvature,
+    StatisticsCurvature,
+)
 from curvlib.curvatures.objective import Objective
 from curvlib.curvatures.operator import CurvatureOperator
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.damping.api import BlockDiagonalInverse, damped_inverse
 from curvlib.damping.base import BlockInverse, Damping
 from curvlib.distributed import Shard, ShardedCurvature, resolve_process_group
-from curvlib.errors import ConfigError, CurvlibError, NumericalError, NumericalWarning, ShapeError, warn
+from curvlib.errors import (
+    ConfigError,
+    CurvlibError,
+    NumericalError,
+    NumericalWarning,
+    PerformanceWarning,
+    ShapeError,
+    warn,
+)
 from curvlib.linalg import BlockDiagonalOperator, LinearOperator, finite_screen
 from curvlib.precond.config import PreconditionerConfig, ResolvedConfig, ResolvedRule
 from curvlib.precond.references import block_natural_gradient, exact_natural_gradient
@@ -165,6 +178,7 @@ class _PendingCapture:
     batch: Any
     operator: CurvatureOperator | None
     generator_after: torch.Tensor | None
+    finish: Any = None  # empirical_fisher: builds the operator from the caller's backward (None: it could not)
 
 
 @dataclass(frozen=True)
@@ -767,7 +781,11 @@ class Preconditioner(OnLayers, LinearOperator):
         during the block and the kind's columns (the sampled targets of ``fisher``) are
         back-propagated through the caller's graph at its exit (the graph is retained for the
         caller's backward): the statistics equal those :meth:`update` would capture from
-        ``batch`` with a forward pass of its own, which this saves.  Otherwise (no refresh
+        ``batch`` with a forward pass of its own, which this saves.  ``empirical_fisher``
+        back-propagates nothing at the exit: its column is the caller's ``loss.backward()``
+        (:meth:`~curvlib.curvatures.kinds.StatisticsCurvature.capturing_backward`), read by
+        :meth:`update`; when that backward cannot stand for it, :meth:`update` captures the
+        batch itself with a :class:`~curvlib.errors.PerformanceWarning`.  Otherwise (no refresh
         due: nothing is hooked; another kind: the batch is kept and :meth:`update` captures
         it as usual) the block costs nothing.  The capture is used by the next :meth:`update`
         of the same step, and dropped by any other.
@@ -783,6 +801,12 @@ class Preconditioner(OnLayers, LinearOperator):
             self._pending = _PendingCapture(k, batch, None, None)
             return
         self._seed_stream()
+        if isinstance(factory, EmpiricalFisherCurvature):  # its column is the caller's own backward
+            with self._discovery(), factory.capturing_backward(
+                    self.model, self.loss_fn, batch, registry=self.registry, **self._capture_options(batch)) as state:
+                yield
+            self._pending = _PendingCapture(k, batch, None, self.generator.get_state(), state.finish)
+            return
         before = self.generator.get_state()
         with self._discovery(), factory.capturing(
                 self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
@@ -846,10 +870,19 @@ class Preconditioner(OnLayers, LinearOperator):
             batch = pending.batch
         key = self._probe_key(batch)
         extra = self._capture_options(batch)
-        if pending is not None and pending.operator is not None:
+        F = None
+        if pending is not None and pending.finish is not None:
+            F = pending.finish()  # the empirical Fisher from the caller's backward
+            if F is None:
+                warn(f"Preconditioner.update: the backward pass after capture() at step {k} cannot stand for the "
+                     "empirical Fisher's column (it did not run, ran more than once, or its gradient at the network "
+                     "output is not a multiple of the loss's per-sample gradients: a loss with other terms of the "
+                     "output, a scaled loss); capturing the batch with a forward and backward pass of its own",
+                     PerformanceWarning)
+        elif pending is not None and pending.operator is not None:
             F = pending.operator
             self.generator.set_state(pending.generator_after)
-        else:
+        if F is None:
             self._seed_stream()
             with preserved_buffers(self.model), torch.enable_grad(), self._discovery():
                 F = factory.build(self.model, self.loss_fn, batch, generator=self.generator, registry=self.registry,
