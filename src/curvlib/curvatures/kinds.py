@@ -254,16 +254,18 @@ def _use_outputs(uses: Any) -> list[torch.Tensor]:
 
 
 def _multiple(r: torch.Tensor, g: torch.Tensor) -> float | None:
-    """α with r = α·g to rounding (max-norm residual ≤ 256·eps·max|r|), or ``None``."""
-    if r.shape != g.shape or not bool(torch.isfinite(g).all()):
+    """α with r = α·g to rounding (max-norm residual ≤ 256·eps·max|r|), or ``None``: α from the
+    entry of largest |g|, checked on every entry, one host read."""
+    if r.shape != g.shape or g.numel() == 0:
         return None
-    r64, g64 = r.to(torch.float64), g.to(torch.float64)
-    gg = float((g64 * g64).sum())
-    if gg == 0.0:
-        return 0.0 if float(r64.abs().max()) == 0.0 else None
-    alpha = float((r64 * g64).sum()) / gg
-    tol = 256 * torch.finfo(r.dtype).eps * float(r64.abs().max())
-    return alpha if float((r64 - alpha * g64).abs().max()) <= tol else None
+    rf, gf = r.reshape(-1), g.reshape(-1).to(r.dtype)
+    i = gf.abs().argmax()
+    alpha = rf[i] / gf[i]
+    alpha_, residual, r_max, g_max = torch.stack([alpha, (rf - alpha * gf).abs().max(), rf.abs().max(),
+                                                  gf.abs().max()]).tolist()
+    if g_max == 0.0:
+        return 0.0 if r_max == 0.0 else None
+    return alpha_ if residual <= 256 * torch.finfo(r.dtype).eps * r_max else None
 
 
 def _loss_gradient(loss: torch.Tensor, layers: list[LayerBlock]) -> list[torch.Tensor]:
