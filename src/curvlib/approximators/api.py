@@ -46,7 +46,15 @@ from curvlib.approximators.svd_based import z_operator
 from curvlib.curvatures.data import DataCurvatureOperator, kfac_factors_over
 from curvlib.curvatures.statistics import LayerStatistics
 from curvlib.errors import ConfigError, NumericalWarning, ShapeError, warn
-from curvlib.linalg import BlockDiagonalOperator, KroneckerFactored, KroneckerSum, LayerBlockOperator, VectorLayout, vec
+from curvlib.linalg import (
+    BlockDiagonalOperator,
+    KroneckerFactored,
+    KroneckerSum,
+    LayerBlockOperator,
+    VectorLayout,
+    host_values,
+    vec,
+)
 from curvlib.plugins import load_registry
 from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
 
@@ -129,7 +137,7 @@ class BlockDiagonalApproximation(BlockDiagonalOperator, CheckedApproximation):
         flags = [(i, f) for i, fit in enumerate(self.fits) if (f := single_term_definite_flag(fit.block)) is not None]
         if not flags:
             return
-        ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+        ok = host_values([f for _, f in flags])
         bad = [self.names[i] for (i, _), good in zip(flags, ok) if not good]
         if bad:
             origin = self._origin or KindOrigin("approximators", self.kind)
@@ -367,7 +375,7 @@ def _check_fits(F: Any, fits: Mapping[int, LayerFit], origin: KindOrigin, declar
             flags.append((i, f))
     if not flags:
         return
-    ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).all(dim=1).tolist()
+    ok = [all(row) for row in host_values([f for _, f in flags])]
     for (i, _), good in zip(flags, ok):
         if not good:
             problem = fit_value_problem(fits[i])

@@ -27,7 +27,7 @@ only.  Cost: one backward pass per column (c in all), memory ``O(m·c·T·d_g)``
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,7 @@ import torch
 from curvlib.capture.adapters.base import LayerAdapter, UseCapture
 from curvlib.errors import ShapeError, UnsupportedLayerError
 
-__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward", "check_samples_independent"]
+__all__ = ["ForwardRecord", "backpropagate_columns", "capture_forward", "check_samples_independent", "distinct_outputs"]
 
 
 @dataclass
@@ -131,6 +131,16 @@ def capture_forward(adapters: Sequence[LayerAdapter], batch_size: int | None = N
             h.remove()
 
 
+def distinct_outputs(uses: Iterable[UseCapture]) -> list[torch.Tensor]:
+    """The distinct output tensors of recorded uses, in order of first appearance (a tensor two
+    uses share appears once)."""
+    out: dict[int, torch.Tensor] = {}
+    for u in uses:
+        for t in u.outputs:
+            out.setdefault(id(t), t)
+    return list(out.values())
+
+
 def backpropagate_columns(
     output: torch.Tensor,
     uses: Sequence[Sequence[UseCapture]],
@@ -149,14 +159,8 @@ def backpropagate_columns(
         the columns g ``[m, c, T, d_g]`` of every use, grouped like ``uses``; one backward
         pass per column.
     """
-    tensors: list[torch.Tensor] = []
-    where: dict[int, int] = {}
-    for group in uses:
-        for u in group:
-            for t in u.outputs:
-                if id(t) not in where:
-                    where[id(t)] = len(tensors)
-                    tensors.append(t)
+    tensors = distinct_outputs(u for group in uses for u in group)
+    where = {id(t): k for k, t in enumerate(tensors)}
     gs: list[list[torch.Tensor | None]] = [[None] * len(group) for group in uses]
     for j in range(num_columns):
         r = column(j)

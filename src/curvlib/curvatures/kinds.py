@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from curvlib.capture.adapters.base import UseCapture
-from curvlib.capture.hooks import backpropagate_columns, capture_forward, check_samples_independent
+from curvlib.capture.hooks import backpropagate_columns, capture_forward, check_samples_independent, distinct_outputs
 from curvlib.capture.layout import (
     BlockCandidate,
     LayerBlock,
@@ -242,17 +242,6 @@ def hooked_pass(model: nn.Module, loss_model: LossModel, batch: Any, registry: A
     )
 
 
-def _use_outputs(uses: Any) -> list[torch.Tensor]:
-    """The distinct output tensors of the recorded uses, in order."""
-    out, seen = [], set()
-    for u in uses:
-        for t in u.outputs:
-            if id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
-    return out
-
-
 def _multiple(r: torch.Tensor, g: torch.Tensor) -> float | None:
     """α with r = α·g to rounding (max-norm residual ≤ 256·eps·max|r|), or ``None``: α from the
     entry of largest |g|, checked on every entry, one host read."""
@@ -394,8 +383,8 @@ class StatisticsCurvature(BuiltinCurvature):
                          own_forward=True) as state:
             yield state
         cap = state.result
-        recorded = [uc for per_layer in cap.uses for per_adapter in per_layer for uc in per_adapter]
-        tensors = [cap.output, *_use_outputs(recorded)]
+        tensors = [cap.output, *distinct_outputs(uc for per_layer in cap.uses for per_adapter in per_layer
+                                                 for uc in per_adapter)]
         seen: list[list[torch.Tensor]] = [[] for _ in tensors]
         handles = [t.register_hook(lambda grad, i=i: seen[i].append(grad.detach())) for i, t in enumerate(tensors)
                    if t.requires_grad]

@@ -42,7 +42,7 @@ import torch
 
 from curvlib.errors import ConfigError, DTypeDeviceError, ShapeError
 from curvlib.linalg.geometry import Geometry
-from curvlib.linalg.operator import finite_screen
+from curvlib.linalg.operator import finite_screen, host_values
 from curvlib.linalg.rows import Rows, as_rows
 
 __all__ = ["LayerStatistics", "Use"]
@@ -285,8 +285,7 @@ class LayerStatistics:
         in one host synchronisation (each a device → host wait on a GPU)."""
         todo = [st for st in stats if not hasattr(st, "_nonfinite")]
         if todo:
-            flags = [st._screen() for st in todo]
-            for st, ok in zip(todo, torch.stack([f.to(flags[0].device) for f in flags]).tolist()):
+            for st, ok in zip(todo, host_values([st._screen() for st in todo])):
                 st._counted(ok)
         return [st.num_nonfinite() for st in stats]
 

@@ -52,6 +52,7 @@ from curvlib.linalg import (
     LayerBlockOperator,
     ShiftSolvable,
     VectorLayout,
+    host_values,
 )
 from curvlib.plugins import load_registry
 from curvlib.plugins.hookspecs import CheckedApproximation, KindOrigin
@@ -238,7 +239,7 @@ def damped_inverse(
                     flags.append((i, flag))
             inverses[i] = inv
         if flags:  # one host synchronisation for every layer
-            ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+            ok = host_values([f for _, f in flags])
             for (i, _), good in zip(flags, ok):
                 problem = None if good else inverse_value_problem(inverses[i])
                 if problem is not None:  # None: a false alarm of the finiteness screen

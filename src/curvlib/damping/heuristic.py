@@ -62,6 +62,7 @@ from curvlib.linalg import (
     TwoTermKroneckerInverse,
     cholesky_inverses,
     eigh_safe,
+    host_values,
     pi_split,
 )
 
@@ -139,7 +140,7 @@ class HeuristicDamping(Damping):
             torch.stack([torch.diagonal(A).sum(), torch.diagonal(B).sum(), A.sum(), B.sum()]).to(torch.float64)
             for A, B in (blocks[i].terms[0] for i in batched)
         ]
-        read = torch.stack([v.to(scalars[0].device) for v in scalars]).tolist()  # one host synchronisation
+        read = host_values(scalars)  # one host synchronisation
         lam = self.value
         split: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for i, (tr_a, tr_b, sum_a, sum_b) in zip(batched, read):

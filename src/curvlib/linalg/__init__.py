@@ -60,6 +60,7 @@ from curvlib.linalg.operator import (
     SumOperator,
     VectorLayout,
     finite_screen,
+    host_values,
 )
 from curvlib.linalg.rearrange import (
     NearestKronecker,
@@ -104,6 +105,7 @@ __all__ = [
     "SumOperator",
     "VectorLayout",
     "finite_screen",
+    "host_values",
     "AffineZOperator",
     "ConvZOperator",
     "DenseZOperator",

@@ -63,6 +63,12 @@ def finite_screen(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()
 
 
+def host_values(tensors: Sequence[torch.Tensor]) -> list[Any]:
+    """The values of several tensors of one shape (0-d flags, short vectors of scalars), read to
+    the host in one synchronisation: stacked on the first one's device, then ``tolist()``."""
+    return torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+
+
 class VectorLayout(abc.ABC):
     """How an operator's flat vector ``[n]`` is split into a list of tensors.
 

@@ -946,8 +946,7 @@ class Preconditioner(OnLayers, LinearOperator):
             # layer, contiguous; as_restored copies only where the layout differs): BLAS rounding
             # depends on strides, and a resumed run must compute with exactly the tensors the
             # uninterrupted one uses.
-            approx = approx.as_restored() if isinstance(approx, BlockDiagonalApproximation) else \
-                type(approx).from_state_dict(approx.state_dict())
+            approx = approx.as_restored()
             out.append(dataclasses.replace(g, approximation=approx, num_refreshes=g.num_refreshes + 1,
                                            last_refresh_step=k))
         self.approximation = _joined([g.approximation for g in out if g.approximation is not None])
