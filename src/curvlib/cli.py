@@ -60,7 +60,7 @@ def _plugins_list(args: argparse.Namespace) -> int:
 _BENCH_SCALARS = {
     # option dest -> BenchConfig key
     "path": "path", "steps": "steps", "epochs": "epochs", "batch_size": "batch_size",
-    "damping_kind": "damping_kind", "momentum": "momentum", "weight_decay": "weight_decay",
+    "damping_kind": "damping_kind", "weight_decay": "weight_decay",
     "kl_clip": "kl_clip", "update_every": "update_every", "invert_every": "invert_every", "ema": "ema",
     "mc_samples": "mc_samples", "seed": "seed", "seeds": "seeds", "small": "small", "out": "out", "name": "name",
     "target_loss": "target_loss", "target_margin": "target_margin", "eval_every": "eval_every",
@@ -77,7 +77,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def _per_method(values: list[str] | None, option: str) -> tuple[float | None, dict[str, float]]:
-    """``--lr 0.1`` (every method) and ``--lr kfac=0.3`` (one method), repeatable."""
+    """``--lr 0.1`` (every method) and ``--lr kfac=0.3`` (one method), repeatable (also
+    ``--damping`` and ``--momentum``)."""
     everyone: float | None = None
     per: dict[str, float] = {}
     for value in values or []:
@@ -122,7 +123,7 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
             if isinstance(entry, dict) and "name" in entry:
                 from_file[entry["name"]] = entry
         data["methods"] = [dict(from_file.get(n, {"name": n})) for n in methods]
-    for option, key in (("--lr", "lr"), ("--damping", "damping")):
+    for option, key in (("--lr", "lr"), ("--damping", "damping"), ("--momentum", "momentum")):
         everyone, per = _per_method(getattr(args, key), option)
         if everyone is not None:
             data[key] = everyone
@@ -372,7 +373,8 @@ def _add_bench_parser(sub: Any) -> None:
     hyper.add_argument("--damping", action="append", metavar="[METHOD=]VALUE",
                        help="damping lambda of the natural-gradient methods (repeatable like --lr)")
     hyper.add_argument("--damping-kind", help="damping kind for every natural-gradient method (heuristic, tikhonov, ...)")
-    hyper.add_argument("--momentum", type=float, help="momentum (default 0.9 for sgd, 0 for natural gradient)")
+    hyper.add_argument("--momentum", action="append", metavar="[METHOD=]VALUE",
+                       help="momentum (default 0.9 for sgd, 0 for natural gradient; repeatable like --lr)")
     hyper.add_argument("--weight-decay", type=float, help="L2 weight decay (thesis §4.3: 1e-3)")
     hyper.add_argument("--kl-clip", type=float, help="KL clipping constant c of the natural-gradient methods (appendix 3.E; default 1e-3; 0: off)")
     hyper.add_argument("--update-every", type=int, metavar="T1", help="steps between curvature refreshes")

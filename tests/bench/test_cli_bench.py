@@ -100,6 +100,20 @@ def test_per_method_option_for_a_method_not_run_is_an_error(tmp_path, capsys):
     assert rc == 2 and "'kfac' is not among the methods run (sgd)" in capsys.readouterr().err
 
 
+def test_momentum_for_every_method_or_one_method(tmp_path, capsys):
+    if not NG_OK:
+        pytest.skip(f"curvlib.optim is not importable ({NG_WHY}): kfac cannot run")
+    out = tmp_path / "out"
+    rc = main(["bench", *TINY, "--methods", "sgd", "kfac", "--steps", "2", "--no-plots", "--momentum", "0.3",
+               "--momentum", "kfac=0.5", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    sgd, kfac = (json.loads((out / "runs" / f"digits_autoencoder__{m}.json").read_text()) for m in ("sgd", "kfac"))
+    assert sgd["hyperparameters"]["momentum"] == 0.3 and kfac["hyperparameters"]["momentum"] == 0.5
+    # a per-method value is validated like the global one
+    rc = main(["bench", *TINY, "--methods", "sgd", "--steps", "2", "--momentum", "sgd=1.5", "--out", str(out)])
+    assert rc == 2 and "momentum" in capsys.readouterr().err
+
+
 def test_config_file_with_command_line_overrides(tmp_path, capsys):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(
