@@ -27,7 +27,8 @@ O(n²) step), the products with the layers' Z-operators actually computed (count
 operators: :class:`~curvlib.linalg.zproducts.PositionZOperator` /
 :class:`~curvlib.linalg.zproducts.ExactZOperator` calls, and the number of vectors they
 carried), the work of fits in the Gram space (``solver_space``: Gram matrices formed, and the
-O(n·d²) GEMMs of its sides — quadratic forms for warm starts and known terms, weighted Gram
+O(n·d²) GEMMs of its sides — quadratic forms for known terms (and for the warm starts of
+sides of width ≤ 32; wider ones enter through a rank-8 sketch, not counted), weighted Gram
 matrices for the factors — two of which cost one direct product), both per warm refresh
 (median over rounds, summed over the 8 layers) and for the cold fit, and the quality of the
 last warm fit: Error 1

@@ -23,6 +23,7 @@ from curvlib.linalg.rearrange import rearrange
 from curvlib.linalg.rows import DenseRows, OneHotRows
 from curvlib.linalg.svd import GramOperator, lanczos_svd, power_svd
 from curvlib.linalg.zproducts import (
+    START_SKETCH_RANK,
     AffineZOperator,
     ConvZOperator,
     DenseZOperator,
@@ -33,6 +34,7 @@ from curvlib.linalg.zproducts import (
     SumZOperator,
     TransposedZOperator,
     _quadratic_forms,
+    _range_sketch,
     _symmetric_product,
     _weighted_gram,
     deflated,
@@ -100,6 +102,13 @@ def check_form(form: GramForm, Z: torch.Tensor, seed: int = 0) -> None:
     assert_close(X @ form.forward(form.right_images(v[:, 0])), Z @ v[:, 0].to(F64), msg="Z v")
     p, q = torch.randn(2, form.b_dim, generator=g_, dtype=F64)
     assert_close(form.right_outer_images(p, q), Y.T @ vec(torch.outer(p, q)), msg="Yᵀ vec(p qᵀ)")
+    P, Q = torch.randn(2, form.b_dim, 3, generator=g_, dtype=F64)
+    assert_close(form.side_b.outer_images(P, Q), Y.T @ vec(P @ Q.T), msg="Yᵀ vec(P Qᵀ)")
+    Pa, Qa = torch.randn(2, form.a_dim, 3, generator=g_, dtype=F64)
+    assert_close(form.side_a.outer_images(Pa, Qa), X.T @ vec(Pa @ Qa.T), msg="Xᵀ vec(P Qᵀ)")
+    # a narrow side takes a warm start exactly
+    if form.b_dim <= 4 * START_SKETCH_RANK:
+        assert torch.equal(form.start_right_images(v), form.right_images(v))
 
 
 # --------------------------------------------------------------------------- the form of a block
@@ -339,3 +348,57 @@ def test_unvec_of_a_warm_start_is_read_column_major():
     g = op.g[:, 0, 0]
     assert_close(form.right_images(vec(V)), torch.einsum("ni,ij,nj->n", g, V, g))
     assert_close(unvec(vec(V), 3, 3), V)
+
+
+# --------------------------------------------------------------------------- sketched warm starts
+
+
+def wide_op(seed=30, d_g=40):
+    """A block whose G side is wider than 4·START_SKETCH_RANK: its warm starts are sketched."""
+    op, Z = linear_op(m=14, d_a=3, d_g=d_g, c=2, seed=seed)
+    assert d_g > 4 * START_SKETCH_RANK
+    return op, Z
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_wide_warm_start_enters_through_its_range_sketch(extended):
+    """start_right_images(v) = Yᵀ vec(U Uᵀ S), S = MAT(v) and U the orthonormal range of S Ω —
+    for the rows of the block and for an extra (explicit) column alike; a start of rank ≤ r
+    enters exactly (its range is all of it)."""
+    op, _ = wide_op()
+    form = op.gram_form()
+    g_ = gen(31)
+    if extended:
+        A = torch.randn(3, 3, generator=g_, dtype=F64)
+        G = torch.randn(40, 40, generator=g_, dtype=F64)
+        form = form.extended([(A + A.T, G + G.T)], 0.5)
+    _, _, Y = form_dense(form)
+    v = torch.randn(40 * 40, 2, generator=g_, dtype=F64)
+    sketched = []
+    for j in range(2):
+        U, W = _range_sketch(unvec(v[:, j], 40, 40), START_SKETCH_RANK)
+        assert_close(U.T @ U, torch.eye(START_SKETCH_RANK, dtype=F64), msg="orthonormal U")
+        sketched.append(vec(U @ W.T))
+    assert_close(form.start_right_images(v), Y.T @ torch.stack(sketched, 1), msg="images of the sketch")
+    assert_close(form.start_right_images(v[:, 0]), Y.T @ sketched[0], msg="one start")
+    low = torch.randn(40, 5, generator=g_, dtype=F64)
+    S = low @ torch.randn(5, 40, generator=g_, dtype=F64)  # rank 5 ≤ r
+    assert_close(form.start_right_images(vec(S)), form.right_images(vec(S)), msg="rank ≤ r: exact")
+
+
+@pytest.mark.parametrize("solver", ["power", "lanczos"])
+def test_sketched_warm_start_converges_to_the_dense_triplets(solver):
+    """From a warm start near the solution (the exact right singular vectors perturbed), the
+    sketched start still lands on the dense SVD's triplets — for the power SVD in no more
+    iterations than a cold start (Lanczos converges in a handful of steps from anywhere here)."""
+    op, Z = wide_op(seed=33)
+    form = op.gram_form()
+    _, s, Vh = torch.linalg.svd(Z, full_matrices=False)
+    v0 = Vh[:2].T + 0.05 * torch.randn(Z.shape[1], 2, generator=gen(34), dtype=F64)
+    run = (lambda **kw: power_svd(form, 2, tol=1e-9, max_iters=5000, **kw)) if solver == "power" else (
+        lambda **kw: lanczos_svd(form, 2, tol=1e-9, **kw))
+    warm, cold = run(v0=v0), run()
+    assert warm.converged and cold.converged
+    assert_close(warm.sigma, s[:2], rtol=1e-8, atol=0.0)
+    if solver == "power":
+        assert warm.iterations <= cold.iterations, (warm.iterations, cold.iterations)

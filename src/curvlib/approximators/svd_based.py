@@ -66,8 +66,10 @@ positions treated as independent samples — is Z(F) = X C Yᵀ over its n = m·
 (:meth:`~curvlib.linalg.ZOperator.gram_form`, Prop. 3.1): the solvers can iterate on n
 coefficients with the Gram matrices of X and Y (:mod:`curvlib.linalg.svd`), the same
 iteration at O(n²) per step instead of O(n·(d_a² + c·d_g²)) per product.  Its cost is
-fixed: the two Gram matrices, O(n²·(d_a + c²·d_g)); Yᵀv₀ for a warm start, O(n·c·d_g²);
-then one weighted Gram GEMM per factor of each term, O(n·d_a²) and O(n·c·d_g²) — the
+fixed: the two Gram matrices, O(n²·(d_a + c²·d_g)); a warm start's images through a rank-8
+sketch of its matrix, O(d_g²·8 + n·c·d_g·8) (exactly, Yᵀv₀ = O(n·c·d_g²), for d_g ≤ 32:
+:meth:`~curvlib.linalg.zproducts.GramForm.start_right_images`; a start only steers the
+iteration, which converges to the same triplets); then one weighted Gram GEMM per factor of each term, O(n·d_a²) and O(n·c·d_g²) — the
 cost of KFAC's own factors (Table 3.1) — whatever the number of iterations.  Deflation
 only changes the small core; the KFAC pair of ``kfac_corrected`` (and the previous terms
 in ``ema_mode="fisher"``) adds one quadratic form per row and factor.  ``"auto"`` takes
@@ -588,8 +590,8 @@ class DeflationApproximator(_PowerDeflationApproximator):
     that is zero up to rounding (a block of Kronecker rank < ``rank``) gives zero terms
     (:func:`_deflation_vanishes`).  Cost per refresh (Table 3.1), directly: Σ_j (1 + 2·iterations
     of triplet j) products with Z(F), O(m·d²) each, plus O(j·d²) per product for the deflation;
-    in the Gram space (module docstring): the Gram matrices, Yᵀv₀ per triplet and one weighted
-    Gram GEMM per factor, plus O(n²) per iteration.
+    in the Gram space (module docstring): the Gram matrices, a warm start's sketched images per
+    triplet and one weighted Gram GEMM per factor, plus O(n²) per iteration.
     """
 
     options_model = DeflationOptions
@@ -610,7 +612,8 @@ class KPSVDApproximator(_PowerDeflationApproximator):
     With ``symmetric_factors`` both factors are symmetric, and PSD for a PSD block
     (Prop. 3.2; the sign convention tr A > 0 selects the PSD pair).  Cost per refresh
     (Table 3.1): 1 + 2·iterations products with Z(F), O(m·d²) each, directly; in the Gram space
-    the Gram matrices, Yᵀv₀ and the two factors' weighted Gram GEMMs (about twice KFAC's).
+    the Gram matrices, the warm start's sketched images and the two factors' weighted Gram GEMMs
+    (about twice KFAC's).
     """
 
     options_model = KPSVDOptions
@@ -627,7 +630,7 @@ class LanczosApproximator(_SVDApproximator):
 
     When min(d_a², d_g²) < ``rank`` the missing terms are zero.  Cost per refresh (Table 3.1):
     steps × 2 products with Z(F), plus O(K³ + K·d²) per cycle, directly; in the Gram space the
-    Gram matrices, Yᵀv₀ for the summed start, and one weighted Gram GEMM per factor, plus
+    Gram matrices, the summed start's sketched images, and one weighted Gram GEMM per factor, plus
     O(n² + K·n) per step.
     """
 

@@ -23,8 +23,9 @@ Two kinds of operators.
   ⟨u, u'⟩ = αᵀ G_a α' and ⟨v, v'⟩ = βᵀ G_b β': the same iterates as on the vectors
   themselves, at O(N²) per step instead of a product with Z.  Each vector travels with its
   *image* (G_a α or G_b β, which is also Xᵀu or Yᵀv), so a step costs one product with
-  each Gram matrix.  A start v₀ of R^{n_b} (a warm start) enters only through Yᵀv₀
-  (:meth:`GramOperator.right_images`); the returned U, V are coefficients (u_j = X U[:, j]).
+  each Gram matrix.  A start v₀ of R^{n_b} (a warm start) enters only through its images
+  (:meth:`GramOperator.start_right_images`: Yᵀv₀, or those of a cheaper start near v₀); the
+  returned U, V are coefficients (u_j = X U[:, j]).
   The stopping and breakdown tests use Z's shape and dtype (not the coefficients'), so
   they are the tests of the same iteration on the vectors.
 
@@ -127,6 +128,14 @@ class GramOperator(abc.ABC):
     @abc.abstractmethod
     def right_images(self, v: torch.Tensor) -> torch.Tensor:
         """Yᵀv for vectors of Z's right space: ``[n_b(, k)]`` (in :attr:`dtype`) -> ``[N_b(, k)]``."""
+
+    def start_right_images(self, v: torch.Tensor) -> torch.Tensor:
+        """The images of warm starts ``v [n_b(, k)]``: Yᵀv' for starts v' near v.  The solvers
+        converge to the same triplets from any start with a component along them, so an
+        operator may return the images of a start that are cheaper to form (a
+        :class:`~curvlib.linalg.zproducts.GramForm` sketches MAT(v) at rank 8).  Default:
+        :meth:`right_images`, v' = v."""
+        return self.right_images(v)
 
 
 @dataclass(frozen=True)
@@ -376,7 +385,7 @@ class _Gram(_Vectors):
 
     def start_images(self, V):
         assert not self.transposed  # a start of Zᵀ is Z v₀: lanczos_svd maps it with the untransposed view
-        return _finite_or_raise(self.op.right_images(V).to(self.work_dtype), "right_images", self.caller)
+        return _finite_or_raise(self.op.start_right_images(V).to(self.work_dtype), "right_images", self.caller)
 
     def norm(self, x, img):
         # x̂ = Gx with G PSD: xᵀx̂ ≥ 0 up to rounding
