@@ -170,6 +170,13 @@ def test_finite_screen_flags_non_finite_entries_and_may_false_alarm_on_overflow(
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not bool(finite_screen([torch.ones(3), torch.tensor([1.0, bad])]))
     assert bool(torch.isfinite(big).all()) and not bool(finite_screen([big]))
+    # mixed dtypes: integer tensors are finite, and a large integer sum does not overflow a
+    # narrow float beside it (the sums of floating tensors alone are stacked)
+    ids = torch.full((1000,), 60000, dtype=torch.int64)
+    assert bool(finite_screen([ids, torch.ones(3, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16)]))
+    assert bool(finite_screen([ids, torch.tensor([True])]))
+    assert not bool(finite_screen([ids, torch.tensor([1.0, float("nan")], dtype=torch.float16)]))
+    assert not bool(finite_screen([torch.ones(2, dtype=torch.float64), torch.tensor([float("inf")], dtype=torch.bfloat16)]))
 
 
 def test_a_false_alarm_of_the_screen_does_not_skip_the_step():

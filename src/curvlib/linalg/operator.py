@@ -54,13 +54,16 @@ Operand = torch.Tensor | Sequence[torch.Tensor]
 def finite_screen(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """0-d bool tensor, no host synchronisation: ``True`` proves every entry finite.
 
-    One reduction per tensor (its sum), against the four passes of ``isfinite(t).all()``:
-    a NaN or an infinity makes the sum non-finite.  ``False`` may also be a false alarm (finite
-    entries whose sum overflows), so a caller that sees ``False`` checks the entries exactly.
+    One reduction per floating-point tensor (its sum), against the four passes of
+    ``isfinite(t).all()``: a NaN or an infinity makes the sum non-finite, and one ``isfinite``
+    reads all the sums (stacked in the widest of their dtypes, so none overflows there).
+    Integer and bool tensors are finite.  ``False`` may also be a false alarm (finite entries
+    whose sum overflows), so a caller that sees ``False`` checks the entries exactly.
     """
-    if not tensors:
-        return torch.tensor(True)
-    return torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()
+    sums = [t.sum() for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not sums:
+        return torch.tensor(True, device=tensors[0].device if tensors else None)
+    return torch.isfinite(torch.stack(sums)).all()
 
 
 def host_values(tensors: Sequence[torch.Tensor]) -> list[Any]:

@@ -1157,10 +1157,11 @@ class Preconditioner(OnLayers, LinearOperator):
             if g.dtype != self.dtype or g.device != self.device:
                 return self.matvec(grads)
         out: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+        # the shapes are checked above and the plan has no sliced parameter, so the adapters'
+        # unchecked conversions serve (their checked forms re-derive every piece's shape)
         for L, block, ks in zip(self.layers, self._operator.blocks, self._layer_params):
-            X = L.adapter.params_to_matrix([grads[k] for k in ks])
-            Y = block._apply(X.unsqueeze(0))[0]
-            for k, piece in zip(ks, L.adapter.matrix_to_params(Y)):
+            Y = block._apply(L.adapter._to_matrix([grads[k] for k in ks]).unsqueeze(0))[0]
+            for k, piece in zip(ks, L.adapter._from_matrix(Y)):
                 out[k] = piece
         if self._directions_reduced():  # each rank computed its own layers (zero elsewhere)
             out = self.shard.sum(out, "directions")
