@@ -402,3 +402,16 @@ def test_sketched_warm_start_converges_to_the_dense_triplets(solver):
     assert_close(warm.sigma, s[:2], rtol=1e-8, atol=0.0)
     if solver == "power":
         assert warm.iterations <= cold.iterations, (warm.iterations, cold.iterations)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sketched_warm_start_of_half_precision_statistics(dtype):
+    """The sketch runs in float32 at least (QR has no half-precision kernel): a wide block of
+    float16/bfloat16 statistics warm-starts, and its images are those of the float32 sketch."""
+    op, _ = linear_op(m=14, d_a=3, d_g=40, c=2, seed=35, dtype=dtype)
+    form = op.gram_form()
+    v = torch.randn(1600, generator=gen(36), dtype=F64).to(dtype)
+    U, W = _range_sketch(unvec(v.float(), 40, 40), START_SKETCH_RANK)
+    assert_close(form.start_right_images(v), form.side_b.outer_images(U, W), msg="float32 sketch")
+    res = power_svd(form, 1, tol=1e-3, v0=v)
+    assert res.converged and bool(torch.isfinite(res.sigma).all())

@@ -69,8 +69,9 @@ iteration at O(n²) per step instead of O(n·(d_a² + c·d_g²)) per product.  I
 fixed: the two Gram matrices, O(n²·(d_a + c²·d_g)); a warm start's images through a rank-8
 sketch of its matrix, O(d_g²·8 + n·c·d_g·8) (exactly, Yᵀv₀ = O(n·c·d_g²), for d_g ≤ 32:
 :meth:`~curvlib.linalg.zproducts.GramForm.start_right_images`; a start only steers the
-iteration, which converges to the same triplets); then one weighted Gram GEMM per factor of each term, O(n·d_a²) and O(n·c·d_g²) — the
-cost of KFAC's own factors (Table 3.1) — whatever the number of iterations.  Deflation
+iteration, which converges to the same triplets); then one weighted Gram GEMM per factor of
+each term, O(n·d_a²) and O(n·c·d_g²) — the cost of KFAC's own factors (Table 3.1) —
+whatever the number of iterations.  Deflation
 only changes the small core; the KFAC pair of ``kfac_corrected`` (and the previous terms
 in ``ema_mode="fisher"``) adds one quadratic form per row and factor.  ``"auto"`` takes
 the Gram space when that setup costs at most 4 products with Z(F) per term fitted — a

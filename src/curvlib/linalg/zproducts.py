@@ -938,7 +938,7 @@ class GramForm(GramOperator):
         n, r = self.side_b.dim, START_SKETCH_RANK
         if n <= 4 * r:
             return self.right_images(v)
-        cols = v.unsqueeze(-1) if v.ndim == 1 else v
+        cols = (v.unsqueeze(-1) if v.ndim == 1 else v).to(_gemm_dtype(v.dtype))  # QR needs float32 at least
         images = torch.stack([self.side_b.outer_images(*_range_sketch(unvec(cols[:, j], n, n), r))
                               for j in range(cols.shape[1])], 1)
         return images[:, 0] if v.ndim == 1 else images
