@@ -422,9 +422,13 @@ class Damping(abc.ABC):
         with the same results, checks and per-block fallbacks (a block whose inversion fails
         keeps its ``previous``).  :func:`~curvlib.damping.damped_inverse` calls this.
         """
+        self._check_many(blocks, previous)
+        return [self.invert(b, previous=p) for b, p in zip(blocks, previous)]
+
+    def _check_many(self, blocks: Sequence[Any], previous: Sequence[BlockInverse | None]) -> None:
+        """One ``previous`` per block (:meth:`invert_many` and its overrides)."""
         if len(blocks) != len(previous):
             raise ShapeError(f"{type(self).__name__}.invert_many: {len(blocks)} blocks, {len(previous)} previous")
-        return [self.invert(b, previous=p) for b, p in zip(blocks, previous)]
 
     @staticmethod
     def _or_previous(build: Callable[[], BlockInverse], previous: BlockInverse | None, caller: str) -> BlockInverse:

@@ -53,7 +53,7 @@ from pydantic import Field
 
 from curvlib.config import StrictModel
 from curvlib.damping.base import BlockInverse, BlockRequirement, Damping, InverseInfo
-from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, ShapeError, warn
+from curvlib.errors import ConfigError, NotPSDError, NumericalWarning, warn
 from curvlib.linalg import (
     DampedKroneckerFactors,
     FactorEigenbasis,
@@ -127,8 +127,7 @@ class HeuristicDamping(Damping):
         screen fails (the exact check, then the ``previous`` fallback) take the per-block
         path, with its warnings and errors.
         """
-        if len(blocks) != len(previous):
-            raise ShapeError(f"{type(self).__name__}.invert_many: {len(blocks)} blocks, {len(previous)} previous")
+        self._check_many(blocks, previous)
         caller = f"{type(self).__name__}.invert"
         batched = [i for i, b in enumerate(blocks) if isinstance(b, KroneckerFactored) and len(b.terms) == 1]
         for i in batched:

@@ -187,10 +187,6 @@ def pcg(
                       breakdowns=int(broken.sum()))
 
 
-# --------------------------------------------------------------------------- Woodbury
-
-
-
 def matrix_pcg(
     apply: Callable[[torch.Tensor], torch.Tensor],
     precond: Callable[[torch.Tensor], torch.Tensor],
@@ -219,6 +215,10 @@ def matrix_pcg(
 
     x, info = pcg(matvec, b, precond=solve, tol=tol, max_iters=max_iters)
     return x.T.reshape(*batch, d_g, d_a), info
+
+
+# --------------------------------------------------------------------------- Woodbury
+
 
 class WoodburySolver:
     """(λI_p + (1/m) J Jᵀ)⁻¹ by Sherman–Morrison–Woodbury, (4.49)–(4.50).

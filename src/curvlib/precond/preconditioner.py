@@ -959,9 +959,7 @@ class Preconditioner(OnLayers, LinearOperator):
         self._inverted_damping_state = copy.deepcopy(self.damping.state_dict())
         self.inverse = self._natural_gradient(self.curvature)
         self._inverted_curvature = self.curvature
-        self.num_inversions += 1
-        self.last_inversion_step = k
-        self.last_inversion = _inversion_report(k, self.inverse, [L.name for L in self._layers or []])
+        self._count_inversion(k)
 
     @staticmethod
     def _inverted_groups(groups: Sequence[LayerGroup], k: int, shard: Shard | None) -> tuple[LayerGroup, ...]:
@@ -987,6 +985,10 @@ class Preconditioner(OnLayers, LinearOperator):
     def _install_inverse(self, k: int, groups: tuple[LayerGroup, ...], report: InversionReport | None = None) -> None:
         self._groups = groups
         self.inverse = _joined([g.inverse for g in groups if g.inverse is not None], self.damping)
+        self._count_inversion(k, report)
+
+    def _count_inversion(self, k: int, report: InversionReport | None = None) -> None:
+        """The counters and report of the inversion of step k, whose inverse is installed."""
         self.num_inversions += 1
         self.last_inversion_step = k
         self.last_inversion = report or _inversion_report(k, self.inverse, [L.name for L in self._layers or []])
@@ -1008,7 +1010,7 @@ class Preconditioner(OnLayers, LinearOperator):
 
         if self.device.type == "cuda" and self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
-        self._background = _BackgroundInversion(k, invert, self._side_stream if self.device.type == "cuda" else None)
+        self._background = _BackgroundInversion(k, invert, self._side_stream)  # None: no side stream off a GPU
 
     def wait_inversion(self) -> bool:
         """Wait for the inversion running in the background (``background_inversion``), if any,
