@@ -366,3 +366,48 @@ def test_kronecker_sum_follows_device():
     assert S.device.type == "cuda" and S.matvec(x).device.type == "cuda"
     assert_close(S.matvec(x), dense_sum(terms) @ x)
     assert S.to(device="cpu").device == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- B X A in BLAS layouts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m, n", [(3, 5), (5, 3), (100, 101), (101, 100), (64, 785), (785, 64), (90, 91)])
+def test_two_sided_equals_dense_product_in_both_layouts(m, n, dtype):
+    """B X A for general (non-symmetric) B, A: the row-major aligned (B X) A (n ≥ m, m·n ≥
+    ROW_MAJOR_MIN) and the transposed ((Aᵀ Xᵀ) Bᵀ)ᵀ both equal the float64 product."""
+    from curvlib.linalg.kron import ROW_MAJOR_MIN, two_sided
+
+    B, X, A = (randn(*s, seed=i) for i, s in enumerate([(m, m), (m, n), (n, n)]))
+    Y = two_sided(B.to(dtype), X.to(dtype), A.to(dtype))
+    assert Y.shape == (m, n) and Y.dtype == dtype
+    rtol, atol = default_tolerances(dtype, scale=float((B.abs() @ X.abs() @ A.abs()).max()))
+    assert_close(Y, B @ X @ A, rtol=rtol, atol=atol)
+    row_major = n >= m and m * n >= ROW_MAJOR_MIN
+    assert (Y.stride(-1) == 1) == row_major  # the transposed layout otherwise
+    if row_major:  # rows start on cache lines
+        assert (Y.stride(0) * Y.element_size()) % 64 == 0 and Y.data_ptr() % 64 == 0
+
+
+def test_two_sided_under_autograd_differentiates():
+    from curvlib.linalg.kron import two_sided
+
+    B, X, A = (randn(*s, seed=i).requires_grad_() for i, s in enumerate([(100, 100), (100, 101), (101, 101)]))
+    two_sided(B, X, A).sum().backward()
+    ones = torch.ones(100, 101, dtype=F64)
+    assert_close(X.grad, B.detach().T @ ones @ A.detach().T)
+
+
+@pytest.mark.parametrize("dtype, cols, padded", [(torch.float32, 785, 800), (torch.float32, 784, 784),
+                                                 (torch.float64, 101, 104), (torch.float16, 31, 32)])
+def test_aligned_empty_and_row_aligned(dtype, cols, padded):
+    from curvlib.linalg.kron import aligned_empty, row_aligned
+
+    E = aligned_empty(7, cols, like=torch.empty(0, dtype=dtype))
+    assert E.shape == (7, cols) and E.dtype == dtype and E.stride() == (padded, 1)
+    M = randn(7, cols, seed=0).to(dtype)
+    R = row_aligned(M)
+    assert torch.equal(R, M) and R.stride() == (padded, 1) and R.data_ptr() % 64 == 0
+    assert row_aligned(R) is R  # aligned already: no copy
+    if padded == cols:
+        assert row_aligned(M) is M

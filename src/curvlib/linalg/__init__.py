@@ -46,7 +46,7 @@ from curvlib.linalg.blocks import (
     ShiftSolvable,
     structured_part,
 )
-from curvlib.linalg.kron import kron, kron_matvec, matvec_from_matrix_form, unvec, vec
+from curvlib.linalg.kron import aligned_empty, kron, kron_matvec, matvec_from_matrix_form, row_aligned, two_sided, unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.linalg.operator import (
     AdjointOperator,
@@ -138,4 +138,7 @@ __all__ = [
     "unvec",
     "vec",
     "woodbury_solve",
+    "aligned_empty",
+    "row_aligned",
+    "two_sided",
 ]

@@ -16,7 +16,10 @@ import torch
 
 from curvlib.errors import DTypeDeviceError, ShapeError
 
-__all__ = ["vec", "unvec", "kron", "kron_matvec", "matvec_from_matrix_form"]
+__all__ = ["vec", "unvec", "kron", "kron_matvec", "matvec_from_matrix_form", "aligned_empty", "row_aligned", "two_sided"]
+
+#: the rows of :func:`aligned_empty` matrices start on multiples of this many bytes (a cache line)
+ROW_ALIGNMENT = 64
 
 
 def vec(X: torch.Tensor) -> torch.Tensor:
@@ -136,3 +139,67 @@ def matvec_from_matrix_form(apply: Callable[[torch.Tensor], torch.Tensor], x: to
     if x.ndim == 2 and x.shape[0] == n:
         return vec(apply(unvec(x.T, b_dim, a_dim))).T
     raise ShapeError(f"{who}: expected x [{n}] or [{n}, k], got {list(x.shape)}")
+
+
+# --------------------------------------------------------------------------- B X A
+
+
+def _row_elements(dtype: torch.dtype) -> int:
+    return max(1, ROW_ALIGNMENT // torch.empty(0, dtype=dtype).element_size())
+
+
+def aligned_empty(rows: int, cols: int, *, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[rows, cols]`` matrix (``like``'s dtype and device) whose rows start on
+    :data:`ROW_ALIGNMENT`-byte boundaries: the first ``cols`` columns of a buffer whose row
+    length is rounded up to that (the plain matrix when ``cols`` already fills whole lines).
+
+    BLAS reads such a matrix with its padded leading dimension.  Measured with MKL on one CPU
+    thread: (B X) A with X ``[1000, 785]`` (a Linear layer's 784 inputs and its bias column)
+    ran at 86 GFLOP/s and at 100 with 784 or 800 columns; ``[784, 1001]`` at 74 against 101.
+    """
+    per_row = _row_elements(like.dtype)
+    width = -(-cols // per_row) * per_row
+    buffer = torch.empty(rows, width, dtype=like.dtype, device=like.device)
+    return buffer if width == cols else buffer[:, :cols]
+
+
+def row_aligned(M: torch.Tensor) -> torch.Tensor:
+    """``M`` ``[rows, cols]`` in the layout of :func:`aligned_empty` (``M`` itself when its rows
+    are contiguous and start on :data:`ROW_ALIGNMENT`-byte boundaries already, else a copy)."""
+    size = M.element_size()
+    if M.stride(-1) == 1 and (M.stride(0) * size) % ROW_ALIGNMENT == 0 and M.data_ptr() % ROW_ALIGNMENT == 0:
+        return M
+    out = aligned_empty(*M.shape, like=M)
+    out.copy_(M)
+    return out
+
+
+#: :func:`two_sided` computes a row-major (B X) A when X ``[m, n]`` has n ≥ m and m·n ≥ this
+ROW_MAJOR_MIN = 8192
+
+
+def two_sided(B: torch.Tensor, X: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """B X A for one matrix X ``[m, n]`` (B ``[m, m]``, A ``[n, n]``, any matrices), in the GEMM
+    layout that MKL ran fastest, measured per shape on the MNIST auto-encoders' layers (one CPU
+    thread; the parameter update with the result included):
+
+    * n ≥ m and m·n ≥ :data:`ROW_MAJOR_MIN`: (B X) A into two :func:`aligned_empty` matrices.
+      The result is row-major, so an update with it reads rows (the transposed result's
+      update of the full auto-encoder took 3.3 ms against 0.4), and with B, X and A
+      row-aligned (:func:`row_aligned`) both GEMMs run at full speed: e.g. X ``[784, 1001]``
+      28.4 ms against 31.1, ``[100, 785]`` 1.49 against 1.63;
+    * otherwise ((Aᵀ Xᵀ) Bᵀ)ᵀ, a transposed result: with more rows than columns its GEMMs ran
+      faster (``[784, 101]`` 1.52 ms against 1.78, ``[500, 251]`` 2.06 against 2.30), and for a
+      small X two allocations more cost more than they save.
+
+    Under autograd (an operand that requires a gradient) it is the plain ``(B @ X) @ A``.
+    """
+    if torch.is_grad_enabled() and (B.requires_grad or X.requires_grad or A.requires_grad):
+        return (B @ X) @ A
+    m, n = X.shape
+    if n < m or m * n < ROW_MAJOR_MIN:
+        return ((A.mT @ X.mT) @ B.mT).mT
+    left = aligned_empty(m, n, like=X)
+    torch.mm(B, X, out=left)
+    out = aligned_empty(m, n, like=X)
+    return torch.mm(left, A, out=out)
