@@ -201,6 +201,32 @@ def test_kfac_factors_match_their_definitions(stats, setting):
     for (A, G), (A_ref, G_ref) in zip(got, expected):
         assert_close(A, A_ref)
         assert_close(G, G_ref)
+        assert torch.equal(A, A.T) and torch.equal(G, G.T)  # exactly symmetric
+
+
+@pytest.mark.parametrize("d_in, d_out", [(784, 300), (200, 785)])
+def test_wide_kfac_factors_are_exactly_symmetric_and_exact(d_in, d_out):
+    """Widths where the symmetric products recurse (≥ 192): the factors are bitwise symmetric
+    without a symmetrization of their own (Rows.exact_symmetric_gram) and equal the float64
+    definitions (3.19) to float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    m = 64
+    x = torch.cat([torch.randn(m, 1, d_in, generator=gen, dtype=F64), torch.ones(m, 1, 1, dtype=F64)], -1)
+    g = torch.randn(m, 1, 1, d_out, generator=gen, dtype=F64)
+    stats = LayerStatistics(x.float(), g.float(), 1.0 / m, Geometry.none())
+    assert stats.uses[0].a.exact_symmetric_gram
+    (A, G), = kfac_factors(stats)
+    assert torch.equal(A, A.T) and torch.equal(G, G.T)
+    assert_close(A, x[:, 0].T @ x[:, 0] / m, dtype=torch.float32)
+    assert_close(G, g[:, 0, 0].T @ g[:, 0, 0] / m, dtype=torch.float32)
+
+
+def test_a_gram_not_known_to_be_symmetric_is_symmetrized():
+    from curvlib.curvatures.factors import _symmetrized
+
+    M = torch.arange(9, dtype=F64).reshape(3, 3)
+    assert torch.equal(_symmetrized([M.clone()], 2.0, exact=False), M + M.T)
+    assert torch.equal(_symmetrized([M.clone(), M.clone()], 2.0, exact=True), 4 * M)  # trusted as given
 
 
 @few

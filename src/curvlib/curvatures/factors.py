@@ -101,19 +101,21 @@ def kfac_factors(stats: LayerStatistics, weight_sharing: WeightSharing = "expand
     terms = []
     for group in _groups(stats):
         T = sum(u.T for u in group)
-        A = _symmetrized([u.a.gram() for u in group], 1.0 / m)
-        G = _symmetrized([_g_gram(u.g) for u in group], scale / T)
+        A = _symmetrized([u.a.gram() for u in group], 1.0 / m, exact=all(u.a.exact_symmetric_gram for u in group))
+        G = _symmetrized([_g_gram(u.g) for u in group], scale / T, exact=True)
         terms.append((G, A) if group[0].transposed else (A, G))
     return terms
 
 
-def _symmetrized(grams: list[torch.Tensor], c: float) -> torch.Tensor:
+def _symmetrized(grams: list[torch.Tensor], c: float, *, exact: bool) -> torch.Tensor:
     """c·(S + Sᵀ)/2 for S the sum of ``grams``: one new matrix (the grams are fresh and summed in
-    place), not the five temporaries of the textbook expression."""
+    place), not the five temporaries of the textbook expression.  ``exact``: every gram is
+    exactly symmetric, and so is their sum (entrywise additions), so c·S is returned without
+    the transposed pass (~1 ms for a [1000, 1000] factor on one CPU thread)."""
     S = grams[0]
     for M in grams[1:]:
         S = S.add_(M)
-    return (S + S.mT).mul_(0.5 * c)
+    return S.mul_(c) if exact else (S + S.mT).mul_(0.5 * c)
 
 
 def _g_gram(g: torch.Tensor) -> torch.Tensor:
