@@ -30,11 +30,12 @@ def _layers(shapes, seed, dtype=F64):
             for i, (a, g) in enumerate(shapes)]
 
 
-@given(sizes=st.lists(st.sampled_from([1, 2, 3, 5]), min_size=1, max_size=7), seed=seeds)
-def test_cholesky_inverses_equal_the_per_matrix_routine(sizes, seed):
+@given(sizes=st.lists(st.sampled_from([1, 2, 3, 5]), min_size=1, max_size=7), seed=seeds,
+       batch=st.sampled_from([None, True, False]))
+def test_cholesky_inverses_equal_the_per_matrix_routine(sizes, seed, batch):
     mats = [spd(n, seed + i) for i, n in enumerate(sizes)]
     mats += [m.float() for m in mats[:2]]  # a second dtype: its own groups
-    out = cholesky_inverses(mats)
+    out = cholesky_inverses(mats, batch=batch)
     for M, inv in zip(mats, out):
         # the same LAPACK routine on the same matrix; a matrix inside a batch is not aligned as
         # one alone is, and BLAS may round its last bits differently
@@ -43,14 +44,27 @@ def test_cholesky_inverses_equal_the_per_matrix_routine(sizes, seed):
             assert_close(inv, torch.linalg.inv(M))
 
 
-def test_cholesky_inverses_marks_the_matrices_that_are_not_positive_definite():
+@pytest.mark.parametrize("batch", [None, True, False])
+def test_cholesky_inverses_marks_the_matrices_that_are_not_positive_definite(batch):
     good, bad = spd(4, 0), symmetric_indefinite(4, 1)
-    out = cholesky_inverses([good, bad, spd(4, 2), torch.zeros(4, 4, dtype=F64), spd(3, 3)])
+    out = cholesky_inverses([good, bad, spd(4, 2), torch.zeros(4, 4, dtype=F64), spd(3, 3)], batch=batch)
     assert out[1] is None and out[3] is None
     assert_close(out[0], torch.linalg.inv(good))
     assert_close(out[2], torch.linalg.inv(spd(4, 2)))
     assert_close(out[4], torch.linalg.inv(spd(3, 3)))
     assert cholesky_inverses([]) == []
+
+
+def test_cholesky_inverses_factor_alone_on_the_cpu_and_together_when_asked():
+    """CPU default: each inverse owns its storage (no stacked batch); batch=True: the inverses
+    of one shape are views into one batch."""
+    mats = [spd(4, 0), spd(4, 1), spd(3, 2)]
+    alone = cholesky_inverses(mats)
+    together = cholesky_inverses(mats, batch=True)
+    assert all(inv.untyped_storage().nbytes() == inv.numel() * inv.element_size() for inv in alone)
+    assert together[0].untyped_storage().data_ptr() == together[1].untyped_storage().data_ptr()
+    for a, b in zip(alone, together):
+        assert_close(a, b)
 
 
 # the full MNIST auto-encoder's widths, shrunk: three pairs of equal (d_a, d_g) and two singles
