@@ -216,3 +216,17 @@ def test_an_invert_many_that_returns_the_wrong_count_is_refused():
     approx = FakeApproximation(_layers(AE_LIKE[:3], seed=61))
     with pytest.raises(CurvlibError, match="invert_many returned 2 inverses for 3 blocks"):
         damped_inverse(approx, Short(value=0.1))
+
+
+def test_cholesky_inverses_alone_differentiates_and_reuses_one_scratch():
+    """The CPU path writes every Cholesky factor into one scratch buffer (out=, which autograd
+    refuses): a matrix that requires a gradient takes the plain call, and the inverses of
+    several sizes in one call are each correct (the scratch is reused, never returned)."""
+    M = spd(3, 7).requires_grad_()
+    inv = cholesky_inverses([M])[0]
+    (grad,) = torch.autograd.grad(inv.sum(), M)
+    assert torch.isfinite(grad).all()
+    mats = [spd(n, 20 + n) for n in (5, 2, 4, 5, 1)]
+    for M_, inv_ in zip(mats, cholesky_inverses(mats)):
+        assert_close(inv_, torch.linalg.inv(M_))
+        assert inv_.untyped_storage().nbytes() == inv_.numel() * inv_.element_size()
