@@ -192,3 +192,49 @@ def test_a_false_alarm_of_the_screen_does_not_skip_the_step():
             opt.step(batch=(X, y) if refresh else None)
         assert not opt.metrics["skipped"] and not torch.equal(model.scale, before)
     assert opt.preconditioner.step == 2
+
+
+@pytest.mark.parametrize("variant", ["separate", "tied"])
+def test_kl_scale_from_the_layer_plan_equals_the_adapters_pieces(variant):
+    """ν of appendix 3.E summed per layer through the layer-by-layer plan equals the general
+    path through each layer's adapter pieces (the plan set aside)."""
+    model, loss_fn, X, y, opt = _setup(variant)
+    opt.kl_clip = 1e-3
+    _backward(model, loss_fn, X, y, opt)
+    opt.step(batch=(X, y))
+    _backward(model, loss_fn, X, y, opt)
+    pre = opt.preconditioner
+    assert pre._layer_params is not None
+    grads = [p.grad for p in pre.params()]
+    directions = pre.apply(grads)
+    lean = opt._kl_scale(pre, directions, grads)
+    plan, pre._layer_params = pre._layer_params, None
+    try:
+        general = opt._kl_scale(pre, directions, grads)
+    finally:
+        pre._layer_params = plan
+    assert float(lean) < 1.0  # the clip acts
+    assert_close(lean, general, rtol=1e-13, atol=0.0)
+
+
+def test_kl_scale_takes_the_absolute_value_per_layer_not_per_parameter():
+    """Weight and bias terms of opposite signs inside one layer partly cancel before |·|."""
+    model, loss_fn, X, y, opt = _setup("separate")
+    opt.kl_clip = 1e-3
+    _backward(model, loss_fn, X, y, opt)
+    opt.step(batch=(X, y))
+    pre = opt.preconditioner
+    params = pre.params()
+    grads = [torch.full_like(p, 0.5) for p in params]
+    # weights: Δᵀg = +0.25 per entry; biases: −0.25·3 per entry
+    directions = [torch.full_like(p, 0.5) if p.ndim == 2 else torch.full_like(p, -1.5) for p in params]
+    per_layer = []
+    for ks in pre._layer_params:
+        per_layer.append(abs(sum(float((directions[k] * grads[k]).sum()) for k in ks)))
+    expected = min(1.0, (1e-3 / sum(per_layer)) ** 0.5)
+    assert float(opt._kl_scale(pre, directions, grads)) == pytest.approx(expected, rel=1e-13)
+    plan, pre._layer_params = pre._layer_params, None
+    try:
+        assert float(opt._kl_scale(pre, directions, grads)) == pytest.approx(expected, rel=1e-13)
+    finally:
+        pre._layer_params = plan
