@@ -238,3 +238,22 @@ def test_kl_scale_takes_the_absolute_value_per_layer_not_per_parameter():
         assert float(opt._kl_scale(pre, directions, grads)) == pytest.approx(expected, rel=1e-13)
     finally:
         pre._layer_params = plan
+
+
+def test_kl_scale_with_an_overflowing_product_is_zero_on_both_paths():
+    """A product Δᵀg that overflows to inf in one layer gives ν = 0 (no step) on the plan's
+    path as on the adapters' — never a NaN spread to the other layers."""
+    model, loss_fn, X, y, opt = _setup("separate")
+    opt.kl_clip = 1e-3
+    _backward(model, loss_fn, X, y, opt)
+    opt.step(batch=(X, y))
+    pre = opt.preconditioner
+    params = pre.params()
+    grads = [torch.full_like(p, 1e200 if k == 0 else 0.5) for k, p in enumerate(params)]
+    directions = [torch.full_like(p, 1e200 if k == 0 else 0.5) for k, p in enumerate(params)]
+    assert float(opt._kl_scale(pre, directions, grads)) == 0.0
+    plan, pre._layer_params = pre._layer_params, None
+    try:
+        assert float(opt._kl_scale(pre, directions, grads)) == 0.0
+    finally:
+        pre._layer_params = plan

@@ -144,10 +144,6 @@ def matvec_from_matrix_form(apply: Callable[[torch.Tensor], torch.Tensor], x: to
 # --------------------------------------------------------------------------- B X A
 
 
-def _row_elements(dtype: torch.dtype) -> int:
-    return max(1, ROW_ALIGNMENT // torch.empty(0, dtype=dtype).element_size())
-
-
 def aligned_empty(rows: int, cols: int, *, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised ``[rows, cols]`` matrix (``like``'s dtype and device) whose rows start on
     :data:`ROW_ALIGNMENT`-byte boundaries: the first ``cols`` columns of a buffer whose row
@@ -157,7 +153,7 @@ def aligned_empty(rows: int, cols: int, *, like: torch.Tensor) -> torch.Tensor:
     thread: (B X) A with X ``[1000, 785]`` (a Linear layer's 784 inputs and its bias column)
     ran at 86 GFLOP/s and at 100 with 784 or 800 columns; ``[784, 1001]`` at 74 against 101.
     """
-    per_row = _row_elements(like.dtype)
+    per_row = max(1, ROW_ALIGNMENT // like.element_size())
     width = -(-cols // per_row) * per_row
     buffer = torch.empty(rows, width, dtype=like.dtype, device=like.device)
     return buffer if width == cols else buffer[:, :cols]
