@@ -194,66 +194,56 @@ def test_a_false_alarm_of_the_screen_does_not_skip_the_step():
     assert opt.preconditioner.step == 2
 
 
-@pytest.mark.parametrize("variant", ["separate", "tied"])
-def test_kl_scale_from_the_layer_plan_equals_the_adapters_pieces(variant):
-    """ν of appendix 3.E summed per layer through the layer-by-layer plan equals the general
-    path through each layer's adapter pieces (the plan set aside)."""
+def _clipped(variant):
+    """An optimizer with KL clipping after one step (its plan built) and the gradients of a
+    second batch."""
     model, loss_fn, X, y, opt = _setup(variant)
     opt.kl_clip = 1e-3
     _backward(model, loss_fn, X, y, opt)
     opt.step(batch=(X, y))
     _backward(model, loss_fn, X, y, opt)
-    pre = opt.preconditioner
-    assert pre._layer_params is not None
-    grads = [p.grad for p in pre.params()]
-    directions = pre.apply(grads)
+    assert opt.preconditioner._layer_params is not None
+    return opt, opt.preconditioner
+
+
+def _both_paths(opt, pre, directions, grads):
+    """ν through the layer-by-layer plan, and through the adapters' pieces (the plan set aside)."""
     lean = opt._kl_scale(pre, directions, grads)
     plan, pre._layer_params = pre._layer_params, None
     try:
-        general = opt._kl_scale(pre, directions, grads)
+        return lean, opt._kl_scale(pre, directions, grads)
     finally:
         pre._layer_params = plan
+
+
+@pytest.mark.parametrize("variant", ["separate", "tied"])
+def test_kl_scale_from_the_layer_plan_equals_the_adapters_pieces(variant):
+    """ν of appendix 3.E summed per layer through the layer-by-layer plan equals the general
+    path through each layer's adapter pieces."""
+    opt, pre = _clipped(variant)
+    grads = [p.grad for p in pre.params()]
+    lean, general = _both_paths(opt, pre, pre.apply(grads), grads)
     assert float(lean) < 1.0  # the clip acts
     assert_close(lean, general, rtol=1e-13, atol=0.0)
 
 
 def test_kl_scale_takes_the_absolute_value_per_layer_not_per_parameter():
     """Weight and bias terms of opposite signs inside one layer partly cancel before |·|."""
-    model, loss_fn, X, y, opt = _setup("separate")
-    opt.kl_clip = 1e-3
-    _backward(model, loss_fn, X, y, opt)
-    opt.step(batch=(X, y))
-    pre = opt.preconditioner
+    opt, pre = _clipped("separate")
     params = pre.params()
     grads = [torch.full_like(p, 0.5) for p in params]
     # weights: Δᵀg = +0.25 per entry; biases: −0.25·3 per entry
     directions = [torch.full_like(p, 0.5) if p.ndim == 2 else torch.full_like(p, -1.5) for p in params]
-    per_layer = []
-    for ks in pre._layer_params:
-        per_layer.append(abs(sum(float((directions[k] * grads[k]).sum()) for k in ks)))
+    per_layer = [abs(sum(float((directions[k] * grads[k]).sum()) for k in ks)) for ks in pre._layer_params]
     expected = min(1.0, (1e-3 / sum(per_layer)) ** 0.5)
-    assert float(opt._kl_scale(pre, directions, grads)) == pytest.approx(expected, rel=1e-13)
-    plan, pre._layer_params = pre._layer_params, None
-    try:
-        assert float(opt._kl_scale(pre, directions, grads)) == pytest.approx(expected, rel=1e-13)
-    finally:
-        pre._layer_params = plan
+    for nu in _both_paths(opt, pre, directions, grads):
+        assert float(nu) == pytest.approx(expected, rel=1e-13)
 
 
 def test_kl_scale_with_an_overflowing_product_is_zero_on_both_paths():
     """A product Δᵀg that overflows to inf in one layer gives ν = 0 (no step) on the plan's
     path as on the adapters' — never a NaN spread to the other layers."""
-    model, loss_fn, X, y, opt = _setup("separate")
-    opt.kl_clip = 1e-3
-    _backward(model, loss_fn, X, y, opt)
-    opt.step(batch=(X, y))
-    pre = opt.preconditioner
-    params = pre.params()
-    grads = [torch.full_like(p, 1e200 if k == 0 else 0.5) for k, p in enumerate(params)]
-    directions = [torch.full_like(p, 1e200 if k == 0 else 0.5) for k, p in enumerate(params)]
-    assert float(opt._kl_scale(pre, directions, grads)) == 0.0
-    plan, pre._layer_params = pre._layer_params, None
-    try:
-        assert float(opt._kl_scale(pre, directions, grads)) == 0.0
-    finally:
-        pre._layer_params = plan
+    opt, pre = _clipped("separate")
+    big = [torch.full_like(p, 1e200 if k == 0 else 0.5) for k, p in enumerate(pre.params())]
+    for nu in _both_paths(opt, pre, big, [t.clone() for t in big]):
+        assert float(nu) == 0.0
