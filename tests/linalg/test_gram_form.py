@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from curvlib.errors import NumericalError
 from curvlib.linalg.geometry import Geometry
@@ -340,6 +341,46 @@ def test_blocked_symmetric_kernels_equal_one_gemm(n, d, k, seed):
     assert torch.equal(W, W.mT)  # bitwise: mirrored blocks, symmetrized diagonal tiles
     S = _symmetric_product(X.T.float(), X.float())
     assert torch.equal(S, S.mT)
+
+
+class _GEMMs(TorchFunctionMode):
+    """Counts the matrix products issued inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__matmul__", "matmul", "mm", "bmm"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device, gemms", [("cpu", 15), ("meta", 1)])
+def test_symmetric_kernels_split_in_blocks_on_the_cpu_only(device, gemms):
+    """d = 1000 is split three levels deep on the CPU (7 off-diagonal blocks and 8 base tiles);
+    on any other device (here the meta device, standing in for an accelerator) it is one GEMM
+    — a launch per block would cost more than the multiply-adds it saves there."""
+    X = torch.randn(16, 1000, device=device)
+    M = torch.randn(1, 1000, 1000, device=device)
+    for kernel in (lambda: _symmetric_product(X.T, X), lambda: _quadratic_forms(X, M)):
+        with _GEMMs() as counted:
+            kernel()
+        assert counted.count == gemms
+
+
+@pytest.mark.cuda
+def test_symmetric_kernels_on_cuda_are_exact_and_symmetric():
+    g_ = gen(5)
+    X = torch.randn(64, 785, generator=g_, dtype=F64)
+    w = torch.randn(64, 2, generator=g_, dtype=F64)
+    M = torch.randn(2, 785, 785, generator=g_, dtype=F64)
+    Xc, wc, Mc = X.cuda(), w.cuda(), M.cuda()
+    assert_close(_weighted_gram(Xc, wc).cpu(), torch.einsum("nk,ni,nj->kij", w, X, X))
+    assert_close(_quadratic_forms(Xc, Mc).cpu(), torch.einsum("ni,kij,nj->kn", X, M, X))
+    S = _symmetric_product(Xc.T.float(), Xc.float())
+    assert torch.equal(S, S.mT)
+    assert_close(S.cpu(), X.T.float() @ X.float(), dtype=torch.float32)
 
 
 def test_unvec_of_a_warm_start_is_read_column_major():

@@ -48,6 +48,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 SYMMETRIC_BLOCKS_FROM = 192
 
 
+def split_symmetric(t: torch.Tensor, d: int) -> bool:
+    """Whether a symmetric product or quadratic form of width ``d`` on ``t``'s device is split
+    in blocks (:func:`symmetric_product`): from :data:`SYMMETRIC_BLOCKS_FROM` on, on the CPU
+    only.  The blocking was measured on the CPU, where it saves multiply-adds at the price of a
+    few block copies; on an accelerator each block is a kernel launch (15 GEMMs, 8
+    symmetrizations and the copies for d = 1000 instead of one GEMM and one symmetrization),
+    and at these widths the launches cost more than the multiply-adds they save."""
+    return d >= SYMMETRIC_BLOCKS_FROM and t.device.type == "cpu"
+
+
 def symmetric_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """L @ R for a product known to be symmetric (Lᵀ = D R for a diagonal D): ``L [..., d, n]``,
     ``R [n, d]`` -> ``[..., d, d]``, **exactly** symmetric (Mᵢⱼ = Mⱼᵢ bitwise).
@@ -56,11 +66,12 @@ def symmetric_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     below is its transpose, and the two diagonal blocks are symmetric products again, down to
     blocks narrower than :data:`SYMMETRIC_BLOCKS_FROM`, each one GEMM made symmetric as
     (M + Mᵀ)/2: 5/8 of one GEMM's multiply-adds at two levels (d = 785: 4.7 ms against 5.7 ms
-    for one level and a symmetrization of the whole, n = 512, one CPU thread).  Callers need no
+    for one level and a symmetrization of the whole, n = 512, one CPU thread).  On an
+    accelerator it is one GEMM made symmetric (:func:`split_symmetric`).  Callers need no
     symmetrization of their own.
     """
     d = R.shape[1]
-    if d < SYMMETRIC_BLOCKS_FROM:
+    if not split_symmetric(R, d):
         M = L @ R
         return (M + M.mT).mul_(0.5)
     h = d // 2

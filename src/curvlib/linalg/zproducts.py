@@ -64,7 +64,7 @@ from curvlib.linalg.kron import unvec, vec
 from curvlib.linalg.kronecker_sum import KroneckerSum
 from curvlib.linalg.operator import LinearOperator
 from curvlib.linalg.rows import DenseRows, OneHotRows, Rows, as_rows
-from curvlib.linalg.rows import SYMMETRIC_BLOCKS_FROM
+from curvlib.linalg.rows import split_symmetric
 from curvlib.linalg.rows import symmetric_product as _symmetric_product  # one kernel for rows and Gram sides
 from curvlib.linalg.svd import GramOperator
 
@@ -546,10 +546,11 @@ def _quadratic_forms(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     A quadratic form sees only the symmetric part of M, so with d split in two it is
     x₁ᵀM₁₁x₁ + x₁ᵀ(M₁₂ + M₂₁ᵀ)x₂ + x₂ᵀM₂₂x₂: one GEMM of a quarter for the cross term and two
     quadratic forms again, down to widths below ``SYMMETRIC_BLOCKS_FROM`` (5/8 of the
-    multiply-adds of X M at two levels; d = 785, n = 512: 5.0 ms against 5.4 for one level).
+    multiply-adds of X M at two levels; d = 785, n = 512: 5.0 ms against 5.4 for one level),
+    on the CPU only (:func:`~curvlib.linalg.rows.split_symmetric`).
     """
     d = X.shape[1]
-    if d < SYMMETRIC_BLOCKS_FROM:
+    if not split_symmetric(X, d):
         return ((X @ M) * X).sum(-1)
     h = d // 2
     X1, X2 = X[:, :h], X[:, h:]
