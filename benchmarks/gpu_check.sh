@@ -7,7 +7,7 @@
 #   1. the `cuda`-marked tests (pytest -m cuda), then the background-inversion and
 #      batched-inversion test files whole;
 #   2. host_syncs.py: host synchronisations per step kind;
-#   3. batched_inversion.py and background_inversion.py on the GPU;
+#   3. batched_inversion.py, background_inversion.py and symmetric_kernels.py on the GPU;
 #   4. step_cost.py --device cuda --background at batch 512 and 4096 (peers skipped).
 #
 # Wheels of the missing packages go in .whl/ of the checkout first (ignored by git), made on a
@@ -47,6 +47,7 @@ step inversion_tests 120 python3 -m pytest -p no:cacheprovider -q tests/precond/
 step host_syncs 120 python3 benchmarks/host_syncs.py
 step batched_inversion 60 python3 benchmarks/batched_inversion.py
 step background_inversion 120 python3 benchmarks/background_inversion.py
+step symmetric_kernels 60 python3 benchmarks/symmetric_kernels.py --device cuda --widths 251 501 1001 2048 4096
 step step_cost_512 150 python3 benchmarks/step_cost.py --device cuda --background --methods kfac --skip-peers
 step step_cost_4096 150 python3 benchmarks/step_cost.py --device cuda --background --methods kfac --skip-peers \
     --batch 4096
