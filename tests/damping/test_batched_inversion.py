@@ -40,6 +40,8 @@ def test_cholesky_inverses_equal_the_per_matrix_routine(sizes, seed, batch):
         # the same LAPACK routine on the same matrix; a matrix inside a batch is not aligned as
         # one alone is, and BLAS may round its last bits differently
         assert_close(inv, torch.cholesky_inverse(torch.linalg.cholesky(M)))
+        # exactly symmetric, and row-major (a row-aligned copy reads it in order)
+        assert torch.equal(inv, inv.mT) and inv.stride(-1) == 1 and inv.stride(-2) == M.shape[0]
         if M.dtype == F64:
             assert_close(inv, torch.linalg.inv(M))
 
