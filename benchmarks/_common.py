@@ -66,13 +66,15 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, reference: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Time the callables interleaved (A B C A B C …, ``rounds`` rounds, after one untimed call
-    of each) and return, per name, the median over rounds of its time **divided by the
-    reference's time in the same round**, and its median time in seconds.  A machine that
-    slows down for a while slows every callable of those rounds alike."""
-    for fn in fns.values():
-        fn()  # warm-up
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, reference: str,
+                warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Time the callables interleaved (A B C A B C …, ``rounds`` rounds, after ``warmup``
+    untimed rounds of the same order) and return, per name, the median over rounds of its time
+    **divided by the reference's time in the same round**, and its median time in seconds.  A
+    machine that slows down for a while slows every callable of those rounds alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

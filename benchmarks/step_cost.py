@@ -9,7 +9,9 @@ Problem: the thesis's MNIST auto-encoder (appendix 3.D, problem 1),
 
 Part 1 — curvlib's natural-gradient steps. For each method three kinds of step are timed
 **interleaved** with SGD and Adam (one step of each per round, ``--repeats`` rounds (at least
-5) after one untimed step each; every ratio is the median over rounds of the step's time
+5) after ``--warmup`` untimed rounds (3: a process holding many optimizers settles its heap in
+the first rounds, and until then an inversion's new matrices can land on fresh pages and
+page-fault); every ratio is the median over rounds of the step's time
 divided by that round's SGD step), each with the optimizer's whole ``zero_grad`` / forward /
 backward / ``step(batch=...)``:
 
@@ -209,7 +211,7 @@ COST_HEADER = ["plain", "lim", "refresh", "lim", "refresh+invert", "lim", "amort
 
 
 def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
-          background: bool = False) -> tuple[float, list[list[str]]]:
+          background: bool = False, warmup: int = 1) -> tuple[float, list[list[str]]]:
     """Every step kind of every method timed interleaved with SGD (one step of each per round;
     each ratio is the median over rounds of time / that round's SGD step), with the FLOP-model
     limits of the methods in :data:`FLOP_MODELS`; ``background``: also each method's
@@ -225,7 +227,7 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
                 fns[(name, "background")] = stepper_for(problem, name, registry, X, Y, *KINDS["full"], background=True)
         except Exception as exc:  # report and go on: one method must not hide the others
             failed[name] = exc
-    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
+    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd", warmup=warmup)
     sgd = seconds["sgd"]
     adam = fmt_ratio(ratio["adam"])
     rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
@@ -462,7 +464,7 @@ def part3_check(problem, registry, X, Y, peers: list[PeerOptimizer]) -> tuple[li
 
 
 def part3_time(problem, registry, X, Y, peers: list[PeerOptimizer], repeats: int, T1: int,
-               T2: int) -> list[list[str]]:
+               T2: int, warmup: int = 1) -> list[list[str]]:
     """The step kinds of SGD, curvlib's ``kfac`` and every peer timed interleaved (one step of
     each per round, ratios to that round's SGD step), with their FLOP-model limits."""
     fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1)}
@@ -478,7 +480,7 @@ def part3_time(problem, registry, X, Y, peers: list[PeerOptimizer], repeats: int
             failed[peer.name] = exc
             for kind in KINDS:
                 fns.pop((peer.name, kind), None)
-    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd")
+    ratio, seconds = interleaved(fns, max(repeats, 5), reference="sgd", warmup=warmup)
     shapes, m = linear_shapes(problem.model_fn(0)), X.shape[0]
     rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{seconds['sgd'] * 1e3:.1f}"],
             ["curvlib kfac", *cost_cells(ratio, seconds, "curvlib kfac", T1, T2, step_limits(CURVLIB_KFAC, shapes, m))]]
@@ -534,7 +536,7 @@ def run_part3(args, problem, registry, X, Y) -> None:
     T1, T2 = args.update_every, args.invert_every
     print(f"\n[3b] peers' optimizer steps relative to one SGD step, interleaved with curvlib's kfac (T1 = {T1}, "
           f"T2 = {T2}, λ {DAMPING:g}, 1 MC sample, batch {X.shape[0]}); lim = FLOP-model limit", flush=True)
-    rows = part3_time(problem, registry, X, Y, peers, args.repeats, T1, T2)
+    rows = part3_time(problem, registry, X, Y, peers, args.repeats, T1, T2, args.warmup)
     print(table(["optimizer", *COST_HEADER], rows))
     for peer in peers:
         print(f"  {peer.name}: {peer.summary}")
@@ -545,6 +547,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--check-batch", type=int, default=16, help="batch of the exact-GGN factor check")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed interleaved rounds before the timed ones in parts 1 and 3: a process that "
+                        "holds several optimizers reaches its steady heap only after a few rounds, and until then "
+                        "the matrices of an inversion can land on fresh pages and page-fault")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--update-every", type=int, default=10)
     parser.add_argument("--invert-every", type=int, default=100)
@@ -583,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         T1, T2 = args.update_every, args.invert_every
         print(f"\n[1] one optimizer step relative to one SGD step (T1 = {T1}, T2 = {T2}; amortized over T1, T2; "
               "lim = FLOP-model limit)", flush=True)
-        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2, args.background)
+        sgd, rows = part1(problem, registry, X, Y, args.methods, args.repeats, T1, T2, args.background, args.warmup)
         print(table(["method", *COST_HEADER], rows))
 
     if args.skip_peers or device.type != "cpu":
