@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from curvlib.errors import ConfigError, NotPSDError, NumericalError, NumericalWarning, ShapeError
 from curvlib.linalg.inverse import (
+    _whitening,
     KroneckerEigen,
     TwoTermKroneckerInverse,
     eigh_safe,
@@ -231,6 +232,59 @@ def test_two_term_inverse_random_symmetric_correction(a, b, data, seed, scale):
     assert_close(inv.solve(X), dense_solve(M, X), rtol=1e-8)
     # a μ within rounding of the floor may fall either side in the two routes
     assert abs(inv.n_clamped - n_clamped_ref) <= int(((vec(inv.mu) - floor).abs() < 1e-9).sum())
+
+
+class _CountingEigh:
+    def __init__(self) -> None:
+        self.calls, self.eigh = 0, torch.linalg.eigh
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.eigh(*args, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["cholesky", "eigen"])
+def test_two_term_inverse_whitening_routes_agree_with_dense(route, monkeypatch):
+    """The leading factors are whitened by Cholesky (W = L⁻¹), or — when the factorisation
+    fails (forced here) — by A^{-1/2}; both give the documented operator, and the Cholesky
+    route decomposes only the two whitened corrections."""
+    A, B = spd(5, seed=21), spd(4, seed=22)
+    C, D = indefinite_pair(A, B, [-3.0, 0.5, 2.0, 0.1, -0.4], [1.5, 0.2, -1.0, 0.7])
+    if route == "eigen":
+        failed = lambda M: (torch.linalg.cholesky(M), torch.ones((), dtype=torch.int32))  # noqa: E731
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", failed)
+    counter = _CountingEigh()
+    monkeypatch.setattr(torch.linalg, "eigh", counter)
+    inv = TwoTermKroneckerInverse(A, B, C, D, floor=1e-2)
+    assert counter.calls == (2 if route == "cholesky" else 4)
+    M, n_clamped = clamped_reference(A, B, C, D, 1e-2)
+    assert inv.n_clamped == n_clamped > 0
+    X = randn(3, 4, 5, seed=4)
+    assert_close(inv.solve(X), dense_solve(M, X))
+    assert_close(inv.to_dense_matrix(), M)
+    for K, S in ((inv.K1, A), (inv.K2, B)):  # Kᵀ A K = I
+        assert_close(K.T @ S @ K, torch.eye(S.shape[0], dtype=S.dtype), atol=1e-12)
+
+
+def _spread(n: int, low: float, dtype: torch.dtype) -> torch.Tensor:
+    """A symmetric matrix with eigenvalues logspace(0, log10 low) in a random basis."""
+    Q, _ = torch.linalg.qr(randn(n, n, seed=7))
+    return ((Q * torch.logspace(0, torch.log10(torch.tensor(low)).item(), n, dtype=torch.float64)) @ Q.T).to(dtype)
+
+
+def test_whitening_keeps_the_exact_positive_definiteness_rule(monkeypatch):
+    """The Cholesky route is taken only where two bounds certify λ_min > eps·λ_max; past the
+    bounds the eigenvalues decide, as before the Cholesky route: κ = 1e6 in float32 (above
+    1/(n·eps), below 1/eps) is accepted through an eigendecomposition, κ = 1e9 refused."""
+    counter = _CountingEigh()
+    monkeypatch.setattr(torch.linalg, "eigh", counter)
+    W = _whitening(_spread(50, 1e-6, torch.float32), "A", "test")
+    assert counter.calls == 1 and W.shape == (50, 50)
+    with pytest.raises(NotPSDError, match="A must be symmetric positive definite"):
+        _whitening(_spread(50, 1e-9, torch.float32), "A", "test")
+    counter.calls = 0
+    _whitening(_spread(50, 1e-3, torch.float32), "A", "test")  # certified: no eigendecomposition
+    assert counter.calls == 0
 
 
 def test_two_term_inverse_errors():

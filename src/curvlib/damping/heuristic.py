@@ -20,7 +20,8 @@ cross terms that §4.4.2 credits for KFAC's success over block-diagonal natural 
   factor's eigenvalues are clamped at 0 (``info.n_clamped`` counts those below by more
   than rounding).
 - Two terms: :class:`curvlib.linalg.TwoTermKroneckerInverse` on
-  (A_1 + π√λI, B_1 + π⁻¹√λI, A_2, B_2).  Its rule for an indefinite correction: with
+  (A_1 + π√λI, B_1 + π⁻¹√λI, A_2, B_2): the damped factors whitened by Cholesky, one
+  eigendecomposition per whitened correction.  Its rule for an indefinite correction: with
   μ_ji = 1 + s2_j s1_i the joint eigenvalues of M relative to the damped leading term,
   every μ_ji is raised to max(μ_ji, ``floor``), so the operator inverted is symmetric
   positive definite, ⪰ floor·(A_1 + π√λI)⊗(B_1 + π⁻¹√λI) ⪰ floor·λI, and equal to M on

@@ -358,30 +358,49 @@ def _factor_alone(matrices: Sequence[torch.Tensor], indices: list[int], out: lis
 # --------------------------------------------------------------------------- A ⊗ B + C ⊗ D
 
 
-def _spd_inverse_sqrt(M: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M^{-1/2}, M^{1/2})`` of a symmetric positive definite M ``[n, n]``."""
+def _whitening(M: torch.Tensor, name: str, caller: str) -> torch.Tensor:
+    """W ``[n, n]`` with W M Wᵀ = I for a symmetric M ``[n, n]`` that is positive definite in
+    its dtype (smallest eigenvalue above eps·the largest; :class:`NotPSDError` otherwise).
+
+    W = L⁻¹ of the Cholesky factor M = LLᵀ (the reduction LAPACK's ``sygv`` makes) when the
+    factorisation succeeds and two cheap bounds certify the eigenvalue condition:
+    λ_min ≥ 1/tr(M⁻¹) = 1/‖L⁻¹‖²_F and λ_max ≤ ‖M‖_∞.  Otherwise the condition is checked
+    exactly on M's eigendecomposition and W = M^{-1/2}.  Any whitening gives the same
+    simultaneous diagonalization; the Cholesky one costs a factorisation and a triangular
+    inverse instead of an eigendecomposition (n = 785, one CPU thread: 15 ms against 51 ms,
+    plus the GEMM that forms M^{-1/2}).
+    """
+    n = M.shape[0]
+    eps = torch.finfo(M.dtype).eps
+    L, info = torch.linalg.cholesky_ex(M)
+    W = torch.linalg.solve_triangular(L, torch.eye(n, dtype=M.dtype, device=M.device), upper=False)
+    lowest = 1.0 / torch.linalg.vector_norm(W).square()  # ≤ λ_min when L is M's factor
+    certified = (info == 0) & (lowest > eps * M.abs().sum(-1).amax())  # NaN of a failed factor: False
+    if bool(certified):  # the one host read of the Cholesky route
+        return W
     e, Q = eigh_safe(M)
     e_max = float(e.abs().max())
     e_min = float(e.min())
-    # an eigenvalue within rounding (eps·‖M‖) of zero makes M^{-1/2} noise: M is not
+    # an eigenvalue within rounding (eps·‖M‖) of zero makes any whitening noise: M is not
     # numerically positive definite
-    if not e_min > torch.finfo(M.dtype).eps * e_max:
+    if not e_min > eps * e_max:
         raise NotPSDError(
             f"{caller}: {name} must be symmetric positive definite; its smallest eigenvalue is {e_min:.3e} "
             f"(largest {e_max:.3e}). Damp it first (e.g. with pi_split) before inverting A⊗B + C⊗D."
         )
-    root = e.sqrt()
-    return (Q / root) @ Q.T, (Q * root) @ Q.T
+    return (Q / e.sqrt()) @ Q.T
 
 
 class TwoTermKroneckerInverse:
     """(A⊗B + C⊗D)⁻¹ by simultaneous diagonalization (§3.2.5, after Martens & Grosse).
 
     With A ``[d_a, d_a]``, B ``[d_b, d_b]`` SPD and C ``[d_a, d_a]``, D ``[d_b, d_b]``
-    symmetric (possibly indefinite):
+    symmetric (possibly indefinite), and whitenings W_A A W_Aᵀ = I, W_B B W_Bᵀ = I
+    (:func:`_whitening`: L⁻¹ of the Cholesky factor, or A^{-1/2} — §3.2.5 writes A^{-1/2};
+    every whitening gives the same operator):
 
-        A^{-1/2} C A^{-1/2} = E1 diag(s1) E1ᵀ,   B^{-1/2} D B^{-1/2} = E2 diag(s2) E2ᵀ,
-        K1 = A^{-1/2} E1,  K2 = B^{-1/2} E2,
+        W_A C W_Aᵀ = E1 diag(s1) E1ᵀ,   W_B D W_Bᵀ = E2 diag(s2) E2ᵀ,
+        K1 = W_Aᵀ E1,  K2 = W_Bᵀ E2,
 
     so K1ᵀ A K1 = I, K1ᵀ C K1 = diag(s1) (likewise for K2), and
 
@@ -394,7 +413,7 @@ class TwoTermKroneckerInverse:
     not positive definite.  Every μ_ji is replaced by max(μ_ji, ``floor``); the operator
     inverted is then exactly
 
-        M = (A^{1/2}E1 ⊗ B^{1/2}E2) diag(vec(max(μ, floor))) (A^{1/2}E1 ⊗ B^{1/2}E2)ᵀ,
+        M = (A K1 ⊗ B K2) diag(vec(max(μ, floor))) (A K1 ⊗ B K2)ᵀ      (A K1 = K1⁻ᵀ),
 
     which is symmetric positive definite, equals A⊗B + C⊗D on every joint eigendirection
     with μ_ji ≥ floor, and is never below ``floor``·(A⊗B) (μ is measured in units of
@@ -442,16 +461,15 @@ class TwoTermKroneckerInverse:
         if not (math.isfinite(floor) and floor > 0):
             raise ConfigError(f"{caller}: floor must be finite and > 0, got {floor}")
 
-        A_isqrt, A_sqrt = _spd_inverse_sqrt(0.5 * (A + A.T), "A", caller)
-        B_isqrt, B_sqrt = _spd_inverse_sqrt(0.5 * (B + B.T), "B", caller)
-        s1, E1 = eigh_safe(A_isqrt @ C @ A_isqrt)
-        s2, E2 = eigh_safe(B_isqrt @ D @ B_isqrt)
+        A, B = 0.5 * (A + A.T), 0.5 * (B + B.T)
+        W_A, W_B = _whitening(A, "A", caller), _whitening(B, "B", caller)
+        s1, E1 = eigh_safe(W_A @ C @ W_A.T)
+        s2, E2 = eigh_safe(W_B @ D @ W_B.T)
 
         self.floor = floor
         self.s1, self.s2 = s1, s2
-        self.K1, self.K2 = A_isqrt @ E1, B_isqrt @ E2
-        # K^{-T} = A^{1/2} E: kept for to_dense_matrix, cheap (d² each)
-        self._K1_invT, self._K2_invT = A_sqrt @ E1, B_sqrt @ E2
+        self.K1, self.K2 = W_A.T @ E1, W_B.T @ E2
+        self._A, self._B = A, B  # K⁻ᵀ = A K (KᵀAK = I), formed by to_dense_matrix only
         self.mu = 1.0 + s2[:, None] * s1[None, :]
         self.mu_clamped = self.mu.clamp_min(floor)
         self.n_clamped = int((self.mu < floor).sum())
@@ -481,7 +499,7 @@ class TwoTermKroneckerInverse:
         M = (K1⊗K2)⁻ᵀ diag(vec(max(μ, floor))) (K1⊗K2)⁻¹, in the column-major vec
         convention; M = A⊗B + C⊗D when nothing was clamped.
         """
-        W = torch.kron(self._K1_invT, self._K2_invT)
+        W = torch.kron(self._A @ self.K1, self._B @ self.K2)
         # vec of μ [d_b, d_a] stacks columns: entry (j, i) lands at i·d_b + j
         mu_vec = self.mu_clamped.T.reshape(-1)
         return (W * mu_vec) @ W.T
