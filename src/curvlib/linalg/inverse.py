@@ -461,15 +461,16 @@ class TwoTermKroneckerInverse:
         if not (math.isfinite(floor) and floor > 0):
             raise ConfigError(f"{caller}: floor must be finite and > 0, got {floor}")
 
-        A, B = 0.5 * (A + A.T), 0.5 * (B + B.T)
-        W_A, W_B = _whitening(A, "A", caller), _whitening(B, "B", caller)
+        W_A, W_B = _whitening(0.5 * (A + A.T), "A", caller), _whitening(0.5 * (B + B.T), "B", caller)
         s1, E1 = eigh_safe(W_A @ C @ W_A.T)
         s2, E2 = eigh_safe(W_B @ D @ W_B.T)
 
         self.floor = floor
         self.s1, self.s2 = s1, s2
         self.K1, self.K2 = W_A.T @ E1, W_B.T @ E2
-        self._A, self._B = A, B  # K⁻ᵀ = A K (KᵀAK = I), formed by to_dense_matrix only
+        # the caller's factors (references, no copy): K⁻ᵀ = A K (KᵀAK = I) for the symmetrized A,
+        # formed by to_dense_matrix only
+        self._A, self._B = A, B
         self.mu = 1.0 + s2[:, None] * s1[None, :]
         self.mu_clamped = self.mu.clamp_min(floor)
         self.n_clamped = int((self.mu < floor).sum())
@@ -499,7 +500,8 @@ class TwoTermKroneckerInverse:
         M = (K1⊗K2)⁻ᵀ diag(vec(max(μ, floor))) (K1⊗K2)⁻¹, in the column-major vec
         convention; M = A⊗B + C⊗D when nothing was clamped.
         """
-        W = torch.kron(self._A @ self.K1, self._B @ self.K2)
+        A, B = 0.5 * (self._A + self._A.T), 0.5 * (self._B + self._B.T)
+        W = torch.kron(A @ self.K1, B @ self.K2)
         # vec of μ [d_b, d_a] stacks columns: entry (j, i) lands at i·d_b + j
         mu_vec = self.mu_clamped.T.reshape(-1)
         return (W * mu_vec) @ W.T
