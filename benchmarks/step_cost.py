@@ -29,6 +29,14 @@ The amortized cost over a schedule T1 = ``--update-every``, T2 = ``--invert-ever
 
 and every cost is printed divided by the median SGD step (momentum 0.9) of the same run.
 
+The row "sgd + application GEMMs" is the floor of an explicit-inverse KFAC's plain step on
+this machine, measured in the same rounds: SGD's step followed by nothing but the two GEMMs
+per Linear layer, G⁻¹ X A⁻¹ with X of the layer's [∇W ∇b] shape, on fixed row-aligned
+operands in the layout curvlib measured fastest (:func:`curvlib.linalg.kron.two_sided`) — no
+gradient copies, no update with the result, no checks.  Its ratio against the FLOP limit says
+how fast this CPU runs the application's GEMMs against SGD's; curvlib's plain step against it,
+what the library adds.
+
 Part 2 — peers. The KFAC factors of one batch from curvlib and from the peer libraries
 that are installed (curvlinops' ``KFACLinearOperator``, BackPACK's ``KFAC``/``KFLR``
 extensions) are first **checked against each other**, then timed:
@@ -131,6 +139,7 @@ from torch import nn
 from curvlib.bench.methods import resolve_method
 from curvlib.bench.problems import PROBLEMS
 from curvlib.bench.training_step import build_training_step
+from curvlib.linalg.kron import aligned_empty, row_aligned, two_sided
 from curvlib.plugins import load_registry
 
 # benchmarks/_common.py, _flops.py, _peers.py (this folder is on sys.path)
@@ -189,6 +198,33 @@ def step_timer(problem, method_name: str, registry, X, Y, T1: int, T2: int, repe
     return median_time(stepper_for(problem, method_name, registry, X, Y, T1, T2), repeats)
 
 
+def application_kernels(problem, registry, X, Y):
+    """SGD's step followed by nothing but the application's two GEMMs per Linear layer
+    (module docstring: the floor of a plain step), as a callable."""
+    sgd = stepper_for(problem, "sgd", registry, X, Y, 1, 1)
+    generator = torch.Generator(device=X.device).manual_seed(2)
+
+    def aligned_random(rows: int, cols: int) -> torch.Tensor:
+        out = aligned_empty(rows, cols, like=X)
+        out.copy_(torch.randn(rows, cols, generator=generator, device=X.device))
+        return out
+
+    def spd(d: int) -> torch.Tensor:
+        B = aligned_random(d, d) / d
+        return row_aligned(B @ B.T + torch.eye(d, device=X.device))
+
+    operands = [(spd(d_out), aligned_random(d_out, d_in + 1), spd(d_in + 1))
+                for d_in, d_out in linear_shapes(problem.model_fn(0))]
+
+    def step() -> None:
+        sgd()
+        for G_inv, M, A_inv in operands:
+            two_sided(G_inv, M, A_inv)
+        if X.device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
 def cost_cells(ratio: dict, seconds: dict, name, T1: int, T2: int, limits: StepLimits | None,
                inverts: bool = True) -> list[str]:
     """plain, its limit, refresh, limit, refresh+invert, limit, amortized, limit, amortized [ms] of
@@ -217,7 +253,8 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
     limits of the methods in :data:`FLOP_MODELS`; ``background``: also each method's
     refresh+invert step with ``background_inversion=True`` (its row "<name>, background")."""
     fns = {"sgd": stepper_for(problem, "sgd", registry, X, Y, 1, 1),
-           "adam": stepper_for(problem, "adam", registry, X, Y, 1, 1)}
+           "adam": stepper_for(problem, "adam", registry, X, Y, 1, 1),
+           "kernels": application_kernels(problem, registry, X, Y)}
     failed = {}
     for name in methods:
         try:
@@ -233,6 +270,9 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
     rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
             ["adam", adam, "-", "-", "-", "-", "-", adam, "-", f"{seconds['adam'] * 1e3:.1f}"]]
     shapes = linear_shapes(problem.model_fn(0))
+    floor = step_limits(CURVLIB_KFAC, shapes, X.shape[0]).plain
+    rows.append(["sgd + application GEMMs", fmt_ratio(ratio["kernels"]), fmt_ratio(floor), *["-"] * 6,
+                 f"{seconds['kernels'] * 1e3:.1f}"])
     for name in methods:
         if name in failed:
             exc = failed[name]

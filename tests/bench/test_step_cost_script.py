@@ -47,6 +47,34 @@ def test_nvtx_stub_makes_ranges_no_ops(benchmarks_on_path, monkeypatch):
         pass
 
 
+def test_application_floor_runs_two_gemms_per_layer_after_sgd(benchmarks_on_path):
+    """The floor row's step: SGD's step, then exactly two matrix products per Linear layer, of
+    the inverses' shapes (G⁻¹ [d_out, d_out], A⁻¹ [d_in+1, d_in+1]) — and nothing else."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from curvlib.bench.problems import PROBLEMS
+    from curvlib.plugins import load_registry
+    from step_cost import application_kernels
+
+    problem = PROBLEMS["mnist_autoencoder"](small=True)
+    X = problem.dataset.X_train[:16]
+    step = application_kernels(problem, load_registry(), X, X)
+    products = []
+
+    class Products(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("mm", "matmul", "__matmul__"):
+                products.append((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        step()
+    widths = problem.widths
+    square = sorted(a if a[0] == a[1] else b for a, b in products)  # each product's inverse operand
+    assert square == sorted([(d, d) for d_in, d_out in zip(widths[:-1], widths[1:]) for d in (d_out, d_in + 1)])
+
+
 def test_script_runs_on_the_small_autoencoder():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "step_cost.py"), "--small", "--methods", "kfac", "--repeats", "1",
@@ -57,5 +85,8 @@ def test_script_runs_on_the_small_autoencoder():
     assert "[1] one optimizer step" in out
     kfac_row = next(line for line in out.splitlines() if line.startswith("kfac "))
     assert kfac_row.split()[2] != "-", "curvlib's kfac prints its FLOP-model limit"
+    floor_row = next(line for line in out.splitlines() if line.startswith("sgd + application GEMMs "))
+    assert floor_row.split()[5] == kfac_row.split()[2], "the floor row's limit is KFAC's plain-step limit"
+    assert float(floor_row.split()[4]) > 1.0
     for module in ("asdl", "kfac", "curvlinops", "singd"):
         assert f"peer optimizer {module} (" in out or "[3b]" in out
