@@ -139,7 +139,7 @@ from torch import nn
 from curvlib.bench.methods import resolve_method
 from curvlib.bench.problems import PROBLEMS
 from curvlib.bench.training_step import build_training_step
-from curvlib.linalg.kron import aligned_empty, row_aligned, two_sided
+from curvlib.linalg.kron import row_aligned, two_sided
 from curvlib.plugins import load_registry
 
 # benchmarks/_common.py, _flops.py, _peers.py (this folder is on sys.path)
@@ -204,16 +204,14 @@ def application_kernels(problem, registry, X, Y):
     sgd = stepper_for(problem, "sgd", registry, X, Y, 1, 1)
     generator = torch.Generator(device=X.device).manual_seed(2)
 
-    def aligned_random(rows: int, cols: int) -> torch.Tensor:
-        out = aligned_empty(rows, cols, like=X)
-        out.copy_(torch.randn(rows, cols, generator=generator, device=X.device))
-        return out
+    def random(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=generator, device=X.device)
 
     def spd(d: int) -> torch.Tensor:
-        B = aligned_random(d, d) / d
+        B = random(d, d) / d
         return row_aligned(B @ B.T + torch.eye(d, device=X.device))
 
-    operands = [(spd(d_out), aligned_random(d_out, d_in + 1), spd(d_in + 1))
+    operands = [(spd(d_out), row_aligned(random(d_out, d_in + 1)), spd(d_in + 1))
                 for d_in, d_out in linear_shapes(problem.model_fn(0))]
 
     def step() -> None:
@@ -270,8 +268,8 @@ def part1(problem, registry, X, Y, methods, repeats: int, T1: int, T2: int,
     rows = [["sgd", "1.00", "1.00", "-", "-", "-", "-", "1.00", "1.00", f"{sgd * 1e3:.1f}"],
             ["adam", adam, "-", "-", "-", "-", "-", adam, "-", f"{seconds['adam'] * 1e3:.1f}"]]
     shapes = linear_shapes(problem.model_fn(0))
-    floor = step_limits(CURVLIB_KFAC, shapes, X.shape[0]).plain
-    rows.append(["sgd + application GEMMs", fmt_ratio(ratio["kernels"]), fmt_ratio(floor), *["-"] * 6,
+    plain_limit = step_limits(CURVLIB_KFAC, shapes, X.shape[0]).plain
+    rows.append(["sgd + application GEMMs", fmt_ratio(ratio["kernels"]), fmt_ratio(plain_limit), *["-"] * 6,
                  f"{seconds['kernels'] * 1e3:.1f}"])
     for name in methods:
         if name in failed:
